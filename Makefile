@@ -1,0 +1,42 @@
+# The two set-up commands of the README: `make serve` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV ?= .venv
+# Overridable so GPU hosts can pick a CUDA build, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.wanserve-installed
+
+.PHONY: install test lint serve demo clean bench-cpu
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wanserve needs Python 3.11 or newer (set PYTHON=python3.11)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@command -v redis-server >/dev/null || echo "note: redis-server is not on PATH; the Redis tests need it (Debian: apt-get install redis-server)"
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+# pytest exits 5 when a filter (PYTEST_ARGS="-k ...") selects nothing: say so instead of failing obscurely.
+test: install lint
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): check PYTEST_ARGS"; exit 0; fi; exit $$rc
+
+serve: install
+	$(BIN)/wanserve serve
+
+demo: install
+	$(BIN)/wanserve generate --model tiny-t2v --prompt "a red fox running through snow" --out data/demo.mp4
+
+bench-cpu: install
+	$(BIN)/wanserve bench --cpu-tiny
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache

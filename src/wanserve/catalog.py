@@ -1,0 +1,359 @@
+"""The served models: one `ModelSpec` each, with the official defaults. Torch-free, so the API can use it.
+
+A model is named by a catalog name (`wan2.1-t2v-1.3b`), an alias users of the older systems type
+(`t2v-1.3B`), a tiny test model (`tiny-t2v`), a local diffusers directory, or a Hugging Face repo id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from wanserve.errors import ModelNotFound
+
+Task = Literal["t2v", "i2v"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    repo_id: str | None  # Hugging Face diffusers repo; None for tiny models
+    family: Literal["wan2.1", "wan2.2"]
+    tasks: frozenset[str]
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+    guidance_scale_2: float | None = None  # second (low-noise) expert of the A14B models
+    boundary_ratio: float | None = None  # set for two-expert models
+    sizes: tuple[tuple[int, int], ...] = ()  # officially supported (width, height); others allowed if valid
+    vae_stride: int = 8
+    patch: int = 2
+    temporal_stride: int = 4
+    max_frames: int = 161
+    max_pixels: int = 1280 * 720
+    aliases: tuple[str, ...] = ()
+    tiny: bool = False
+    local_path: str | None = None  # set when the model was given as a directory
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def spatial_multiple(self) -> int:
+        return self.vae_stride * self.patch
+
+    @property
+    def two_experts(self) -> bool:
+        return self.boundary_ratio is not None
+
+    @property
+    def task_label(self) -> str:
+        if self.tasks == {"t2v", "i2v"}:
+            return "ti2v"
+        return "+".join(sorted(self.tasks))
+
+    @property
+    def seconds(self) -> float:
+        return round(self.num_frames / self.fps, 2)
+
+
+_SIZES_720 = ((1280, 720), (720, 1280), (832, 480), (480, 832))
+_SIZES_480 = ((832, 480), (480, 832))
+
+CATALOG: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="wan2.1-t2v-1.3b",
+        description="Wan 2.1 text-to-video, 1.3B, 480p",
+        repo_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        family="wan2.1",
+        tasks=frozenset({"t2v"}),
+        width=832,
+        height=480,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        flow_shift=3.0,
+        sizes=_SIZES_480,
+        aliases=("t2v-1.3B",),
+    ),
+    ModelSpec(
+        name="wan2.1-t2v-14b",
+        description="Wan 2.1 text-to-video, 14B, 720p and 480p",
+        repo_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        family="wan2.1",
+        tasks=frozenset({"t2v"}),
+        width=1280,
+        height=720,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        flow_shift=5.0,
+        sizes=_SIZES_720,
+        aliases=("t2v-14B",),
+    ),
+    ModelSpec(
+        name="wan2.1-i2v-14b-480p",
+        description="Wan 2.1 image-to-video, 14B, 480p",
+        repo_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        family="wan2.1",
+        tasks=frozenset({"i2v"}),
+        width=832,
+        height=480,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=40,
+        guidance_scale=5.0,
+        flow_shift=3.0,
+        sizes=_SIZES_480,
+        aliases=("i2v-14B-480P",),
+    ),
+    ModelSpec(
+        name="wan2.1-i2v-14b-720p",
+        description="Wan 2.1 image-to-video, 14B, 720p",
+        repo_id="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+        family="wan2.1",
+        tasks=frozenset({"i2v"}),
+        width=1280,
+        height=720,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=40,
+        guidance_scale=5.0,
+        flow_shift=5.0,
+        sizes=_SIZES_720,
+        aliases=("i2v-14B", "i2v-14B-720P"),
+    ),
+    ModelSpec(
+        name="wan2.2-ti2v-5b",
+        description="Wan 2.2 text+image-to-video, 5B dense, 720p at 24 fps",
+        repo_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        family="wan2.2",
+        tasks=frozenset({"t2v", "i2v"}),
+        width=1280,
+        height=704,
+        num_frames=121,
+        fps=24,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        flow_shift=5.0,
+        sizes=((1280, 704), (704, 1280)),
+        vae_stride=16,
+        max_frames=241,
+        max_pixels=1280 * 704,
+        aliases=("ti2v-5B",),
+    ),
+    ModelSpec(
+        name="wan2.2-t2v-a14b",
+        description="Wan 2.2 text-to-video, two 14B experts (high noise, low noise)",
+        repo_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        family="wan2.2",
+        tasks=frozenset({"t2v"}),
+        width=1280,
+        height=720,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=40,
+        # Official (low, high) = (3.0, 4.0); `guidance_scale` drives the first (high-noise) expert.
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        flow_shift=12.0,
+        boundary_ratio=0.875,
+        sizes=_SIZES_720,
+        aliases=("t2v-A14B",),
+    ),
+    ModelSpec(
+        name="wan2.2-i2v-a14b",
+        description="Wan 2.2 image-to-video, two 14B experts (high noise, low noise)",
+        repo_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        family="wan2.2",
+        tasks=frozenset({"i2v"}),
+        width=1280,
+        height=720,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=40,
+        guidance_scale=3.5,
+        guidance_scale_2=3.5,
+        flow_shift=5.0,
+        boundary_ratio=0.900,
+        sizes=_SIZES_720,
+        aliases=("i2v-A14B",),
+    ),
+)
+
+# Tiny models: the same diffusers classes at toy sizes, built offline (see engine/tiny.py).
+_TINY_COMMON = dict(
+    repo_id=None,
+    width=64,
+    height=64,
+    num_frames=9,
+    fps=8,
+    num_inference_steps=4,
+    guidance_scale=5.0,
+    flow_shift=3.0,
+    max_frames=33,
+    max_pixels=256 * 256,
+    tiny=True,
+)
+TINY: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="tiny-t2v",
+        description="tiny Wan 2.1-style text-to-video (tests, demos)",
+        family="wan2.1",
+        tasks=frozenset({"t2v"}),
+        **_TINY_COMMON,  # type: ignore[arg-type]
+    ),
+    ModelSpec(
+        name="tiny-i2v",
+        description="tiny Wan 2.1-style image-to-video with a CLIP image encoder",
+        family="wan2.1",
+        tasks=frozenset({"i2v"}),
+        **_TINY_COMMON,  # type: ignore[arg-type]
+    ),
+    ModelSpec(
+        name="tiny-ti2v",
+        description="tiny Wan 2.2 5B-style text+image-to-video (48-channel VAE, stride 16)",
+        family="wan2.2",
+        tasks=frozenset({"t2v", "i2v"}),
+        vae_stride=16,
+        **_TINY_COMMON,  # type: ignore[arg-type]
+    ),
+    ModelSpec(
+        name="tiny-t2v-moe",
+        description="tiny Wan 2.2 A14B-style text-to-video with two experts and a boundary",
+        family="wan2.2",
+        tasks=frozenset({"t2v"}),
+        guidance_scale_2=3.0,
+        boundary_ratio=0.875,
+        **_TINY_COMMON,  # type: ignore[arg-type]
+    ),
+)
+
+ALL_SPECS: tuple[ModelSpec, ...] = CATALOG + TINY
+
+
+def _index() -> dict[str, ModelSpec]:
+    index: dict[str, ModelSpec] = {}
+    for spec in ALL_SPECS:
+        index[spec.name.lower()] = spec
+        for alias in spec.aliases:
+            index[alias.lower()] = spec
+        if spec.repo_id:
+            index[spec.repo_id.lower()] = spec
+    return index
+
+
+def lookup(name: str) -> ModelSpec | None:
+    """The catalog spec for a name, alias or known repo id (case-insensitive), else None."""
+    return _index().get(name.strip().lower())
+
+
+def looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """Spec for any way of naming a model, without touching torch or the network.
+
+    A local directory is described from its diffusers config files; an unknown repo id gets generic
+    defaults that are refined once its files are on disk.
+    """
+    spec = lookup(name)
+    if spec is not None:
+        return spec
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return spec_from_directory(path)
+    if looks_like_repo_id(name):
+        return ModelSpec(
+            name=name,
+            description=f"diffusers repo {name}",
+            repo_id=name,
+            family="wan2.1",
+            tasks=frozenset({"t2v"}),
+            width=832,
+            height=480,
+            num_frames=81,
+            fps=16,
+            num_inference_steps=50,
+            guidance_scale=5.0,
+            flow_shift=3.0,
+        )
+    known = ", ".join(s.name for s in ALL_SPECS)
+    raise ModelNotFound(
+        f"unknown model {name!r}: use a catalog name ({known}), an alias such as t2v-1.3B, "
+        "a local diffusers directory, or a Hugging Face repo id like Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
+    """Describe a diffusers Wan directory from its config files (torch-free).
+
+    When `base` is given (a catalog or tiny spec), its defaults are kept and only the structural facts
+    (tasks, strides, experts) are taken from the files, which are the truth about the weights.
+    """
+    path = path.expanduser().resolve()
+    index = _read_json(path / "model_index.json")
+    if not index:
+        raise ModelNotFound(f"{path} is not a diffusers model directory: model_index.json is missing")
+    pipeline_class = index.get("_class_name", "")
+    if not pipeline_class.startswith("Wan"):
+        raise ModelNotFound(f"{path} holds a {pipeline_class or 'unknown'} pipeline, not a Wan pipeline")
+    vae = _read_json(path / "vae" / "config.json")
+    transformer = _read_json(path / "transformer" / "config.json") or _read_json(
+        path / "transformer_2" / "config.json"
+    )
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    expand = bool(index.get("expand_timesteps"))
+    boundary = index.get("boundary_ratio")
+    if pipeline_class == "WanImageToVideoPipeline":
+        tasks = frozenset({"t2v", "i2v"}) if expand else frozenset({"i2v"})
+    elif expand:
+        tasks = frozenset({"t2v", "i2v"})  # Wan 2.2 TI2V: one checkpoint, both tasks
+    else:
+        tasks = frozenset({"t2v"})
+    patch = transformer.get("patch_size", [1, 2, 2])
+    structural = dict(
+        tasks=tasks,
+        vae_stride=int(vae.get("scale_factor_spatial") or 8),
+        temporal_stride=int(vae.get("scale_factor_temporal") or 4),
+        patch=int(patch[1]),
+        boundary_ratio=float(boundary) if boundary is not None else None,
+        family="wan2.2" if (expand or boundary is not None) else "wan2.1",
+        local_path=str(path),
+    )
+    if base is not None:
+        merged = replace(base, **structural)  # type: ignore[arg-type]
+        if merged.boundary_ratio is not None and merged.guidance_scale_2 is None:
+            merged = replace(merged, guidance_scale_2=merged.guidance_scale)
+        return merged
+    return ModelSpec(
+        name=str(path),
+        description=f"local {pipeline_class} at {path}",
+        repo_id=None,
+        width=832,
+        height=480,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        guidance_scale_2=5.0 if boundary is not None else None,
+        flow_shift=float(scheduler.get("flow_shift") or scheduler.get("shift") or 3.0),
+        max_pixels=1280 * 720,
+        **structural,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,93 @@
+"""One `Settings` object for every role. The same key is the env var (`WANSERVE_<KEY>`) and the CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Preset = Literal["exact", "fast", "fastest"]
+
+
+def _default_cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "wanserve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WANSERVE_", extra="ignore", validate_default=True)
+
+    # What to serve. Comma-separated in env (WANSERVE_MODEL=tiny-t2v,tiny-i2v), repeatable on the CLI.
+    model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny-t2v"])
+
+    # Where things live.
+    data_dir: Path = Path("./data")
+    store: str | None = None  # job store URL; default sqlite:///<data_dir>/jobs.db
+    storage: str | None = None  # result storage URL; default file://<data_dir>/videos
+    cache_dir: Path = Field(default_factory=_default_cache_dir)  # tiny models are built here
+    models_dir: Path | None = None  # local copies of catalog models, looked up as <models_dir>/<name>
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8088, ge=0, le=65535)
+    ops_port: int = Field(default=8089, ge=0, le=65535)  # a standalone worker's /health, /metrics, /drain
+    public_url: str | None = None  # base URL used in links handed to clients; default from the request
+
+    # Engine.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    text_encoder_cpu: bool = False
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    preset: Preset = "exact"
+    max_sequence_length: int = Field(default=512, ge=1, le=4096)
+
+    # Multi-GPU layout: server configuration, fixed at start.
+    ulysses: int = Field(default=1, ge=1)
+    ring: int = Field(default=1, ge=1)
+    cfg_parallel: int = Field(default=1, ge=1, le=2)
+    fsdp: bool = False
+    collective_timeout: float = Field(default=300.0, gt=0)
+
+    # Jobs.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    task_timeout: float = Field(default=3600.0, gt=0)
+    shutdown_grace: float = Field(default=60.0, ge=0)
+    queue_limit: int = Field(default=100, ge=1)
+    result_ttl: float = Field(default=24 * 3600.0, gt=0)  # seconds a finished job's files are kept
+    progress_interval: float = Field(default=0.5, ge=0)  # min seconds between progress writes
+    poll_interval: float = Field(default=0.2, gt=0)  # worker's idle wait between claims
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    storage_redirect: bool = False  # S3: redirect downloads to a presigned URL instead of streaming
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _at_least_one(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one model must be served")
+        return value
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"file://{(self.data_dir / 'videos').resolve()}"
+
+    @property
+    def world_layout(self) -> int:
+        """Processes one worker group needs for the configured layout."""
+        return self.ulysses * self.ring * self.cfg_parallel

@@ -1,0 +1,388 @@
+"""The engine: load a Wan pipeline once, then turn requests into MP4s with real progress and cancel.
+
+The denoising loop is ours (not `pipeline.__call__`) so that every step can report its time, check for
+cancellation, renew a lease and — later — run CFG batched or split across ranks. It reproduces the
+diffusers loop operation for operation; `tests/test_engine.py` checks it against `WanPipeline` itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wanserve.catalog import ModelSpec
+from wanserve.config import Settings
+from wanserve.engine.loading import load_pipeline, locate
+from wanserve.engine.video import thumbnail_path_for, write_mp4, write_thumbnail
+from wanserve.errors import Cancelled
+from wanserve.progress import ProgressEvent
+from wanserve.request import GenerationRequest, resolve
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class GenerationResult:
+    video_path: Path
+    thumbnail_path: Path
+    request: GenerationRequest  # resolved: every default filled in, seed included
+    seed: int
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    timings: dict[str, float]  # seconds per stage: encode_prompt, denoise, vae_decode, video_encode, total
+    step_seconds: list[float] = field(default_factory=list)
+    experts: list[int] = field(default_factory=list)  # which transformer ran each step
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoising loop needs that depends on the request but not on the step."""
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    image_embeds: torch.Tensor | None  # CLIP embeddings (Wan 2.1 i2v)
+    latents: torch.Tensor
+    condition: torch.Tensor | None = None  # Wan 2.1 i2v: mask + image latents, concatenated on channels
+    first_frame_mask: torch.Tensor | None = None  # Wan 2.2 ti2v: 0 where the image latent is kept
+    expand_timesteps: bool = False
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+class Engine:
+    """A resident Wan model. Build with `Engine.load(...)`; call `generate` as often as you like."""
+
+    def __init__(self, spec: ModelSpec, pipe: Any, settings: Settings, device: torch.device) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self.settings = settings
+        self.device = device
+        self.transformers = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+        self.dtype = self.transformers[0].dtype
+        self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))
+        self.text_device = device
+        self._i2v_pipe: Any = None
+        self._apply_memory_settings()
+
+    # ---- loading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str, settings: Settings | None = None) -> Engine:
+        settings = settings or Settings()
+        spec, path = locate(model, settings)
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        vae_dtype = torch.float32
+        started = time.perf_counter()
+        pipe = load_pipeline(path, dtype=dtype, vae_dtype=vae_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        engine = cls(spec, pipe, settings, device)
+        log.info("loaded %s from %s in %.1f s on %s (%s)", spec.name, path, time.perf_counter() - started, device, dtype)
+        return engine
+
+    def _apply_memory_settings(self) -> None:
+        settings, pipe = self.settings, self.pipe
+        if settings.vae_tiling:
+            pipe.vae.enable_tiling()
+        if settings.cpu_offload:
+            if self.device.type == "cpu":
+                log.warning("cpu_offload has no effect when the engine already runs on the CPU")
+            else:
+                pipe.enable_model_cpu_offload(device=self.device)
+                return  # accelerate's hooks now move each module in and out of the GPU
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                keep_on_cpu = name == "text_encoder" and settings.text_encoder_cpu
+                module.to(torch.device("cpu") if keep_on_cpu else self.device)
+        if settings.text_encoder_cpu:
+            self.text_device = torch.device("cpu")
+
+    @property
+    def i2v_pipe(self) -> Any:
+        """An image-to-video view over the same modules (Wan 2.2 TI2V ships as one `WanPipeline`)."""
+        from diffusers import WanImageToVideoPipeline
+
+        if isinstance(self.pipe, WanImageToVideoPipeline):
+            return self.pipe
+        if self._i2v_pipe is None:
+            components = {k: v for k, v in self.pipe.components.items() if k in WanImageToVideoPipeline._get_signature_keys(WanImageToVideoPipeline)[0]}
+            self._i2v_pipe = WanImageToVideoPipeline(
+                **components,
+                boundary_ratio=self.pipe.config.get("boundary_ratio"),
+                expand_timesteps=self.expand_timesteps,
+            )
+        return self._i2v_pipe
+
+    # ---- the request, stage by stage -----------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: Path | str,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        """Validate, encode, denoise, decode and write `out_path` (MP4) plus a WebP thumbnail beside it."""
+        req = resolve(request, self.spec)  # every rule is checked before any GPU work
+        emit = on_progress or (lambda _event: None)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        try:
+            t0 = time.perf_counter()
+            emit(ProgressEvent.at("encode_prompt", 0.0))
+            cond = self.prepare(req)
+            timings["encode_prompt"] = time.perf_counter() - t0
+            emit(ProgressEvent.at("encode_prompt", 1.0, seconds=timings["encode_prompt"]))
+
+            t0 = time.perf_counter()
+            latents, step_seconds, experts = self.denoise(cond, req, emit, should_cancel)
+            timings["denoise"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            emit(ProgressEvent.at("vae_decode", 0.0))
+            frames = self.decode(latents)
+            timings["vae_decode"] = time.perf_counter() - t0
+            emit(ProgressEvent.at("vae_decode", 1.0, seconds=timings["vae_decode"]))
+            del latents, cond
+        except BaseException:
+            self.free_memory()
+            raise
+
+        t0 = time.perf_counter()
+        emit(ProgressEvent.at("video_encode", 0.0))
+        out = Path(out_path)
+        assert req.fps is not None and req.seed is not None
+        write_mp4(frames, out, fps=req.fps)
+        thumb = write_thumbnail(frames, thumbnail_path_for(out))
+        timings["video_encode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - started
+        emit(ProgressEvent.at("done", 1.0, seconds=timings["total"]))
+        assert req.width and req.height and req.num_frames
+        return GenerationResult(
+            video_path=out,
+            thumbnail_path=thumb,
+            request=req,
+            seed=req.seed,
+            width=req.width,
+            height=req.height,
+            num_frames=int(frames.shape[0]),
+            fps=req.fps,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            step_seconds=[round(s, 4) for s in step_seconds],
+            experts=experts,
+        )
+
+    @torch.no_grad()
+    def prepare(self, req: GenerationRequest) -> Conditioning:
+        """Text (and image) encoding and the initial noise. `req` must be resolved."""
+        assert req.seed is not None and req.width and req.height and req.num_frames
+        pipe = self.pipe
+        cfg = self._wants_cfg(req)
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            do_classifier_free_guidance=cfg,
+            num_videos_per_prompt=1,
+            max_sequence_length=self.settings.max_sequence_length,
+            device=self.text_device,
+        )
+        prompt_embeds = prompt_embeds.to(self.device, self.dtype)
+        if negative_embeds is not None:
+            negative_embeds = negative_embeds.to(self.device, self.dtype)
+
+        # Noise is drawn on the CPU so a seed gives the same video on any device.
+        generator = torch.Generator(device="cpu").manual_seed(req.seed)
+        if req.image is None:
+            latents = pipe.prepare_latents(
+                1,
+                self.transformers[0].config.out_channels,
+                req.height,
+                req.width,
+                req.num_frames,
+                torch.float32,
+                self.device,
+                generator,
+            )
+            return Conditioning(prompt_embeds, negative_embeds, None, latents, expand_timesteps=self.expand_timesteps)
+
+        from PIL import Image
+
+        i2v = self.i2v_pipe
+        image = Image.open(io.BytesIO(req.image)).convert("RGB")
+        image_embeds = None
+        if self.transformers[0].config.image_dim is not None:
+            image_embeds = i2v.encode_image(image, self.device).to(self.dtype)
+        pixels = i2v.video_processor.preprocess(image, height=req.height, width=req.width)
+        outputs = i2v.prepare_latents(
+            pixels.to(self.device, dtype=torch.float32),
+            1,
+            pipe.vae.config.z_dim,
+            req.height,
+            req.width,
+            req.num_frames,
+            torch.float32,
+            self.device,
+            generator,
+        )
+        if self.expand_timesteps:
+            latents, condition, mask = outputs
+            return Conditioning(
+                prompt_embeds, negative_embeds, image_embeds, latents, condition, mask, expand_timesteps=True
+            )
+        latents, condition = outputs
+        return Conditioning(prompt_embeds, negative_embeds, image_embeds, latents, condition)
+
+    def _wants_cfg(self, req: GenerationRequest) -> bool:
+        scales = [req.guidance_scale or 0.0]
+        if req.guidance_scale_2 is not None:
+            scales.append(req.guidance_scale_2)
+        return max(scales) > 1.0
+
+    def make_scheduler(self, flow_shift: float) -> Any:
+        """A fresh scheduler per request: schedulers are stateful, and the shift is a request field."""
+        base = self.pipe.scheduler
+        key = "flow_shift" if "flow_shift" in base.config else "shift"
+        return type(base).from_config(base.config, **{key: flow_shift})
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        cond: Conditioning,
+        req: GenerationRequest,
+        emit: ProgressCallback,
+        should_cancel: CancelCheck | None = None,
+    ) -> tuple[torch.Tensor, list[float], list[int]]:
+        assert req.num_inference_steps and req.guidance_scale is not None and req.flow_shift is not None
+        scheduler = self.make_scheduler(req.flow_shift)
+        scheduler.set_timesteps(req.num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        total = len(timesteps)
+        boundary = None
+        if req.boundary_ratio is not None and len(self.transformers) > 1:
+            boundary = req.boundary_ratio * scheduler.config.num_train_timesteps
+
+        latents = cond.latents
+        step_seconds: list[float] = []
+        experts: list[int] = []
+        for i, t in enumerate(timesteps):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(i, total)
+            t0 = time.perf_counter()
+            expert = 0 if boundary is None or t >= boundary else 1
+            model = self.transformers[expert]
+            scale = req.guidance_scale if expert == 0 else (req.guidance_scale_2 or req.guidance_scale)
+
+            if cond.first_frame_mask is not None:
+                assert cond.condition is not None
+                mask = cond.first_frame_mask
+                model_input = ((1 - mask) * cond.condition + mask * latents).to(self.dtype)
+                timestep = (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
+            elif cond.condition is not None:
+                model_input = torch.cat([latents, cond.condition], dim=1).to(self.dtype)
+                timestep = t.expand(latents.shape[0])
+            else:
+                model_input = latents.to(self.dtype)
+                if cond.expand_timesteps:
+                    ones = torch.ones(latents.shape[2:], device=latents.device)
+                    timestep = (ones[:, ::2, ::2] * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
+                else:
+                    timestep = t.expand(latents.shape[0])
+
+            noise_pred = self.predict_noise(model, model_input, timestep, cond, scale, i, scheduler)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if latents.device.type == "cuda":
+                torch.cuda.synchronize(latents.device)  # so the step time is the GPU's, not the launch's
+            seconds = time.perf_counter() - t0
+            step_seconds.append(seconds)
+            experts.append(expert)
+            emit(
+                ProgressEvent.at(
+                    "denoise", (i + 1) / total, step=i + 1, total_steps=total, step_seconds=seconds, expert=expert
+                )
+            )
+        if cond.first_frame_mask is not None:
+            assert cond.condition is not None
+            latents = (1 - cond.first_frame_mask) * cond.condition + cond.first_frame_mask * latents
+        return latents, step_seconds, experts
+
+    def predict_noise(
+        self,
+        model: Any,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        scale: float,
+        step_index: int,
+        scheduler: Any,
+    ) -> torch.Tensor:
+        """One guided prediction: conditional pass, unconditional pass, combine."""
+        # Step information lets diffusers' cache hooks (FirstBlockCache, MagCache…) decide what to reuse.
+        context = {
+            "step_index": step_index,
+            "sigma": float(scheduler.sigmas[step_index]),
+            "num_inference_steps": len(scheduler.timesteps),
+        }
+        with model.cache_context("cond", **context):
+            noise = model(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=cond.prompt_embeds,
+                encoder_hidden_states_image=cond.image_embeds,
+                return_dict=False,
+            )[0]
+        if cond.negative_embeds is None or scale <= 1.0:
+            return noise
+        with model.cache_context("uncond", **context):
+            uncond = model(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=cond.negative_embeds,
+                encoder_hidden_states_image=cond.image_embeds,
+                return_dict=False,
+            )[0]
+        return uncond + scale * (noise - uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 frames (T, H, W, 3)."""
+        vae = self.pipe.vae
+        vae_device = next(vae.parameters()).device
+        latents = latents.to(vae_device, vae.dtype)
+        z_dim = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # (B, C, T, H, W) in [-1, 1]
+        video = (video[0].float() / 2 + 0.5).clamp(0, 1)
+        frames = (video.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        return np.ascontiguousarray(frames)
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+

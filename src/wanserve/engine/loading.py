@@ -1,0 +1,85 @@
+"""Find a model's files (tiny build, local directory, models_dir, HF cache, HF download) and load them
+through diffusers' `from_pretrained` — one path for tiny test models and real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from wanserve.catalog import ModelSpec, resolve_spec, spec_from_directory
+from wanserve.config import Settings
+from wanserve.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
+    """The spec and the local directory of a model, downloading it from the Hub if needed."""
+    spec = resolve_spec(model)
+    if spec.tiny:
+        from wanserve.engine.tiny import tiny_model_dir
+
+        path = tiny_model_dir(spec.name, settings.cache_dir)
+        return spec_from_directory(path, base=spec), path
+    if spec.local_path:
+        return spec, Path(spec.local_path)
+    if settings.models_dir is not None:
+        for candidate in (settings.models_dir / spec.name, settings.models_dir / str(spec.repo_id).split("/")[-1]):
+            if (candidate / "model_index.json").exists():
+                return spec_from_directory(candidate, base=spec), candidate
+    assert spec.repo_id is not None
+    path = download(spec.repo_id, spec.name)
+    return spec_from_directory(path, base=spec if spec.repo_id != spec.name else None), path
+
+
+def download(repo_id: str, name: str) -> Path:
+    """A local snapshot of `repo_id`: from the HF cache if complete, else downloaded with a progress bar."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass  # not cached (or incomplete): try the Hub
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        raise ModelUnavailable(_how_to_fix(repo_id, name, "HF_HUB_OFFLINE is set and it is not in the HF cache"))
+    try:
+        # Fail fast when the Hub is unreachable instead of retrying for minutes.
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        log.info("downloading %s from the Hugging Face Hub", repo_id)
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # network errors, 401/404, disk full: all end the same way for the user
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ModelUnavailable(_how_to_fix(repo_id, name, reason)) from exc
+
+
+def _how_to_fix(repo_id: str, name: str, reason: str) -> str:
+    return (
+        f"could not download {repo_id} from the Hugging Face Hub ({reason}). "
+        f"On a machine with network: `huggingface-cli download {repo_id} --local-dir /models/{name}`, "
+        f"then copy it here and pass `--model /models/{name}`, or set WANSERVE_MODELS_DIR=/models "
+        f"to keep serving it as {name}."
+    )
+
+
+def pipeline_class_name(path: Path) -> str:
+    return json.loads((path / "model_index.json").read_text())["_class_name"]
+
+
+def load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
+    """Load the diffusers pipeline stored at `path` (class taken from its model_index.json)."""
+    import diffusers
+    from diffusers import AutoencoderKLWan
+
+    cls = getattr(diffusers, pipeline_class_name(path))
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if vae_dtype != dtype:
+        # The Wan VAE is kept in float32: bf16 decoding shows banding (as the diffusers docs advise).
+        kwargs["vae"] = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+    if (path / "image_encoder").is_dir() and vae_dtype != dtype:
+        from transformers import CLIPVisionModel
+
+        kwargs["image_encoder"] = CLIPVisionModel.from_pretrained(path, subfolder="image_encoder", dtype=vae_dtype)
+    return cls.from_pretrained(path, **kwargs)

@@ -1,0 +1,55 @@
+"""Typed errors, raised where a problem is detected and turned into an HTTP answer once, at the API edge."""
+
+from __future__ import annotations
+
+
+class WanserveError(Exception):
+    """Base of every error wanserve raises on purpose."""
+
+
+class InvalidRequest(WanserveError, ValueError):
+    """A request field breaks a rule. `field` and `rule` are shown to the user as they are."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class ModelNotFound(WanserveError, LookupError):
+    """The model name is not a catalog name, alias, local directory or repo id."""
+
+
+class ModelUnavailable(WanserveError, RuntimeError):
+    """The model is known but its weights cannot be had (no network, no local copy)."""
+
+
+class Cancelled(WanserveError):
+    """Generation stopped because cancellation was requested."""
+
+    def __init__(self, step: int, total: int) -> None:
+        self.step = step
+        self.total = total
+        super().__init__(f"cancelled before denoising step {step + 1}/{total}")
+
+
+class JobNotFound(WanserveError, LookupError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class QueueFull(WanserveError):
+    def __init__(self, model: str, limit: int, retry_after: int) -> None:
+        self.model = model
+        self.limit = limit
+        self.retry_after = retry_after
+        super().__init__(f"the queue for {model} is full ({limit} jobs waiting); retry in {retry_after} s")
+
+
+class LeaseLost(WanserveError):
+    """The worker no longer holds the job: it was reaped, cancelled or handed to another worker."""
+
+
+class ParallelGroupError(WanserveError, RuntimeError):
+    """A rank of a multi-GPU group failed or a collective timed out: the whole group must stop."""

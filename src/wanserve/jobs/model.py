@@ -1,0 +1,156 @@
+"""The job, its one state machine, and the `JobStore` protocol every backend implements. Torch-free.
+
+    queued ──claim──► in_progress ──complete──► completed
+      │                   │ ├──fail─────────► failed
+      │                   │ ├──cancel───────► cancelled
+      │                   │ └──release / lease expired (attempts < max) ──► queued
+      └──cancel──► cancelled
+
+Other status words (`InQueue`, `Succeed`, `processing`…) are mappings of these, in `api/status_words.py`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def new_job_id() -> str:
+    # OpenAI-style prefix; uuid4 hex keeps ids unguessable and URL-safe.
+    return f"video_{uuid.uuid4().hex}"
+
+
+@dataclass
+class Job:
+    id: str
+    model: str
+    request: dict[str, Any]  # GenerationRequest.to_dict() of the *resolved* request
+    status: JobStatus = JobStatus.QUEUED
+    priority: int = 0  # higher runs first; ties run in arrival order
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None  # set on any finished state
+    expires_at: float | None = None  # when a finished job's files are deleted
+    progress: float = 0.0  # 0..1
+    stage: str | None = None
+    attempts: int = 0  # claims so far
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    error_code: str | None = None
+    error_message: str | None = None
+    result: dict[str, Any] | None = None  # seed, timings, storage keys, num_frames, fps...
+    source: str = "openai"  # which surface created it (openai, video, api_v1, submit)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        values = dict(data)
+        values["status"] = JobStatus(values["status"])
+        return cls(**values)
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """What the API and the workers need from a queue. Every method is atomic with respect to the others,
+    across processes: two workers never claim the same job, and a job is finished at most once.
+
+    Times are wall-clock seconds (`time.time()`); `now` parameters exist so tests can move time.
+    """
+
+    def enqueue(self, job: Job, max_queued: int | None = None) -> Job:
+        """Store a new queued job. With `max_queued`, raise QueueFull if that many already wait for its model."""
+        ...
+
+    def get(self, job_id: str) -> Job:
+        """The job, or JobNotFound."""
+        ...
+
+    def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
+        """Take the best waiting job for `model` (highest priority, then oldest): status in_progress,
+        attempts + 1, lease until now + lease_seconds. None when nothing waits."""
+        ...
+
+    def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
+        """Extend the lease. Returns whether the caller should keep going: False (and the worker must stop)
+        when the job is no longer in_progress under this worker, or when cancel was requested."""
+        ...
+
+    def set_progress(self, job_id: str, worker_id: str, progress: float, stage: str | None = None) -> bool:
+        """Record progress 0..1; same return meaning as `renew`."""
+        ...
+
+    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
+        """in_progress -> completed, only if this worker holds the job. False if it did not (no change)."""
+        ...
+
+    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
+        """in_progress -> failed, only if this worker holds the job."""
+        ...
+
+    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
+        """in_progress -> cancelled, by the worker that saw the cancel request and stopped."""
+        ...
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Hand a running job back to the queue (drain): in_progress -> queued, keeping its place by priority
+        and original arrival. The attempt is not counted against max_attempts."""
+        ...
+
+    def request_cancel(self, job_id: str, ttl: float) -> Job:
+        """A queued job becomes cancelled at once; a running one gets cancel_requested (the worker stops at
+        its next step). Finished jobs are returned unchanged."""
+        ...
+
+    def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
+        """Jobs whose lease expired: back to queued, or failed (code `worker_lost`) once attempts reached
+        max_attempts. Returns the jobs changed."""
+        ...
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1-based place among the jobs waiting for the same model; None if the job is not queued."""
+        ...
+
+    def queue_depth(self, model: str) -> int:
+        ...
+
+    def running_count(self, model: str) -> int:
+        ...
+
+    def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
+        """Jobs by creation time (`order` asc|desc), starting after the job id `after`; returns (jobs, has_more)."""
+        ...
+
+    def delete(self, job_id: str) -> Job:
+        """Remove the record (the caller removes files). A running job must be cancelled first."""
+        ...
+
+    def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
+        """Finished jobs whose expires_at has passed (their files are due for deletion)."""
+        ...
+
+    def ping(self) -> bool:
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,215 @@
+"""A generation request and the rules it must meet for a given model. Torch-free: the API checks these
+at submit time with the same code the engine uses before any GPU work."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import secrets
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from wanserve.catalog import ModelSpec
+from wanserve.errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 20_000
+# Wan's official default negative prompt (from the reference generate.py); used for real checkpoints.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    image: bytes | None = None  # encoded PNG / JPEG / WebP
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    boundary_ratio: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.image is not None:
+            data["image"] = base64.b64encode(self.image).decode("ascii")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("image"), str):
+            values["image"] = base64.b64decode(values["image"])
+        return cls(**values)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise InvalidRequest(field, f"must be an integer, got {value!r}")
+    return value
+
+
+def _float(field: str, value: object) -> float:
+    if not _is_number(value):
+        raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def parse_size(text: str, field: str = "size") -> tuple[int, int]:
+    """`832x480`, `832*480` or `832X480` -> (width, height)."""
+    for sep in ("x", "X", "*", "×"):
+        if sep in text:
+            w, _, h = text.partition(sep)
+            try:
+                return int(w.strip()), int(h.strip())
+            except ValueError:
+                break
+    raise InvalidRequest(field, f"must look like WIDTHxHEIGHT (for example 832x480), got {text!r}")
+
+
+def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
+    """Decode enough of the image to know it is one; returns its (width, height)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP): {exc}") from None
+
+
+def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
+    """Fill the model's defaults and check every rule; returns a complete request or raises InvalidRequest.
+
+    A missing seed is drawn here, so the resolved request (and the job that stores it) records it.
+    """
+    if not isinstance(request.prompt, str) or not request.prompt.strip():
+        raise InvalidRequest("prompt", "must be a non-empty string")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+    negative = request.negative_prompt
+    if negative is None:
+        negative = "" if spec.tiny else WAN_NEGATIVE_PROMPT
+    elif not isinstance(negative, str):
+        raise InvalidRequest("negative_prompt", "must be a string")
+
+    # Task: the image decides between text-to-video and image-to-video.
+    if request.image is not None:
+        if "i2v" not in spec.tasks:
+            raise InvalidRequest(
+                "image", f"{spec.name} is a text-to-video model and takes no input image (tasks: {spec.task_label})"
+            )
+        check_image(request.image)
+    elif "t2v" not in spec.tasks:
+        raise InvalidRequest("image", f"{spec.name} is an image-to-video model: an input image is required")
+
+    width = _int("width", request.width if request.width is not None else spec.width)
+    height = _int("height", request.height if request.height is not None else spec.height)
+    multiple = spec.spatial_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0:
+            raise InvalidRequest(name, f"must be positive, got {value}")
+        if value % multiple:
+            raise InvalidRequest(
+                name,
+                f"must be a multiple of {multiple} (VAE stride {spec.vae_stride} × patch {spec.patch}) "
+                f"for {spec.name}, got {value}",
+            )
+    if width * height > spec.max_pixels:
+        raise InvalidRequest(
+            "size", f"{width}x{height} is larger than {spec.name} supports ({spec.max_pixels} pixels per frame)"
+        )
+
+    num_frames = _int("num_frames", request.num_frames if request.num_frames is not None else spec.num_frames)
+    stride = spec.temporal_stride
+    if num_frames < 1 or num_frames > spec.max_frames:
+        raise InvalidRequest("num_frames", f"must be between 1 and {spec.max_frames}, got {num_frames}")
+    if (num_frames - 1) % stride:
+        raise InvalidRequest(
+            "num_frames", f"must be {stride}k+1 (1, 5, 9, …, 81, …) for the VAE's time stride, got {num_frames}"
+        )
+
+    fps = _int("fps", request.fps if request.fps is not None else spec.fps)
+    if not 1 <= fps <= 60:
+        raise InvalidRequest("fps", f"must be between 1 and 60, got {fps}")
+
+    steps = _int(
+        "num_inference_steps",
+        request.num_inference_steps if request.num_inference_steps is not None else spec.num_inference_steps,
+    )
+    if not 1 <= steps <= 200:
+        raise InvalidRequest("num_inference_steps", f"must be between 1 and 200, got {steps}")
+
+    guidance = _float(
+        "guidance_scale", request.guidance_scale if request.guidance_scale is not None else spec.guidance_scale
+    )
+    if not 0 <= guidance <= 30:
+        raise InvalidRequest("guidance_scale", f"must be between 0 and 30, got {guidance}")
+
+    guidance_2: float | None = None
+    boundary: float | None = None
+    if spec.two_experts:
+        guidance_2 = _float(
+            "guidance_scale_2",
+            request.guidance_scale_2
+            if request.guidance_scale_2 is not None
+            else (spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance),
+        )
+        if not 0 <= guidance_2 <= 30:
+            raise InvalidRequest("guidance_scale_2", f"must be between 0 and 30, got {guidance_2}")
+        boundary = _float(
+            "boundary_ratio",
+            request.boundary_ratio if request.boundary_ratio is not None else spec.boundary_ratio,
+        )
+        if not 0 < boundary < 1:
+            raise InvalidRequest("boundary_ratio", f"must be strictly between 0 and 1, got {boundary}")
+    else:
+        for name in ("guidance_scale_2", "boundary_ratio"):
+            if getattr(request, name) is not None:
+                raise InvalidRequest(name, f"only applies to two-expert models (Wan 2.2 A14B); {spec.name} has one")
+
+    shift = _float("flow_shift", request.flow_shift if request.flow_shift is not None else spec.flow_shift)
+    if not 0 < shift <= 100:
+        raise InvalidRequest("flow_shift", f"must be greater than 0 and at most 100, got {shift}")
+
+    seed = request.seed
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    seed = _int("seed", seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}, got {seed}")
+
+    return replace(
+        request,
+        prompt=request.prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        fps=fps,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        guidance_scale_2=guidance_2,
+        boundary_ratio=boundary,
+        flow_shift=shift,
+        seed=seed,
+    )

@@ -1,0 +1,44 @@
+"""Where results live. Keys are `<job_id>/video.mp4` and `<job_id>/thumbnail.webp`, so a re-run of a job
+overwrites its files instead of adding new ones. Backends are chosen by URL (`file:///dir`, `s3://bucket/prefix`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+VIDEO = "video.mp4"
+THUMBNAIL = "thumbnail.webp"
+CONTENT_TYPES = {VIDEO: "video/mp4", THUMBNAIL: "image/webp"}
+
+
+def key_for(job_id: str, name: str) -> str:
+    return f"{job_id}/{name}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    content_type: str
+
+
+@runtime_checkable
+class Storage(Protocol):
+    def put_file(self, key: str, path: Path, content_type: str) -> None: ...
+
+    def stat(self, key: str) -> ObjectInfo | None: ...
+
+    def open_range(self, key: str, start: int, end: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Bytes start..end inclusive, in chunks."""
+        ...
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object under `<prefix>/` (a job's files)."""
+        ...
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
+        """A URL the client can fetch directly, or None when the backend has none (local files)."""
+        ...
+
+    def ping(self) -> bool: ...
