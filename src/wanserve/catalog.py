@@ -315,9 +315,7 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
     if not pipeline_class.startswith("Wan"):
         raise ModelNotFound(f"{path} holds a {pipeline_class or 'unknown'} pipeline, not a Wan pipeline")
     vae = _read_json(path / "vae" / "config.json")
-    transformer = _read_json(path / "transformer" / "config.json") or _read_json(
-        path / "transformer_2" / "config.json"
-    )
+    transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "transformer_2" / "config.json")
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
     expand = bool(index.get("expand_timesteps"))
     boundary = index.get("boundary_ratio")

@@ -116,7 +116,8 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
     if request.image is not None:
         if "i2v" not in spec.tasks:
             raise InvalidRequest(
-                "image", f"{spec.name} is a text-to-video model and takes no input image (tasks: {spec.task_label})"
+                "image",
+                f"{spec.name} is a text-to-video model and takes no input image (tasks: {spec.task_label})",
             )
         check_image(request.image)
     elif "t2v" not in spec.tasks:
@@ -136,7 +137,8 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
             )
     if width * height > spec.max_pixels:
         raise InvalidRequest(
-            "size", f"{width}x{height} is larger than {spec.name} supports ({spec.max_pixels} pixels per frame)"
+            "size",
+            f"{width}x{height} is larger than {spec.name} supports ({spec.max_pixels} pixels per frame)",
         )
 
     num_frames = _int("num_frames", request.num_frames if request.num_frames is not None else spec.num_frames)
@@ -145,7 +147,8 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
         raise InvalidRequest("num_frames", f"must be between 1 and {spec.max_frames}, got {num_frames}")
     if (num_frames - 1) % stride:
         raise InvalidRequest(
-            "num_frames", f"must be {stride}k+1 (1, 5, 9, …, 81, …) for the VAE's time stride, got {num_frames}"
+            "num_frames",
+            f"must be {stride}k+1 (1, 5, 9, …, 81, …) for the VAE's time stride, got {num_frames}",
         )
 
     fps = _int("fps", request.fps if request.fps is not None else spec.fps)
@@ -160,7 +163,8 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
         raise InvalidRequest("num_inference_steps", f"must be between 1 and 200, got {steps}")
 
     guidance = _float(
-        "guidance_scale", request.guidance_scale if request.guidance_scale is not None else spec.guidance_scale
+        "guidance_scale",
+        request.guidance_scale if request.guidance_scale is not None else spec.guidance_scale,
     )
     if not 0 <= guidance <= 30:
         raise InvalidRequest("guidance_scale", f"must be between 0 and 30, got {guidance}")

@@ -101,7 +101,14 @@ class Engine:
         pipe = load_pipeline(path, dtype=dtype, vae_dtype=vae_dtype)
         pipe.set_progress_bar_config(disable=True)
         engine = cls(spec, pipe, settings, device)
-        log.info("loaded %s from %s in %.1f s on %s (%s)", spec.name, path, time.perf_counter() - started, device, dtype)
+        log.info(
+            "loaded %s from %s in %.1f s on %s (%s)",
+            spec.name,
+            path,
+            time.perf_counter() - started,
+            device,
+            dtype,
+        )
         return engine
 
     def _apply_memory_settings(self) -> None:
@@ -129,7 +136,11 @@ class Engine:
         if isinstance(self.pipe, WanImageToVideoPipeline):
             return self.pipe
         if self._i2v_pipe is None:
-            components = {k: v for k, v in self.pipe.components.items() if k in WanImageToVideoPipeline._get_signature_keys(WanImageToVideoPipeline)[0]}
+            components = {
+                k: v
+                for k, v in self.pipe.components.items()
+                if k in WanImageToVideoPipeline._get_signature_keys(WanImageToVideoPipeline)[0]
+            }
             self._i2v_pipe = WanImageToVideoPipeline(
                 **components,
                 boundary_ratio=self.pipe.config.get("boundary_ratio"),
@@ -322,7 +333,12 @@ class Engine:
             experts.append(expert)
             emit(
                 ProgressEvent.at(
-                    "denoise", (i + 1) / total, step=i + 1, total_steps=total, step_seconds=seconds, expert=expert
+                    "denoise",
+                    (i + 1) / total,
+                    step=i + 1,
+                    total_steps=total,
+                    step_seconds=seconds,
+                    expert=expert,
                 )
             )
         if cond.first_frame_mask is not None:
@@ -385,4 +401,3 @@ class Engine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-

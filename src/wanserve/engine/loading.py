@@ -27,7 +27,10 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
     if spec.local_path:
         return spec, Path(spec.local_path)
     if settings.models_dir is not None:
-        for candidate in (settings.models_dir / spec.name, settings.models_dir / str(spec.repo_id).split("/")[-1]):
+        for candidate in (
+            settings.models_dir / spec.name,
+            settings.models_dir / str(spec.repo_id).split("/")[-1],
+        ):
             if (candidate / "model_index.json").exists():
                 return spec_from_directory(candidate, base=spec), candidate
     assert spec.repo_id is not None
@@ -58,7 +61,7 @@ def download(repo_id: str, name: str) -> Path:
 def _how_to_fix(repo_id: str, name: str, reason: str) -> str:
     return (
         f"could not download {repo_id} from the Hugging Face Hub ({reason}). "
-        f"On a machine with network: `huggingface-cli download {repo_id} --local-dir /models/{name}`, "
+        f"On a machine with network: `hf download {repo_id} --local-dir /models/{name}`, "
         f"then copy it here and pass `--model /models/{name}`, or set WANSERVE_MODELS_DIR=/models "
         f"to keep serving it as {name}."
     )
@@ -71,13 +74,17 @@ def pipeline_class_name(path: Path) -> str:
 def load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
     """Load the diffusers pipeline stored at `path` (class taken from its model_index.json)."""
     import diffusers
+    import transformers
     from diffusers import AutoencoderKLWan
 
+    # Loading from local disk is quick; its per-component bars only clutter logs. Download bars stay.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     cls = getattr(diffusers, pipeline_class_name(path))
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if vae_dtype != dtype:
         # The Wan VAE is kept in float32: bf16 decoding shows banding (as the diffusers docs advise).
-        kwargs["vae"] = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+        kwargs["vae"] = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=vae_dtype)
     if (path / "image_encoder").is_dir() and vae_dtype != dtype:
         from transformers import CLIPVisionModel
 

@@ -145,7 +145,7 @@ def _build(name: str):  # type: ignore[no-untyped-def]
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             vae=vae,
-            scheduler=_scheduler(5.0),
+            scheduler=_scheduler(),
             transformer=_transformer(48, 48),
             expand_timesteps=True,
         )
@@ -191,5 +191,9 @@ def _build(name: str):  # type: ignore[no-untyped-def]
             boundary_ratio=0.875,
         )
     return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=_scheduler(), transformer=_transformer(16, 16)
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_scheduler(),
+        transformer=_transformer(16, 16),
     )

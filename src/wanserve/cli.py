@@ -1,0 +1,240 @@
+"""The `wanserve` command. Flags are the `Settings` keys; each also reads from `WANSERVE_<KEY>`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from wanserve.config import Settings
+from wanserve.errors import WanserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
+console = Console(stderr=True)
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Settings from env, with the flags the user actually gave on top."""
+    given = {k: v for k, v in overrides.items() if v is not None and v != []}
+    try:
+        return Settings(**given)
+    except Exception as exc:  # pydantic's message names the field and the rule
+        console.print(f"[red]invalid setting:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+# Options shared by every command that runs the engine.
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [env WANSERVE_DEVICE]")]
+DtypeOpt = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32 [env WANSERVE_DTYPE]")]
+TextCpuOpt = Annotated[
+    bool | None,
+    typer.Option("--text-encoder-cpu/--no-text-encoder-cpu", help="keep the T5 text encoder on the CPU"),
+]
+OffloadOpt = Annotated[bool | None, typer.Option("--cpu-offload/--no-cpu-offload", help="model CPU offload")]
+TilingOpt = Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="decode the VAE in tiles")]
+PresetOpt = Annotated[str | None, typer.Option(help="acceleration preset: exact, fast or fastest")]
+CacheOpt = Annotated[Path | None, typer.Option(help="where tiny models are built [env WANSERVE_CACHE_DIR]")]
+ModelsDirOpt = Annotated[Path | None, typer.Option(help="local copies of catalog models, as <dir>/<name>")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="what the video shows")],
+    out: Annotated[Path, typer.Option(help="MP4 to write; a WebP thumbnail is written beside it")] = Path(
+        "wanserve.mp4"
+    ),
+    model: Annotated[str, typer.Option(help="catalog name, alias, local directory or repo id")] = "tiny-t2v",
+    image: Annotated[Path | None, typer.Option(help="input image for image-to-video")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="what to avoid")] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 832x480")] = None,
+    frames: Annotated[int | None, typer.Option(help="number of frames, 4k+1")] = None,
+    fps: Annotated[int | None, typer.Option(help="frames per second of the MP4")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale")] = None,
+    guidance_2: Annotated[float | None, typer.Option(help="guidance of the second expert (A14B)")] = None,
+    boundary_ratio: Annotated[float | None, typer.Option(help="expert switch point (A14B)")] = None,
+    flow_shift: Annotated[float | None, typer.Option(help="scheduler flow shift")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed; the same seed gives the same video")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    text_encoder_cpu: TextCpuOpt = None,
+    cpu_offload: OffloadOpt = None,
+    vae_tiling: TilingOpt = None,
+    preset: PresetOpt = None,
+    cache_dir: CacheOpt = None,
+    models_dir: ModelsDirOpt = None,
+) -> None:
+    """Generate one video and write it as an MP4, with a live progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wanserve.request import GenerationRequest, parse_size
+
+    settings = settings_from(
+        model=[model],
+        device=device,
+        dtype=dtype,
+        text_encoder_cpu=text_encoder_cpu,
+        cpu_offload=cpu_offload,
+        vae_tiling=vae_tiling,
+        preset=preset,
+        cache_dir=cache_dir,
+        models_dir=models_dir,
+    )
+    try:
+        width, height = parse_size(size, "--size") if size else (None, None)
+        image_bytes = None
+        if image is not None:
+            if not image.is_file():
+                fail(f"--image: {image} does not exist")
+            image_bytes = image.read_bytes()
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            image=image_bytes,
+            width=width,
+            height=height,
+            num_frames=frames,
+            fps=fps,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            guidance_scale_2=guidance_2,
+            boundary_ratio=boundary_ratio,
+            flow_shift=flow_shift,
+            seed=seed,
+        )
+        # Check the request against the model before paying for loading it.
+        # (An unknown repo id is described only once its files are here, so it is checked after loading.)
+        from wanserve.catalog import lookup, resolve_spec
+        from wanserve.request import resolve
+
+        spec = resolve_spec(model)
+        if lookup(model) is not None or spec.local_path:
+            resolve(request, spec)
+
+        with console.status(f"loading {model}…"):
+            from wanserve.engine.engine import Engine
+
+            engine = Engine.load(model, settings)
+
+        def describe(event: Any) -> str:
+            expert = f" expert {event.expert + 1}" if engine.spec.two_experts else ""
+            return f"step {event.step}/{event.total_steps} {event.step_seconds:.2f}s{expert}"
+
+        if not console.is_terminal:
+            # Logs (CI, containers, pipes) get one plain line per event instead of a redrawn bar.
+            def on_progress(event: Any) -> None:
+                if event.stage == "denoise":
+                    console.print(f"denoising {describe(event)}")
+                elif event.seconds is not None:
+                    console.print(f"{event.stage.replace('_', ' ')} {event.seconds:.2f}s")
+
+            result = engine.generate(request, out, on_progress=on_progress)
+        else:
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as bar:
+                task = bar.add_task("encoding prompt", total=None, detail="")
+
+                def on_progress(event: Any) -> None:
+                    if event.stage == "denoise":
+                        bar.update(
+                            task,
+                            description="denoising",
+                            completed=event.step,
+                            total=event.total_steps,
+                            detail=describe(event),
+                        )
+                    elif event.stage in ("vae_decode", "video_encode"):
+                        bar.update(task, description=event.stage.replace("_", " "))
+
+                result = engine.generate(request, out, on_progress=on_progress)
+    except WanserveError as exc:
+        fail(str(exc))
+        return
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    console.print(f"seed {result.seed} · {result.width}x{result.height} · {result.num_frames} frames · {timings}")
+    print(result.video_path)
+
+
+@app.command()
+def models() -> None:
+    """The model catalog: names, aliases, tasks and official defaults."""
+    from wanserve.catalog import ALL_SPECS
+
+    table = Table(title="wanserve models")
+    for column in (
+        "name",
+        "aliases",
+        "tasks",
+        "Hugging Face repo",
+        "size",
+        "frames",
+        "fps",
+        "steps",
+        "guidance",
+        "shift",
+    ):
+        table.add_column(column)
+    for spec in ALL_SPECS:
+        guidance = f"{spec.guidance_scale:g}"
+        if spec.two_experts:
+            guidance += f" / {spec.guidance_scale_2:g} (boundary {spec.boundary_ratio:g})"
+        table.add_row(
+            spec.name,
+            ", ".join(spec.aliases),
+            spec.task_label,
+            spec.repo_id or "built offline",
+            f"{spec.width}x{spec.height}",
+            str(spec.num_frames),
+            str(spec.fps),
+            str(spec.num_inference_steps),
+            guidance,
+            f"{spec.flow_shift:g}",
+        )
+    Console().print(table)
+
+
+@app.command()
+def doctor(
+    store: Annotated[str | None, typer.Option(help="job store URL to check [env WANSERVE_STORE]")] = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Check this machine: each line is OK or a fix to try."""
+    from wanserve.doctor import run_checks
+
+    settings = settings_from(store=store, cache_dir=cache_dir)
+    failed = 0
+    for check in run_checks(settings):
+        mark = "[green]OK[/green]  " if check.ok else "[red]FIX[/red] "
+        console.print(f"{mark} {check.name}: {check.detail}")
+        failed += 0 if check.ok else 1
+    raise typer.Exit(1 if failed else 0)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""`wanserve doctor`: what this machine has, each line OK or a fix to try."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from wanserve.config import Settings
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def run_checks(settings: Settings) -> Iterator[Check]:
+    version = sys.version_info
+    yield Check(
+        "python",
+        version >= (3, 11),
+        platform.python_version() if version >= (3, 11) else f"{platform.python_version()}: install Python 3.11+",
+    )
+    yield from _torch()
+    yield from _video()
+    yield from _cache(settings)
+    yield from _store(settings)
+
+
+def _torch() -> Iterator[Check]:
+    try:
+        import torch
+    except ImportError:
+        yield Check("torch", False, "not installed: `make install` (or pip install torch==2.13.0)")
+        return
+    yield Check("torch", True, torch.__version__)
+    try:
+        import diffusers
+
+        yield Check("diffusers", True, diffusers.__version__)
+    except ImportError:
+        yield Check("diffusers", False, "not installed: `make install`")
+    if not torch.cuda.is_available():
+        yield Check("cuda", True, "no CUDA device: the engine runs on the CPU (fine for tiny models only)")
+        return
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        yield Check(
+            f"cuda:{index}",
+            True,
+            f"{props.name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free), compute {props.major}.{props.minor}",
+        )
+
+
+def _video() -> Iterator[Check]:
+    try:
+        import av
+    except ImportError:
+        yield Check("pyav", False, "not installed: pip install av")
+        return
+    has_x264 = "libx264" in av.codecs_available
+    yield Check(
+        "pyav",
+        has_x264,
+        f"{av.__version__}, H.264 encoder libx264"
+        if has_x264
+        else f"{av.__version__} has no libx264: install the PyPI wheel of av (it bundles libx264)",
+    )
+
+
+def _cache(settings: Settings) -> Iterator[Check]:
+    cache = settings.cache_dir.expanduser()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / ".doctor"
+        probe.write_text("ok")
+        probe.unlink()
+        tiny = sorted(p.name for p in (cache / "tiny").glob("*") if (p / "model_index.json").exists())
+        yield Check("model cache", True, f"{cache} (tiny models built: {', '.join(tiny) or 'none yet'})")
+    except OSError as exc:
+        yield Check("model cache", False, f"{cache} is not writable ({exc}): set WANSERVE_CACHE_DIR")
+    if settings.models_dir is not None:
+        found = sorted(p.name for p in settings.models_dir.glob("*") if (p / "model_index.json").exists())
+        yield Check(
+            "models dir",
+            bool(found),
+            f"{settings.models_dir}: {', '.join(found)}"
+            if found
+            else f"{settings.models_dir} holds no diffusers model (expected <dir>/<name>/model_index.json)",
+        )
+
+
+def _store(settings: Settings) -> Iterator[Check]:
+    url = settings.store_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        yield Check("job store", True, url)
+        return
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        info = client.info("server")
+        yield Check("redis", True, f"{url} answers (redis {info.get('redis_version')})")
+    except Exception as exc:
+        yield Check("redis", False, f"{url} does not answer ({exc}): start redis-server or fix WANSERVE_STORE")

@@ -1,0 +1,103 @@
+"""The `wanserve` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from videos import decode_mp4
+
+WANSERVE = [sys.executable, "-m", "wanserve"]
+
+
+def run(args: list[str], cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "WANSERVE_CACHE_DIR": str(cache), "COLUMNS": "200", **env}
+    return subprocess.run([*WANSERVE, *args], capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_generate_writes_a_playable_mp4_and_shows_steps(tiny_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fox.mp4"
+    done = run(
+        ["generate", "--model", "tiny-t2v", "--prompt", "a red fox", "--out", str(out), "--seed", "4"],
+        tiny_cache,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    assert "step 4/4" in done.stderr and "seed 4" in done.stderr
+    video = decode_mp4(out)
+    assert video.frames.shape == (9, 64, 64, 3)
+    assert out.with_suffix(".webp").exists()
+
+
+def test_generate_with_image_size_frames(tiny_cache: Path, tmp_path: Path) -> None:
+    from videos import png_bytes
+
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes((10, 200, 10)))
+    out = tmp_path / "i2v.mp4"
+    args = ["generate", "--model", "tiny-i2v", "--prompt", "grass", "--image", str(image), "--out", str(out)]
+    done = run([*args, "--size", "96x48", "--frames", "5", "--steps", "2", "--fps", "10"], tiny_cache)
+    assert done.returncode == 0, done.stderr
+    video = decode_mp4(out)
+    assert video.frames.shape == (5, 48, 96, 3) and video.fps == 10
+
+
+def test_generate_rejects_bad_input_before_loading(tiny_cache: Path, tmp_path: Path) -> None:
+    done = run(
+        [
+            "generate",
+            "--model",
+            "tiny-t2v",
+            "--prompt",
+            "x",
+            "--frames",
+            "10",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ],
+        tiny_cache,
+    )
+    assert done.returncode == 1
+    assert "num_frames" in done.stderr and "4k+1" in done.stderr
+    assert "loaded" not in done.stderr
+
+
+def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = run(
+        ["generate", "--model", "wan2.1-t2v-1.3b", "--prompt", "a fox", "--out", str(tmp_path / "x.mp4")],
+        tiny_cache,
+        HF_HOME=str(tmp_path / "hf"),
+    )
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())
+    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in message
+    assert "--model /models/wan2.1-t2v-1.3b" in message and "WANSERVE_MODELS_DIR" in message
+    assert time.monotonic() - started < 60
+
+
+def test_unknown_model_lists_the_catalog(tiny_cache: Path, tmp_path: Path) -> None:
+    done = run(["generate", "--model", "wan9", "--prompt", "x", "--out", str(tmp_path / "x.mp4")], tiny_cache)
+    assert done.returncode == 1 and "unknown model" in done.stderr and "wan2.2-ti2v-5b" in done.stderr
+
+
+def test_models_and_doctor(tiny_cache: Path) -> None:
+    models = run(["models"], tiny_cache)
+    assert models.returncode == 0
+    for name in (
+        "wan2.1-t2v-1.3b",
+        "wan2.2-t2v-a14b",
+        "ti2v-5B",
+        "tiny-t2v-moe",
+        "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+    ):
+        assert name in models.stdout
+    doctor = run(["doctor"], tiny_cache)
+    assert doctor.returncode == 0, doctor.stderr
+    for line in ("python", "torch", "pyav", "model cache"):
+        assert f"OK   {line}" in doctor.stderr
+    broken = run(["doctor", "--store", "redis://127.0.0.1:1/0"], tiny_cache)
+    assert broken.returncode == 1 and "FIX  redis" in broken.stderr

@@ -1,0 +1,251 @@
+"""The engine on every tiny family, on the CPU: real diffusers classes, real MP4s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wanserve.config import Settings
+from wanserve.engine.engine import Engine
+from wanserve.errors import Cancelled, InvalidRequest
+from wanserve.progress import ProgressEvent
+from wanserve.request import GenerationRequest, resolve
+
+from videos import decode_mp4, moov_before_mdat, png_bytes
+
+FAMILIES = ["tiny-t2v", "tiny-i2v", "tiny-ti2v", "tiny-t2v-moe"]
+RED, BLUE = png_bytes((220, 30, 30)), png_bytes((20, 40, 230))
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_cache: Path) -> dict[str, Engine]:
+    settings = Settings(cache_dir=tiny_cache)
+    return {name: Engine.load(name, settings) for name in FAMILIES}
+
+
+def needs_image(name: str) -> bytes | None:
+    return RED if name == "tiny-i2v" else None
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_mp4_has_requested_frames_size_and_fps(engines: dict[str, Engine], name: str, tmp_path: Path) -> None:
+    engine = engines[name]
+    width, height = (96, 64) if engine.spec.spatial_multiple == 16 else (128, 64)
+    events: list[ProgressEvent] = []
+    request = GenerationRequest(
+        prompt="a red fox in the snow",
+        image=needs_image(name),
+        width=width,
+        height=height,
+        num_frames=13,
+        fps=12,
+        num_inference_steps=3,
+        seed=7,
+    )
+    result = engine.generate(request, tmp_path / "clip.mp4", on_progress=events.append)
+
+    video = decode_mp4(result.video_path)
+    assert video.frames.shape == (13, height, width, 3)
+    assert (video.width, video.height, video.fps) == (width, height, 12)
+    assert (video.codec, video.pix_fmt) == ("h264", "yuv420p")
+    assert moov_before_mdat(result.video_path)
+    assert result.thumbnail_path.exists() and result.thumbnail_path.suffix == ".webp"
+    assert result.seed == 7 and result.num_frames == 13
+    assert set(result.timings) == {"encode_prompt", "denoise", "vae_decode", "video_encode", "total"}
+
+    stages = [e.stage for e in events]
+    assert stages[0] == "encode_prompt" and stages[-1] == "done"
+    assert stages.index("vae_decode") > stages.index("denoise")
+    steps = [e for e in events if e.stage == "denoise"]
+    assert [(e.step, e.total_steps) for e in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(e.step_seconds is not None and e.step_seconds > 0 for e in steps)
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_same_seed_same_frames_other_seed_other_frames(engines: dict[str, Engine], name: str, tmp_path: Path) -> None:
+    engine = engines[name]
+
+    def frames(seed: int, out: str) -> np.ndarray:
+        req = GenerationRequest(prompt="waves at dusk", image=needs_image(name), num_inference_steps=2, seed=seed)
+        return decode_mp4(engine.generate(req, tmp_path / out).video_path).frames
+
+    first, again, other = frames(11, "a.mp4"), frames(11, "b.mp4"), frames(12, "c.mp4")
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize("name", ["tiny-i2v", "tiny-ti2v"])
+def test_input_image_changes_the_video(engines: dict[str, Engine], name: str, tmp_path: Path) -> None:
+    engine = engines[name]
+
+    def frames(image: bytes, out: str) -> np.ndarray:
+        req = GenerationRequest(prompt="a ball", image=image, num_inference_steps=2, seed=3)
+        return decode_mp4(engine.generate(req, tmp_path / out).video_path).frames.astype(np.int16)
+
+    red, blue = frames(RED, "red.mp4"), frames(BLUE, "blue.mp4")
+    assert np.abs(red - blue).mean() > 2.0
+
+
+def test_ti2v_serves_text_only_and_image_requests(engines: dict[str, Engine], tmp_path: Path) -> None:
+    engine = engines["tiny-ti2v"]
+    text_only = engine.generate(GenerationRequest(prompt="a ball", seed=1), tmp_path / "t.mp4")
+    with_image = engine.generate(GenerationRequest(prompt="a ball", seed=1, image=RED), tmp_path / "i.mp4")
+    assert not np.array_equal(decode_mp4(text_only.video_path).frames, decode_mp4(with_image.video_path).frames)
+
+
+def test_two_experts_switch_at_the_boundary(engines: dict[str, Engine], tmp_path: Path) -> None:
+    engine = engines["tiny-t2v-moe"]
+    first, second = engine.pipe.transformer, engine.pipe.transformer_2
+    calls: list[tuple[str, float]] = []
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _m, _args, kwargs, tag=tag: calls.append((tag, float(kwargs["timestep"].flatten()[0]))),
+            with_kwargs=True,
+        )
+        for tag, module in (("high", first), ("low", second))
+    ]
+    try:
+        request = GenerationRequest(prompt="a river", num_inference_steps=8, seed=5, boundary_ratio=0.875)
+        result = engine.generate(request, tmp_path / "moe.mp4")
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    boundary = 0.875 * 1000
+    assert {tag for tag, _ in calls} == {"high", "low"}
+    for tag, timestep in calls:
+        assert (tag == "high") == (timestep >= boundary), (tag, timestep)
+    # Observed order: every high-noise call comes before every low-noise call.
+    tags = [tag for tag, _ in calls]
+    assert tags == sorted(tags, key=lambda t: t != "high")
+    assert result.experts == sorted(result.experts) and set(result.experts) == {0, 1}
+
+
+@pytest.mark.parametrize("cancel_after", [0, 3])
+def test_cancel_stops_within_one_step(engines: dict[str, Engine], tmp_path: Path, cancel_after: int) -> None:
+    engine = engines["tiny-t2v"]
+    forwards = 0
+
+    def count(*_args: object) -> None:
+        nonlocal forwards
+        forwards += 1
+
+    hook = engine.pipe.transformer.register_forward_pre_hook(count)
+    done: list[int] = []
+    cancelled = False
+
+    def on_progress(event: ProgressEvent) -> None:
+        nonlocal cancelled
+        if event.stage == "denoise":
+            done.append(event.step or 0)
+            if event.step == cancel_after:
+                cancelled = True  # a user presses cancel while step `cancel_after` finishes
+
+    out = tmp_path / "cancelled.mp4"
+    try:
+        with pytest.raises(Cancelled) as info:
+            engine.generate(
+                GenerationRequest(prompt="x", num_inference_steps=8, seed=1),
+                out,
+                on_progress=on_progress,
+                should_cancel=lambda: cancelled or cancel_after == 0,
+            )
+    finally:
+        hook.remove()
+    assert info.value.step == cancel_after and info.value.total == 8
+    assert len(done) <= cancel_after + 1
+    assert forwards <= 2 * (cancel_after + 1)  # two passes per step with CFG
+    assert not out.exists()
+
+
+INVALID = [
+    (dict(prompt=""), "prompt", "non-empty"),
+    (dict(width=100), "width", "multiple of 16"),
+    (dict(height=-16), "height", "positive"),
+    (dict(num_frames=10), "num_frames", "4k+1"),
+    (dict(num_frames=1000), "num_frames", "between 1 and"),
+    (dict(fps=0), "fps", "between 1 and 60"),
+    (dict(num_inference_steps=0), "num_inference_steps", "between 1 and 200"),
+    (dict(guidance_scale=-1.0), "guidance_scale", "between 0 and 30"),
+    (dict(guidance_scale_2=3.0), "guidance_scale_2", "two-expert"),
+    (dict(flow_shift=0.0), "flow_shift", "greater than 0"),
+    (dict(seed=-1), "seed", "between 0 and"),
+    (dict(image=RED), "image", "text-to-video model"),
+    (dict(width=1024, height=1024), "size", "larger than"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field", "rule"), INVALID)
+def test_invalid_inputs_raise_typed_errors_naming_the_field(
+    engines: dict[str, Engine], tmp_path: Path, fields: dict, field: str, rule: str
+) -> None:
+    engine = engines["tiny-t2v"]
+    forwards: list[int] = []
+    hook = engine.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    values = {"prompt": "a fox", **fields}
+    try:
+        with pytest.raises(InvalidRequest) as info:
+            engine.generate(GenerationRequest(**values), tmp_path / "bad.mp4")
+    finally:
+        hook.remove()
+    assert info.value.field == field
+    assert rule in str(info.value) and str(info.value).startswith(f"{field}:")
+    assert not forwards  # rejected before any model work
+
+
+def test_image_rules(engines: dict[str, Engine], tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="image: tiny-i2v is an image-to-video model"):
+        engines["tiny-i2v"].generate(GenerationRequest(prompt="x"), tmp_path / "a.mp4")
+    with pytest.raises(InvalidRequest, match="image: could not be decoded"):
+        engines["tiny-i2v"].generate(GenerationRequest(prompt="x", image=b"not an image"), tmp_path / "b.mp4")
+    with pytest.raises(InvalidRequest, match="multiple of 32"):
+        engines["tiny-ti2v"].generate(GenerationRequest(prompt="x", width=48), tmp_path / "c.mp4")
+
+
+@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-t2v-moe", "tiny-i2v", "tiny-ti2v"])
+def test_loop_matches_diffusers_pipeline(engines: dict[str, Engine], name: str) -> None:
+    """Our loop is the diffusers loop, operation for operation: same latents in float32."""
+    engine = engines[name]
+    image = needs_image(name) or (RED if name == "tiny-ti2v" else None)
+    pipe = engine.i2v_pipe if image is not None else engine.pipe
+    shift = pipe.scheduler.config.flow_shift  # diffusers' pipeline uses the shift its scheduler was saved with
+    request = GenerationRequest(prompt="a lighthouse", image=image, num_inference_steps=3, seed=9, flow_shift=shift)
+    req = resolve(request, engine.spec)
+    cond = engine.prepare(req)
+    ours, _, _ = engine.denoise(cond, req, lambda _e: None)
+
+    kwargs: dict = dict(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        height=req.height,
+        width=req.width,
+        num_frames=req.num_frames,
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(req.seed or 0),
+        output_type="latent",
+    )
+    if req.guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = req.guidance_scale_2
+    if image is not None:
+        import io
+
+        from PIL import Image
+
+        kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
+    reference = pipe(**kwargs).frames
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_settings_are_applied(tiny_cache: Path, tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tiny_cache, text_encoder_cpu=True, vae_tiling=True, cpu_offload=True)
+    engine = Engine.load("tiny-t2v", settings)
+    assert engine.pipe.vae.use_tiling
+    assert engine.text_device.type == "cpu"
+    result = engine.generate(GenerationRequest(prompt="x", num_inference_steps=2, seed=1), tmp_path / "m.mp4")
+    assert decode_mp4(result.video_path).frames.shape[0] == 9
