@@ -1,0 +1,479 @@
+"""`JobStore` on Redis: many API replicas and workers on many machines share one queue.
+
+Keys, under a prefix (default `wanserve`):
+
+    {p}:job:{id}         hash: the job, one field per Job field (request/result as JSON), plus its `seq`
+    {p}:seq              counter giving each job its arrival number
+    {p}:queue:{model}    zset of waiting jobs: score -priority, member "<seq, 16 digits>:<id>", so equal
+                         priorities fall back to the member's lexical order, i.e. arrival; exact for any seq
+    {p}:leases           zset of running job ids by lease expiry (what `reap` scans)
+    {p}:running:{model}  set of running job ids (running_count)
+    {p}:all              zset of every job id by seq (list)
+    {p}:expiry           zset of finished job ids by expires_at (expired)
+    {p}:op:{token}       the reply of one state change, kept 10 minutes (see `_once`)
+    {p}:events           pub/sub channel: {"id", "status", "progress", "stage"} after every change
+
+Every state change is one Lua script, so it is atomic across processes. Lua only moves scalar fields and
+never decodes the request/result JSON: Redis's cjson would turn an empty list into `{}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.jobs import QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.jobs.model import Job, JobStatus
+
+_JSON_FIELDS = ("request", "result")
+_FLOAT_FIELDS = (
+    "created_at",
+    "updated_at",
+    "started_at",
+    "completed_at",
+    "expires_at",
+    "progress",
+    "lease_expires_at",
+)
+_INT_FIELDS = ("priority", "attempts")
+_OP_TTL_S = 600
+
+# ARGV[1] is always the key prefix; KEYS[1], in the scripts that use `once`, is a fresh {p}:op:{token} key.
+_LUA_COMMON = r"""
+local prefix = ARGV[1]
+local function k(...) return prefix .. ':' .. table.concat({...}, ':') end
+local function member(seq, id) return string.format('%016d', tonumber(seq)) .. ':' .. id end
+
+-- redis-py retries a command whose connection broke, and the script may already have run. Its reply is
+-- kept under the caller's one-off token, so the retry gets the first reply instead of acting twice.
+local function once(fn)
+  local cached = redis.call('GET', KEYS[1])
+  if cached then return cached end
+  local reply = cjson.encode(fn())
+  redis.call('SET', KEYS[1], reply, 'EX', tonumber(ARGV[#ARGV]))
+  return reply
+end
+
+local function publish(id)
+  local h = redis.call('HMGET', k('job', id), 'status', 'progress', 'stage')
+  local event = {id = id, status = h[1], progress = tonumber(h[2]) or 0, stage = h[3] or cjson.null}
+  redis.call('PUBLISH', k('events'), cjson.encode(event))
+end
+
+local function held(id, worker)
+  local h = redis.call('HMGET', k('job', id), 'status', 'worker_id')
+  return h[1] == 'in_progress' and h[2] == worker
+end
+
+local function cancel_requested(id) return redis.call('HGET', k('job', id), 'cancel_requested') == '1' end
+
+local function leave_running(id, model)
+  redis.call('ZREM', k('leases'), id)
+  redis.call('SREM', k('running', model), id)
+end
+
+local function finish(id, status, now, expires)
+  local jk = k('job', id)
+  local h = redis.call('HMGET', jk, 'status', 'model', 'seq')
+  if h[1] == 'queued' then redis.call('ZREM', k('queue', h[2]), member(h[3], id)) end
+  leave_running(id, h[2])
+  redis.call('HSET', jk, 'status', status, 'updated_at', now, 'completed_at', now, 'expires_at', expires)
+  redis.call('HDEL', jk, 'lease_expires_at')
+  redis.call('ZADD', k('expiry'), expires, id)
+  publish(id)
+end
+
+-- Back to the queue under its original seq, so it regains its original place.
+local function requeue(id, now)
+  local jk = k('job', id)
+  local h = redis.call('HMGET', jk, 'model', 'seq', 'priority')
+  leave_running(id, h[1])
+  redis.call('HSET', jk, 'status', 'queued', 'updated_at', now, 'progress', '0.0')
+  redis.call('HDEL', jk, 'worker_id', 'lease_expires_at', 'started_at', 'stage')
+  redis.call('ZADD', k('queue', h[1]), -tonumber(h[3]), member(h[2], id))
+  publish(id)
+end
+"""
+
+# ARGV: prefix, id, model, priority, max_queued or '', field, value, ..., op ttl
+_ENQUEUE = """
+return once(function()
+  local id, model = ARGV[2], ARGV[3]
+  local jk = k('job', id)
+  if redis.call('EXISTS', jk) == 1 then return 'exists' end
+  if ARGV[5] ~= '' and redis.call('ZCARD', k('queue', model)) >= tonumber(ARGV[5]) then return 'full' end
+  local seq = redis.call('INCR', k('seq'))
+  local fields = {}
+  for i = 6, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', jk, 'seq', seq, unpack(fields))
+  redis.call('ZADD', k('queue', model), -tonumber(ARGV[4]), member(seq, id))
+  redis.call('ZADD', k('all'), seq, id)
+  publish(id)
+  return 'ok'
+end)
+"""
+
+# ARGV: prefix, model, worker, now, lease_until, op ttl
+_CLAIM = """
+return once(function()
+  local queue = k('queue', ARGV[2])
+  while true do
+    local first = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not first then return cjson.null end
+    redis.call('ZREM', queue, first)
+    local id = string.sub(first, 18)
+    local jk = k('job', id)
+    if redis.call('HGET', jk, 'status') == 'queued' then  -- anything else is a stale entry: dropped
+      redis.call('HSET', jk, 'status', 'in_progress', 'worker_id', ARGV[3], 'started_at', ARGV[4],
+                 'updated_at', ARGV[4], 'lease_expires_at', ARGV[5])
+      redis.call('HINCRBY', jk, 'attempts', 1)
+      redis.call('ZADD', k('leases'), ARGV[5], id)
+      redis.call('SADD', k('running', ARGV[2]), id)
+      publish(id)
+      return redis.call('HGETALL', jk)
+    end
+  end
+end)
+"""
+
+# ARGV: prefix, id, worker, lease_until. Re-running it is harmless, so it needs no token.
+_RENEW = """
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+-- Extended even when cancel is requested: the worker holds the job until it marks it cancelled.
+redis.call('HSET', k('job', id), 'lease_expires_at', ARGV[4])
+redis.call('ZADD', k('leases'), ARGV[4], id)
+if cancel_requested(id) then return 0 end
+return 1
+"""
+
+# ARGV: prefix, id, worker, progress, now, '1' if a stage is given else '0', stage
+_SET_PROGRESS = """
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+redis.call('HSET', k('job', id), 'progress', ARGV[4], 'updated_at', ARGV[5])
+if ARGV[6] == '1' then redis.call('HSET', k('job', id), 'stage', ARGV[7]) end
+publish(id)
+if cancel_requested(id) then return 0 end
+return 1
+"""
+
+# ARGV: prefix, id, worker, now, expires, result JSON, op ttl
+_COMPLETE = """
+return once(function()
+  if not held(ARGV[2], ARGV[3]) then return false end
+  redis.call('HSET', k('job', ARGV[2]), 'result', ARGV[6], 'progress', '1.0')
+  finish(ARGV[2], 'completed', ARGV[4], ARGV[5])
+  return true
+end)
+"""
+
+# ARGV: prefix, id, worker, now, expires, code, message, op ttl
+_FAIL = """
+return once(function()
+  if not held(ARGV[2], ARGV[3]) then return false end
+  redis.call('HSET', k('job', ARGV[2]), 'error_code', ARGV[6], 'error_message', ARGV[7])
+  finish(ARGV[2], 'failed', ARGV[4], ARGV[5])
+  return true
+end)
+"""
+
+# ARGV: prefix, id, worker, now, expires, op ttl
+_MARK_CANCELLED = """
+return once(function()
+  if not held(ARGV[2], ARGV[3]) then return false end
+  finish(ARGV[2], 'cancelled', ARGV[4], ARGV[5])
+  return true
+end)
+"""
+
+# ARGV: prefix, id, worker, now, op ttl
+_RELEASE = """
+return once(function()
+  local id = ARGV[2]
+  -- A job the user cancelled must not run again: the worker marks it cancelled (or reap does).
+  if not held(id, ARGV[3]) or cancel_requested(id) then return false end
+  redis.call('HINCRBY', k('job', id), 'attempts', -1)
+  requeue(id, ARGV[4])
+  return true
+end)
+"""
+
+# ARGV: prefix, id, now, expires. Idempotent as it stands: a second run finds the job already changed.
+_REQUEST_CANCEL = """
+local id = ARGV[2]
+local jk = k('job', id)
+local status = redis.call('HGET', jk, 'status')
+if not status then return false end
+if status == 'queued' then
+  finish(id, 'cancelled', ARGV[3], ARGV[4])
+elseif status == 'in_progress' and not cancel_requested(id) then
+  redis.call('HSET', jk, 'cancel_requested', '1', 'updated_at', ARGV[3])
+  publish(id)
+end
+return redis.call('HGETALL', jk)
+"""
+
+# ARGV: prefix, now, expires, max_attempts, worker-lost message template. A retry just finds less to do.
+_REAP = """
+local now, expires, max_attempts = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local changed = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('leases'), '-inf', '(' .. now, 'LIMIT', 0, 1000)) do
+  local jk = k('job', id)
+  local h = redis.call('HMGET', jk, 'status', 'attempts')
+  if h[1] ~= 'in_progress' then
+    redis.call('ZREM', k('leases'), id)
+  else
+    if cancel_requested(id) then  -- its worker died while stopping: the user's cancel stands
+      finish(id, 'cancelled', now, expires)
+    elseif tonumber(h[2]) >= max_attempts then
+      redis.call('HSET', jk, 'error_code', 'worker_lost', 'error_message', string.format(ARGV[5], tonumber(h[2])))
+      finish(id, 'failed', now, expires)
+    else
+      requeue(id, now)
+    end
+    changed[#changed + 1] = redis.call('HGETALL', jk)
+  end
+end
+return changed
+"""
+
+# ARGV: prefix, id, op ttl
+_DELETE = """
+return once(function()
+  local id = ARGV[2]
+  local jk = k('job', id)
+  local job = redis.call('HGETALL', jk)
+  if #job == 0 then return 'missing' end
+  local h = redis.call('HMGET', jk, 'status', 'model', 'seq')
+  if h[1] == 'in_progress' and not cancel_requested(id) then return 'running' end
+  if h[1] == 'queued' then redis.call('ZREM', k('queue', h[2]), member(h[3], id)) end
+  leave_running(id, h[2])
+  redis.call('ZREM', k('all'), id)
+  redis.call('ZREM', k('expiry'), id)
+  redis.call('DEL', jk)
+  return job
+end)
+"""
+
+# ARGV: prefix, id. Replies -1: no such job, 0: not queued, else the 1-based place.
+_POSITION = """
+local h = redis.call('HMGET', k('job', ARGV[2]), 'status', 'model', 'seq')
+if not h[1] then return -1 end
+if h[1] ~= 'queued' then return 0 end
+local rank = redis.call('ZRANK', k('queue', h[2]), member(h[3], ARGV[2]))
+if not rank then return 0 end
+return rank + 1
+"""
+
+
+def _to_fields(job: Job) -> list[str]:
+    """HSET arguments for `job`: None fields are left out, which `_from_fields` reads back as None."""
+    out: list[str] = []
+    for name, value in job.to_dict().items():
+        if value is None:
+            continue
+        if name in _JSON_FIELDS:
+            text = json.dumps(value)
+        elif isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, float):
+            text = repr(value)  # exact round trip, unlike Lua's %.14g
+        else:
+            text = str(value)
+        out += [name, text]
+    return out
+
+
+def _from_fields(fields: dict[str, str]) -> Job:
+    data: dict[str, Any] = {}
+    for name, text in fields.items():
+        if name == "seq":
+            continue
+        if name in _JSON_FIELDS:
+            data[name] = json.loads(text)
+        elif name in _FLOAT_FIELDS:
+            data[name] = float(text)
+        elif name in _INT_FIELDS:
+            data[name] = int(text)
+        elif name == "cancel_requested":
+            data[name] = text == "1"
+        else:
+            data[name] = text
+    return Job.from_dict(data)
+
+
+def _from_flat(flat: list[str]) -> Job:
+    return _from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+class RedisJobStore:
+    def __init__(self, url: str, prefix: str = "wanserve") -> None:
+        self.prefix = prefix
+        self.events_channel = f"{prefix}:events"
+        # Retrying every command is safe: reads are idempotent, and the scripts that are not carry a token.
+        # About 9 s of backoff in all, which rides out a Redis restart or a failover.
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+        self._redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            retry=retry,
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=10,  # PING a connection idle that long before trusting it
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            socket_keepalive=True,
+        )
+        # Health checks want a quick "no", not ten seconds of retries.
+        self._probe = redis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=2, max_connections=2
+        )
+        register = self._redis.register_script
+        self._enqueue = register(_LUA_COMMON + _ENQUEUE)
+        self._claim = register(_LUA_COMMON + _CLAIM)
+        self._renew = register(_LUA_COMMON + _RENEW)
+        self._set_progress = register(_LUA_COMMON + _SET_PROGRESS)
+        self._complete = register(_LUA_COMMON + _COMPLETE)
+        self._fail = register(_LUA_COMMON + _FAIL)
+        self._mark_cancelled = register(_LUA_COMMON + _MARK_CANCELLED)
+        self._release = register(_LUA_COMMON + _RELEASE)
+        self._request_cancel = register(_LUA_COMMON + _REQUEST_CANCEL)
+        self._reap = register(_LUA_COMMON + _REAP)
+        self._delete = register(_LUA_COMMON + _DELETE)
+        self._position = register(_LUA_COMMON + _POSITION)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _once(self, script: Any, *args: Any) -> Any:
+        """Run a state-changing script under a fresh token (see `once` in the Lua) and decode its reply."""
+        op_key = self._key("op", uuid.uuid4().hex)
+        return json.loads(script(keys=[op_key], args=[self.prefix, *args, _OP_TTL_S]))
+
+    def _jobs(self, ids: list[str]) -> list[Job]:
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._key("job", job_id))
+        return [_from_fields(fields) for fields in pipe.execute() if fields]  # skips ones deleted meanwhile
+
+    # ---- JobStore ----------------------------------------------------------------------------------------
+
+    def enqueue(self, job: Job, max_queued: int | None = None) -> Job:
+        if job.status != JobStatus.QUEUED:
+            raise ValueError(f"enqueue takes a queued job, not a {job.status.value} one")
+        limit = "" if max_queued is None else str(max_queued)
+        reply = self._once(self._enqueue, job.id, job.model, job.priority, limit, *_to_fields(job))
+        if reply == "exists":
+            raise ValueError(f"a job with id {job.id!r} already exists")
+        if reply == "full":
+            raise QueueFull(job.model, max_queued or 0, QUEUE_FULL_RETRY_AFTER)
+        return replace(job)
+
+    def get(self, job_id: str) -> Job:
+        fields = self._redis.hgetall(self._key("job", job_id))
+        if not fields:
+            raise JobNotFound(job_id)
+        return _from_fields(fields)
+
+    def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        flat = self._once(self._claim, model, worker_id, repr(now), repr(now + lease_seconds))
+        return None if flat is None else _from_flat(flat)
+
+    def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return bool(self._renew(args=[self.prefix, job_id, worker_id, repr(now + lease_seconds)]))
+
+    def set_progress(self, job_id: str, worker_id: str, progress: float, stage: str | None = None) -> bool:
+        progress = min(max(float(progress), 0.0), 1.0)
+        args = [self.prefix, job_id, worker_id, repr(progress), repr(time.time()), "0" if stage is None else "1"]
+        return bool(self._set_progress(args=[*args, stage or ""]))
+
+    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
+        now = time.time()
+        return bool(self._once(self._complete, job_id, worker_id, repr(now), repr(now + ttl), json.dumps(result)))
+
+    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
+        now = time.time()
+        return bool(self._once(self._fail, job_id, worker_id, repr(now), repr(now + ttl), code, message))
+
+    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
+        now = time.time()
+        return bool(self._once(self._mark_cancelled, job_id, worker_id, repr(now), repr(now + ttl)))
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        return bool(self._once(self._release, job_id, worker_id, repr(time.time())))
+
+    def request_cancel(self, job_id: str, ttl: float) -> Job:
+        now = time.time()
+        flat = self._request_cancel(args=[self.prefix, job_id, repr(now), repr(now + ttl)])
+        if flat is None:
+            raise JobNotFound(job_id)
+        return _from_flat(flat)
+
+    def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
+        now = time.time() if now is None else now
+        args = [self.prefix, repr(now), repr(now + ttl), max_attempts, WORKER_LOST_MESSAGE]
+        return [_from_flat(flat) for flat in self._reap(args=args)]
+
+    def queue_position(self, job_id: str) -> int | None:
+        place = int(self._position(args=[self.prefix, job_id]))
+        if place < 0:
+            raise JobNotFound(job_id)
+        return place or None
+
+    def queue_depth(self, model: str) -> int:
+        return int(self._redis.zcard(self._key("queue", model)))
+
+    def running_count(self, model: str) -> int:
+        return int(self._redis.scard(self._key("running", model)))
+
+    def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        all_key = self._key("all")
+        bound = "+inf" if order == "desc" else "-inf"
+        if after is not None:
+            seq = self._redis.zscore(all_key, after)
+            if seq is None:
+                raise JobNotFound(after)
+            bound = f"({int(seq)}"
+        if order == "desc":
+            ids = self._redis.zrevrangebyscore(all_key, bound, "-inf", start=0, num=limit + 1)
+        else:
+            ids = self._redis.zrangebyscore(all_key, bound, "+inf", start=0, num=limit + 1)
+        return self._jobs(ids[:limit]), len(ids) > limit
+
+    def delete(self, job_id: str) -> Job:
+        reply = self._once(self._delete, job_id)
+        if reply == "missing":
+            raise JobNotFound(job_id)
+        if reply == "running":
+            raise InvalidRequest("id", "the job is running; cancel it before deleting it")
+        return _from_flat(reply)
+
+    def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
+        now = time.time() if now is None else now
+        ids = self._redis.zrangebyscore(self._key("expiry"), "-inf", repr(now), start=0, num=limit)
+        return self._jobs(ids)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._probe.ping())
+        except (RedisError, OSError):
+            return False
+
+    def close(self) -> None:
+        self._probe.close()
+        self._redis.close()

@@ -1,0 +1,358 @@
+"""`JobStore` on one SQLite file: the single-machine default, shared by threads and processes alike.
+
+Every change is a read-modify-write of one row inside `BEGIN IMMEDIATE`, which takes SQLite's write lock
+up front: two processes can never both read a job as queued and both claim it. WAL lets readers (the API
+polling status) proceed while a writer holds that lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.jobs import QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.jobs.model import Job, JobStatus
+
+# `seq` is the arrival order: it breaks priority ties and is never rewritten, so a released or reaped job
+# returns to its original place. The columns beside `data` are copies of Job fields, kept for the indexes.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    lease_expires_at REAL,
+    expires_at REAL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model, status, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (status, lease_expires_at);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+"""
+
+_BUSY_TIMEOUT_S = 30.0
+
+
+class SQLiteJobStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+        with self._tx() as conn:
+            # Statement by statement: executescript() would COMMIT behind our BEGIN IMMEDIATE.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+
+    # ---- connections -------------------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        # A forked child must not touch its parent's connections (SQLite forbids it); it opens its own.
+        if os.getpid() != self._pid:
+            self._local = threading.local()
+            self._lock = threading.Lock()  # another thread may have held it at the fork
+            self._connections = []
+            self._pid = os.getpid()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: we issue BEGIN ourselves. check_same_thread=False only so close() can
+            # close every thread's connection; each connection is otherwise used by its own thread.
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL fsyncs the WAL at every commit: an acknowledged enqueue survives power loss, not just kill -9.
+            conn.execute("PRAGMA synchronous = FULL")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ---- rows --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, job_id: str) -> Job:
+        row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job.from_dict(json.loads(row[0]))
+
+    @staticmethod
+    def _save(conn: sqlite3.Connection, job: Job) -> None:
+        conn.execute(
+            "UPDATE jobs SET status = ?, priority = ?, lease_expires_at = ?, expires_at = ?, data = ? WHERE id = ?",
+            (job.status.value, job.priority, job.lease_expires_at, job.expires_at, json.dumps(job.to_dict()), job.id),
+        )
+
+    def _held(self, conn: sqlite3.Connection, job_id: str, worker_id: str) -> Job | None:
+        """The job if `worker_id` runs it now, else None (finished, reaped, handed on, deleted)."""
+        try:
+            job = self._load(conn, job_id)
+        except JobNotFound:
+            return None
+        if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker_id:
+            return None
+        return job
+
+    @staticmethod
+    def _finish(job: Job, status: JobStatus, ttl: float, now: float) -> None:
+        job.status = status
+        job.updated_at = job.completed_at = now
+        job.expires_at = now + ttl
+        job.lease_expires_at = None
+
+    @staticmethod
+    def _requeue(job: Job, now: float) -> None:
+        job.status = JobStatus.QUEUED
+        job.updated_at = now
+        job.worker_id = job.lease_expires_at = job.started_at = job.stage = None
+        job.progress = 0.0
+
+    # ---- JobStore ----------------------------------------------------------------------------------------
+
+    def enqueue(self, job: Job, max_queued: int | None = None) -> Job:
+        if job.status != JobStatus.QUEUED:
+            raise ValueError(f"enqueue takes a queued job, not a {job.status.value} one")
+        stored = replace(job)
+        with self._tx() as conn:
+            if max_queued is not None and self._depth(conn, job.model) >= max_queued:
+                raise QueueFull(job.model, max_queued, QUEUE_FULL_RETRY_AFTER)
+            try:
+                conn.execute(
+                    "INSERT INTO jobs (id, model, status, priority, created_at, lease_expires_at, expires_at, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job.id,
+                        job.model,
+                        job.status.value,
+                        job.priority,
+                        job.created_at,
+                        job.lease_expires_at,
+                        job.expires_at,
+                        json.dumps(stored.to_dict()),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a job with id {job.id!r} already exists") from None
+        return stored
+
+    def get(self, job_id: str) -> Job:
+        return self._load(self._conn(), job_id)
+
+    def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT data FROM jobs WHERE model = ? AND status = 'queued' ORDER BY priority DESC, seq LIMIT 1",
+                (model,),
+            ).fetchone()
+            if row is None:
+                return None
+            job = Job.from_dict(json.loads(row[0]))
+            job.status = JobStatus.IN_PROGRESS
+            job.attempts += 1
+            job.worker_id = worker_id
+            job.started_at = job.updated_at = now
+            job.lease_expires_at = now + lease_seconds
+            self._save(conn, job)
+        return job
+
+    def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            job = self._held(conn, job_id, worker_id)
+            if job is None:
+                return False
+            # Still extended when cancel is requested: the worker holds the job until it marks it cancelled.
+            job.lease_expires_at = now + lease_seconds
+            self._save(conn, job)
+            return not job.cancel_requested
+
+    def set_progress(self, job_id: str, worker_id: str, progress: float, stage: str | None = None) -> bool:
+        with self._tx() as conn:
+            job = self._held(conn, job_id, worker_id)
+            if job is None:
+                return False
+            job.progress = min(max(progress, 0.0), 1.0)
+            if stage is not None:
+                job.stage = stage
+            job.updated_at = time.time()
+            self._save(conn, job)
+            return not job.cancel_requested
+
+    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
+        with self._tx() as conn:
+            job = self._held(conn, job_id, worker_id)
+            if job is None:
+                return False
+            job.result = result
+            job.progress = 1.0
+            self._finish(job, JobStatus.COMPLETED, ttl, time.time())
+            self._save(conn, job)
+            return True
+
+    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
+        with self._tx() as conn:
+            job = self._held(conn, job_id, worker_id)
+            if job is None:
+                return False
+            job.error_code, job.error_message = code, message
+            self._finish(job, JobStatus.FAILED, ttl, time.time())
+            self._save(conn, job)
+            return True
+
+    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
+        with self._tx() as conn:
+            job = self._held(conn, job_id, worker_id)
+            if job is None:
+                return False
+            self._finish(job, JobStatus.CANCELLED, ttl, time.time())
+            self._save(conn, job)
+            return True
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        with self._tx() as conn:
+            job = self._held(conn, job_id, worker_id)
+            # A job the user cancelled must not run again: the worker marks it cancelled (or reap does).
+            if job is None or job.cancel_requested:
+                return False
+            job.attempts -= 1
+            self._requeue(job, time.time())
+            self._save(conn, job)
+            return True
+
+    def request_cancel(self, job_id: str, ttl: float) -> Job:
+        now = time.time()
+        with self._tx() as conn:
+            job = self._load(conn, job_id)
+            if job.status == JobStatus.QUEUED:
+                self._finish(job, JobStatus.CANCELLED, ttl, now)
+                self._save(conn, job)
+            elif job.status == JobStatus.IN_PROGRESS and not job.cancel_requested:
+                job.cancel_requested = True
+                job.updated_at = now
+                self._save(conn, job)
+        return job
+
+    def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
+        now = time.time() if now is None else now
+        changed: list[Job] = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT data FROM jobs WHERE status = 'in_progress' AND lease_expires_at < ? ORDER BY seq", (now,)
+            ).fetchall()
+            for (data,) in rows:
+                job = Job.from_dict(json.loads(data))
+                if job.cancel_requested:  # its worker died while stopping: the user's cancel stands
+                    self._finish(job, JobStatus.CANCELLED, ttl, now)
+                elif job.attempts >= max_attempts:
+                    job.error_code, job.error_message = "worker_lost", WORKER_LOST_MESSAGE % job.attempts
+                    self._finish(job, JobStatus.FAILED, ttl, now)
+                else:
+                    self._requeue(job, now)
+                self._save(conn, job)
+                changed.append(job)
+        return changed
+
+    def queue_position(self, job_id: str) -> int | None:
+        row = (
+            self._conn()
+            .execute(
+                """
+                SELECT j.status, (
+                    SELECT COUNT(*) FROM jobs o
+                    WHERE o.model = j.model AND o.status = 'queued'
+                      AND (o.priority > j.priority OR (o.priority = j.priority AND o.seq < j.seq))
+                )
+                FROM jobs j WHERE j.id = ?
+                """,
+                (job_id,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise JobNotFound(job_id)
+        status, ahead = row
+        return ahead + 1 if status == JobStatus.QUEUED.value else None
+
+    @staticmethod
+    def _depth(conn: sqlite3.Connection, model: str) -> int:
+        return conn.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued'", (model,)).fetchone()[0]
+
+    def queue_depth(self, model: str) -> int:
+        return self._depth(self._conn(), model)
+
+    def running_count(self, model: str) -> int:
+        row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'in_progress'", (model,))
+        return row.fetchone()[0]
+
+    def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        conn = self._conn()
+        where, params = "", ()
+        if after is not None:
+            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+            if row is None:
+                raise JobNotFound(after)
+            where, params = ("WHERE seq < ?" if order == "desc" else "WHERE seq > ?"), (row[0],)
+        rows = conn.execute(
+            f"SELECT data FROM jobs {where} ORDER BY seq {order.upper()} LIMIT ?", (*params, limit + 1)
+        ).fetchall()
+        jobs = [Job.from_dict(json.loads(data)) for (data,) in rows[:limit]]
+        return jobs, len(rows) > limit
+
+    def delete(self, job_id: str) -> Job:
+        with self._tx() as conn:
+            job = self._load(conn, job_id)
+            if job.status == JobStatus.IN_PROGRESS and not job.cancel_requested:
+                raise InvalidRequest("id", "the job is running; cancel it before deleting it")
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return job
+
+    def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
+        now = time.time() if now is None else now
+        rows = (
+            self._conn()
+            .execute("SELECT data FROM jobs WHERE expires_at <= ? ORDER BY expires_at LIMIT ?", (now, limit))
+            .fetchall()
+        )
+        return [Job.from_dict(json.loads(data)) for (data,) in rows]
+
+    def ping(self) -> bool:
+        try:
+            self._conn().execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()

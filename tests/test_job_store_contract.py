@@ -1,0 +1,623 @@
+"""One behaviour contract for every JobStore backend: each test runs against SQLite and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.jobs import Job, JobStatus, JobStore, new_job_id, open_store
+from wanserve.jobs.redis_store import RedisJobStore
+from wanserve.jobs.sqlite import SQLiteJobStore
+
+from conftest import free_tcp_port
+
+LEASE = 30.0
+TTL = 3600.0
+T0 = 1_000_000.0  # a fixed clock for the methods that take `now`
+
+
+def make_job(model: str = "tiny-t2v", priority: int = 0, **fields: Any) -> Job:
+    # Empty list and nested floats: shapes a naive JSON round trip (e.g. Lua's cjson) would corrupt.
+    request = {"prompt": "a red fox", "negative_prompt": "", "loras": [], "guidance": {"scale": 5.25}}
+    return Job(id=new_job_id(), model=model, request=request, priority=priority, **fields)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    if request.param == "sqlite":
+        backend: JobStore = SQLiteJobStore(tmp_path / "db" / "jobs.db")
+    else:
+        backend = RedisJobStore(request.getfixturevalue("redis_url"))
+    yield backend
+    backend.close()
+
+
+def enqueue_many(store: JobStore, count: int, model: str = "tiny-t2v", priority: int = 0) -> list[Job]:
+    return [store.enqueue(make_job(model, priority)) for _ in range(count)]
+
+
+def claim(store: JobStore, worker: str = "w1", model: str = "tiny-t2v", now: float = T0) -> Job:
+    job = store.claim(model, worker, LEASE, now=now)
+    assert job is not None
+    return job
+
+
+# ---- enqueue / get ------------------------------------------------------------------------------------------
+
+
+def test_store_satisfies_the_protocol(store: JobStore) -> None:
+    assert isinstance(store, JobStore)
+    assert store.ping()
+
+
+def test_enqueue_then_get_round_trips_every_field(store: JobStore) -> None:
+    job = make_job(priority=3, source="video")
+    stored = store.enqueue(job)
+    assert stored.to_dict() == job.to_dict()
+    assert store.get(job.id).to_dict() == job.to_dict()
+    assert store.get(job.id).status is JobStatus.QUEUED
+
+
+def test_get_unknown_id_raises_job_not_found(store: JobStore) -> None:
+    with pytest.raises(JobNotFound) as info:
+        store.get("video_missing")
+    assert info.value.job_id == "video_missing"
+
+
+def test_enqueue_refuses_a_duplicate_id_and_a_non_queued_job(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    with pytest.raises(ValueError, match="already exists"):
+        store.enqueue(replace(make_job(), id=job.id))
+    with pytest.raises(ValueError, match="queued"):
+        store.enqueue(make_job(status=JobStatus.COMPLETED))
+    assert store.queue_depth("tiny-t2v") == 1
+
+
+def test_enqueue_raises_queue_full_at_max_queued_per_model(store: JobStore) -> None:
+    first, _ = store.enqueue(make_job(), max_queued=2), store.enqueue(make_job(), max_queued=2)
+    with pytest.raises(QueueFull) as info:
+        store.enqueue(make_job(), max_queued=2)
+    assert info.value.model == "tiny-t2v" and info.value.limit == 2 and info.value.retry_after > 0
+    store.enqueue(make_job("tiny-i2v"), max_queued=2)  # another model's queue is separate
+    assert store.queue_depth("tiny-t2v") == 2
+    assert claim(store).id == first.id  # a running job no longer waits: there is room again
+    store.enqueue(make_job(), max_queued=2)
+
+
+# ---- claim --------------------------------------------------------------------------------------------------
+
+
+def test_claim_returns_none_when_nothing_waits(store: JobStore) -> None:
+    assert store.claim("tiny-t2v", "w1", LEASE) is None
+
+
+def test_claim_order_is_priority_then_arrival(store: JobStore) -> None:
+    low_a = store.enqueue(make_job(priority=0))
+    high_a = store.enqueue(make_job(priority=5))
+    low_b = store.enqueue(make_job(priority=0))
+    high_b = store.enqueue(make_job(priority=5))
+    negative = store.enqueue(make_job(priority=-2))
+    order = [claim(store).id for _ in range(5)]
+    assert order == [high_a.id, high_b.id, low_a.id, low_b.id, negative.id]
+    assert store.claim("tiny-t2v", "w1", LEASE) is None
+
+
+def test_claim_only_takes_jobs_of_the_asked_model(store: JobStore) -> None:
+    other = store.enqueue(make_job("tiny-i2v", priority=9))
+    mine = store.enqueue(make_job("tiny-t2v"))
+    assert claim(store, model="tiny-t2v").id == mine.id
+    assert store.claim("tiny-t2v", "w1", LEASE) is None
+    assert claim(store, model="tiny-i2v").id == other.id
+
+
+def test_claim_marks_the_job_running_under_a_lease(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claimed = claim(store, "worker-a", now=T0)
+    for seen in (claimed, store.get(job.id)):
+        assert seen.status is JobStatus.IN_PROGRESS
+        assert seen.worker_id == "worker-a"
+        assert seen.attempts == 1
+        assert seen.started_at == T0
+        assert seen.lease_expires_at == T0 + LEASE
+        assert seen.request == job.request
+
+
+# ---- renew / set_progress -----------------------------------------------------------------------------------
+
+
+def test_renew_extends_the_lease_only_for_the_holder(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1", now=T0)
+    assert store.renew(job.id, "w1", LEASE, now=T0 + 20)
+    assert store.get(job.id).lease_expires_at == T0 + 20 + LEASE
+    assert store.reap(max_attempts=3, ttl=TTL, now=T0 + LEASE + 1) == []  # the renewed lease still holds
+    assert not store.renew(job.id, "w2", LEASE, now=T0 + 25)
+    assert store.get(job.id).lease_expires_at == T0 + 20 + LEASE
+    assert not store.renew("video_missing", "w1", LEASE)
+
+
+def test_renew_and_progress_say_stop_once_cancel_is_requested(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    assert store.set_progress(job.id, "w1", 0.25, "denoise")
+    store.request_cancel(job.id, TTL)
+    assert not store.renew(job.id, "w1", LEASE)
+    assert not store.set_progress(job.id, "w1", 0.5, "denoise")
+    assert store.get(job.id).status is JobStatus.IN_PROGRESS  # until the worker marks it cancelled
+
+
+def test_set_progress_records_progress_and_stage_for_the_holder_only(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    assert store.set_progress(job.id, "w1", 0.4, "denoise")
+    current = store.get(job.id)
+    assert (current.progress, current.stage) == (0.4, "denoise")
+    assert store.set_progress(job.id, "w1", 0.5)  # no stage: the last one stays
+    assert store.get(job.id).stage == "denoise"
+    assert not store.set_progress(job.id, "intruder", 0.9, "decode")
+    current = store.get(job.id)
+    assert (current.progress, current.stage) == (0.5, "denoise")
+
+
+# ---- complete / fail / mark_cancelled -----------------------------------------------------------------------
+
+
+def test_complete_only_by_the_holder_and_only_once(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    result = {"seed": 42, "timings": {"total": 1.5}, "video_key": f"{job.id}/video.mp4", "frames": []}
+    assert not store.complete(job.id, "w2", result, TTL)
+    assert store.get(job.id).status is JobStatus.IN_PROGRESS
+
+    before = time.time()
+    assert store.complete(job.id, "w1", result, TTL)
+    done = store.get(job.id)
+    assert done.status is JobStatus.COMPLETED and done.result == result and done.progress == 1.0
+    assert done.completed_at is not None and before <= done.completed_at <= time.time()
+    assert done.expires_at == pytest.approx(done.completed_at + TTL)
+    assert done.lease_expires_at is None
+
+    assert not store.complete(job.id, "w1", {"seed": 7}, TTL)
+    assert not store.fail(job.id, "w1", "generation_failed", "late", TTL)
+    assert not store.mark_cancelled(job.id, "w1", TTL)
+    assert store.get(job.id).to_dict() == done.to_dict()
+    assert not store.complete("video_missing", "w1", result, TTL)
+
+
+def test_fail_records_the_error_once(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    assert not store.fail(job.id, "w2", "generation_failed", "boom", TTL)
+    assert store.fail(job.id, "w1", "generation_failed", "RuntimeError: boom", TTL)
+    failed = store.get(job.id)
+    assert failed.status is JobStatus.FAILED
+    assert (failed.error_code, failed.error_message) == ("generation_failed", "RuntimeError: boom")
+    assert failed.expires_at is not None and failed.completed_at is not None
+    assert not store.fail(job.id, "w1", "other", "again", TTL)
+    assert not store.complete(job.id, "w1", {}, TTL)
+    assert store.get(job.id).error_code == "generation_failed"
+
+
+def test_mark_cancelled_by_the_holder_once(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    store.request_cancel(job.id, TTL)
+    assert not store.mark_cancelled(job.id, "w2", TTL)
+    assert store.mark_cancelled(job.id, "w1", TTL)
+    cancelled = store.get(job.id)
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.expires_at is not None
+    assert not store.mark_cancelled(job.id, "w1", TTL)
+    assert store.running_count("tiny-t2v") == 0
+
+
+# ---- request_cancel -----------------------------------------------------------------------------------------
+
+
+def test_request_cancel_on_a_queued_job_cancels_it_at_once(store: JobStore) -> None:
+    job, later = store.enqueue(make_job()), store.enqueue(make_job())
+    cancelled = store.request_cancel(job.id, TTL)
+    assert cancelled.status is JobStatus.CANCELLED
+    assert cancelled.completed_at is not None and cancelled.expires_at == pytest.approx(cancelled.completed_at + TTL)
+    assert store.get(job.id).status is JobStatus.CANCELLED
+    assert store.queue_depth("tiny-t2v") == 1 and store.queue_position(job.id) is None
+    assert claim(store).id == later.id  # the cancelled job is never handed out
+    assert store.claim("tiny-t2v", "w1", LEASE) is None
+
+
+def test_request_cancel_on_a_running_job_only_flags_it(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    flagged = store.request_cancel(job.id, TTL)
+    assert flagged.status is JobStatus.IN_PROGRESS and flagged.cancel_requested
+    assert store.get(job.id).cancel_requested
+    assert store.request_cancel(job.id, TTL).cancel_requested  # asking twice changes nothing
+
+
+def test_request_cancel_on_a_finished_job_returns_it_unchanged(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    store.complete(job.id, "w1", {"seed": 1}, TTL)
+    done = store.get(job.id)
+    assert store.request_cancel(job.id, TTL).to_dict() == done.to_dict()
+    assert store.get(job.id).to_dict() == done.to_dict()
+    with pytest.raises(JobNotFound):
+        store.request_cancel("video_missing", TTL)
+
+
+# ---- reap ---------------------------------------------------------------------------------------------------
+
+
+def test_reap_requeues_an_expired_lease_keeping_attempts_and_place(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1", now=T0)
+    later = store.enqueue(make_job())
+    assert store.reap(max_attempts=3, ttl=TTL, now=T0 + LEASE - 1) == []
+    reaped = store.reap(max_attempts=3, ttl=TTL, now=T0 + LEASE + 1)
+    assert [j.id for j in reaped] == [job.id]
+    assert reaped[0].status is JobStatus.QUEUED and reaped[0].attempts == 1 and reaped[0].worker_id is None
+    assert store.get(job.id).lease_expires_at is None
+    assert store.running_count("tiny-t2v") == 0
+    assert store.queue_position(job.id) == 1 and store.queue_position(later.id) == 2
+    again = claim(store, "w2", now=T0 + 100)
+    assert again.id == job.id and again.attempts == 2
+    assert not store.complete(job.id, "w1", {}, TTL)  # the first worker lost it for good
+
+
+def test_reap_fails_a_job_that_kept_losing_its_worker(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    now = T0
+    for attempt in (1, 2):
+        assert claim(store, f"w{attempt}", now=now).attempts == attempt
+        now += LEASE + 1
+        (reaped,) = store.reap(max_attempts=2, ttl=TTL, now=now)
+    assert reaped.id == job.id and reaped.status is JobStatus.FAILED
+    assert reaped.error_code == "worker_lost"
+    assert reaped.error_message is not None and "kept losing its worker" in reaped.error_message
+    assert "2 attempts" in reaped.error_message
+    assert reaped.expires_at == pytest.approx(now + TTL) and reaped.attempts == 2
+    assert store.get(job.id).status is JobStatus.FAILED
+    assert store.claim("tiny-t2v", "w3", LEASE, now=now) is None
+    assert store.reap(max_attempts=2, ttl=TTL, now=now + 1000) == []
+
+
+def test_reap_finishes_a_cancel_requested_job_as_cancelled(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1", now=T0)
+    store.request_cancel(job.id, TTL)
+    (reaped,) = store.reap(max_attempts=3, ttl=TTL, now=T0 + LEASE + 1)
+    assert reaped.status is JobStatus.CANCELLED
+    assert store.claim("tiny-t2v", "w2", LEASE) is None
+
+
+# ---- release ------------------------------------------------------------------------------------------------
+
+
+def test_release_keeps_the_original_place_and_does_not_count_the_attempt(store: JobStore) -> None:
+    first = store.enqueue(make_job())
+    second = store.enqueue(make_job())
+    claim(store, "w1")
+    later = store.enqueue(make_job())
+    assert not store.release(first.id, "w2")
+    assert store.release(first.id, "w1")
+    released = store.get(first.id)
+    assert released.status is JobStatus.QUEUED and released.attempts == 0 and released.worker_id is None
+    assert not store.release(first.id, "w1")  # no longer running
+    assert [store.queue_position(j.id) for j in (first, second, later)] == [1, 2, 3]
+    order = [claim(store, "w2") for _ in range(3)]
+    assert [j.id for j in order] == [first.id, second.id, later.id]
+    assert order[0].attempts == 1
+
+
+def test_release_refuses_a_cancel_requested_job(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    store.request_cancel(job.id, TTL)
+    assert not store.release(job.id, "w1")
+    assert store.mark_cancelled(job.id, "w1", TTL)
+
+
+# ---- queue_position / queue_depth / running_count -----------------------------------------------------------
+
+
+def test_queue_position_moves_as_jobs_are_claimed_and_priority_overtakes(store: JobStore) -> None:
+    jobs = enqueue_many(store, 3)
+    other = store.enqueue(make_job("tiny-i2v"))
+    assert [store.queue_position(j.id) for j in jobs] == [1, 2, 3]
+    assert store.queue_position(other.id) == 1  # places count only the same model's queue
+    claim(store)
+    assert store.queue_position(jobs[0].id) is None
+    assert [store.queue_position(j.id) for j in jobs[1:]] == [1, 2]
+    urgent = store.enqueue(make_job(priority=10))
+    assert store.queue_position(urgent.id) == 1
+    assert [store.queue_position(j.id) for j in jobs[1:]] == [2, 3]
+    with pytest.raises(JobNotFound):
+        store.queue_position("video_missing")
+
+
+def test_queue_depth_and_running_count(store: JobStore) -> None:
+    enqueue_many(store, 3)
+    enqueue_many(store, 2, model="tiny-i2v")
+    assert (store.queue_depth("tiny-t2v"), store.running_count("tiny-t2v")) == (3, 0)
+    running = claim(store)
+    claim(store)
+    assert (store.queue_depth("tiny-t2v"), store.running_count("tiny-t2v")) == (1, 2)
+    assert (store.queue_depth("tiny-i2v"), store.running_count("tiny-i2v")) == (2, 0)
+    store.complete(running.id, "w1", {}, TTL)
+    assert (store.queue_depth("tiny-t2v"), store.running_count("tiny-t2v")) == (1, 1)
+    assert (store.queue_depth("nothing"), store.running_count("nothing")) == (0, 0)
+
+
+# ---- list / delete / expired --------------------------------------------------------------------------------
+
+
+def test_list_pages_by_creation_in_both_orders(store: JobStore) -> None:
+    ids = [j.id for j in enqueue_many(store, 5)]
+    page, more = store.list(limit=2)
+    assert [j.id for j in page] == [ids[4], ids[3]] and more
+    page, more = store.list(limit=2, after=ids[3])
+    assert [j.id for j in page] == [ids[2], ids[1]] and more
+    page, more = store.list(limit=2, after=ids[1])
+    assert [j.id for j in page] == [ids[0]] and not more
+
+    page, more = store.list(limit=3, order="asc")
+    assert [j.id for j in page] == ids[:3] and more
+    page, more = store.list(limit=3, after=ids[2], order="asc")
+    assert [j.id for j in page] == ids[3:] and not more
+    page, more = store.list(limit=2, after=ids[3], order="asc")
+    assert [j.id for j in page] == [ids[4]] and not more
+    page, more = store.list(limit=5)
+    assert [j.id for j in page] == ids[::-1] and not more
+
+
+def test_list_rejects_a_bad_order_and_an_unknown_cursor(store: JobStore) -> None:
+    store.enqueue(make_job())
+    with pytest.raises(ValueError):
+        store.list(order="sideways")
+    with pytest.raises(JobNotFound):
+        store.list(after="video_missing")
+
+
+def test_delete_removes_the_job_everywhere(store: JobStore) -> None:
+    job, other = store.enqueue(make_job()), store.enqueue(make_job())
+    assert store.delete(job.id).id == job.id
+    with pytest.raises(JobNotFound):
+        store.get(job.id)
+    assert store.queue_depth("tiny-t2v") == 1 and store.queue_position(other.id) == 1
+    assert [j.id for j in store.list()[0]] == [other.id]
+    assert claim(store).id == other.id
+    with pytest.raises(JobNotFound):
+        store.delete(job.id)
+
+
+def test_delete_refuses_a_running_job_until_cancel_is_requested(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    with pytest.raises(InvalidRequest):
+        store.delete(job.id)
+    assert store.get(job.id).status is JobStatus.IN_PROGRESS
+    store.request_cancel(job.id, TTL)
+    assert store.delete(job.id).cancel_requested
+    assert store.running_count("tiny-t2v") == 0
+    assert not store.renew(job.id, "w1", LEASE)  # the worker learns at its next step
+    assert store.reap(max_attempts=3, ttl=TTL, now=time.time() + 10 * LEASE) == []
+
+
+def test_delete_of_a_finished_job(store: JobStore) -> None:
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    store.complete(job.id, "w1", {}, TTL)
+    store.delete(job.id)
+    assert store.expired(now=time.time() + 2 * TTL) == []
+
+
+def test_expired_lists_finished_jobs_past_their_expiry(store: JobStore) -> None:
+    finished = []
+    for ttl in (10.0, 20.0, 30.0):
+        job = store.enqueue(make_job())
+        claim(store, "w1")
+        store.complete(job.id, "w1", {}, ttl)
+        finished.append(job.id)
+    store.enqueue(make_job())  # queued jobs never expire
+    running = store.enqueue(make_job())
+    claim(store, "w1")
+    now = time.time()
+    assert store.expired(now=now) == []
+    assert [j.id for j in store.expired(now=now + 15)] == finished[:1]
+    assert [j.id for j in store.expired(now=now + 100)] == finished
+    assert [j.id for j in store.expired(now=now + 100, limit=2)] == finished[:2]
+    assert running.id not in [j.id for j in store.expired(now=now + 10**9)]
+
+
+# ---- concurrency --------------------------------------------------------------------------------------------
+
+
+def test_concurrent_claimers_take_each_job_exactly_once(store: JobStore) -> None:
+    expected = {j.id for j in enqueue_many(store, 200)}
+    claimed: list[list[str]] = [[] for _ in range(8)]
+    start = threading.Barrier(8)
+
+    def claim_loop(slot: int) -> None:
+        start.wait()
+        while (job := store.claim("tiny-t2v", f"w{slot}", LEASE)) is not None:
+            claimed[slot].append(job.id)
+
+    threads = [threading.Thread(target=claim_loop, args=(slot,)) for slot in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    everything = [job_id for ids in claimed for job_id in ids]
+    assert len(everything) == 200 and set(everything) == expected
+    assert store.running_count("tiny-t2v") == 200 and store.queue_depth("tiny-t2v") == 0
+
+
+def _claim_in_process(path: str, worker: str, start: Any, out: Any) -> None:
+    store = SQLiteJobStore(path)
+    start.wait()
+    ids = []
+    while (job := store.claim("tiny-t2v", worker, LEASE)) is not None:
+        ids.append(job.id)
+    store.close()
+    out.put(ids)
+
+
+def test_sqlite_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = SQLiteJobStore(path)
+    expected = {j.id for j in enqueue_many(store, 200)}
+    # spawn, not fork: every process opens the file on its own, as separate `wanserve worker`s do.
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()
+    processes = [ctx.Process(target=_claim_in_process, args=(str(path), f"p{n}", start, out)) for n in range(4)]
+    for process in processes:
+        process.start()
+    results = [out.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=10)
+        assert process.exitcode == 0
+    everything = [job_id for ids in results for job_id in ids]
+    assert len(everything) == 200 and set(everything) == expected
+    assert store.running_count("tiny-t2v") == 200
+    store.close()
+
+
+# ---- durability ---------------------------------------------------------------------------------------------
+
+_ENQUEUE_THEN_DIE = """
+import os, signal, sys
+from wanserve.jobs import Job
+from wanserve.jobs.sqlite import SQLiteJobStore
+store = SQLiteJobStore(sys.argv[1])
+for n in range(3):
+    store.enqueue(Job(id=f"video_{n}", model="tiny-t2v", request={"n": n}))
+print("acknowledged", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as if the machine lost the process
+"""
+
+
+def test_sqlite_keeps_acknowledged_jobs_after_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "jobs.db"
+    done = subprocess.run([sys.executable, "-c", _ENQUEUE_THEN_DIE, str(path)], capture_output=True, text=True)
+    assert done.returncode == -9 and "acknowledged" in done.stdout, done.stderr
+    reopened = SQLiteJobStore(path)
+    assert reopened.queue_depth("tiny-t2v") == 3
+    assert [reopened.queue_position(f"video_{n}") for n in range(3)] == [1, 2, 3]
+    job = reopened.claim("tiny-t2v", "w1", LEASE)
+    assert job is not None and job.id == "video_0" and job.request == {"n": 0}
+    reopened.close()
+
+
+# ---- Redis only ---------------------------------------------------------------------------------------------
+
+
+def test_redis_publishes_events_on_state_changes(redis_url: str) -> None:
+    store = RedisJobStore(redis_url, prefix="events-test")
+    listener = redis.Redis.from_url(redis_url, decode_responses=True)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(store.events_channel)
+    assert store.events_channel == "events-test:events"
+    # Wait for the subscription to be live, or the first events could be published before it.
+    deadline = time.monotonic() + 5
+    while listener.pubsub_numsub(store.events_channel)[0][1] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    store.set_progress(job.id, "w1", 0.5, "denoise")
+    assert store.complete(job.id, "w1", {"seed": 1}, TTL)
+
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 5
+    while (not events or events[-1]["status"] != "completed") and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None:
+            events.append(json.loads(message["data"]))
+    assert [(e["status"], e["progress"], e["stage"]) for e in events] == [
+        ("queued", 0, None),
+        ("in_progress", 0, None),
+        ("in_progress", 0.5, "denoise"),
+        ("completed", 1, "denoise"),
+    ]
+    assert {e["id"] for e in events} == {job.id}
+    pubsub.close()
+    listener.close()
+    store.close()
+
+
+def test_redis_prefixes_keep_stores_apart(redis_url: str) -> None:
+    blue, green = RedisJobStore(redis_url, prefix="blue"), RedisJobStore(redis_url, prefix="green")
+    job = blue.enqueue(make_job())
+    assert green.queue_depth("tiny-t2v") == 0 and green.claim("tiny-t2v", "w1", LEASE) is None
+    with pytest.raises(JobNotFound):
+        green.get(job.id)
+    assert blue.queue_depth("tiny-t2v") == 1
+    blue.close()
+    green.close()
+
+
+def test_redis_retried_state_change_replays_its_first_reply(redis_url: str) -> None:
+    """What redis-py does after a connection breaks mid-script: run it again with the same token."""
+    store = RedisJobStore(redis_url)
+    first, second = store.enqueue(make_job()), store.enqueue(make_job())
+    args = [store.prefix, "tiny-t2v", "w1", repr(T0), repr(T0 + LEASE), 600]
+    replies = [store._claim(keys=["wanserve:op:retried"], args=args) for _ in range(2)]
+    assert replies[0] == replies[1] and first.id in replies[0]
+    assert store.get(first.id).attempts == 1
+    assert store.get(second.id).status is JobStatus.QUEUED and store.queue_depth("tiny-t2v") == 1
+    store.close()
+
+
+def test_redis_ping_is_false_when_the_server_is_unreachable() -> None:
+    store = RedisJobStore(f"redis://127.0.0.1:{free_tcp_port()}/0")
+    started = time.monotonic()
+    assert store.ping() is False
+    assert time.monotonic() - started < 5
+    store.close()
+
+
+# ---- open_store ---------------------------------------------------------------------------------------------
+
+
+def test_open_store_picks_the_backend_by_scheme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    absolute = open_store(f"sqlite:///{tmp_path / 'abs' / 'jobs.db'}")
+    assert isinstance(absolute, SQLiteJobStore) and (tmp_path / "abs" / "jobs.db").exists()
+    absolute.close()
+
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///rel/jobs.db")
+    assert isinstance(relative, SQLiteJobStore) and (tmp_path / "rel" / "jobs.db").exists()
+    relative.close()
+
+    remote = open_store(redis_url)
+    assert isinstance(remote, RedisJobStore) and remote.ping()
+    remote.close()
+
+
+@pytest.mark.parametrize("url", ["postgres://db/jobs", "jobs.db", "sqlite://", "sqlite:///", "file:///x.db"])
+def test_open_store_rejects_other_urls_naming_the_accepted_schemes(url: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_store(url)
+    assert repr(url) in str(info.value) and "redis://" in str(info.value) and "sqlite:///" in str(info.value)
+
+
+def test_sqlite_creates_missing_parent_directories(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "a" / "b" / "jobs.db")
+    assert store.ping() and (tmp_path / "a" / "b" / "jobs.db").exists()
+    store.close()
+    assert os.path.isdir(tmp_path / "a" / "b")

@@ -1,0 +1,68 @@
+"""A Redis crash and restart loses no acknowledged job, and the same store object carries on."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from wanserve.jobs import Job, JobStatus, new_job_id
+from wanserve.jobs.redis_store import RedisJobStore
+
+from conftest import free_tcp_port, start_redis, stop_redis
+
+
+def test_jobs_survive_kill_9_of_redis_and_the_store_reconnects(tmp_path: Path) -> None:
+    port, data = free_tcp_port(), tmp_path / "redis"
+    server = start_redis(port, data, appendonly=True)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    try:
+        ids = [store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"n": n})).id for n in range(5)]
+
+        server.send_signal(signal.SIGKILL)  # no shutdown save: only the fsynced AOF remains
+        server.wait()
+        server = start_redis(port, data, appendonly=True)
+
+        # The store's pooled connections all died with the old server; it must reconnect by itself.
+        assert store.ping()
+        assert store.queue_depth("tiny-t2v") == 5
+        assert [store.queue_position(job_id) for job_id in ids] == [1, 2, 3, 4, 5]
+        for n, job_id in enumerate(ids):
+            job = store.claim("tiny-t2v", "w1", 30.0)
+            assert job is not None and job.id == job_id and job.request == {"n": n}
+            assert store.complete(job_id, "w1", {"n": n}, ttl=60.0)
+        assert all(store.get(job_id).status is JobStatus.COMPLETED for job_id in ids)
+        assert store.claim("tiny-t2v", "w1", 30.0) is None
+    finally:
+        store.close()
+        stop_redis(server)
+
+
+def test_a_claim_made_while_redis_is_down_waits_for_it_to_come_back(tmp_path: Path) -> None:
+    port, data = free_tcp_port(), tmp_path / "redis"
+    server = start_redis(port, data, appendonly=True)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    restarted: list[subprocess.Popen[bytes]] = []
+
+    def restart_soon() -> None:
+        time.sleep(0.5)
+        restarted.append(start_redis(port, data, appendonly=True))
+
+    try:
+        job_id = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={})).id
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        assert not store.ping()
+        restarter = threading.Thread(target=restart_soon)
+        restarter.start()
+        # Refused connections are retried with backoff until the server is back; the script then runs once.
+        job = store.claim("tiny-t2v", "w1", 30.0)
+        restarter.join()
+        assert job is not None and job.id == job_id and job.attempts == 1
+        assert store.running_count("tiny-t2v") == 1 and store.queue_depth("tiny-t2v") == 0
+    finally:
+        store.close()
+        for process in restarted:
+            stop_redis(process)
