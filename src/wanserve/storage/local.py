@@ -1,0 +1,99 @@
+"""Results as files under one directory: `<root>/<job_id>/video.mp4`. Good for one machine, or for API
+replicas and workers that share a filesystem."""
+
+from __future__ import annotations
+
+import contextlib
+import mimetypes
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from wanserve.storage.base import CONTENT_TYPES, ObjectInfo
+
+_COPY_CHUNK = 1 << 20
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        # Absolute now, so a later chdir in the process cannot move where results go.
+        self.root = Path(root).absolute()
+
+    def _path(self, key: str) -> Path:
+        """The file for `key`. Keys come from job ids, so guard against ones that would reach outside root."""
+        pure = PurePosixPath(key)
+        # `.` parts are normalised away, so `.` alone (which would be the root itself) shows as no parts.
+        if not pure.parts or pure.is_absolute() or ".." in pure.parts:
+            raise ValueError(f"storage key {key!r} must be a non-empty relative path without '..' parts")
+        return self.root.joinpath(*pure.parts)
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        # content_type is not stored: stat derives it from the name, and result names are fixed (base.py).
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Copy to a temp name in the same directory, then rename over the key: the rename is atomic, so a
+        # reader (or a re-run overwriting the key) never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as dst, Path(path).open("rb") as src:
+                shutil.copyfileobj(src, dst, _COPY_CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())  # the data is on disk before the name points at it
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may run as another user
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        return ObjectInfo(size=size, content_type=_content_type(path.name))
+
+    def open_range(self, key: str, start: int, end: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        # Opened here rather than in the generator so a missing file raises FileNotFoundError at the call,
+        # before a response has started, as S3Storage does.
+        file = self._path(key).open("rb")
+        file.seek(start)
+        return _read_span(file, end - start + 1, chunk_size)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        # Only a directory has anything "under" it; a file named like the prefix is not a job's files.
+        with contextlib.suppress(FileNotFoundError):  # already gone, or removed concurrently
+            if path.is_dir():
+                shutil.rmtree(path)
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
+        return None
+
+    def ping(self) -> bool:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                return True
+        except OSError:
+            return False
+
+
+def _content_type(name: str) -> str:
+    return CONTENT_TYPES.get(name) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _read_span(file: BinaryIO, remaining: int, chunk_size: int) -> Iterator[bytes]:
+    with file:
+        while remaining > 0:
+            chunk = file.read(min(chunk_size, remaining))
+            if not chunk:  # the file is shorter than asked (end past EOF)
+                return
+            remaining -= len(chunk)
+            yield chunk

@@ -1,0 +1,125 @@
+"""Results in an S3 bucket (AWS, MinIO, Ceph, R2...): `<prefix>/<job_id>/video.mp4`. Credentials and region come
+from the standard AWS environment and config files; the endpoint from `endpoint_url`, else the env vars below."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from wanserve.storage.base import ObjectInfo
+
+# First set wins. boto3 reads the AWS_* ones itself, but we need the value to switch on path-style addressing.
+ENDPOINT_ENV_VARS = ("WANSERVE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+def endpoint_from_env() -> str | None:
+    return next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
+
+
+class S3Storage:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or endpoint_from_env()
+        self.client = client or self._make_client(region)
+
+    def _make_client(self, region: str | None) -> Any:
+        config = Config(
+            # MinIO and most self-hosted servers have no per-bucket DNS names.
+            s3={"addressing_style": "path"} if self.endpoint_url else {},
+            # MinIO and newer AWS regions accept only SigV4, presigned URLs included.
+            signature_version="s3v4",
+            # A health check against an unreachable endpoint should fail in seconds, not minutes.
+            connect_timeout=5,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        region = region or os.environ.get("AWS_REGION")  # boto3 itself only reads AWS_DEFAULT_REGION
+        # A session per storage: boto3's default session is not safe to create clients from across threads.
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        # S3 replaces objects atomically: readers see the old object or the new one, never a mix.
+        self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if _is_missing(error):
+                return None
+            raise
+        return ObjectInfo(size=head["ContentLength"], content_type=head.get("ContentType", "application/octet-stream"))
+
+    def open_range(self, key: str, start: int, end: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        if end < start:
+            # S3 ignores a malformed Range and would send the whole object.
+            return iter(())
+        # Requested here rather than in the generator so a missing object raises at the call, before a
+        # response has started.
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
+        except ClientError as error:
+            if _is_missing(error):
+                raise FileNotFoundError(key) from error
+            raise
+        return _stream(response["Body"], chunk_size)
+
+    def delete_prefix(self, prefix: str) -> None:
+        prefix = prefix.strip("/")
+        if not prefix:
+            raise ValueError("refusing to delete every object: the prefix is empty")
+        # The trailing slash keeps job "abc" from taking job "abcd"'s files with it.
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix) + "/"
+        )
+        for page in pages:
+            # A page holds at most 1000 keys, which is also DeleteObjects' limit.
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if not objects:
+                continue
+            result = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+            if result.get("Errors"):
+                first = result["Errors"][0]
+                raise OSError(f"S3 could not delete {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}")
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
+        )
+
+    def ping(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError):
+            return False
+        return True
+
+
+def _is_missing(error: ClientError) -> bool:
+    return str(error.response.get("Error", {}).get("Code")) in _MISSING_CODES
+
+
+def _stream(body: Any, chunk_size: int) -> Iterator[bytes]:
+    try:
+        yield from body.iter_chunks(chunk_size)
+    finally:
+        body.close()  # a client that disconnects mid-download must not leak the pooled connection

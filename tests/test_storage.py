@@ -1,0 +1,289 @@
+"""One contract for every storage backend. The S3 backend runs against a real S3-compatible server process
+(moto in server mode on loopback), never an in-process mock, so requests go through HTTP as they do in production."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from wanserve.storage import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for, open_storage
+from wanserve.storage.local import LocalStorage
+from wanserve.storage.s3 import ENDPOINT_ENV_VARS, S3Storage
+
+from conftest import free_tcp_port
+
+# 10,244 bytes where every offset has a distinct-enough value to catch off-by-one ranges.
+DATA = bytes(range(256)) * 40 + b"tail"
+
+
+# ---- a real S3-compatible server ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    bucket: str
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server as a subprocess on 127.0.0.1, with one bucket, for the whole run."""
+    port = free_tcp_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                httpx.get(endpoint, timeout=0.5)  # any HTTP answer means it is listening
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server on port {port} did not answer within 30 s") from None
+                time.sleep(0.05)
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+        client.create_bucket(Bucket="wanserve-test")
+        yield S3Server(endpoint=endpoint, bucket="wanserve-test")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials through the standard env vars, isolated from the developer's own AWS setup."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", *ENDPOINT_ENV_VARS):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "videos")
+    # Looked up lazily so that `-k local` never starts the server.
+    server: S3Server = request.getfixturevalue("s3_server")
+    request.getfixturevalue("s3_env")
+    # Every test gets its own prefix in the shared bucket, so tests cannot see each other's objects.
+    return S3Storage(server.bucket, prefix=f"t-{uuid.uuid4().hex}", endpoint_url=server.endpoint)
+
+
+def write(tmp_path: Path, data: bytes, name: str = "src.bin") -> Path:
+    path = tmp_path / f"{uuid.uuid4().hex}-{name}"
+    path.write_bytes(data)
+    return path
+
+
+def read(storage: Storage, key: str, start: int, end: int, chunk_size: int = 1 << 20) -> bytes:
+    chunks = list(storage.open_range(key, start, end, chunk_size))
+    assert all(0 < len(chunk) <= chunk_size for chunk in chunks)
+    return b"".join(chunks)
+
+
+# ---- the contract ---------------------------------------------------------------------------------------------
+
+
+def test_put_then_stat_reports_size_and_content_type(storage: Storage, tmp_path: Path) -> None:
+    assert isinstance(storage, Storage)
+    storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    storage.put_file(key_for("job1", THUMBNAIL), write(tmp_path, b"RIFFwebp"), CONTENT_TYPES[THUMBNAIL])
+
+    video = storage.stat(key_for("job1", VIDEO))
+    thumbnail = storage.stat(key_for("job1", THUMBNAIL))
+    assert video is not None and (video.size, video.content_type) == (len(DATA), "video/mp4")
+    assert thumbnail is not None and (thumbnail.size, thumbnail.content_type) == (8, "image/webp")
+    assert storage.ping()
+
+
+def test_a_rerun_overwrites_the_same_key(storage: Storage, tmp_path: Path) -> None:
+    key = key_for("job1", VIDEO)
+    storage.put_file(key, write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    storage.put_file(key, write(tmp_path, b"shorter"), CONTENT_TYPES[VIDEO])
+
+    info = storage.stat(key)
+    assert info is not None and info.size == 7
+    assert read(storage, key, 0, 6) == b"shorter"
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [(0, len(DATA) - 1), (0, 0), (1000, 5999), (len(DATA) - 1, len(DATA) - 1)],
+    ids=["full", "first-byte", "middle", "last-byte"],
+)
+def test_open_range_yields_exactly_the_requested_bytes(storage: Storage, tmp_path: Path, start: int, end: int) -> None:
+    key = key_for("job1", VIDEO)
+    storage.put_file(key, write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    # A small chunk size so that every span but the single bytes arrives in several chunks.
+    assert read(storage, key, start, end, chunk_size=1000) == DATA[start : end + 1]
+
+
+def test_open_range_of_a_missing_key_raises_file_not_found_at_the_call(storage: Storage) -> None:
+    with pytest.raises(FileNotFoundError):
+        storage.open_range(key_for("nojob", VIDEO), 0, 9)
+
+
+def test_stat_of_a_missing_key_is_none(storage: Storage, tmp_path: Path) -> None:
+    assert storage.stat(key_for("nojob", VIDEO)) is None
+    storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    assert storage.stat(key_for("job1", THUMBNAIL)) is None
+
+
+def test_delete_prefix_removes_one_jobs_files_and_leaves_the_others(storage: Storage, tmp_path: Path) -> None:
+    # "job1" is a string prefix of "job10": deleting the one must not touch the other.
+    for job in ("job1", "job10", "job2"):
+        storage.put_file(key_for(job, VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+        storage.put_file(key_for(job, THUMBNAIL), write(tmp_path, b"thumb"), CONTENT_TYPES[THUMBNAIL])
+
+    storage.delete_prefix("job1")
+
+    assert storage.stat(key_for("job1", VIDEO)) is None
+    assert storage.stat(key_for("job1", THUMBNAIL)) is None
+    for job in ("job10", "job2"):
+        assert storage.stat(key_for(job, VIDEO)) is not None
+        assert storage.stat(key_for(job, THUMBNAIL)) is not None
+    storage.delete_prefix("job1")  # already gone: not an error
+    storage.delete_prefix("never-existed")
+
+
+def test_delete_prefix_refuses_an_empty_prefix(storage: Storage, tmp_path: Path) -> None:
+    storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    for prefix in ("", "/"):
+        with pytest.raises(ValueError):
+            storage.delete_prefix(prefix)
+    assert storage.stat(key_for("job1", VIDEO)) is not None
+
+
+# ---- S3 only ---------------------------------------------------------------------------------------------------
+
+
+def test_s3_presigned_url_downloads_the_bytes(s3_server: S3Server, s3_env: None, tmp_path: Path) -> None:
+    storage = S3Storage(s3_server.bucket, prefix="presign", endpoint_url=s3_server.endpoint)
+    key = key_for("job1", VIDEO)
+    storage.put_file(key, write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+
+    url = storage.presigned_url(key, expires=60)
+    assert url is not None
+    # Path-style: the bucket is in the path, not the host name, as MinIO needs.
+    assert url.startswith(f"{s3_server.endpoint}/{s3_server.bucket}/presign/job1/video.mp4?")
+    response = httpx.get(url)  # no credentials: the signature in the URL is the authorisation
+    assert response.status_code == 200
+    assert response.content == DATA
+    assert response.headers["content-type"] == "video/mp4"
+
+
+def test_s3_ping_is_false_for_a_missing_bucket(s3_server: S3Server, s3_env: None) -> None:
+    assert not S3Storage("no-such-bucket", endpoint_url=s3_server.endpoint).ping()
+
+
+# ---- local only ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../x", "job/../../x", "/etc/passwd", "", "."])
+def test_local_rejects_keys_outside_the_root(tmp_path: Path, key: str) -> None:
+    storage = LocalStorage(tmp_path / "videos")
+    source = write(tmp_path, DATA)
+    with pytest.raises(ValueError):
+        storage.put_file(key, source, CONTENT_TYPES[VIDEO])
+    with pytest.raises(ValueError):
+        storage.stat(key)
+    with pytest.raises(ValueError):
+        storage.delete_prefix(key)
+    assert not (tmp_path / "x").exists()
+    assert source.exists()
+
+
+def test_local_put_leaves_no_temporary_files(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "videos")
+    storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    assert [p.name for p in (tmp_path / "videos" / "job1").iterdir()] == [VIDEO]
+
+
+def test_local_has_no_presigned_url_and_pings_only_a_writable_root(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "videos")
+    assert storage.presigned_url(key_for("job1", VIDEO)) is None
+    assert storage.ping()  # creates the root if needed
+    blocked = tmp_path / "a-file"
+    blocked.write_bytes(b"")
+    assert not LocalStorage(blocked).ping()
+
+
+# ---- open_storage ---------------------------------------------------------------------------------------------
+
+
+def test_open_storage_file_urls_and_plain_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        f"file://{tmp_path}/abs": tmp_path / "abs",
+        "file://relative/dir": tmp_path / "relative" / "dir",
+        str(tmp_path / "plain"): tmp_path / "plain",
+        "plain-relative": tmp_path / "plain-relative",
+    }
+    for url, root in cases.items():
+        storage = open_storage(url)
+        assert isinstance(storage, LocalStorage), url
+        assert storage.root == root, url
+
+
+def test_open_storage_s3_url_uses_the_endpoint_from_env(
+    s3_server: S3Server, s3_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANSERVE_S3_ENDPOINT_URL", s3_server.endpoint)
+    storage = open_storage(f"s3://{s3_server.bucket}/deploy/results/")
+    assert isinstance(storage, S3Storage)
+    assert (storage.bucket, storage.prefix, storage.endpoint_url) == (
+        s3_server.bucket,
+        "deploy/results",
+        s3_server.endpoint,
+    )
+    assert storage.ping()
+    storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    assert read(storage, key_for("job1", VIDEO), 0, len(DATA) - 1) == DATA
+
+    bare = open_storage("s3://other-bucket")
+    assert isinstance(bare, S3Storage) and (bare.bucket, bare.prefix) == ("other-bucket", "")
+
+    # The generic AWS variable works too (for tools that already set it), when wanserve's own is unset.
+    monkeypatch.delenv("WANSERVE_S3_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    fallback = open_storage(f"s3://{s3_server.bucket}")
+    assert isinstance(fallback, S3Storage) and fallback.endpoint_url == s3_server.endpoint
+    assert fallback.ping()
+
+
+@pytest.mark.parametrize("url", ["ftp://host/dir", "redis://localhost:6379/0", "s3://", "s3:///prefix", "file://", ""])
+def test_open_storage_rejects_other_urls(url: str) -> None:
+    with pytest.raises(ValueError) as error:
+        open_storage(url)
+    message = str(error.value)
+    assert repr(url) in message
+    assert "file://" in message and "s3://" in message
