@@ -73,6 +73,13 @@ def generate(
     preset: PresetOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
+    ulysses: Annotated[int | None, typer.Option(help="Ulysses sequence-parallel degree (under torchrun)")] = None,
+    ring: Annotated[int | None, typer.Option(help="ring-attention sequence-parallel degree (under torchrun)")] = None,
+    cfg_parallel: Annotated[int | None, typer.Option(help="2: guidance passes on two rank groups")] = None,
+    fsdp: Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="shard weights over the ranks")] = None,
+    cfg_batch: Annotated[
+        bool | None, typer.Option("--cfg-batch/--no-cfg-batch", help="both guidance passes as one batch")
+    ] = None,
 ) -> None:
     """Generate one video and write it as an MP4, with a live progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -89,6 +96,11 @@ def generate(
         preset=preset,
         cache_dir=cache_dir,
         models_dir=models_dir,
+        ulysses=ulysses,
+        ring=ring,
+        cfg_parallel=cfg_parallel,
+        fsdp=fsdp,
+        cfg_batch=cfg_batch,
     )
     try:
         width, height = parse_size(size, "--size") if size else (None, None)
@@ -171,6 +183,122 @@ def generate(
     print(result.video_path)
 
 
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model", help="model to serve; repeat for several [env WANSERVE_MODEL=a,b]"),
+]
+DataDirOpt = Annotated[Path | None, typer.Option(help="data directory (default ./data) [env WANSERVE_DATA_DIR]")]
+StoreOpt = Annotated[
+    str | None, typer.Option(help="job store URL: sqlite:///path.db or redis://host:6379/0 [env WANSERVE_STORE]")
+]
+StorageOpt = Annotated[
+    str | None, typer.Option(help="result storage URL: file:///dir or s3://bucket/prefix [env WANSERVE_STORAGE]")
+]
+HostOpt = Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1) [env WANSERVE_HOST]")]
+PortOpt = Annotated[int | None, typer.Option(help="HTTP port (default 8088) [env WANSERVE_PORT]")]
+
+
+def _run_role(role: str, **overrides: Any) -> None:
+    from wanserve import roles
+
+    settings = settings_from(**overrides)
+    try:
+        {"serve": roles.run_serve, "api": roles.run_api, "worker": roles.run_worker}[role](settings)
+    except (WanserveError, ValueError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def serve(
+    model: ModelsOpt = None,
+    data_dir: DataDirOpt = None,
+    store: StoreOpt = None,
+    storage: StorageOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    text_encoder_cpu: TextCpuOpt = None,
+    cpu_offload: OffloadOpt = None,
+    vae_tiling: TilingOpt = None,
+    preset: PresetOpt = None,
+    cache_dir: CacheOpt = None,
+    models_dir: ModelsDirOpt = None,
+) -> None:
+    """API, durable queue and one resident worker per model, in one process (tiny-t2v by default)."""
+    _run_role(
+        "serve",
+        model=model,
+        data_dir=data_dir,
+        store=store,
+        storage=storage,
+        host=host,
+        port=port,
+        device=device,
+        dtype=dtype,
+        text_encoder_cpu=text_encoder_cpu,
+        cpu_offload=cpu_offload,
+        vae_tiling=vae_tiling,
+        preset=preset,
+        cache_dir=cache_dir,
+        models_dir=models_dir,
+    )
+
+
+@app.command()
+def api(
+    model: ModelsOpt = None,
+    data_dir: DataDirOpt = None,
+    store: StoreOpt = None,
+    storage: StorageOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """A stateless API replica (no torch): run any number against one Redis store and shared storage."""
+    _run_role("api", model=model, data_dir=data_dir, store=store, storage=storage, host=host, port=port)
+
+
+@app.command()
+def worker(
+    model: ModelsOpt = None,
+    data_dir: DataDirOpt = None,
+    store: StoreOpt = None,
+    storage: StorageOpt = None,
+    host: HostOpt = None,
+    ops_port: Annotated[int | None, typer.Option(help="port of /health, /ready, /metrics, /drain")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    text_encoder_cpu: TextCpuOpt = None,
+    cpu_offload: OffloadOpt = None,
+    vae_tiling: TilingOpt = None,
+    preset: PresetOpt = None,
+    cache_dir: CacheOpt = None,
+    models_dir: ModelsDirOpt = None,
+    lease_seconds: Annotated[float | None, typer.Option(help="lease of a running job (renewed every step)")] = None,
+    shutdown_grace: Annotated[float | None, typer.Option(help="seconds a draining worker may finish its job")] = None,
+) -> None:
+    """One GPU worker for one model. SIGTERM or POST /drain: finish or hand back the job, exit 0."""
+    _run_role(
+        "worker",
+        model=model,
+        data_dir=data_dir,
+        store=store,
+        storage=storage,
+        host=host,
+        ops_port=ops_port,
+        device=device,
+        dtype=dtype,
+        text_encoder_cpu=text_encoder_cpu,
+        cpu_offload=cpu_offload,
+        vae_tiling=vae_tiling,
+        preset=preset,
+        cache_dir=cache_dir,
+        models_dir=models_dir,
+        lease_seconds=lease_seconds,
+        shutdown_grace=shutdown_grace,
+    )
+
+
 @app.command()
 def models() -> None:
     """The model catalog: names, aliases, tasks and official defaults."""
@@ -224,6 +352,64 @@ def doctor(
         console.print(f"{mark} {check.name}: {check.detail}")
         failed += 0 if check.ok else 1
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def bench(
+    shape: Annotated[
+        str, typer.Option(help="1.3b-480p, 5b-720p, 14b-720p-8layers, 14b-i2v-480p, a14b-720p or tiny")
+    ] = "1.3b-480p",
+    checkpoint: Annotated[Path | None, typer.Option(help="local diffusers checkpoint, not random weights")] = None,
+    presets: Annotated[str, typer.Option(help="presets to compare with plain diffusers")] = "exact,fast,fastest",
+    steps: Annotated[int | None, typer.Option(help="steps of the timed requests (default: model's; tiny 20)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed calls per configuration; the median is reported")] = 5,
+    cpu_tiny: Annotated[bool, typer.Option("--cpu-tiny", help="tiny model on the CPU: checks the harness")] = False,
+    out: Annotated[Path, typer.Option(help="results directory")] = Path("benchmarks/results"),
+    jobs: Annotated[int | None, typer.Option(help="back-to-back jobs for the serving figure; 0 skips")] = None,
+    layers: Annotated[int | None, typer.Option(help="layers of a random-weight transformer (step projected)")] = None,
+    cfg_batch: Annotated[bool, typer.Option("--cfg-batch", help="the engine runs CFG as one batch of 2")] = False,
+    request: Annotated[
+        bool | None, typer.Option("--request/--no-request", help="time whole requests (default: per shape)")
+    ] = None,
+    cold_start: Annotated[
+        bool | None, typer.Option("--cold-start/--no-cold-start", help="time a fresh process to engine ready")
+    ] = None,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Time plain diffusers and each preset in one process; write benchmarks/results/<device>-<date>.json."""
+    from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows
+
+    if shape not in SHAPES:
+        fail(f"--shape: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}", code=2)
+    options = BenchOptions(
+        shape=shape,
+        checkpoint=checkpoint,
+        presets=tuple(p.strip() for p in presets.split(",") if p.strip()),
+        steps=steps,
+        repeats=repeats,
+        cpu_tiny=cpu_tiny,
+        out=out,
+        jobs=jobs,
+        layers=layers,
+        cfg_batch=cfg_batch,
+        request=request,
+        cold_start=cold_start,
+        device=device or "auto",
+        cache_dir=cache_dir,
+    )
+    try:
+        path, report = run_bench(options)
+    except (WanserveError, ValueError) as exc:
+        fail(str(exc))
+        return
+    table = Table(title=f"wanserve bench: {report['run']} ({report['options']['weights']} weights)")
+    for column in ("config", "ms/unit", "TFLOP/s", "% ceiling", "speedup", "request s", "skipped", "PSNR dB"):
+        table.add_column(column)
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    print(path)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from wanserve.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
+# diffusers and transformers import their classes lazily, and two threads doing that at once (one worker
+# thread per model in `wanserve serve`) can see a half-initialised module. Loads are serialised instead.
+_LOAD_LOCK = threading.Lock()
+
 
 def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
     """The spec and the local directory of a model, downloading it from the Hub if needed."""
@@ -22,7 +27,8 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
     if spec.tiny:
         from wanserve.engine.tiny import tiny_model_dir
 
-        path = tiny_model_dir(spec.name, settings.cache_dir)
+        with _LOAD_LOCK:
+            path = tiny_model_dir(spec.name, settings.cache_dir)
         return spec_from_directory(path, base=spec), path
     if spec.local_path:
         return spec, Path(spec.local_path)
@@ -73,6 +79,11 @@ def pipeline_class_name(path: Path) -> str:
 
 def load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
     """Load the diffusers pipeline stored at `path` (class taken from its model_index.json)."""
+    with _LOAD_LOCK:
+        return _load_pipeline(path, dtype, vae_dtype)
+
+
+def _load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
     import diffusers
     import transformers
     from diffusers import AutoencoderKLWan

@@ -1,0 +1,173 @@
+"""The HTTP API: every surface over one store and one storage. Torch-free, so API replicas start in a
+second and never touch a GPU.
+
+Typed errors are raised where a problem is found and turned into an answer here, once: OpenAI's error
+envelope under `/v1/`, RFC 9457 problem details everywhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wanserve.catalog import ModelSpec
+from wanserve.config import Settings
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.jobs.model import JobStore
+from wanserve.metrics import Metrics
+from wanserve.storage.base import Storage
+
+from . import legacy, openai_videos, ops
+from .web import BodyLimitMiddleware, body_limit
+
+log = logging.getLogger(__name__)
+
+_OPENAI_TYPES: Mapping[int, str] = MappingProxyType(
+    {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+)
+_VALIDATION_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+def _error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):
+        kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": field, "code": code}}
+        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    problem: dict[str, Any] = {
+        "type": f"urn:wanserve:problem:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": message,
+        "code": code,
+    }
+    if field is not None:
+        problem["field"] = field
+    return JSONResponse(problem, status_code=status, headers=dict(headers or {}), media_type="application/problem+json")
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in _VALIDATION_LOCATIONS and len(parts) > 1:
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, InvalidRequest)
+        status = getattr(exc, "status_code", 400)
+        code = getattr(exc, "code", "invalid_value")
+        return _error_response(request, status, code, str(exc), field=exc.field)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = list(exc.errors())
+        field = _field_path(errors[0]["loc"]) if errors else None
+        message = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+        return _error_response(request, 422, "invalid_value", message, field=field)
+
+    async def job_not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(request, 404, "not_found", str(exc))
+
+    async def queue_full(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QueueFull)
+        headers = {"Retry-After": str(max(int(exc.retry_after), 1))}
+        return _error_response(request, 429, "queue_full", str(exc), headers=headers)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = HTTPStatus(exc.status_code).name.lower()
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return _error_response(request, exc.status_code, code, detail, headers=exc.headers)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(request, 500, "internal_error", "internal server error")
+
+    app.add_exception_handler(InvalidRequest, invalid_request)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(JobNotFound, job_not_found)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+class HttpMetricsMiddleware:
+    """Times each request into `wanserve_http_request_duration_seconds`, labelled by the route template
+    (`/v1/videos/{video_id}`), never the raw path, so ids do not explode the label set."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_request(scope["method"], template, status, time.perf_counter() - started)
+
+
+def create_app(
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    specs: dict[str, ModelSpec],
+    metrics: Metrics | None = None,
+    readiness: Callable[[], dict] | None = None,
+) -> FastAPI:
+    if not specs:
+        raise ValueError("create_app needs at least one served model")
+    if metrics is None:
+        # Callers that pass their own Metrics have already pointed it at the store (see roles.py).
+        metrics = Metrics()
+        metrics.watch_store(store, list(specs))
+
+    app = FastAPI(
+        title="wanserve",
+        version="0.1.0",
+        description="Wan video generation: durable jobs over HTTP.",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.storage = storage
+    app.state.specs = specs
+    app.state.metrics = metrics
+
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.include_router(openai_videos.router(settings, store, storage, specs, metrics))
+    app.include_router(legacy.router(settings, store, storage, specs, metrics))
+    app.include_router(ops.router(store, storage, specs, metrics, readiness))
+    return app

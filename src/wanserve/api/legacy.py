@@ -1,0 +1,198 @@
+"""The routes of the systems wanserve replaces, kept so their clients work unchanged. Each is a thin
+adapter: parse its field names into a `GenerationRequest`, call `submit`, and describe jobs in its words.
+
+- `/video/submit`, `/video/status`, `/video/cancel`: requestId style, statuses InQueue … Succeed.
+- `/api/v1/generate`, `/api/v1/status/{task_id}`: task_id style, `resolution: "1280*704"`, `task_type`.
+- `/submit`, `/status/{task_id}`: the same as /api/v1, at the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from wanserve.catalog import ModelSpec
+from wanserve.config import Settings
+from wanserve.errors import InvalidRequest
+from wanserve.jobs.model import Job, JobStatus, JobStore
+from wanserve.metrics import Metrics
+from wanserve.request import GenerationRequest, parse_size
+from wanserve.storage.base import Storage
+
+from . import status_words
+from .submit import (
+    EXTENSION_FIELDS,
+    check_fields,
+    decode_data_url,
+    generation_values,
+    optional_str,
+    reject_parallel_layout,
+    served_spec,
+    submit,
+)
+from .web import public_base, read_json_object
+
+VIDEO_FIELDS = EXTENSION_FIELDS | {"prompt", "model", "image_url", "size", "priority"}
+TASK_FIELDS = EXTENSION_FIELDS | {"prompt", "model", "image_url", "resolution", "task_type", "priority"}
+
+# What each task_type asks of the model, and whether it needs (True), forbids (False) or allows (None) an image.
+TASK_TYPES: Mapping[str, tuple[frozenset[str], bool | None]] = MappingProxyType(
+    {
+        "t2v": (frozenset({"t2v"}), False),
+        "i2v": (frozenset({"i2v"}), True),
+        "ti2v": (frozenset({"t2v", "i2v"}), None),
+    }
+)
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def content_url(base: str, job: Job) -> str | None:
+    return f"{base}/v1/videos/{job.id}/content" if job.status == JobStatus.COMPLETED else None
+
+
+def video_status(job: Job, queue_position: int | None, base: str) -> dict[str, Any]:
+    error = status_words.job_error(job)
+    url = content_url(base, job)
+    return {
+        "requestId": job.id,
+        "status": status_words.VIDEO[job.status],
+        "reason": error["message"] if error else None,
+        "results": {"video_url": url} if url else None,
+        "queue_position": queue_position,
+        "progress": 1.0 if job.status == JobStatus.COMPLETED else round(job.progress, 4),
+        "created_at": int(job.created_at),
+        "updated_at": int(job.updated_at),
+    }
+
+
+def task_status(job: Job, queue_position: int | None, base: str) -> dict[str, Any]:
+    return {
+        "task_id": job.id,
+        "status": status_words.API_V1[job.status],
+        "progress": 100 if job.status == JobStatus.COMPLETED else min(max(int(job.progress * 100), 0), 99),
+        "queue_position": queue_position,
+        "result_url": content_url(base, job),
+        "error": status_words.job_error(job),
+        "created_at": iso_utc(job.created_at),
+        "updated_at": iso_utc(job.updated_at),
+    }
+
+
+def _request(body: Mapping[str, Any], size_field: str, max_bytes: int) -> GenerationRequest:
+    values = generation_values(body, from_form=False)
+    size = optional_str(size_field, body.get(size_field))
+    if size is not None:
+        width, height = parse_size(size, size_field)
+        values.setdefault("width", width)
+        values.setdefault("height", height)
+    image_url = body.get("image_url")
+    image = decode_data_url(image_url, "image_url", max_bytes) if image_url is not None else None
+    return GenerationRequest(prompt=body.get("prompt"), image=image, **values)
+
+
+def _check_task(task_type: object, spec: ModelSpec, has_image: bool) -> None:
+    if task_type is None:
+        return
+    if task_type not in TASK_TYPES:
+        raise InvalidRequest("task_type", f"must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
+    tasks, image_rule = TASK_TYPES[task_type]  # type: ignore[index]
+    if not tasks <= spec.tasks:
+        raise InvalidRequest(
+            "task_type", f"{spec.name} does not do {task_type} (its tasks: {spec.task_label}); choose another model"
+        )
+    if image_rule is True and not has_image:
+        raise InvalidRequest("image_url", f"task_type {task_type} needs an input image (a data: URL)")
+    if image_rule is False and has_image:
+        raise InvalidRequest("image_url", f"task_type {task_type} takes no input image; use i2v or ti2v")
+
+
+def router(
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    specs: Mapping[str, ModelSpec],
+    metrics: Metrics | None,
+) -> APIRouter:
+    api = APIRouter(tags=["legacy"])
+    image_names = {"image": "image_url"}
+
+    def position(job: Job) -> int | None:
+        return store.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+
+    def submit_video(body: dict[str, Any]) -> Job:
+        reject_parallel_layout(body)
+        check_fields(body, VIDEO_FIELDS)
+        request = _request(body, "size", settings.max_upload_bytes)
+        # submit checks model and priority, whatever JSON type they arrived as.
+        return submit(
+            store, specs, settings, metrics, request, body.get("model"), body.get("priority"), "video", image_names
+        )
+
+    def submit_task(body: dict[str, Any], source: str) -> Job:
+        reject_parallel_layout(body)
+        check_fields(body, TASK_FIELDS)
+        request = _request(body, "resolution", settings.max_upload_bytes)
+        task_type = body.get("task_type")
+        needs = TASK_TYPES[task_type][0] if task_type in TASK_TYPES else frozenset()
+        if not needs:
+            needs = frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"})
+        spec = served_spec(specs, body.get("model"), needs)
+        _check_task(task_type, spec, request.image is not None)
+        return submit(store, specs, settings, metrics, request, spec.name, body.get("priority"), source, image_names)
+
+    def request_id(body: Mapping[str, Any]) -> str:
+        value = body.get("requestId")
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest("requestId", "is required (the id /video/submit returned)")
+        return value
+
+    @api.post("/video/submit")
+    async def video_submit(request: Request) -> dict[str, str]:
+        body = await read_json_object(request)
+        job = await run_in_threadpool(submit_video, body)
+        return {"requestId": job.id}
+
+    @api.post("/video/status")
+    async def video_status_route(request: Request) -> dict[str, Any]:
+        body = await read_json_object(request)
+        job = await run_in_threadpool(store.get, request_id(body))
+        return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
+
+    @api.post("/video/cancel")
+    async def video_cancel(request: Request) -> dict[str, Any]:
+        body = await read_json_object(request)
+        job = await run_in_threadpool(store.request_cancel, request_id(body), settings.result_ttl)
+        return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
+
+    def task_routes(prefix: str, source: str) -> None:
+        async def generate(request: Request) -> JSONResponse:
+            body = await read_json_object(request)
+            job = await run_in_threadpool(submit_task, body, source)
+            status_url = f"{public_base(request, settings)}{prefix}/status/{job.id}"
+            return JSONResponse(
+                {"task_id": job.id, "status": status_words.API_V1[job.status], "status_url": status_url},
+                status_code=202,
+            )
+
+        def status(request: Request, task_id: str) -> dict[str, Any]:
+            job = store.get(task_id)
+            return task_status(job, position(job), public_base(request, settings))
+
+        path = f"{prefix}/generate" if prefix else "/submit"
+        api.add_api_route(path, generate, methods=["POST"], status_code=202, name=f"{source}_generate")
+        api.add_api_route(f"{prefix}/status/{{task_id}}", status, methods=["GET"], name=f"{source}_status")
+
+    task_routes("/api/v1", "api_v1")
+    task_routes("", "submit")
+    return api

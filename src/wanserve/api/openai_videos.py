@@ -1,0 +1,281 @@
+"""OpenAI's Videos API (`/v1/videos`), shaped so the official `openai` SDK works against it unchanged.
+
+The SDK always posts multipart (even without a file), flattening `input_reference={"image_url": ...}` into
+a form field `input_reference[image_url]` and sending `extra_body` values as strings; plain JSON bodies are
+accepted too. Wan's own parameters ride along under vLLM-Omni's names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from wanserve.catalog import ModelSpec
+from wanserve.config import Settings
+from wanserve.errors import InvalidRequest
+from wanserve.jobs.model import Job, JobStatus, JobStore
+from wanserve.metrics import Metrics
+from wanserve.request import GenerationRequest, parse_size
+from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
+
+from . import status_words
+from .submit import (
+    EXTENSION_FIELDS,
+    PayloadTooLarge,
+    UnknownField,
+    base_name,
+    check_fields,
+    decode_data_url,
+    generation_values,
+    optional_str,
+    reject_parallel_layout,
+    served_spec,
+    submit,
+)
+from .web import body_limit, content_response, read_json_object
+
+OPENAI_FIELDS = frozenset({"prompt", "model", "seconds", "size", "input_reference"})
+ALLOWED_FIELDS = OPENAI_FIELDS | EXTENSION_FIELDS | {"priority"}
+# OpenAI parameters that do not apply to a self-hosted model; accepted and dropped so stock clients work.
+IGNORED_FIELDS = frozenset({"user"})
+MAX_SECONDS = 600.0
+
+# How soon the SDK's create_and_poll should ask again: waiting jobs change slowly, running ones report often.
+POLL_AFTER_MS: Mapping[JobStatus, int] = MappingProxyType({JobStatus.QUEUED: 1000, JobStatus.IN_PROGRESS: 500})
+
+VARIANTS: Mapping[str, str] = MappingProxyType({"video": VIDEO, "thumbnail": THUMBNAIL})
+
+
+def seconds_to_frames(seconds: object, fps: int, spec: ModelSpec) -> int:
+    """The nearest valid frame count (stride·k + 1) to `seconds` of video at `fps`, capped by the model."""
+    try:
+        value = float(seconds.strip()) if isinstance(seconds, str) else float(seconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidRequest("seconds", f'must be a number of seconds such as "4", got {seconds!r}') from None
+    if isinstance(seconds, bool) or not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise InvalidRequest("seconds", f"must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
+    stride = spec.temporal_stride
+    k = max(round((value * fps - 1) / stride), 0)
+    longest = (spec.max_frames - 1) // stride
+    return min(k, longest) * stride + 1
+
+
+def format_seconds(value: float) -> str:
+    return f"{round(value, 2):g}"
+
+
+def video_object(job: Job, queue_position: int | None) -> dict[str, Any]:
+    request, result = job.request, job.result or {}
+    width = result.get("width", request.get("width"))
+    height = result.get("height", request.get("height"))
+    num_frames = result.get("num_frames", request.get("num_frames"))
+    fps = result.get("fps", request.get("fps"))
+    seconds = result.get("seconds")
+    if seconds is None and num_frames and fps:
+        seconds = num_frames / fps
+    progress = 100 if job.status == JobStatus.COMPLETED else min(max(int(job.progress * 100), 0), 99)
+    return {
+        "id": job.id,
+        "object": "video",
+        "created_at": int(job.created_at),
+        "completed_at": int(job.completed_at) if job.completed_at is not None else None,
+        "expires_at": int(job.expires_at) if job.expires_at is not None else None,
+        "status": status_words.OPENAI[job.status],
+        "progress": progress,
+        "model": job.model,
+        "seconds": format_seconds(seconds) if seconds is not None else "0",
+        "size": f"{width}x{height}",
+        "prompt": request.get("prompt"),
+        "error": status_words.job_error(job),
+        "remixed_from_video_id": None,
+        "queue_position": queue_position,
+        "seed": result.get("seed", request.get("seed")),
+        "num_frames": num_frames,
+        "fps": fps,
+        "stage": job.stage,
+        "timings": result.get("timings"),
+    }
+
+
+def poll_headers(job: Job) -> dict[str, str]:
+    after = POLL_AFTER_MS.get(job.status)
+    return {"openai-poll-after-ms": str(after)} if after is not None else {}
+
+
+async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    limit = settings.max_upload_bytes
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge("input_reference", f"the upload is larger than {limit} bytes")
+    return data
+
+
+async def read_create_body(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, bool]:
+    """(fields, uploaded image bytes, whether the values came from a form and are strings)."""
+    content_type = request.headers.get("content-type", "").lower()
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        return await read_json_object(request), None, False
+    fields: dict[str, Any] = {}
+    upload: bytes | None = None
+    async with request.form(max_files=1, max_fields=200, max_part_size=body_limit(settings)) as form:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if base_name(key) != "input_reference":
+                    raise InvalidRequest(base_name(key), "only input_reference may be a file upload")
+                data = await _read_upload(value, settings)
+                if data:  # a browser form with no file chosen still sends an empty part
+                    upload = data
+                    fields["input_reference"] = None
+            else:
+                fields[key] = value
+    return fields, upload, True
+
+
+def reference_image(fields: Mapping[str, Any], upload: bytes | None, max_bytes: int) -> bytes | None:
+    """The input image from an upload, `input_reference: {"image_url": data URL}` (JSON) or its flattened
+    multipart form `input_reference[image_url]`."""
+    if upload is not None:
+        return upload
+    reference = fields.get("input_reference")
+    if isinstance(reference, Mapping):
+        flat = {f"input_reference[{k}]": v for k, v in reference.items()}
+    elif reference is not None:
+        return decode_data_url(reference, "input_reference", max_bytes)
+    else:
+        flat = {k: v for k, v in fields.items() if base_name(k) == "input_reference" and k != "input_reference"}
+    for key, value in flat.items():
+        if key == "input_reference[image_url]":
+            return decode_data_url(value, "input_reference.image_url", max_bytes)
+        if key == "input_reference[file_id]":
+            raise InvalidRequest(
+                "input_reference.file_id", "file ids are not supported here; upload the image or send a data: URL"
+            )
+        field = key.replace("[", ".").rstrip("]")
+        raise UnknownField(field, "is not a known field of input_reference (use image_url)")
+    return None
+
+
+def build_request(
+    fields: Mapping[str, Any], image: bytes | None, from_form: bool, spec: ModelSpec
+) -> GenerationRequest:
+    values = generation_values(fields, from_form)
+    size = optional_str("size", fields.get("size"))
+    if size is not None:
+        width, height = parse_size(size, "size")
+        values.setdefault("width", width)
+        values.setdefault("height", height)
+    seconds = fields.get("seconds")
+    if seconds is not None and "num_frames" not in values:
+        fps = values.get("fps", spec.fps)
+        fps = fps if isinstance(fps, int) and not isinstance(fps, bool) and fps > 0 else spec.fps
+        values["num_frames"] = seconds_to_frames(seconds, fps, spec)
+    return GenerationRequest(prompt=fields.get("prompt"), image=image, **values)  # type: ignore[arg-type]
+
+
+def router(
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    specs: Mapping[str, ModelSpec],
+    metrics: Metrics | None,
+) -> APIRouter:
+    api = APIRouter(prefix="/v1/videos", tags=["openai"])
+
+    def answer(job: Job, status_code: int = 200) -> JSONResponse:
+        body = video_object(job, store.queue_position(job.id) if job.status == JobStatus.QUEUED else None)
+        return JSONResponse(body, status_code=status_code, headers=poll_headers(job))
+
+    def create(fields: dict[str, Any], upload: bytes | None, from_form: bool) -> JSONResponse:
+        reject_parallel_layout(fields)
+        check_fields(fields, ALLOWED_FIELDS, IGNORED_FIELDS)
+        image = reference_image(fields, upload, settings.max_upload_bytes)
+        spec = served_spec(specs, fields.get("model"), frozenset({"i2v"}) if image else frozenset({"t2v"}))
+        request = build_request(fields, image, from_form, spec)
+        # submit checks priority, converting a form's string.
+        job = submit(
+            store,
+            specs,
+            settings,
+            metrics,
+            request,
+            spec.name,
+            fields.get("priority"),
+            "openai",
+            field_names={"image": "input_reference"},
+        )
+        return answer(job)
+
+    @api.post("")
+    async def create_video(request: Request) -> JSONResponse:
+        fields, upload, from_form = await read_create_body(request, settings)
+        return await run_in_threadpool(create, fields, upload, from_form)
+
+    @api.get("")
+    def list_videos(
+        after: str | None = None,
+        limit: int = Query(20, ge=1, le=100),
+        order: Literal["asc", "desc"] = "desc",
+    ) -> dict[str, Any]:
+        jobs, has_more = store.list(limit=limit, after=after, order=order)
+        data = [video_object(j, store.queue_position(j.id) if j.status == JobStatus.QUEUED else None) for j in jobs]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+
+    @api.get("/{video_id}")
+    def retrieve_video(video_id: str) -> JSONResponse:
+        return answer(store.get(video_id))
+
+    @api.post("/{video_id}/cancel")
+    def cancel_video(video_id: str) -> JSONResponse:
+        return answer(store.request_cancel(video_id, settings.result_ttl))
+
+    @api.delete("/{video_id}")
+    def delete_video(video_id: str) -> dict[str, Any]:
+        job = store.get(video_id)
+        if not job.status.finished:
+            job = store.request_cancel(video_id, settings.result_ttl)
+        # A running job keeps its record, marked cancel-requested, until its worker stops; the worker
+        # then finishes it and the expiry sweep removes it. The client sees it as deleted now.
+        if job.status.finished:
+            store.delete(video_id)
+        storage.delete_prefix(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    def download_content(request: Request, video_id: str, variant: str = "video") -> Response:
+        name = VARIANTS.get(variant)
+        if name is None:
+            raise InvalidRequest("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        job = store.get(video_id)
+        if job.status != JobStatus.COMPLETED:
+            raise HTTPException(
+                404, f"video {video_id} has no content: its status is {status_words.OPENAI[job.status]}"
+            )
+        key = (job.result or {}).get(f"{variant}_key") or key_for(job.id, name)
+        try:
+            return content_response(
+                request, storage, settings, key, CONTENT_TYPES[name], f"{job.id}.{name.split('.')[-1]}"
+            )
+        except FileNotFoundError:
+            raise HTTPException(
+                404, f"the {variant} of {video_id} is no longer stored (it expired or was deleted)"
+            ) from None
+
+    api.add_api_route("/{video_id}/content", download_content, methods=["GET"])
+    # HEAD lets players learn the size before ranged GETs; kept out of the schema to avoid a twin operation.
+    api.add_api_route(
+        "/{video_id}/content", download_content, methods=["HEAD"], include_in_schema=False, name="head_content"
+    )
+    return api

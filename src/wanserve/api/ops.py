@@ -1,0 +1,121 @@
+"""Operations routes: liveness, readiness, the model list and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from wanserve.catalog import ModelSpec
+from wanserve.jobs.model import JobStore
+from wanserve.metrics import Metrics
+from wanserve.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+Readiness = Callable[[], Mapping[str, Any]]
+
+
+def model_defaults(spec: ModelSpec) -> dict[str, Any]:
+    defaults: dict[str, Any] = {
+        "width": spec.width,
+        "height": spec.height,
+        "num_frames": spec.num_frames,
+        "fps": spec.fps,
+        "seconds": spec.seconds,
+        "num_inference_steps": spec.num_inference_steps,
+        "guidance_scale": spec.guidance_scale,
+        "flow_shift": spec.flow_shift,
+    }
+    if spec.two_experts:
+        defaults["guidance_scale_2"] = spec.guidance_scale_2
+        defaults["boundary_ratio"] = spec.boundary_ratio
+    return defaults
+
+
+def model_entry(spec: ModelSpec, store: JobStore) -> dict[str, Any]:
+    aliases = list(spec.aliases) + ([spec.repo_id] if spec.repo_id else [])
+    return {
+        "id": spec.name,
+        "object": "model",
+        "owned_by": "wanserve",
+        "description": spec.description,
+        "tasks": sorted(spec.tasks),
+        "defaults": model_defaults(spec),
+        "limits": {
+            "max_frames": spec.max_frames,
+            "max_pixels": spec.max_pixels,
+            "size_multiple": spec.spatial_multiple,
+            "frame_stride": spec.temporal_stride,
+        },
+        "sizes": [f"{w}x{h}" for w, h in spec.sizes],
+        "queue_depth": store.queue_depth(spec.name),
+        "running": store.running_count(spec.name),
+        "aliases": aliases,
+    }
+
+
+def _ping(name: str, check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        log.warning("%s ping failed", name, exc_info=True)
+        return False
+
+
+def router(
+    store: JobStore,
+    storage: Storage,
+    specs: Mapping[str, ModelSpec],
+    metrics: Metrics,
+    readiness: Readiness | None,
+) -> APIRouter:
+    api = APIRouter(tags=["ops"])
+
+    @api.get("/health")
+    def health() -> dict[str, str]:
+        # Liveness only: a process that answers is alive, even while its models load.
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    def ready() -> JSONResponse:
+        try:
+            state = dict(readiness()) if readiness is not None else {"ready": True, "models": {}}
+        except Exception as exc:
+            # A readiness probe that cannot tell is a "no", not a crash: the balancer just waits.
+            log.warning("readiness check failed", exc_info=True)
+            state = {"ready": False, "models": {}, "error": f"{type(exc).__name__}: {exc}"}
+        store_ok = _ping("store", store.ping)
+        storage_ok = _ping("storage", storage.ping)
+        reasons: list[str] = []
+        if "error" in state:
+            reasons.append(f"readiness check failed: {state['error']}")
+        elif not state.get("ready", False):
+            waiting = {m: s for m, s in (state.get("models") or {}).items() if s != "ready"}
+            reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")
+        if not store_ok:
+            reasons.append("job store unreachable")
+        if not storage_ok:
+            reasons.append("result storage unreachable")
+        body = {
+            "status": "ready" if not reasons else "not_ready",
+            "models": state.get("models", {}),
+            "store": "ok" if store_ok else "unreachable",
+            "storage": "ok" if storage_ok else "unreachable",
+            "reasons": reasons,
+        }
+        return JSONResponse(body, status_code=200 if not reasons else 503)
+
+    @api.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_entry(spec, store) for spec in specs.values()]}
+
+    @api.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return api

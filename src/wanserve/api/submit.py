@@ -1,0 +1,239 @@
+"""Turning a request into a queued job: the one path every HTTP surface takes, so that validation, defaults,
+seed drawing and queue limits are the same whichever API a client speaks.
+
+Surfaces parse their own field names into a `GenerationRequest` with the helpers here, then call `submit`.
+Everything is checked before the job is stored, so a job in the queue is always runnable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from wanserve.catalog import ModelSpec, lookup
+from wanserve.config import Settings
+from wanserve.errors import InvalidRequest
+from wanserve.jobs.model import Job, JobStore, new_job_id
+from wanserve.metrics import Metrics
+from wanserve.request import GenerationRequest, resolve
+
+MIN_PRIORITY = -1000
+MAX_PRIORITY = 1000
+
+# Generation parameters every surface accepts under these names (vLLM-Omni's), besides its own fields.
+INT_FIELDS = ("width", "height", "num_frames", "fps", "num_inference_steps", "seed")
+FLOAT_FIELDS = ("guidance_scale", "guidance_scale_2", "boundary_ratio", "flow_shift")
+EXTENSION_FIELDS = frozenset({"negative_prompt", *INT_FIELDS, *FLOAT_FIELDS})
+
+# The multi-GPU layout is fixed when the workers start (their process groups are built then); a request that
+# names one is refused rather than silently ignored, so nobody believes they changed it.
+PARALLEL_FIELDS = frozenset(
+    {
+        "ulysses",
+        "ulysses_size",
+        "ulysses_degree",
+        "ring",
+        "ring_size",
+        "ring_degree",
+        "cfg_parallel",
+        "cfg_parallel_size",
+        "cfg_degree",
+        "sp_size",
+        "sp_degree",
+        "tp_size",
+        "tp_degree",
+        "pp_size",
+        "dp_size",
+        "parallel",
+        "parallel_config",
+        "parallelism",
+        "sequence_parallel_size",
+        "tensor_parallel_size",
+        "usp",
+        "fsdp",
+        "world_size",
+        "num_gpus",
+    }
+)
+
+
+class UnknownField(InvalidRequest):
+    code = "unknown_parameter"
+
+
+class ModelNotServed(InvalidRequest):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "payload_too_large"
+
+
+def base_name(key: str) -> str:
+    """`input_reference[image_url]` -> `input_reference`: how nested fields arrive in a multipart form."""
+    return key.split("[", 1)[0]
+
+
+def reject_parallel_layout(keys: Iterable[str]) -> None:
+    for key in keys:
+        if base_name(key).lower() in PARALLEL_FIELDS:
+            raise InvalidRequest(base_name(key), "parallel layout is server configuration, fixed at start")
+
+
+def check_fields(keys: Iterable[str], allowed: Iterable[str], ignored: Iterable[str] = ()) -> None:
+    """Refuse the first field this surface does not know, so a typo (`num_frame`) is not silently dropped."""
+    allowed_set, ignored_set = set(allowed), set(ignored)
+    for key in keys:
+        name = base_name(key)
+        if name not in allowed_set and name not in ignored_set:
+            known = ", ".join(sorted(allowed_set))
+            raise UnknownField(name, f"is not a known field (known fields: {known})")
+
+
+def form_int(field: str, value: object) -> object:
+    """Multipart values are strings; JSON values are left for `resolve` to judge, so the rules live there."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise InvalidRequest(field, f"must be an integer, got {value!r}") from None
+
+
+def form_float(field: str, value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise InvalidRequest(field, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+    return number
+
+
+def generation_values(body: Mapping[str, Any], from_form: bool) -> dict[str, Any]:
+    """The extension fields present in `body` (nulls count as absent), as `GenerationRequest` keywords."""
+    values: dict[str, Any] = {}
+    for name in EXTENSION_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if from_form and name in INT_FIELDS:
+            value = form_int(name, value)
+        elif from_form and name in FLOAT_FIELDS:
+            value = form_float(name, value)
+        values[name] = value
+    return values
+
+
+def parse_priority(value: object) -> int:
+    if value is None:
+        return 0
+    value = form_int("priority", value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest("priority", f"must be an integer, got {value!r}")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidRequest("priority", f"must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {value}")
+    return value
+
+
+def optional_str(field: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"must be a string, got {value!r}")
+    return value
+
+
+def decode_data_url(value: object, field: str, max_bytes: int) -> bytes:
+    """The image inside a base64 `data:` URL. Remote URLs are refused: the API never reaches out to the
+    network on a client's behalf (no SSRF, no hanging on slow hosts)."""
+    if not isinstance(value, str):
+        raise InvalidRequest(field, "must be a data: URL string (data:image/png;base64,...)")
+    text = value.strip()
+    lowered = text[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        raise InvalidRequest(
+            field,
+            "only data: URLs (data:image/png;base64,...) or file uploads are accepted; this server does not fetch "
+            "http(s) URLs",
+        )
+    if not lowered.startswith("data:"):
+        raise InvalidRequest(field, "must be a data: URL (data:image/png;base64,...)")
+    header, sep, payload = text[5:].partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise InvalidRequest(field, "must be a base64 data URL (data:image/png;base64,...)")
+    payload = "".join(payload.split())
+    if len(payload) // 4 * 3 > max_bytes + 2:  # refuse before decoding a huge string
+        raise PayloadTooLarge(field, f"the image is larger than {max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(field, "the data: URL does not hold valid base64") from None
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(field, f"the image is larger than {max_bytes} bytes")
+    if not data:
+        raise InvalidRequest(field, "the data: URL holds no image")
+    return data
+
+
+def served_spec(specs: Mapping[str, ModelSpec], model: object, needs: frozenset[str] = frozenset()) -> ModelSpec:
+    """The served spec a request names, by served name or by any catalog name/alias of a served model.
+
+    Without a name, the first served model that can do the `needs` tasks (so an image goes to an
+    image-to-video model when one is served), else the first served model, whose rules then explain the refusal.
+    """
+    if not specs:
+        raise RuntimeError("no models are served")
+    if model is None or model == "":
+        for spec in specs.values():
+            if needs <= spec.tasks:
+                return spec
+        return next(iter(specs.values()))
+    if not isinstance(model, str):
+        raise InvalidRequest("model", f"must be a string, got {model!r}")
+    if model in specs:
+        return specs[model]
+    known = lookup(model)
+    if known is not None and known.name in specs:
+        return specs[known.name]
+    by_lower = {name.lower(): spec for name, spec in specs.items()}
+    if model.strip().lower() in by_lower:
+        return by_lower[model.strip().lower()]
+    raise ModelNotServed("model", f"{model!r} is not served here; served models: {', '.join(specs)}")
+
+
+def submit(
+    store: JobStore,
+    specs: Mapping[str, ModelSpec],
+    settings: Settings,
+    metrics: Metrics | None,
+    request: GenerationRequest,
+    model: str | None,
+    priority: int,
+    source: str,
+    field_names: Mapping[str, str] | None = None,
+) -> Job:
+    """Validate `request` for its model, fill defaults, draw the seed, and enqueue it.
+
+    `field_names` renames request fields in errors to what the surface calls them (the image is
+    `input_reference` on /v1/videos, `image_url` elsewhere), so the client is told about its own field.
+    """
+    spec = served_spec(specs, model, frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"}))
+    priority = parse_priority(priority)
+    try:
+        resolved = resolve(request, spec)
+    except InvalidRequest as exc:
+        if field_names and exc.field in field_names:
+            raise InvalidRequest(field_names[exc.field], exc.rule) from None
+        raise
+    job = Job(id=new_job_id(), model=spec.name, request=resolved.to_dict(), priority=priority, source=source)
+    job = store.enqueue(job, max_queued=settings.queue_limit)
+    if metrics is not None:
+        metrics.job_submitted(spec.name)
+    return job

@@ -1,0 +1,155 @@
+"""HTTP plumbing shared by the surfaces: bounded body reading, links handed to clients, and byte-range
+downloads straight from `Storage`."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wanserve.config import Settings
+from wanserve.errors import InvalidRequest
+from wanserve.storage.base import Storage
+
+from .submit import PayloadTooLarge
+
+# Room for the JSON or multipart framing around an image at the upload limit, and base64's 4/3 growth.
+_FRAMING_BYTES = 256 * 1024
+
+
+def body_limit(settings: Settings) -> int:
+    return settings.max_upload_bytes * 4 // 3 + _FRAMING_BYTES
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge("body", f"the request body is larger than allowed ({limit} bytes)")
+
+
+class BodyLimitMiddleware:
+    """Caps request bodies while they stream in, chunked ones included, before anything is spooled.
+
+    The error is raised from `receive`, that is inside the endpoint reading the body, so the app's
+    exception handlers answer it in the surface's envelope like any other error.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise _too_large(limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("body", f"must be a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    return data
+
+
+def public_base(request: Request, settings: Settings) -> str:
+    """Base of the absolute links given to clients: the configured public URL behind a proxy, else the
+    address the client used."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) inclusive for a single `Range: bytes=` header, or None to send the whole file.
+
+    Malformed and multi-range headers are ignored (RFC 9110 §14.2 allows it) rather than refused:
+    players retry without Range less gracefully than they accept a 200.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header)
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(size - length, 0), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # syntactically invalid: ignored, like a malformed header
+    if start >= size:
+        raise RangeNotSatisfiable
+    end = int(last) if last else size - 1
+    return start, min(end, size - 1)
+
+
+def content_response(
+    request: Request,
+    storage: Storage,
+    settings: Settings,
+    key: str,
+    content_type: str,
+    filename: str,
+) -> Response:
+    """The stored object, whole or in part. Missing objects (expired, deleted) raise FileNotFoundError."""
+    if settings.storage_redirect:
+        url = storage.presigned_url(key)
+        if url:
+            return RedirectResponse(url, status_code=302)
+    info = storage.stat(key)
+    if info is None:
+        raise FileNotFoundError(key)
+    size = info.size
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'inline; filename="{filename}"',
+    }
+    try:
+        span = byte_range(request.headers.get("range"), size)
+    except RangeNotSatisfiable:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    status = 200
+    start, end = 0, size - 1
+    if span is not None:
+        start, end = span
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+    if request.method == "HEAD" or size == 0:
+        return Response(status_code=status, headers=headers, media_type=content_type)
+    return StreamingResponse(
+        storage.open_range(key, start, end), status_code=status, headers=headers, media_type=content_type
+    )

@@ -1,0 +1,129 @@
+"""Prometheus metrics, each `Metrics` with its own registry so that several apps (and tests) in one process
+never collide. Torch-free: the API, the worker and the CLI all use it.
+
+Queue depth and running counts are read from the store when Prometheus scrapes, not tracked by the
+process: with several API replicas and workers only the store knows the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Generation takes seconds to an hour; queue waits can be as long.
+_JOB_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80)
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _CountingStore(Protocol):
+    def queue_depth(self, model: str) -> int: ...
+
+    def running_count(self, model: str) -> int: ...
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: _CountingStore, models: Sequence[str]) -> None:
+        self._store = store
+        self._models = tuple(models)
+
+    def describe(self) -> Iterable[Metric]:
+        # Declared without samples so registering does not query the store.
+        return [
+            GaugeMetricFamily("wanserve_queue_depth", "Jobs waiting, per model", labels=["model"]),
+            GaugeMetricFamily("wanserve_jobs_running", "Jobs being generated, per model", labels=["model"]),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("wanserve_queue_depth", "Jobs waiting, per model", labels=["model"])
+        running = GaugeMetricFamily("wanserve_jobs_running", "Jobs being generated, per model", labels=["model"])
+        for model in self._models:
+            try:
+                depth.add_metric([model], self._store.queue_depth(model))
+                running.add_metric([model], self._store.running_count(model))
+            except Exception:
+                # A scrape must not fail because the store blinked; the gap in the series shows it.
+                log.warning("could not read queue counts for %s", model, exc_info=True)
+        yield depth
+        yield running
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._store_collector: _StoreCollector | None = None
+        self.jobs_submitted = Counter(
+            "wanserve_jobs_submitted", "Jobs accepted into the queue", ["model"], registry=self.registry
+        )
+        self.jobs_finished = Counter(
+            "wanserve_jobs_finished",
+            "Jobs that reached a final state",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "wanserve_job_queue_wait_seconds",
+            "Time from submission to the start of generation",
+            ["model"],
+            buckets=_JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.job_duration = Histogram(
+            "wanserve_job_duration_seconds",
+            "Time from the start of generation to the final state",
+            ["model"],
+            buckets=_JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.denoise_step_seconds = Histogram(
+            "wanserve_denoise_step_seconds",
+            "Duration of one denoising step",
+            ["model"],
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "wanserve_http_request_duration_seconds",
+            "HTTP request duration, labelled by route template",
+            ["method", "route", "status"],
+            buckets=_HTTP_BUCKETS,
+            registry=self.registry,
+        )
+
+    @property
+    def watching_store(self) -> bool:
+        return self._store_collector is not None
+
+    def watch_store(self, store: _CountingStore, models: Sequence[str]) -> None:
+        """Report queue depth and running jobs for `models`, read from `store` at each scrape."""
+        if self._store_collector is not None:
+            self.registry.unregister(self._store_collector)
+        self._store_collector = _StoreCollector(store, models)
+        self.registry.register(self._store_collector)
+        # Series that exist from the start (at zero) make rate() and absence alerts work before the first job.
+        for model in models:
+            self.jobs_submitted.labels(model=model)
+            self.queue_wait.labels(model=model)
+            self.job_duration.labels(model=model)
+            self.denoise_step_seconds.labels(model=model)
+
+    def job_submitted(self, model: str) -> None:
+        self.jobs_submitted.labels(model=model).inc()
+
+    def job_finished(self, model: str, status: str, queue_wait: float, duration: float) -> None:
+        self.jobs_finished.labels(model=model, status=status).inc()
+        self.queue_wait.labels(model=model).observe(max(queue_wait, 0.0))
+        self.job_duration.labels(model=model).observe(max(duration, 0.0))
+
+    def denoise_step(self, model: str, seconds: float) -> None:
+        self.denoise_step_seconds.labels(model=model).observe(max(seconds, 0.0))
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_duration.labels(method=method, route=route, status=str(status)).observe(seconds)

@@ -1,0 +1,171 @@
+"""The processes wanserve runs: `serve` (API + in-process workers), `api` (stateless HTTP replica) and
+`worker` (one model, with a small ops port). Each builds its objects from `Settings`, nothing global."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from wanserve.catalog import ModelSpec, resolve_spec
+from wanserve.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def served_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """The served models by canonical name (torch-free, so API replicas can call it)."""
+    specs: dict[str, ModelSpec] = {}
+    for name in settings.model:
+        spec = resolve_spec(name)
+        if spec.name in specs:
+            raise ValueError(f"model: {name!r} names {spec.name}, which is already served")
+        specs[spec.name] = spec
+    return specs
+
+
+def _backends(settings: Settings) -> tuple[Any, Any]:
+    from wanserve.jobs import open_store
+    from wanserve.storage import open_storage
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_store(settings.store_url), open_storage(settings.storage_url)
+
+
+def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its shutdown, which would end the process with -15
+            # before the workers drain; wanserve finishes its own shutdown and exits 0 instead.
+            self._captured_signals.clear()
+            if on_signal is not None:
+                on_signal()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, lifespan="on")
+    return Server(config)
+
+
+def run_serve(settings: Settings) -> None:
+    """One process: the API, an SQLite (or any) store, and one resident worker thread per model."""
+    from wanserve.api.app import create_app
+    from wanserve.metrics import Metrics
+    from wanserve.worker import Worker
+
+    specs = served_specs(settings)
+    store, storage = _backends(settings)
+    metrics = Metrics()
+    metrics.watch_store(store, list(specs))
+    workers = [Worker(name, settings, store, storage, metrics) for name in specs]
+    threads = [threading.Thread(target=_run_worker, args=(w,), name=f"worker-{w.model}", daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+
+    app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
+    server = _uvicorn(app, settings.host, settings.port, on_signal=lambda: [w.drain() for w in workers])
+    log.info(
+        "wanserve serving %s on http://%s:%d (store %s)",
+        ", ".join(specs),
+        settings.host,
+        settings.port,
+        settings.store_url,
+    )
+    server.run()  # returns after SIGINT/SIGTERM
+    for worker in workers:
+        worker.drain()
+    for worker in workers:
+        worker.wait_stopped(settings.shutdown_grace + 30)
+    store.close()
+
+
+def _run_worker(worker: Any) -> None:
+    try:
+        worker.run()
+    except Exception:
+        log.exception("worker for %s stopped with an error", worker.model)
+
+
+def _readiness(workers: list[Any]) -> dict[str, Any]:
+    models = {w.model: ("ready" if w.loaded.is_set() else (w.load_error or "loading")) for w in workers}
+    return {"ready": all(w.loaded.is_set() for w in workers) and not any(w.draining for w in workers), "models": models}
+
+
+def run_api(settings: Settings) -> None:
+    """A stateless API replica: any number can share one store (Redis) and one storage (S3)."""
+    from wanserve.api.app import create_app
+    from wanserve.metrics import Metrics
+
+    specs = served_specs(settings)
+    store, storage = _backends(settings)
+    metrics = Metrics()
+    metrics.watch_store(store, list(specs))
+    app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
+    _uvicorn(app, settings.host, settings.port).run()
+    store.close()
+
+
+def run_worker(settings: Settings, engine: Any = None) -> None:
+    """One worker for one model, with /health, /ready, /metrics and POST /drain on `ops_port`.
+
+    SIGTERM or /drain: stop claiming, finish the running job within `shutdown_grace`, else hand it back;
+    then exit 0.
+    """
+    from wanserve.metrics import Metrics
+    from wanserve.worker import Worker
+
+    specs = served_specs(settings)
+    if len(specs) != 1:
+        raise ValueError("model: a worker serves exactly one model; start one worker per model")
+    (model,) = specs
+    store, storage = _backends(settings)
+    metrics = Metrics()
+    worker = Worker(model, settings, store, storage, metrics, engine=engine)
+
+    ops = _uvicorn(ops_app(worker, metrics, store), settings.host, settings.ops_port)
+    ops_thread = threading.Thread(target=ops.run, name="ops", daemon=True)
+    ops_thread.start()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: draining", signum)
+        worker.drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+    ops.should_exit = True
+    ops_thread.join(timeout=5)
+    store.close()
+
+
+def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        state = _readiness([worker])
+        store_ok = store.ping()
+        ok = state["ready"] and store_ok
+        body = {**state, "store": "ok" if store_ok else "unreachable", "busy": worker.busy}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/drain")
+    def drain() -> dict[str, Any]:
+        worker.drain()
+        return {"draining": True, "busy": worker.busy}
+
+    return app

@@ -1,0 +1,262 @@
+"""The worker loop: claim → generate (progress and lease written as it goes) → store files → complete.
+
+One `Worker` serves one model with one resident engine. It is used in-process by `wanserve serve` and as
+its own process by `wanserve worker`. Draining (SIGTERM, POST /drain) stops claiming; the running job gets
+`shutdown_grace` seconds to finish and is otherwise handed back to the queue at its next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from wanserve.config import Settings
+from wanserve.errors import Cancelled, InvalidRequest, JobNotFound
+from wanserve.jobs.model import Job, JobStatus, JobStore
+from wanserve.progress import ProgressEvent
+from wanserve.request import GenerationRequest
+from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
+
+log = logging.getLogger(__name__)
+
+
+class GenerationEngine(Protocol):
+    """What the worker needs of an engine (the real `Engine`, or a group leader under torchrun)."""
+
+    spec: Any
+
+    def generate(
+        self, request: GenerationRequest, out_path: Path | str, on_progress: Any, should_cancel: Any
+    ) -> Any: ...
+
+
+def new_worker_id(model: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{model}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Running:
+    job: Job
+    started: float
+    keep_going: bool = True  # False once the store says cancel, or the lease was lost
+    stop_reason: str | None = None  # "cancel" | "timeout" | "drain" | "lost"
+
+
+class Worker:
+    def __init__(
+        self,
+        model: str,
+        settings: Settings,
+        store: JobStore,
+        storage: Storage,
+        metrics: Any = None,
+        engine: GenerationEngine | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.model = model  # canonical served name (spec.name): the queue it claims from
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.metrics = metrics
+        self.engine = engine
+        self.worker_id = worker_id or new_worker_id(model)
+        self.loaded = threading.Event()
+        self.load_error: str | None = None
+        self._draining = threading.Event()
+        self._drain_deadline: float | None = None
+        self._stopped = threading.Event()
+        self._running: _Running | None = None
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self.engine is None:
+            from wanserve.engine.engine import Engine
+
+            try:
+                self.engine = Engine.load(self.model, self.settings)
+            except Exception as exc:
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                raise
+        self.loaded.set()
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def drain(self, grace: float | None = None) -> None:
+        """Stop claiming; let the running job finish within `grace` seconds, else hand it back."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        with self._lock:
+            if not self._draining.is_set():
+                self._drain_deadline = time.monotonic() + grace
+                self._draining.set()
+                log.info("worker %s draining (grace %.0f s)", self.worker_id, grace)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def run(self) -> None:
+        """Claim and process jobs until drained. Loads the engine first if it was not given."""
+        try:
+            if not self.loaded.is_set():
+                self.load()
+            next_reap = 0.0
+            while not self._draining.is_set():
+                now = time.monotonic()
+                if now >= next_reap:
+                    self._reap()
+                    next_reap = now + max(self.settings.lease_seconds / 3, 0.5)
+                job = self.store.claim(self.model, self.worker_id, self.settings.lease_seconds)
+                if job is None:
+                    self._draining.wait(self.settings.poll_interval)
+                    continue
+                self.process(job)
+        finally:
+            self._stopped.set()
+            log.info("worker %s stopped", self.worker_id)
+
+    def _reap(self) -> None:
+        try:
+            for job in self.store.reap(self.settings.max_attempts, self.settings.result_ttl):
+                log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
+                if job.status == JobStatus.FAILED and self.metrics is not None:
+                    self.metrics.job_finished(job.model, "failed", 0.0, 0.0)
+        except Exception:
+            log.exception("reaping expired leases failed")
+
+    # ---- one job -----------------------------------------------------------------------------------------
+
+    def process(self, job: Job) -> None:
+        assert self.engine is not None
+        running = _Running(job=job, started=time.monotonic())
+        self._running = running
+        queue_wait = max(time.time() - job.created_at, 0.0)
+        log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, queue_wait)
+        heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True)
+        heartbeat.start()
+        status = "failed"
+        try:
+            status = self._generate(running)
+        finally:
+            self._running = None
+            heartbeat.join(timeout=5)
+            if self.metrics is not None and status in ("completed", "failed", "cancelled"):
+                self.metrics.job_finished(job.model, status, queue_wait, time.monotonic() - running.started)
+
+    def _generate(self, running: _Running) -> str:
+        job, store, ttl = running.job, self.store, self.settings.result_ttl
+        assert self.engine is not None
+        last_write = 0.0
+
+        def on_progress(event: ProgressEvent) -> None:
+            nonlocal last_write
+            if event.stage == "denoise":
+                if not store.renew(job.id, self.worker_id, self.settings.lease_seconds):
+                    running.keep_going = False
+                if self.metrics is not None and event.step_seconds is not None:
+                    self.metrics.denoise_step(job.model, event.step_seconds)
+            now = time.monotonic()
+            last_step = event.stage == "denoise" and event.step == event.total_steps
+            if now - last_write >= self.settings.progress_interval or event.stage != "denoise" or last_step:
+                last_write = now
+                if not store.set_progress(job.id, self.worker_id, event.progress, event.stage):
+                    running.keep_going = False
+
+        def should_cancel() -> bool:
+            if not running.keep_going:
+                running.stop_reason = running.stop_reason or "cancel"
+                return True
+            if time.monotonic() - running.started > self.settings.task_timeout:
+                running.stop_reason = "timeout"
+                return True
+            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                running.stop_reason = "drain"
+                return True
+            return False
+
+        with tempfile.TemporaryDirectory(prefix=f"wanserve-{job.id}-") as scratch:
+            try:
+                request = GenerationRequest.from_dict(job.request)
+                result = self.engine.generate(request, Path(scratch) / VIDEO, on_progress, should_cancel)
+            except Cancelled as exc:
+                return self._stopped_early(running, exc)
+            except InvalidRequest as exc:  # checked at submit; reaching here means the model changed
+                store.fail(job.id, self.worker_id, "invalid_request", str(exc), ttl)
+                return "failed"
+            except Exception as exc:
+                log.exception("job %s failed", job.id)
+                store.fail(job.id, self.worker_id, "generation_failed", f"{type(exc).__name__}: {exc}", ttl)
+                return "failed"
+
+            # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
+            self.storage.put_file(key_for(job.id, VIDEO), result.video_path, CONTENT_TYPES[VIDEO])
+            self.storage.put_file(key_for(job.id, THUMBNAIL), result.thumbnail_path, CONTENT_TYPES[THUMBNAIL])
+        payload = {
+            "seed": result.seed,
+            "width": result.width,
+            "height": result.height,
+            "num_frames": result.num_frames,
+            "fps": result.fps,
+            "seconds": round(result.num_frames / result.fps, 3),
+            "timings": result.timings,
+            "video_key": key_for(job.id, VIDEO),
+            "thumbnail_key": key_for(job.id, THUMBNAIL),
+        }
+        if store.complete(job.id, self.worker_id, payload, ttl):
+            log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
+            return "completed"
+        self._after_lost(job)
+        return "lost"
+
+    def _stopped_early(self, running: _Running, exc: Cancelled) -> str:
+        job, store, ttl = running.job, self.store, self.settings.result_ttl
+        reason = running.stop_reason
+        if reason == "timeout":
+            message = f"took longer than task_timeout ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
+            store.fail(job.id, self.worker_id, "timeout", message, ttl)
+            return "failed"
+        if reason == "drain" and store.release(job.id, self.worker_id):
+            log.info("job %s handed back to the queue (drain grace ran out)", job.id)
+            return "released"
+        # A release is refused when the user cancelled meanwhile: then it ends cancelled, below.
+        try:
+            current: Job | None = store.get(job.id)
+        except JobNotFound:  # deleted while running: nothing left to mark
+            current = None
+        if current is not None and current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
+            store.mark_cancelled(job.id, self.worker_id, ttl)
+            self.storage.delete_prefix(job.id)
+            log.info("job %s cancelled at step %d/%d", job.id, exc.step, exc.total)
+            return "cancelled"
+        self._after_lost(job)
+        return "lost"
+
+    def _after_lost(self, job: Job) -> None:
+        log.warning("job %s is no longer held by this worker (lease lost or deleted); result dropped", job.id)
+
+    def _heartbeat(self, running: _Running) -> None:
+        """Renew the lease between steps too: text encoding and VAE decoding can outlast a lease."""
+        interval = max(self.settings.lease_seconds / 3, 0.05)
+        while self._running is running:
+            time.sleep(interval)
+            if self._running is not running:
+                return
+            try:
+                if not self.store.renew(running.job.id, self.worker_id, self.settings.lease_seconds):
+                    running.keep_going = False
+            except Exception:
+                log.exception("lease renewal failed for job %s", running.job.id)

@@ -1,0 +1,794 @@
+"""The HTTP API over a real SQLite store and real local storage. There is no engine here: each test plays
+the worker's part through the store API (claim → progress → files into storage → complete), exactly the
+calls a worker makes, so every surface is checked against the states a real job goes through."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from wanserve.api.app import create_app
+from wanserve.api.openai_videos import seconds_to_frames
+from wanserve.catalog import ModelSpec, lookup
+from wanserve.config import Settings
+from wanserve.jobs.model import Job, JobStatus
+from wanserve.jobs.sqlite import SQLiteJobStore
+from wanserve.metrics import Metrics
+from wanserve.storage.base import THUMBNAIL, VIDEO, key_for
+from wanserve.storage.local import LocalStorage
+
+from videos import png_bytes
+
+WORKER = "test-worker"
+TTL = 3600.0
+
+
+def _spec(name: str) -> ModelSpec:
+    spec = lookup(name)
+    assert spec is not None
+    return spec
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real 9-frame 64x64 H.264 MP4 and a WebP thumbnail, like the worker uploads."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("media")
+    video = folder / "clip.mp4"
+    with av.open(str(video), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(9):
+            pixels = np.full((64, 64, 3), i * 25, dtype=np.uint8)
+            pixels[:, : 7 * i + 1, 0] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    thumbnail = folder / "thumb.webp"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(thumbnail, format="WEBP")
+    assert video.stat().st_size > 1000
+    return video, thumbnail
+
+
+@dataclass
+class Api:
+    client: TestClient
+    store: SQLiteJobStore
+    storage: LocalStorage
+    settings: Settings
+    metrics: Metrics
+    media: tuple[Path, Path]
+
+    def create(self, **body: Any) -> dict[str, Any]:
+        body.setdefault("prompt", "a red fox")
+        response = self.client.post("/v1/videos", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    # The worker's side, through the same store calls a worker makes.
+
+    def claim(self, model: str, expect: str) -> Job:
+        job = self.store.claim(model, WORKER, 30.0)
+        assert job is not None and job.id == expect, f"claimed {job and job.id}, expected {expect}"
+        return job
+
+    def run(self, job_id: str, model: str = "tiny-t2v", progress: float = 0.5, stage: str = "denoise") -> Job:
+        self.claim(model, job_id)
+        assert self.store.set_progress(job_id, WORKER, progress, stage)
+        return self.store.get(job_id)
+
+    def complete(self, job_id: str, model: str = "tiny-t2v") -> Job:
+        self.run(job_id, model)
+        job = self.store.get(job_id)
+        video, thumbnail = self.media
+        self.storage.put_file(key_for(job_id, VIDEO), video, "video/mp4")
+        self.storage.put_file(key_for(job_id, THUMBNAIL), thumbnail, "image/webp")
+        request = job.request
+        result = {
+            "seed": request["seed"],
+            "width": request["width"],
+            "height": request["height"],
+            "num_frames": request["num_frames"],
+            "fps": request["fps"],
+            "seconds": request["num_frames"] / request["fps"],
+            "timings": {"encode_prompt": 0.1, "denoise": 1.0, "vae_decode": 0.2, "video_encode": 0.1, "total": 1.4},
+            "video_key": key_for(job_id, VIDEO),
+            "thumbnail_key": key_for(job_id, THUMBNAIL),
+        }
+        assert self.store.complete(job_id, WORKER, result, TTL)
+        return self.store.get(job_id)
+
+    def fail(self, job_id: str, model: str = "tiny-t2v") -> Job:
+        self.run(job_id, model)
+        assert self.store.fail(job_id, WORKER, "generation_failed", "CUDA out of memory", TTL)
+        return self.store.get(job_id)
+
+
+@contextmanager
+def make_api(
+    tmp_path: Path,
+    media: tuple[Path, Path],
+    readiness: Any = None,
+    storage: LocalStorage | None = None,
+    **overrides: Any,
+) -> Iterator[Api]:
+    settings = Settings(data_dir=tmp_path, model=["tiny-t2v", "tiny-i2v"], **overrides)
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    storage = storage or LocalStorage(tmp_path / "videos")
+    specs = {name: _spec(name) for name in settings.model}
+    metrics = Metrics()
+    metrics.watch_store(store, list(specs))
+    app = create_app(settings, store, storage, specs, metrics=metrics, readiness=readiness)
+    try:
+        with TestClient(app) as client:
+            yield Api(client, store, storage, settings, metrics, media)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def api(tmp_path: Path, media: tuple[Path, Path]) -> Iterator[Api]:
+    with make_api(tmp_path, media) as made:
+        yield made
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["error"]
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"] and body["detail"]
+    return body
+
+
+# ---- OpenAI surface: the full lifecycle ---------------------------------------------------------------------
+
+
+def test_openai_lifecycle_create_poll_download_delete(api: Api) -> None:
+    created = api.create(model="tiny-t2v", size="64x64", seconds="1", seed=11)
+    video_id = created["id"]
+    assert created["object"] == "video" and created["status"] == "queued" and created["progress"] == 0
+    assert created["model"] == "tiny-t2v" and created["size"] == "64x64" and created["prompt"] == "a red fox"
+    # 1 s at the model's 8 fps → nearest 4k+1 is 9 frames.
+    assert created["num_frames"] == 9 and created["fps"] == 8 and created["seconds"] == "1.12"
+    assert created["seed"] == 11 and created["queue_position"] == 1 and created["error"] is None
+    assert created["remixed_from_video_id"] is None and created["completed_at"] is None
+    assert isinstance(created["created_at"], int)
+
+    queued = api.client.get(f"/v1/videos/{video_id}")
+    assert queued.headers["openai-poll-after-ms"] == "1000"
+
+    api.run(video_id, progress=0.42, stage="denoise")
+    running = api.client.get(f"/v1/videos/{video_id}")
+    body = running.json()
+    assert body["status"] == "in_progress" and body["progress"] == 42 and body["stage"] == "denoise"
+    assert body["queue_position"] is None
+    assert running.headers["openai-poll-after-ms"] == "500"
+
+    assert api.store.set_progress(video_id, WORKER, 0.9, "vae_decode")
+    video, thumbnail = api.media
+    api.storage.put_file(key_for(video_id, VIDEO), video, "video/mp4")
+    api.storage.put_file(key_for(video_id, THUMBNAIL), thumbnail, "image/webp")
+    result = {
+        "seed": 11,
+        "width": 64,
+        "height": 64,
+        "num_frames": 9,
+        "fps": 8,
+        "seconds": 1.125,
+        "timings": {"encode_prompt": 0.1, "denoise": 2.0, "vae_decode": 0.3, "video_encode": 0.1, "total": 2.5},
+        "video_key": key_for(video_id, VIDEO),
+        "thumbnail_key": key_for(video_id, THUMBNAIL),
+    }
+    assert api.store.complete(video_id, WORKER, result, TTL)
+
+    done = api.client.get(f"/v1/videos/{video_id}")
+    body = done.json()
+    assert "openai-poll-after-ms" not in done.headers
+    assert body["status"] == "completed" and body["progress"] == 100
+    assert body["timings"]["total"] == 2.5 and body["seed"] == 11
+    assert isinstance(body["completed_at"], int) and body["expires_at"] >= body["completed_at"]
+
+    content = api.client.get(f"/v1/videos/{video_id}/content")
+    assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+    assert content.headers["accept-ranges"] == "bytes"
+    assert content.content == video.read_bytes()
+    thumb = api.client.get(f"/v1/videos/{video_id}/content", params={"variant": "thumbnail"})
+    assert thumb.headers["content-type"] == "image/webp" and thumb.content == thumbnail.read_bytes()
+    head = api.client.head(f"/v1/videos/{video_id}/content")
+    assert head.status_code == 200 and int(head.headers["content-length"]) == video.stat().st_size
+
+    deleted = api.client.delete(f"/v1/videos/{video_id}")
+    assert deleted.json() == {"id": video_id, "object": "video.deleted", "deleted": True}
+    assert api.storage.stat(key_for(video_id, VIDEO)) is None
+    assert api.storage.stat(key_for(video_id, THUMBNAIL)) is None
+    assert openai_error(api.client.get(f"/v1/videos/{video_id}"), 404)["code"] == "not_found"
+
+
+def test_openai_extension_fields_and_explicit_values_win(api: Api) -> None:
+    body = api.create(
+        model="tiny-t2v",
+        size="128x64",
+        seconds="4",
+        width=96,
+        num_frames=13,
+        fps=10,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        flow_shift=2.0,
+        negative_prompt="blurry",
+        user="someone",  # an OpenAI field that does not apply here: accepted and dropped
+    )
+    assert body["size"] == "96x64" and body["num_frames"] == 13 and body["fps"] == 10 and body["seconds"] == "1.3"
+    request = api.store.get(body["id"]).request
+    assert request["num_inference_steps"] == 2 and request["guidance_scale"] == 3.5
+    assert request["flow_shift"] == 2.0 and request["negative_prompt"] == "blurry"
+
+
+def test_openai_model_by_alias_and_default_model(api: Api) -> None:
+    assert api.create(model="TINY-T2V")["model"] == "tiny-t2v"
+    assert api.create()["model"] == "tiny-t2v"  # first served model
+
+
+def test_openai_multipart_upload_with_string_numbers(api: Api) -> None:
+    image = png_bytes((20, 120, 220))
+    response = api.client.post(
+        "/v1/videos",
+        data={"prompt": "waves", "model": "tiny-i2v", "num_frames": "5", "seed": "7", "guidance_scale": "4.5"},
+        files={"input_reference": ("ref.png", image, "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "tiny-i2v" and body["num_frames"] == 5 and body["seed"] == 7
+    request = api.store.get(body["id"]).request
+    assert base64.b64decode(request["image"]) == image and request["guidance_scale"] == 4.5
+
+
+def test_openai_image_as_data_url_json_and_flattened_form(api: Api) -> None:
+    image = png_bytes((200, 20, 20))
+    body = api.create(model="tiny-i2v", input_reference={"image_url": data_url(image)})
+    assert base64.b64decode(api.store.get(body["id"]).request["image"]) == image
+    # The SDK's multipart encoding of input_reference={"image_url": ...}.
+    form = api.client.post("/v1/videos", data={"prompt": "p", "input_reference[image_url]": data_url(image)})
+    assert form.status_code == 200, form.text
+    assert form.json()["model"] == "tiny-i2v"  # no model named: the served image-to-video model takes it
+
+
+def test_openai_http_image_url_is_refused_clearly(api: Api) -> None:
+    response = api.client.post(
+        "/v1/videos", json={"prompt": "p", "input_reference": {"image_url": "https://example.com/cat.png"}}
+    )
+    error = openai_error(response, 400)
+    assert error["param"] == "input_reference.image_url" and "only data: URLs" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ({"size": "64by64"}, "size", "WIDTHxHEIGHT"),
+        ({"size": "60x64"}, "width", "multiple of 16"),
+        ({"num_frames": 10}, "num_frames", "4k+1"),
+        ({"seconds": "soon"}, "seconds", "seconds"),
+        ({"model": "tiny-i2v"}, "input_reference", "image is required"),
+        ({"num_frame": 9}, "num_frame", "not a known field"),
+        ({"model": "wan2.1-t2v-14b"}, "model", "served models: tiny-t2v, tiny-i2v"),
+        ({"ulysses_size": 2}, "ulysses_size", "parallel layout is server configuration, fixed at start"),
+        ({"ring_degree": 2}, "ring_degree", "parallel layout is server configuration"),
+        ({"priority": "high"}, "priority", "integer"),
+        ({"prompt": ""}, "prompt", "non-empty"),
+    ],
+)
+def test_openai_validation_errors_name_the_field(api: Api, body: dict[str, Any], param: str, needle: str) -> None:
+    response = api.client.post("/v1/videos", json={"prompt": "a fox", **body})
+    error = openai_error(response, 400)
+    assert error["param"] == param and needle in error["message"], error
+    assert api.store.list()[0] == []  # nothing was queued
+
+
+def test_openai_error_codes(api: Api) -> None:
+    unknown = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "frames": 9}), 400)
+    assert unknown["code"] == "unknown_parameter"
+    unserved = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "model": "sora-2"}), 400)
+    assert unserved["code"] == "model_not_found"
+
+
+def test_multipart_conversion_errors_name_the_field(api: Api) -> None:
+    response = api.client.post("/v1/videos", data={"prompt": "p", "seed": "abc"}, files={"unused": ("x.bin", b"abc")})
+    # A file part under another name is refused by its name.
+    assert openai_error(response, 400)["param"] == "unused"
+    response = api.client.post("/v1/videos", data={"prompt": "p", "seed": "abc"})
+    assert openai_error(response, 400)["param"] == "seed"
+    response = api.client.post("/v1/videos", data={"prompt": "p", "guidance_scale": "lots"})
+    assert openai_error(response, 400)["param"] == "guidance_scale"
+
+
+def test_malformed_json_and_query_validation(api: Api) -> None:
+    bad = api.client.post("/v1/videos", content=b"{nope", headers={"content-type": "application/json"})
+    assert openai_error(bad, 400)["param"] == "body"
+    error = openai_error(api.client.get("/v1/videos", params={"limit": 0}), 422)
+    assert error["param"] == "limit" and "limit" in error["message"]
+    error = openai_error(api.client.get("/v1/videos", params={"order": "sideways"}), 422)
+    assert error["param"] == "order"
+
+
+def test_upload_larger_than_the_limit_is_413(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    with make_api(tmp_path, media, max_upload_bytes=2000) as api:
+        big = png_bytes((1, 2, 3), size=(400, 400)) + b"\0" * 4000
+        response = api.client.post(
+            "/v1/videos",
+            data={"prompt": "p", "model": "tiny-i2v"},
+            files={"input_reference": ("big.png", big, "image/png")},
+        )
+        assert openai_error(response, 413)["param"] == "input_reference"
+        as_url = api.client.post("/video/submit", json={"prompt": "p", "image_url": data_url(big)})
+        assert problem(as_url, 413)["field"] == "image_url"
+        # Far past the limit, the body itself is refused while it streams in, declared length or not.
+        huge = b"\0" * 400_000
+        response = api.client.post(
+            "/v1/videos", data={"prompt": "p"}, files={"input_reference": ("huge.png", huge, "image/png")}
+        )
+        assert openai_error(response, 413)["param"] == "body"
+        chunked = api.client.post("/api/v1/generate", content=iter([b'{"prompt": "', huge, b'"}']))
+        assert problem(chunked, 413)["field"] == "body"
+
+
+def test_queue_full_is_429_with_retry_after(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    with make_api(tmp_path, media, queue_limit=2) as api:
+        api.create()
+        api.create()
+        response = api.client.post("/v1/videos", json={"prompt": "one too many"})
+        error = openai_error(response, 429)
+        assert error["code"] == "queue_full" and int(response.headers["retry-after"]) >= 1
+        legacy = api.client.post("/video/submit", json={"prompt": "one too many"})
+        assert problem(legacy, 429)["code"] == "queue_full" and legacy.headers["retry-after"]
+        # The other model's queue is separate.
+        image = data_url(png_bytes((9, 9, 9)))
+        assert api.client.post("/video/submit", json={"prompt": "p", "image_url": image}).status_code == 200
+
+
+def test_range_requests(api: Api) -> None:
+    video_id = api.create()["id"]
+    api.complete(video_id)
+    data = api.media[0].read_bytes()
+    size = len(data)
+    url = f"/v1/videos/{video_id}/content"
+
+    part = api.client.get(url, headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == data[10:100]
+    assert part.headers["content-range"] == f"bytes 10-99/{size}" and part.headers["content-length"] == "90"
+    assert part.headers["accept-ranges"] == "bytes"
+
+    suffix = api.client.get(url, headers={"Range": "bytes=-500"})
+    assert suffix.status_code == 206 and suffix.content == data[-500:]
+    assert suffix.headers["content-range"] == f"bytes {size - 500}-{size - 1}/{size}"
+
+    open_ended = api.client.get(url, headers={"Range": "bytes=100-"})
+    assert open_ended.status_code == 206 and open_ended.content == data[100:]
+
+    past_end = api.client.get(url, headers={"Range": f"bytes={size - 3}-{size + 1000}"})
+    assert past_end.status_code == 206 and past_end.content == data[-3:]
+
+    unsatisfiable = api.client.get(url, headers={"Range": f"bytes={size}-"})
+    assert unsatisfiable.status_code == 416 and unsatisfiable.headers["content-range"] == f"bytes */{size}"
+
+    ignored = api.client.get(url, headers={"Range": "bytes=0-1,5-6"})  # multi-range: whole file instead
+    assert ignored.status_code == 200 and ignored.content == data
+
+
+def test_content_before_completion_is_404(api: Api) -> None:
+    video_id = api.create()["id"]
+    error = openai_error(api.client.get(f"/v1/videos/{video_id}/content"), 404)
+    assert "queued" in error["message"]
+    assert openai_error(api.client.get("/v1/videos/video_missing/content"), 404)["code"] == "not_found"
+    api.complete(video_id)
+    bad_variant = api.client.get(f"/v1/videos/{video_id}/content", params={"variant": "spritesheet"})
+    assert openai_error(bad_variant, 400)["param"] == "variant"
+
+
+def test_storage_redirect_uses_the_presigned_url(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    class PresigningStorage(LocalStorage):
+        def presigned_url(self, key: str, expires: int = 3600) -> str | None:
+            return f"https://bucket.example/{key}?sig=1"
+
+    storage = PresigningStorage(tmp_path / "signed")
+    with make_api(tmp_path, media, storage=storage, storage_redirect=True) as api:
+        video_id = api.create()["id"]
+        api.complete(video_id)
+        response = api.client.get(f"/v1/videos/{video_id}/content", follow_redirects=False)
+        assert response.status_code == 302
+        assert response.headers["location"] == f"https://bucket.example/{video_id}/video.mp4?sig=1"
+
+
+# ---- status words on every surface --------------------------------------------------------------------------
+
+STATUS_WORDS = {
+    # state: (OpenAI, /video, /api/v1 and /status)
+    "queued": ("queued", "InQueue", "queued"),
+    "in_progress": ("in_progress", "InProgress", "processing"),
+    "completed": ("completed", "Succeed", "completed"),
+    "failed": ("failed", "Failed", "failed"),
+    "cancelled": ("failed", "Cancelled", "cancelled"),
+}
+
+
+def test_status_words_on_every_surface(api: Api) -> None:
+    # Created in the order the worker claims them: best priority first, then oldest.
+    ids = {state: api.create()["id"] for state in ("completed", "failed", "in_progress", "queued", "cancelled")}
+    api.complete(ids["completed"])
+    api.fail(ids["failed"])
+    api.run(ids["in_progress"])
+    api.client.post(f"/v1/videos/{ids['cancelled']}/cancel")
+
+    for state, (openai_word, video_word, task_word) in STATUS_WORDS.items():
+        job_id = ids[state]
+        video = api.client.get(f"/v1/videos/{job_id}").json()
+        assert video["status"] == openai_word, state
+        legacy = api.client.post("/video/status", json={"requestId": job_id}).json()
+        assert legacy["status"] == video_word, state
+        for path in (f"/api/v1/status/{job_id}", f"/status/{job_id}"):
+            assert api.client.get(path).json()["status"] == task_word, (state, path)
+
+    cancelled = api.client.get(f"/v1/videos/{ids['cancelled']}").json()
+    assert cancelled["error"]["code"] == "cancelled"
+    failed = api.client.get(f"/v1/videos/{ids['failed']}").json()
+    assert failed["error"] == {"code": "generation_failed", "message": "CUDA out of memory"}
+    legacy_failed = api.client.post("/video/status", json={"requestId": ids["failed"]}).json()
+    assert legacy_failed["reason"] == "CUDA out of memory" and legacy_failed["results"] is None
+    task_failed = api.client.get(f"/api/v1/status/{ids['failed']}").json()
+    assert task_failed["error"]["code"] == "generation_failed" and task_failed["result_url"] is None
+
+
+def test_queue_positions_and_priority_overtaking(api: Api) -> None:
+    first, second, third = (api.create()["id"] for _ in range(3))
+    positions = [api.client.get(f"/v1/videos/{i}").json()["queue_position"] for i in (first, second, third)]
+    assert positions == [1, 2, 3]
+
+    urgent = api.client.post("/api/v1/generate", json={"prompt": "urgent", "priority": 5, "resolution": "64*64"})
+    assert urgent.status_code == 202
+    urgent_id = urgent.json()["task_id"]
+    assert api.client.post("/video/status", json={"requestId": urgent_id}).json()["queue_position"] == 1
+    assert api.client.get(f"/api/v1/status/{urgent_id}").json()["queue_position"] == 1
+    positions = [api.client.get(f"/v1/videos/{i}").json()["queue_position"] for i in (first, second, third)]
+    assert positions == [2, 3, 4]
+    # The worker agrees: the urgent job is claimed first.
+    api.claim("tiny-t2v", urgent_id)
+    assert api.client.get(f"/v1/videos/{first}").json()["queue_position"] == 1
+
+
+def test_list_pagination(api: Api) -> None:
+    ids = [api.create()["id"] for _ in range(5)]
+    page = api.client.get("/v1/videos", params={"limit": 2}).json()
+    assert page["object"] == "list" and page["has_more"] is True
+    assert [v["id"] for v in page["data"]] == ids[::-1][:2]
+    assert page["first_id"] == ids[4] and page["last_id"] == ids[3]
+    page = api.client.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
+    assert [v["id"] for v in page["data"]] == [ids[2], ids[1]] and page["has_more"] is True
+    page = api.client.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
+    assert [v["id"] for v in page["data"]] == [ids[0]] and page["has_more"] is False
+    ascending = api.client.get("/v1/videos", params={"order": "asc", "limit": 10}).json()
+    assert [v["id"] for v in ascending["data"]] == ids and ascending["has_more"] is False
+    assert ascending["data"][2]["queue_position"] == 3
+    empty = api.client.get("/v1/videos", params={"after": ids[0]}).json()
+    assert empty["data"] == [] and empty["first_id"] is None and empty["last_id"] is None
+
+
+def test_cancel_and_delete_running_and_queued_jobs(api: Api) -> None:
+    queued = api.create()["id"]
+    cancelled = api.client.post(f"/v1/videos/{queued}/cancel").json()
+    assert cancelled["status"] == "failed" and cancelled["error"]["code"] == "cancelled"
+
+    running = api.create()["id"]
+    api.run(running)
+    api.storage.put_file(key_for(running, THUMBNAIL), api.media[1], "image/webp")  # a partial upload
+    deleted = api.client.delete(f"/v1/videos/{running}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert api.storage.stat(key_for(running, THUMBNAIL)) is None
+    # The worker still holds it; it sees the cancel at its next step and finishes the job as cancelled.
+    job = api.store.get(running)
+    assert job.cancel_requested and job.status == JobStatus.IN_PROGRESS
+    assert api.store.set_progress(running, WORKER, 0.6) is False
+    assert api.store.mark_cancelled(running, WORKER, TTL)
+
+    legacy_queued = api.client.post("/video/submit", json={"prompt": "p"}).json()["requestId"]
+    answer = api.client.post("/video/cancel", json={"requestId": legacy_queued}).json()
+    assert answer["status"] == "Cancelled" and answer["reason"]
+    assert openai_error(api.client.post("/v1/videos/video_nope/cancel"), 404)["code"] == "not_found"
+
+
+# ---- legacy surfaces ----------------------------------------------------------------------------------------
+
+
+def test_video_submit_status_and_download(api: Api) -> None:
+    response = api.client.post(
+        "/video/submit", json={"prompt": "a boat", "size": "64x48", "num_frames": 5, "seed": 3, "priority": 1}
+    )
+    assert response.status_code == 200
+    request_id = response.json()["requestId"]
+    assert set(response.json()) == {"requestId"}
+    status = api.client.post("/video/status", json={"requestId": request_id}).json()
+    assert status == {
+        "requestId": request_id,
+        "status": "InQueue",
+        "reason": None,
+        "results": None,
+        "queue_position": 1,
+        "progress": 0.0,
+        "created_at": status["created_at"],
+        "updated_at": status["updated_at"],
+    }
+    api.complete(request_id)
+    status = api.client.post("/video/status", json={"requestId": request_id}).json()
+    assert status["status"] == "Succeed" and status["progress"] == 1.0 and status["queue_position"] is None
+    url = status["results"]["video_url"]
+    assert url == f"http://testserver/v1/videos/{request_id}/content"
+    assert api.client.get(url).content == api.media[0].read_bytes()
+    job = api.store.get(request_id)
+    assert job.source == "video" and job.priority == 1 and job.request["width"] == 64 and job.request["height"] == 48
+
+
+def test_video_surface_errors_are_problem_json(api: Api) -> None:
+    assert problem(api.client.post("/video/status", json={}), 400)["field"] == "requestId"
+    assert problem(api.client.post("/video/status", json={"requestId": "video_x"}), 404)["code"] == "not_found"
+    body = problem(api.client.post("/video/submit", json={"prompt": "p", "model": "tiny-i2v"}), 400)
+    assert body["field"] == "image_url"
+    body = problem(api.client.post("/video/submit", json={"prompt": "p", "sp_size": 4}), 400)
+    assert body["field"] == "sp_size" and "fixed at start" in body["detail"]
+    body = problem(api.client.post("/video/submit", json={"prompt": "p", "image_url": "http://x/y.png"}), 400)
+    assert body["field"] == "image_url" and "data: URLs" in body["detail"]
+
+
+def test_api_v1_generate_and_status(api: Api) -> None:
+    image = data_url(png_bytes((50, 90, 130)))
+    response = api.client.post(
+        "/api/v1/generate",
+        json={"prompt": "a bird", "resolution": "64*64", "task_type": "i2v", "image_url": image, "priority": 2},
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    task_id = body["task_id"]
+    assert body == {
+        "task_id": task_id,
+        "status": "queued",
+        "status_url": f"http://testserver/api/v1/status/{task_id}",
+    }
+    assert api.store.get(task_id).model == "tiny-i2v"  # chosen by task_type
+    status = api.client.get(f"/api/v1/status/{task_id}").json()
+    assert status["status"] == "queued" and status["progress"] == 0 and status["result_url"] is None
+    assert status["created_at"].endswith("Z") and "T" in status["created_at"]
+    api.run(task_id, model="tiny-i2v", progress=0.37)
+    assert api.client.get(f"/api/v1/status/{task_id}").json()["progress"] == 37
+    api.store.fail(task_id, WORKER, "timeout", "took too long", TTL)
+    failed = api.client.get(f"/api/v1/status/{task_id}").json()
+    assert failed["status"] == "failed" and failed["error"] == {"code": "timeout", "message": "took too long"}
+
+
+def test_submit_and_status_at_the_root(api: Api) -> None:
+    response = api.client.post("/submit", json={"prompt": "p", "task_type": "t2v", "resolution": "64*64"})
+    assert response.status_code == 202
+    task_id = response.json()["task_id"]
+    assert response.json()["status_url"] == f"http://testserver/status/{task_id}"
+    api.complete(task_id)
+    status = api.client.get(f"/status/{task_id}").json()
+    assert set(status) == {
+        "task_id",
+        "status",
+        "progress",
+        "queue_position",
+        "result_url",
+        "error",
+        "created_at",
+        "updated_at",
+    }
+    assert status["status"] == "completed" and status["progress"] == 100
+    assert status["result_url"] == f"http://testserver/v1/videos/{task_id}/content"
+    assert api.store.get(task_id).source == "submit"
+    assert problem(api.client.get("/status/video_nope"), 404)["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "needle"),
+    [
+        ({"task_type": "i2v", "model": "tiny-t2v"}, "task_type", "does not do i2v"),
+        ({"task_type": "i2v"}, "image_url", "needs an input image"),
+        ({"task_type": "t2v", "image_url": "IMAGE"}, "image_url", "takes no input image"),
+        ({"task_type": "ti2v"}, "task_type", "does not do ti2v"),
+        ({"task_type": "v2v"}, "task_type", "must be one of"),
+        ({"resolution": "big"}, "resolution", "WIDTHxHEIGHT"),
+        ({"num_frames": 10}, "num_frames", "4k+1"),
+        ({"tp_size": 2}, "tp_size", "parallel layout is server configuration"),
+        ({"steps": 4}, "steps", "not a known field"),
+        ({"model": "wan2.2-ti2v-5b"}, "model", "not served"),
+    ],
+)
+def test_api_v1_validation(api: Api, body: dict[str, Any], field: str, needle: str) -> None:
+    if body.get("image_url") == "IMAGE":
+        body = {**body, "image_url": data_url(png_bytes((1, 1, 1)))}
+    for path in ("/api/v1/generate", "/submit"):
+        answer = problem(api.client.post(path, json={"prompt": "p", **body}), 400)
+        assert answer["field"] == field and needle in answer["detail"], answer
+
+
+# ---- operations ---------------------------------------------------------------------------------------------
+
+
+def test_health_ready_and_models(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    state: dict[str, Any] = {"ready": False, "models": {"tiny-t2v": "loading", "tiny-i2v": "ready"}}
+    with make_api(tmp_path, media, readiness=lambda: state) as api:
+        assert api.client.get("/health").json() == {"status": "ok"}
+        not_ready = api.client.get("/ready")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["status"] == "not_ready" and "tiny-t2v" in not_ready.json()["reasons"][0]
+        state.update(ready=True, models={"tiny-t2v": "ready", "tiny-i2v": "ready"})
+        ready = api.client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["store"] == "ok" and ready.json()["reasons"] == []
+
+        running = api.create()["id"]
+        api.run(running)
+        api.create()
+        models = api.client.get("/v1/models").json()
+        assert models["object"] == "list"
+        t2v, i2v = models["data"]
+        assert t2v["id"] == "tiny-t2v" and t2v["object"] == "model" and t2v["owned_by"] == "wanserve"
+        assert t2v["tasks"] == ["t2v"] and i2v["tasks"] == ["i2v"]
+        assert {"width": 64, "height": 64, "num_frames": 9, "fps": 8}.items() <= t2v["defaults"].items()
+        assert t2v["defaults"]["num_inference_steps"] == 4 and t2v["defaults"]["guidance_scale"] == 5.0
+        assert t2v["queue_depth"] == 1 and t2v["running"] == 1 and i2v["queue_depth"] == 0
+        assert isinstance(t2v["aliases"], list)
+
+
+def test_ready_without_readiness_callback_checks_the_store(api: Api) -> None:
+    assert api.client.get("/ready").status_code == 200
+    api.store.close()
+    api.store.path.unlink()
+    api.store.path.mkdir()  # the database is gone and cannot be recreated: the store is unreachable
+    # (close() dropped this thread's connection; the ping opens a new one, which fails)
+    response = api.client.get("/ready")
+    assert response.status_code == 503 and response.json()["store"] == "unreachable"
+
+
+def test_metrics_lists_every_metric(api: Api) -> None:
+    video_id = api.create()["id"]
+    api.client.get(f"/v1/videos/{video_id}")
+    api.metrics.job_finished("tiny-t2v", "completed", 1.5, 12.0)
+    api.metrics.denoise_step("tiny-t2v", 0.2)
+    text = api.client.get("/metrics").text
+    for name in (
+        "wanserve_jobs_submitted_total",
+        "wanserve_jobs_finished_total",
+        "wanserve_queue_depth",
+        "wanserve_jobs_running",
+        "wanserve_job_queue_wait_seconds",
+        "wanserve_job_duration_seconds",
+        "wanserve_denoise_step_seconds",
+        "wanserve_http_request_duration_seconds",
+    ):
+        assert name in text, name
+    assert 'wanserve_jobs_submitted_total{model="tiny-t2v"} 1.0' in text
+    assert 'wanserve_queue_depth{model="tiny-t2v"} 1.0' in text
+    # Labelled by route template, not by the raw path with its id.
+    assert 'route="/v1/videos/{video_id}"' in text and video_id not in text
+
+
+def test_metrics_without_a_given_metrics_object(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, model=["tiny-t2v"])
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    app = create_app(settings, store, LocalStorage(tmp_path / "v"), {"tiny-t2v": _spec("tiny-t2v")})
+    with TestClient(app) as client:
+        client.post("/v1/videos", json={"prompt": "p"})
+        assert 'wanserve_queue_depth{model="tiny-t2v"} 1.0' in client.get("/metrics").text
+    store.close()
+
+
+def test_unknown_routes_use_the_surface_envelope(api: Api) -> None:
+    assert openai_error(api.client.get("/v1/nothing"), 404)
+    assert problem(api.client.get("/nothing"), 404)
+    assert problem(api.client.put("/health"), 405)
+
+
+def test_seconds_map_to_the_nearest_valid_frame_count() -> None:
+    wan = _spec("wan2.1-t2v-1.3b")
+    assert seconds_to_frames("4", 16, wan) == 65
+    assert seconds_to_frames("5", 16, wan) == 81
+    assert seconds_to_frames(8, 16, wan) == 129
+    assert seconds_to_frames("12", 16, wan) == 161  # capped by the model's 161 frames
+    assert seconds_to_frames("12", 8, _spec("tiny-t2v")) == 33
+    assert seconds_to_frames("0.01", 8, _spec("tiny-t2v")) == 1
+
+
+def test_api_imports_no_torch() -> None:
+    code = "import sys, wanserve.api.app, wanserve.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+# ---- the official OpenAI SDK, unchanged ---------------------------------------------------------------------
+
+
+def test_official_openai_sdk(api: Api) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=api.client, max_retries=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks the Videos API deprecated
+
+        video = client.videos.create(prompt="a lighthouse", model="tiny-t2v", seconds="4", size="64x64")
+        assert video.status == "queued" and video.size == "64x64" and video.model == "tiny-t2v"
+        assert video.seconds == "4.12"  # 4 s at 8 fps → 33 frames
+        extra = client.videos.create(
+            prompt="with extras", extra_body={"num_inference_steps": 2, "seed": 5, "guidance_scale": 4.0}
+        )
+        assert api.store.get(extra.id).request["seed"] == 5
+        image = client.videos.create(
+            prompt="from an image", model="tiny-i2v", input_reference=("ref.png", io.BytesIO(png_bytes((5, 5, 5))))
+        )
+        assert image.model == "tiny-i2v"
+
+        api.complete(video.id)
+        fetched = client.videos.retrieve(video.id)
+        assert fetched.status == "completed" and fetched.progress == 100
+        listed = client.videos.list(limit=2)
+        assert [v.id for v in listed.data] == [image.id, extra.id] and listed.has_more
+        every = [v.id for v in client.videos.list(limit=2)]  # auto-pagination follows last_id
+        assert every == [image.id, extra.id, video.id]
+
+        content = client.videos.download_content(video.id)
+        assert content.content == api.media[0].read_bytes()
+
+        failing = client.videos.create(prompt="doomed")
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.videos.create(prompt="bad", extra_body={"num_frames": 10})
+        assert raised.value.body["param"] == "num_frames"  # type: ignore[index]
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve("video_missing")
+
+        # create_and_poll follows openai-poll-after-ms until a worker (here a thread) finishes the job.
+        def worker() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                job = api.store.claim("tiny-t2v", WORKER, 30.0)
+                if job is not None and job.request["prompt"] == "polled":
+                    api.store.complete(job.id, WORKER, {"seed": 1, "timings": {}}, TTL)
+                    return
+                if job is not None:
+                    api.store.fail(job.id, WORKER, "generation_failed", "skipped", TTL)
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        polled = client.videos.create_and_poll(prompt="polled", poll_interval_ms=20)
+        thread.join()
+        assert polled.status == "completed"
+        failed = client.videos.retrieve(failing.id)
+        assert failed.status == "failed" and failed.error is not None and failed.error.code == "generation_failed"
+
+        gone = client.videos.delete(video.id)
+        assert gone.deleted and gone.object == "video.deleted" and gone.id == video.id
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve(video.id)

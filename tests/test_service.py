@@ -1,0 +1,256 @@
+"""`wanserve serve` as a real subprocess, driven over HTTP and with the official `openai` SDK."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from service import Process, base_env, free_port, wait_for, wait_ready
+from videos import decode_mp4, png_bytes
+
+# Slow enough (about 3 s on a CI core) that a queue forms behind it; still the real tiny engine.
+SLOW = {"width": 128, "height": 128, "num_frames": 17, "num_inference_steps": 200}
+
+
+class Server:
+    def __init__(self, tmp: Path, cache: Path, models: list[str], name: str = "serve", **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data = tmp / "data"
+        args = ["serve", "--port", str(self.port), "--data-dir", str(self.data)]
+        for model in models:
+            args += ["--model", model]
+        self.process = Process(args, base_env(cache, **env), tmp / f"{name}.log")
+        wait_ready(self.url, self.process)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def restart(self) -> None:
+        self.process.start()
+        wait_ready(self.url, self.process)
+
+    def job(self, job_id: str) -> dict:
+        return self.http.get(f"/v1/videos/{job_id}").json()
+
+    def submit(self, priority: int = 0, **fields: object) -> str:
+        body = {"model": "tiny-t2v", "prompt": "a slow fox", "priority": priority, "seed": 1, **fields}
+        response = self.http.post("/v1/videos", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    def wait_finished(self, job_id: str, timeout: float = 120) -> dict:
+        return wait_for(
+            lambda: (job := self.job(job_id))["status"] in ("completed", "failed") and job,
+            timeout,
+            f"{job_id} to finish",
+        )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("serve"), tiny_cache, ["tiny-t2v", "tiny-i2v"])
+    yield srv
+    srv.process.stop()
+
+
+def test_openai_sdk_create_and_poll_then_download(server: Server, tmp_path: Path) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    video = client.videos.create_and_poll(
+        model="tiny-t2v",
+        prompt="a red fox in the snow",
+        size="96x64",  # type: ignore[arg-type]
+        poll_interval_ms=100,
+        extra_body={"num_frames": 13, "fps": 12, "num_inference_steps": 3, "seed": 42},
+    )
+    assert video.status == "completed" and video.progress == 100
+    assert video.size == "96x64" and video.model == "tiny-t2v"
+    extra = video.model_extra or {}
+    assert extra["seed"] == 42 and extra["num_frames"] == 13 and extra["fps"] == 12
+
+    out = tmp_path / "sdk.mp4"
+    client.videos.download_content(video.id).write_to_file(out)
+    decoded = decode_mp4(out)
+    assert decoded.frames.shape == (13, 64, 96, 3) and decoded.fps == 12
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail")
+    assert thumbnail.content[:4] == b"RIFF"
+
+    assert video.id in [v.id for v in client.videos.list(limit=100).data]
+    assert client.videos.retrieve(video.id).id == video.id
+    deleted = client.videos.delete(video.id)
+    assert deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+
+
+def test_openai_sdk_image_to_video_upload(server: Server, tmp_path: Path) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes((200, 40, 40)))
+    video = client.videos.create_and_poll(
+        model="tiny-i2v",
+        prompt="the ball rolls",
+        input_reference=image,
+        poll_interval_ms=100,
+        extra_body={"num_inference_steps": 2},
+    )
+    assert video.status == "completed", video.error
+
+
+def test_validation_is_checked_at_submit(server: Server) -> None:
+    bad = server.http.post("/v1/videos", json={"model": "tiny-t2v", "prompt": "x", "num_frames": 10})
+    assert bad.status_code == 400
+    error = bad.json()["error"]
+    assert error["param"] == "num_frames" and "4k+1" in error["message"]
+    no_image = server.http.post("/v1/videos", json={"model": "tiny-i2v", "prompt": "x"})
+    assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "input_reference"
+    layout = server.http.post("/v1/videos", json={"model": "tiny-t2v", "prompt": "x", "ulysses_size": 4})
+    assert layout.status_code == 400 and "server configuration" in layout.json()["error"]["message"]
+
+
+def test_legacy_routes_round_trip(server: Server) -> None:
+    http = server.http
+    request_id = http.post("/video/submit", json={"prompt": "a cat", "num_inference_steps": 2}).json()["requestId"]
+    status = wait_for(
+        lambda: (s := http.post("/video/status", json={"requestId": request_id}).json())["status"] == "Succeed" and s,
+        60,
+        "/video/status Succeed",
+    )
+    assert status["progress"] == 1.0 and status["reason"] is None
+    assert decode_mp4_bytes(httpx.get(status["results"]["video_url"]).content) == 9
+
+    image_url = "data:image/png;base64," + base64.b64encode(png_bytes((0, 90, 200))).decode()
+    for submit_path, status_path in (("/api/v1/generate", "/api/v1/status/"), ("/submit", "/status/")):
+        body = {
+            "prompt": "a dog",
+            "resolution": "64*64",
+            "task_type": "i2v",
+            "image_url": image_url,
+            "model": "tiny-i2v",
+        }
+        created = http.post(submit_path, json=body)
+        assert created.status_code == 202, created.text
+        task_id = created.json()["task_id"]
+        assert created.json()["status"] == "queued"
+        done = wait_for(
+            lambda task_id=task_id, status_path=status_path: (
+                (s := http.get(status_path + task_id).json())["status"] == "completed" and s
+            ),
+            60,
+            f"{status_path} completed",
+        )
+        assert done["progress"] == 100 and "T" in done["created_at"]
+        assert decode_mp4_bytes(httpx.get(done["result_url"]).content) == 9
+
+
+def decode_mp4_bytes(data: bytes) -> int:
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_queue_positions_move_and_priority_overtakes(server: Server) -> None:
+    running = server.submit(**SLOW)
+    wait_for(lambda: server.job(running)["status"] == "in_progress", 30, "first job to start")
+    waiting = [server.submit(**SLOW) for _ in range(3)]
+    assert [server.job(j)["queue_position"] for j in waiting] == [1, 2, 3]
+    assert server.job(running)["queue_position"] is None
+
+    urgent = server.submit(priority=10, num_inference_steps=2)
+    assert server.job(urgent)["queue_position"] == 1
+    assert [server.job(j)["queue_position"] for j in waiting] == [2, 3, 4]
+
+    server.wait_finished(running)
+    wait_for(lambda: server.job(urgent)["status"] != "queued", 30, "the urgent job to be claimed first")
+    wait_for(lambda: server.job(waiting[0])["status"] == "in_progress", 60, "the next waiting job")
+    assert [server.job(j)["queue_position"] for j in waiting[1:]] == [1, 2]
+    for job_id in waiting:
+        server.http.post(f"/v1/videos/{job_id}/cancel")
+    for job_id in waiting:
+        wait_for(lambda job_id=job_id: server.job(job_id)["status"] == "failed", 60, "cancelled")
+
+
+def test_cancel_running_job_stops_and_leaves_no_file(server: Server) -> None:
+    job_id = server.submit(**SLOW)
+    wait_for(lambda: (j := server.job(job_id))["stage"] == "denoise" and j["progress"] > 10, 60, "denoising")
+    cancelled_at = time.monotonic()
+    server.http.post(f"/v1/videos/{job_id}/cancel")
+    final = wait_for(lambda: (j := server.job(job_id))["status"] == "failed" and j, 30, "cancelled")
+    elapsed = time.monotonic() - cancelled_at
+    assert final["error"]["code"] == "cancelled"
+    assert final["progress"] < 100
+    assert elapsed < 5, f"a 200-step job took {elapsed:.1f} s to stop; one step is ~15 ms"
+    assert not (server.data / "videos" / job_id).exists()
+    assert server.http.get(f"/v1/videos/{job_id}/content").status_code == 404
+
+
+def test_ops_endpoints(server: Server) -> None:
+    assert server.http.get("/health").status_code == 200
+    models = server.http.get("/v1/models").json()["data"]
+    assert {m["id"] for m in models} == {"tiny-t2v", "tiny-i2v"}
+    metrics = server.http.get("/metrics").text
+    for name in (
+        "wanserve_jobs_submitted_total",
+        "wanserve_jobs_finished_total",
+        "wanserve_queue_depth",
+        "wanserve_jobs_running",
+        "wanserve_job_queue_wait_seconds",
+        "wanserve_job_duration_seconds",
+        "wanserve_denoise_step_seconds",
+        "wanserve_http_request_duration_seconds",
+    ):
+        assert name in metrics
+    assert 'wanserve_jobs_finished_total{model="tiny-t2v",status="completed"}' in metrics
+
+
+def test_kill_9_loses_no_acknowledged_job(tmp_path: Path, tiny_cache: Path) -> None:
+    srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="durable")
+    try:
+        jobs = [srv.submit(**SLOW) for _ in range(3)]
+        wait_for(lambda: srv.job(jobs[0])["status"] == "in_progress", 30, "a job to run")
+        assert [srv.job(j)["status"] for j in jobs[1:]] == ["queued", "queued"]
+        srv.process.kill9()
+        srv.restart()
+        for job_id in jobs:
+            assert srv.wait_finished(job_id, timeout=120)["status"] == "completed"
+        for job_id in jobs:
+            assert srv.http.get(f"/v1/videos/{job_id}/content").status_code == 200
+    finally:
+        srv.process.stop()
+
+
+def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_cache: Path) -> None:
+    srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="drain", WANSERVE_SHUTDOWN_GRACE="300")
+    try:
+        job_id = srv.submit(**SLOW)
+        wait_for(lambda: srv.job(job_id)["status"] == "in_progress", 30, "the job to run")
+        assert srv.process.terminate(timeout=300) == 0
+        srv.restart()
+        assert srv.job(job_id)["status"] == "completed"  # finished before the process exited
+    finally:
+        srv.process.stop()
+
+
+def test_sigterm_past_the_grace_hands_the_job_back(tmp_path: Path, tiny_cache: Path) -> None:
+    srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="handback", WANSERVE_SHUTDOWN_GRACE="0")
+    try:
+        job_id = srv.submit(**SLOW)
+        wait_for(lambda: srv.job(job_id)["progress"] > 0, 30, "the job to run")
+        assert srv.process.terminate(timeout=60) == 0
+        from wanserve.jobs import open_store
+
+        store = open_store(f"sqlite:///{srv.data.resolve() / 'jobs.db'}")
+        handed_back = store.get(job_id)
+        store.close()
+        assert handed_back.status == "queued" and handed_back.worker_id is None
+        srv.restart()
+        assert srv.wait_finished(job_id, timeout=120)["status"] == "completed"
+    finally:
+        srv.process.stop()
