@@ -130,13 +130,18 @@ class Worker:
             log.info("worker %s stopped", self.worker_id)
 
     def _reap(self) -> None:
+        """Housekeeping every worker shares: requeue jobs of dead workers, delete expired results."""
         try:
             for job in self.store.reap(self.settings.max_attempts, self.settings.result_ttl):
                 log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
                 if job.status == JobStatus.FAILED and self.metrics is not None:
                     self.metrics.job_finished(job.model, "failed", 0.0, 0.0)
+            for job in self.store.expired():
+                self.storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
+                self.store.delete(job.id)
+                log.info("job %s expired: record and files deleted", job.id)
         except Exception:
-            log.exception("reaping expired leases failed")
+            log.exception("housekeeping (reap, expiry) failed")
 
     # ---- one job -----------------------------------------------------------------------------------------
 
