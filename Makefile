@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || echo "note: redis-server is not on PATH; the Redis tests need it (Debian: apt-get install redis-server)"
 	touch $(STAMP)
 
+LINT_PATHS := $(wildcard src tests benchmarks)
+
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 # pytest exits 5 when a filter (PYTEST_ARGS="-k ...") selects nothing: say so instead of failing obscurely.
 test: install lint
