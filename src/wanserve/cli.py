@@ -45,6 +45,14 @@ TilingOpt = Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", 
 PresetOpt = Annotated[str | None, typer.Option(help="acceleration preset: exact, fast or fastest")]
 CacheOpt = Annotated[Path | None, typer.Option(help="where tiny models are built [env WANSERVE_CACHE_DIR]")]
 ModelsDirOpt = Annotated[Path | None, typer.Option(help="local copies of catalog models, as <dir>/<name>")]
+# The multi-GPU layout: fixed when the process starts (under torchrun), never per request.
+UlyssesOpt = Annotated[int | None, typer.Option(help="Ulysses sequence-parallel degree (under torchrun)")]
+RingOpt = Annotated[int | None, typer.Option(help="ring-attention sequence-parallel degree (under torchrun)")]
+CfgParallelOpt = Annotated[int | None, typer.Option(help="2: guidance passes on two rank groups")]
+FsdpOpt = Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="shard weights over the ranks")]
+CfgBatchOpt = Annotated[
+    bool | None, typer.Option("--cfg-batch/--no-cfg-batch", help="both guidance passes as one batch")
+]
 
 
 @app.command()
@@ -73,13 +81,11 @@ def generate(
     preset: PresetOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
-    ulysses: Annotated[int | None, typer.Option(help="Ulysses sequence-parallel degree (under torchrun)")] = None,
-    ring: Annotated[int | None, typer.Option(help="ring-attention sequence-parallel degree (under torchrun)")] = None,
-    cfg_parallel: Annotated[int | None, typer.Option(help="2: guidance passes on two rank groups")] = None,
-    fsdp: Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="shard weights over the ranks")] = None,
-    cfg_batch: Annotated[
-        bool | None, typer.Option("--cfg-batch/--no-cfg-batch", help="both guidance passes as one batch")
-    ] = None,
+    ulysses: UlyssesOpt = None,
+    ring: RingOpt = None,
+    cfg_parallel: CfgParallelOpt = None,
+    fsdp: FsdpOpt = None,
+    cfg_batch: CfgBatchOpt = None,
 ) -> None:
     """Generate one video and write it as an MP4, with a live progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -276,6 +282,11 @@ def worker(
     models_dir: ModelsDirOpt = None,
     lease_seconds: Annotated[float | None, typer.Option(help="lease of a running job (renewed every step)")] = None,
     shutdown_grace: Annotated[float | None, typer.Option(help="seconds a draining worker may finish its job")] = None,
+    ulysses: UlyssesOpt = None,
+    ring: RingOpt = None,
+    cfg_parallel: CfgParallelOpt = None,
+    fsdp: FsdpOpt = None,
+    cfg_batch: CfgBatchOpt = None,
 ) -> None:
     """One GPU worker for one model. SIGTERM or POST /drain: finish or hand back the job, exit 0."""
     _run_role(
@@ -296,6 +307,11 @@ def worker(
         models_dir=models_dir,
         lease_seconds=lease_seconds,
         shutdown_grace=shutdown_grace,
+        ulysses=ulysses,
+        ring=ring,
+        cfg_parallel=cfg_parallel,
+        fsdp=fsdp,
+        cfg_batch=cfg_batch,
     )
 
 
@@ -408,7 +424,8 @@ def bench(
         table.add_column(column)
     for row in summary_rows(report):
         table.add_row(*row)
-    console.print(table)
+    # Logs and CI are 80 columns wide, which would truncate every cell of this table.
+    Console(stderr=True, width=max(console.width, 110)).print(table)
     print(path)
 
 

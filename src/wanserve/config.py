@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     cfg_parallel: int = Field(default=1, ge=1, le=2)
     fsdp: bool = False
     collective_timeout: float = Field(default=300.0, gt=0)
+    cfg_batch: bool = False  # one GPU: run the conditional and unconditional passes as one batch of 2
 
     # Jobs.
     lease_seconds: float = Field(default=30.0, gt=0)

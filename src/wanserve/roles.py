@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -29,7 +30,10 @@ def _backends(settings: Settings) -> tuple[Any, Any]:
     from wanserve.jobs import open_store
     from wanserve.storage import open_storage
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Only when a default under data_dir is used: an API replica on Redis and S3 writes nothing locally, and
+    # creating ./data would crash it on a read-only root filesystem (a common container setting).
+    if settings.store is None or settings.storage is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
     return open_store(settings.store_url), open_storage(settings.storage_url)
 
 
@@ -120,10 +124,14 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     if len(specs) != 1:
         raise ValueError("model: a worker serves exactly one model; start one worker per model")
     (model,) = specs
+    if engine is None and int(os.environ.get("RANK", "0")) != 0:
+        _follow(model, settings)  # ranks > 0 of a torchrun group: no store, no ops port, only the engine
+        return
     store, storage = _backends(settings)
     metrics = Metrics()
     worker = Worker(model, settings, store, storage, metrics, engine=engine)
 
+    # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load.
     ops = _uvicorn(ops_app(worker, metrics, store), settings.host, settings.ops_port)
     ops_thread = threading.Thread(target=ops.run, name="ops", daemon=True)
     ops_thread.start()
@@ -134,10 +142,28 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if worker.engine is None:
+        worker.engine = _leader_engine(model, settings)
     worker.run()
     ops.should_exit = True
     ops_thread.join(timeout=5)
     store.close()
+
+
+def _leader_engine(model: str, settings: Settings) -> Any:
+    """The engine rank 0 drives: the engine itself, or a `GroupLeader` that broadcasts each request."""
+    from wanserve.engine.engine import Engine
+    from wanserve.engine.parallel import GroupLeader
+
+    engine = Engine.load(model, settings)  # under torchrun: joins the group and applies the layout
+    return GroupLeader(engine) if engine.parallel is not None else engine
+
+
+def _follow(model: str, settings: Settings) -> None:
+    from wanserve.engine.engine import Engine
+    from wanserve.engine.parallel import follow
+
+    follow(Engine.load(model, settings))
 
 
 def ops_app(worker: Any, metrics: Any, store: Any) -> Any:

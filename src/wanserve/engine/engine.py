@@ -1,20 +1,23 @@
 """The engine: load a Wan pipeline once, then turn requests into MP4s with real progress and cancel.
 
 The denoising loop is ours (not `pipeline.__call__`) so that every step can report its time, check for
-cancellation, renew a lease and — later — run CFG batched or split across ranks. It reproduces the
-diffusers loop operation for operation; `tests/test_engine.py` checks it against `WanPipeline` itself.
+cancellation, renew a lease and run CFG batched or split across ranks. It reproduces the diffusers loop
+operation for operation; `tests/test_engine.py` checks it against `WanPipeline` itself, and
+`tests/test_parallel.py` checks every multi-process layout (`engine/parallel.py`) against one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -22,6 +25,17 @@ import torch
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
 from wanserve.engine.loading import load_pipeline, locate
+from wanserve.engine.parallel import (
+    ParallelContext,
+    agree,
+    apply_layout,
+    broadcast_object,
+    exchange_cfg,
+    fit_sequence,
+    init_group,
+    world_size_from_env,
+)
+from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import thumbnail_path_for, write_mp4, write_thumbnail
 from wanserve.errors import Cancelled
 from wanserve.progress import ProgressEvent
@@ -46,6 +60,10 @@ class GenerationResult:
     timings: dict[str, float]  # seconds per stage: encode_prompt, denoise, vae_decode, video_encode, total
     step_seconds: list[float] = field(default_factory=list)
     experts: list[int] = field(default_factory=list)  # which transformer ran each step
+    # Step cache (presets fast/fastest): share of transformer calls served from the cache, and that saving
+    # expressed in denoising steps. Both 0 under `exact`.
+    skipped_fraction: float = 0.0
+    skipped_steps: float = 0.0
 
 
 @dataclass
@@ -59,6 +77,12 @@ class Conditioning:
     condition: torch.Tensor | None = None  # Wan 2.1 i2v: mask + image latents, concatenated on channels
     first_frame_mask: torch.Tensor | None = None  # Wan 2.2 ti2v: 0 where the image latent is kept
     expand_timesteps: bool = False
+
+
+def _resolved(result: GenerationResult) -> Future[GenerationResult]:
+    future: Future[GenerationResult] = Future()
+    future.set_result(result)
+    return future
 
 
 def pick_device(setting: str) -> torch.device:
@@ -76,31 +100,52 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 class Engine:
     """A resident Wan model. Build with `Engine.load(...)`; call `generate` as often as you like."""
 
-    def __init__(self, spec: ModelSpec, pipe: Any, settings: Settings, device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        pipe: Any,
+        settings: Settings,
+        device: torch.device,
+        parallel: ParallelContext | None = None,
+    ) -> None:
         self.spec = spec
         self.pipe = pipe
         self.settings = settings
         self.device = device
+        self.parallel = parallel  # the torchrun group this rank belongs to; None in one process
         self.transformers = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
         self.dtype = self.transformers[0].dtype
         self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))
         self.text_device = device
         self._i2v_pipe: Any = None
         self._apply_memory_settings()
+        self.preset_info = PresetInfo.unapplied()  # Engine.load applies settings.preset
+        self._writer: ThreadPoolExecutor | None = None  # MP4 encoding for generate(write_async=True)
 
     # ---- loading ---------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, model: str, settings: Settings | None = None) -> Engine:
         settings = settings or Settings()
+        parallel = None
+        if world_size_from_env() > 1 or settings.world_layout > 1:
+            parallel = init_group(settings)  # before any download: raises if the layout does not fit WORLD_SIZE
+            device = parallel.device
+        else:
+            if settings.fsdp:
+                log.warning("fsdp needs a torchrun group of several processes; ignored in one process")
+            device = pick_device(settings.device)
         spec, path = locate(model, settings)
-        device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
         vae_dtype = torch.float32
         started = time.perf_counter()
         pipe = load_pipeline(path, dtype=dtype, vae_dtype=vae_dtype)
         pipe.set_progress_bar_config(disable=True)
-        engine = cls(spec, pipe, settings, device)
+        engine = cls(spec, pipe, settings, device, parallel=parallel)
+        if parallel is not None:
+            apply_layout(engine, parallel)
+        # After the layout, which decides what a preset may still change.
+        engine.preset_info = apply_preset(engine, settings.preset)
         log.info(
             "loaded %s from %s in %.1f s on %s (%s)",
             spec.name,
@@ -121,9 +166,12 @@ class Engine:
             else:
                 pipe.enable_model_cpu_offload(device=self.device)
                 return  # accelerate's hooks now move each module in and out of the GPU
+        sharded = self.parallel is not None and self.parallel.fsdp
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 keep_on_cpu = name == "text_encoder" and settings.text_encoder_cpu
+                if sharded and not keep_on_cpu and name in ("transformer", "transformer_2", "text_encoder"):
+                    continue  # FSDP moves only this rank's shards to the GPU: the whole model may not fit there
                 module.to(torch.device("cpu") if keep_on_cpu else self.device)
         if settings.text_encoder_cpu:
             self.text_device = torch.device("cpu")
@@ -150,15 +198,47 @@ class Engine:
 
     # ---- the request, stage by stage -----------------------------------------------------------------
 
+    @overload
     def generate(
         self,
         request: GenerationRequest,
         out_path: Path | str,
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
-    ) -> GenerationResult:
-        """Validate, encode, denoise, decode and write `out_path` (MP4) plus a WebP thumbnail beside it."""
+        *,
+        write_async: Literal[False] = False,
+    ) -> GenerationResult: ...
+
+    @overload
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: Path | str,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        *,
+        write_async: Literal[True],
+    ) -> Future[GenerationResult]: ...
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: Path | str,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        *,
+        write_async: bool = False,
+    ) -> GenerationResult | Future[GenerationResult]:
+        """Validate, encode, denoise, decode and write `out_path` (MP4) plus a WebP thumbnail beside it.
+
+        With `write_async=True` the call returns once the frames are decoded, with a future that resolves
+        after the MP4 and thumbnail are written on the engine's writer thread, so the caller can start the
+        next job's GPU work while this one is encoded. Its "done" event is emitted from that thread.
+        """
         req = resolve(request, self.spec)  # every rule is checked before any GPU work
+        if self.parallel is not None:
+            with self.parallel.guard("broadcast of the request"):
+                req = broadcast_object(self.parallel, req)  # rank 0's seed, when the request had none
         emit = on_progress or (lambda _event: None)
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -172,6 +252,11 @@ class Engine:
             t0 = time.perf_counter()
             latents, step_seconds, experts = self.denoise(cond, req, emit, should_cancel)
             timings["denoise"] = time.perf_counter() - t0
+            cache = self.preset_info.step_cache_stats(len(step_seconds))
+            if self.parallel is not None and not self.parallel.is_leader:
+                # Every rank holds the same latents now; rank 0 alone decodes and writes the video.
+                result = self._follower_result(req, Path(out_path), timings, started, step_seconds, experts)
+                return _resolved(result) if write_async else result
 
             t0 = time.perf_counter()
             emit(ProgressEvent.at("vae_decode", 0.0))
@@ -183,24 +268,60 @@ class Engine:
             self.free_memory()
             raise
 
-        t0 = time.perf_counter()
-        emit(ProgressEvent.at("video_encode", 0.0))
-        out = Path(out_path)
-        assert req.fps is not None and req.seed is not None
-        write_mp4(frames, out, fps=req.fps)
-        thumb = write_thumbnail(frames, thumbnail_path_for(out))
-        timings["video_encode"] = time.perf_counter() - t0
+        def write() -> GenerationResult:
+            t0 = time.perf_counter()
+            emit(ProgressEvent.at("video_encode", 0.0))
+            out = Path(out_path)
+            assert req.fps is not None and req.seed is not None
+            write_mp4(frames, out, fps=req.fps)
+            thumb = write_thumbnail(frames, thumbnail_path_for(out))
+            timings["video_encode"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - started
+            emit(ProgressEvent.at("done", 1.0, seconds=timings["total"]))
+            assert req.width and req.height and req.num_frames
+            return GenerationResult(
+                video_path=out,
+                thumbnail_path=thumb,
+                request=req,
+                seed=req.seed,
+                width=req.width,
+                height=req.height,
+                num_frames=int(frames.shape[0]),
+                fps=req.fps,
+                timings={k: round(v, 4) for k, v in timings.items()},
+                step_seconds=[round(s, 4) for s in step_seconds],
+                experts=experts,
+                skipped_fraction=cache.skipped_fraction,
+                skipped_steps=cache.skipped_steps,
+            )
+
+        if not write_async:
+            return write()
+        if self._writer is None:
+            # One thread: videos are written in the order they were generated, and at most one encode
+            # competes with the next job's CPU work (libx264 is multithreaded on its own).
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanserve-mp4")
+        return self._writer.submit(write)
+
+    def _follower_result(
+        self,
+        req: GenerationRequest,
+        out: Path,
+        timings: dict[str, float],
+        started: float,
+        step_seconds: list[float],
+        experts: list[int],
+    ) -> GenerationResult:
+        assert req.width and req.height and req.num_frames and req.fps and req.seed is not None
         timings["total"] = time.perf_counter() - started
-        emit(ProgressEvent.at("done", 1.0, seconds=timings["total"]))
-        assert req.width and req.height and req.num_frames
         return GenerationResult(
             video_path=out,
-            thumbnail_path=thumb,
+            thumbnail_path=thumbnail_path_for(out),
             request=req,
             seed=req.seed,
             width=req.width,
             height=req.height,
-            num_frames=int(frames.shape[0]),
+            num_frames=req.num_frames,
             fps=req.fps,
             timings={k: round(v, 4) for k, v in timings.items()},
             step_seconds=[round(s, 4) for s in step_seconds],
@@ -213,14 +334,15 @@ class Engine:
         assert req.seed is not None and req.width and req.height and req.num_frames
         pipe = self.pipe
         cfg = self._wants_cfg(req)
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt,
-            do_classifier_free_guidance=cfg,
-            num_videos_per_prompt=1,
-            max_sequence_length=self.settings.max_sequence_length,
-            device=self.text_device,
-        )
+        with self._guard("prompt encoding"):
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                prompt=req.prompt,
+                negative_prompt=req.negative_prompt,
+                do_classifier_free_guidance=cfg,
+                num_videos_per_prompt=1,
+                max_sequence_length=self.settings.max_sequence_length,
+                device=self.text_device,
+            )
         prompt_embeds = prompt_embeds.to(self.device, self.dtype)
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(self.device, self.dtype)
@@ -298,10 +420,16 @@ class Engine:
             boundary = req.boundary_ratio * scheduler.config.num_train_timesteps
 
         latents = cond.latents
+        self.preset_info.begin_request()  # no cached residual may cross requests
+        if self.parallel is not None:
+            fit_sequence(self.parallel, self.transformers, self._tokens(latents))
         step_seconds: list[float] = []
         experts: list[int] = []
         for i, t in enumerate(timesteps):
-            if should_cancel is not None and should_cancel():
+            stop = should_cancel is not None and should_cancel()
+            if self.parallel is not None:
+                stop = agree(self.parallel, stop)  # one rank's cancel stops every rank at this same step
+            if stop:
                 raise Cancelled(i, total)
             t0 = time.perf_counter()
             expert = 0 if boundary is None or t >= boundary else 1
@@ -324,7 +452,8 @@ class Engine:
                 else:
                     timestep = t.expand(latents.shape[0])
 
-            noise_pred = self.predict_noise(model, model_input, timestep, cond, scale, i, scheduler)
+            with self._guard(f"denoising step {i + 1}/{total}"):
+                noise_pred = self.predict_noise(model, model_input, timestep, cond, scale, i, scheduler)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if latents.device.type == "cuda":
                 torch.cuda.synchronize(latents.device)  # so the step time is the GPU's, not the launch's
@@ -363,6 +492,11 @@ class Engine:
             "sigma": float(scheduler.sigmas[step_index]),
             "num_inference_steps": len(scheduler.timesteps),
         }
+        guided = cond.negative_embeds is not None and scale > 1.0
+        if guided and self.parallel is not None and self.parallel.cfg > 1:
+            return self._predict_cfg_parallel(model, model_input, timestep, cond, scale, context)
+        if guided and self.settings.cfg_batch:
+            return self._predict_cfg_batch(model, model_input, timestep, cond, scale, context)
         with model.cache_context("cond", **context):
             noise = model(
                 hidden_states=model_input,
@@ -382,6 +516,61 @@ class Engine:
                 return_dict=False,
             )[0]
         return uncond + scale * (noise - uncond)
+
+    def _predict_cfg_parallel(
+        self,
+        model: Any,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        scale: float,
+        context: dict[str, Any],
+    ) -> torch.Tensor:
+        """Each half of the group runs one pass; one all-gather per step hands both to every rank."""
+        assert self.parallel is not None and cond.negative_embeds is not None
+        conditional = self.parallel.cfg_rank == 0
+        with model.cache_context("cond" if conditional else "uncond", **context):
+            mine = model(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=cond.prompt_embeds if conditional else cond.negative_embeds,
+                encoder_hidden_states_image=cond.image_embeds,
+                return_dict=False,
+            )[0]
+        noise, uncond = exchange_cfg(self.parallel, mine)
+        return uncond + scale * (noise - uncond)
+
+    def _predict_cfg_batch(
+        self,
+        model: Any,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        scale: float,
+        context: dict[str, Any],
+    ) -> torch.Tensor:
+        """Both passes as one batch of 2: one launch per layer instead of two, for GPUs with room to spare."""
+        assert cond.negative_embeds is not None
+        image = cond.image_embeds
+        with model.cache_context("cond_uncond", **context):
+            both = model(
+                hidden_states=torch.cat([model_input, model_input]),
+                timestep=torch.cat([timestep, timestep]),
+                encoder_hidden_states=torch.cat([cond.prompt_embeds, cond.negative_embeds]),
+                encoder_hidden_states_image=None if image is None else torch.cat([image, image]),
+                return_dict=False,
+            )[0]
+        noise, uncond = both.chunk(2)
+        return uncond + scale * (noise - uncond)
+
+    def _tokens(self, latents: torch.Tensor) -> int:
+        """Sequence length the transformer sees for these latents (B, C, T, H, W)."""
+        p_t, p_h, p_w = self.transformers[0].config.patch_size
+        return (latents.shape[2] // p_t) * (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
+
+    def _guard(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """The watchdog around work that waits on other ranks; nothing in one process."""
+        return self.parallel.guard(what) if self.parallel is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

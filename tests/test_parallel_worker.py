@@ -1,0 +1,148 @@
+"""A torchrun group of 2 CPU processes (gloo, Ulysses 2) as a real worker behind a real API process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from wanserve.jobs import open_store
+
+from service import Process, base_env, free_port, wait_for, wait_ready
+from videos import decode_mp4
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+SLOW = {"width": 128, "height": 128, "num_frames": 17, "num_inference_steps": 200}
+
+
+class Group:
+    """`torchrun ... -m wanserve worker --ulysses 2` with its log; rank 0 serves the ops port."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.ops_port = free_port()
+        args = [*TORCHRUN, "-m", "wanserve", "worker", "--model", "tiny-t2v", "--ulysses", "2"]
+        args += ["--ops-port", str(self.ops_port)]
+        self.log_path = log
+        output = open(log, "ab")  # noqa: SIM115 - owned by the group process for its lifetime
+        self.proc = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._ready, 180, "the worker group to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"group exited with {self.proc.returncode}:\n{self.log()}")
+        return httpx.get(f"http://127.0.0.1:{self.ops_port}/ready", timeout=2).status_code == 200
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of the process torchrun started for `rank`: a child of torchrun with RANK in its env."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == self.proc.pid and f"RANK={rank}".encode() in environ:
+                return int(entry.name)
+        raise AssertionError(f"no process for rank {rank} under torchrun pid {self.proc.pid}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def setup(tmp: Path, cache: Path, store: str) -> tuple[Process, dict[str, str], str]:
+    env = base_env(
+        cache,
+        WANSERVE_STORE=store,
+        WANSERVE_STORAGE=f"file://{tmp / 'videos'}",
+        WANSERVE_COLLECTIVE_TIMEOUT="10",
+        OMP_NUM_THREADS="1",
+    )
+    port = free_port()
+    api = Process(["api", "--model", "tiny-t2v", "--port", str(port)], env, tmp / "api.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, api)
+    return api, env, url
+
+
+def submit(url: str, **fields: object) -> str:
+    response = httpx.post(f"{url}/v1/videos", json={"prompt": "a river", "seed": 3, **fields}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def status(url: str, job_id: str) -> dict:
+    return httpx.get(f"{url}/v1/videos/{job_id}", timeout=10).json()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_group_serves_jobs_and_cancel_stops_both_ranks_at_one_step(
+    tmp_path: Path, tiny_cache: Path, redis_url: str, backend: str
+) -> None:
+    store = redis_url if backend == "redis" else f"sqlite:///{tmp_path / 'jobs.db'}"
+    api, env, url = setup(tmp_path, tiny_cache, store)
+    group = Group(env, tmp_path / "group.log")
+    try:
+        job_id = submit(url, num_inference_steps=3, num_frames=13)
+        done = wait_for(lambda: (s := status(url, job_id))["status"] in ("completed", "failed") and s, 120, "done")
+        assert done["status"] == "completed", done
+        out = tmp_path / "out.mp4"
+        out.write_bytes(httpx.get(f"{url}/v1/videos/{job_id}/content", timeout=30).content)
+        assert decode_mp4(out).frames.shape == (13, 64, 64, 3)
+
+        slow = submit(url, **SLOW)
+        wait_for(lambda: (s := status(url, slow))["stage"] == "denoise" and s["progress"] > 8, 120, "denoising")
+        httpx.post(f"{url}/v1/videos/{slow}/cancel", timeout=10)
+        final = wait_for(lambda: (s := status(url, slow))["status"] == "failed" and s, 60, "cancelled")
+        assert final["error"]["code"] == "cancelled"
+
+        def stopped_steps() -> list[str]:
+            return re.findall(r"cancelled before denoising step (\d+)/200", group.log())
+
+        steps = wait_for(lambda: len(found := stopped_steps()) == 2 and found, 30, "both ranks to log their stop")
+        assert steps[0] == steps[1], f"ranks stopped at different steps: {steps}\n{group.log()}"
+    finally:
+        group.stop()
+        api.stop()
+
+
+def test_killing_one_rank_ends_the_group_and_the_job_is_redelivered(
+    tmp_path: Path, tiny_cache: Path, redis_url: str
+) -> None:
+    api, env, url = setup(tmp_path, tiny_cache, redis_url)
+    group = Group(env, tmp_path / "group.log")
+    replacement: Group | None = None
+    try:
+        job_id = submit(url, **SLOW)
+        wait_for(lambda: status(url, job_id)["progress"] > 8, 120, "the job to be denoising")
+        first_holder = open_store(redis_url).get(job_id).worker_id
+        victim = group.rank_pid(1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = group.proc.wait(60)
+        took = time.monotonic() - killed_at
+        assert code != 0, group.log()
+        assert took < 30, f"the group took {took:.0f} s to exit after losing a rank"
+
+        replacement = Group(env, tmp_path / "group2.log")
+        done = wait_for(lambda: (s := status(url, job_id))["status"] in ("completed", "failed") and s, 180, "done")
+        assert done["status"] == "completed", done
+        job = open_store(redis_url).get(job_id)
+        assert job.worker_id is not None and job.worker_id != first_holder  # redelivered to the new group
+    finally:
+        group.stop()
+        if replacement is not None:
+            replacement.stop()
+        api.stop()

@@ -1,0 +1,232 @@
+"""Presets (exact, fast, fastest) and `wanserve bench`, on the CPU with the tiny models. No timing assertions:
+the CPU numbers only prove that the harness and every preset path still run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wanserve.bench import T2V_1_3B, psnr, transformer_flops
+from wanserve.config import Settings
+from wanserve.engine import presets
+from wanserve.engine.engine import Engine
+from wanserve.engine.presets import apply_preset
+from wanserve.progress import ProgressEvent
+from wanserve.request import GenerationRequest, resolve
+
+from videos import decode_mp4, png_bytes
+
+RED = png_bytes((220, 30, 30))
+STEPS = 20  # enough steps for First Block Cache to find steps to skip on the tiny model
+
+
+@pytest.fixture(scope="module")
+def preset_engines(tiny_cache: Path) -> dict[str, Engine]:
+    return {p: Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache, preset=p)) for p in presets.PRESET_NAMES}
+
+
+def fox(seed: int = 3, steps: int = STEPS) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="a red fox in the snow", width=128, height=64, num_frames=13, num_inference_steps=steps, seed=seed
+    )
+
+
+@pytest.mark.parametrize("preset", presets.PRESET_NAMES)
+def test_each_preset_writes_a_valid_video(preset_engines: dict[str, Engine], preset: str, tmp_path: Path) -> None:
+    engine = preset_engines[preset]
+    result = engine.generate(fox(), tmp_path / f"{preset}.mp4")
+
+    video = decode_mp4(result.video_path)
+    assert video.frames.shape == (13, 64, 128, 3)
+    assert (video.width, video.height) == (128, 64)
+    info = engine.preset_info
+    assert info.preset == preset and info.lossy == (preset != "exact")
+    if preset == "exact":
+        assert result.skipped_fraction == 0.0 and result.skipped_steps == 0.0
+    else:
+        assert 0.0 < result.skipped_fraction <= 1.0
+        assert result.skipped_steps == pytest.approx(result.skipped_fraction * STEPS, abs=1e-2)
+        assert any(a.startswith("step_cache:") for a in info.applied)
+
+
+@pytest.mark.parametrize("cfg_batch", [False, True])
+@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-i2v", "tiny-t2v-moe"])
+def test_exact_stays_within_tolerance_of_diffusers(tiny_cache: Path, name: str, cfg_batch: bool) -> None:
+    """`exact` on the CPU (fused QKV projections, optionally CFG as a batch of 2) against WanPipeline itself."""
+    engine = Engine.load(name, Settings(cache_dir=tiny_cache, preset="exact", cfg_batch=cfg_batch))
+    assert "fused_qkv" in engine.preset_info.applied
+    image = RED if name == "tiny-i2v" else None
+    pipe = engine.i2v_pipe if image is not None else engine.pipe
+    shift = pipe.scheduler.config.flow_shift
+    req = resolve(
+        GenerationRequest(prompt="a lighthouse", image=image, num_inference_steps=3, seed=9, flow_shift=shift),
+        engine.spec,
+    )
+    ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
+
+    kwargs: dict = dict(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        height=req.height,
+        width=req.width,
+        num_frames=req.num_frames,
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(req.seed or 0),
+        output_type="latent",
+    )
+    if req.guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = req.guidance_scale_2
+    if image is not None:
+        import io
+
+        from PIL import Image
+
+        kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
+    reference = pipe(**kwargs).frames
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_lossy_presets_stay_close_to_exact(preset_engines: dict[str, Engine], tmp_path: Path) -> None:
+    frames = {
+        p: decode_mp4(preset_engines[p].generate(fox(seed=5), tmp_path / f"{p}.mp4").video_path).frames
+        for p in presets.PRESET_NAMES
+    }
+    for lossy in ("fast", "fastest"):
+        value = psnr(frames[lossy], frames["exact"])
+        assert value is not None and math.isfinite(value) and value > 0, (lossy, value)
+
+
+def test_step_cache_never_leaks_across_requests(preset_engines: dict[str, Engine], tmp_path: Path) -> None:
+    """A cached residual from one request must not be reused by the next: A, B, A gives A twice."""
+    engine = preset_engines["fast"]
+    first = engine.generate(fox(seed=1), tmp_path / "a1.mp4")
+    engine.generate(GenerationRequest(prompt="waves at dusk", num_inference_steps=STEPS, seed=2), tmp_path / "b.mp4")
+    again = engine.generate(fox(seed=1), tmp_path / "a2.mp4")
+    assert np.array_equal(decode_mp4(first.video_path).frames, decode_mp4(again.video_path).frames)
+    assert first.skipped_fraction == again.skipped_fraction
+
+
+def test_unavailable_features_are_skipped_with_a_reason(preset_engines: dict[str, Engine]) -> None:
+    info = preset_engines["fastest"].preset_info.to_dict()
+    for feature in ("attention", "int8_attention", "fp8", "compile"):
+        assert info["skipped"][feature], feature  # CPU: each one says why
+    assert "fused_qkv" in info["applied"]
+    assert info["cache_threshold"] == presets.PRESETS["fastest"].cache_threshold
+    json.dumps(info)  # the bench writes it as is
+
+
+def test_warm_up_failure_drops_compilation_and_serves(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiled graph that fails at warm-up must cost the speed-up, never the worker."""
+    engine = Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache, preset="exact"))
+    monkeypatch.setattr(presets.torch, "compile", lambda fn, **_kwargs: fn)  # no real compile: we test the ladder
+    real_warm_up = presets.warm_up
+    calls: list[int] = []
+
+    def flaky_warm_up(engine: Engine, steps: int = 2) -> float:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("inductor exploded")
+        return real_warm_up(engine, steps)
+
+    monkeypatch.setattr(presets, "warm_up", flaky_warm_up)
+    info = apply_preset(engine, "fast", compile=True)
+    assert len(calls) == 2
+    assert not info.compiled and "inductor exploded" in info.skipped["compile"]
+    assert info.cache_threshold is not None and info.warmup_seconds is not None
+    assert all("_wanserve_compiled_forward" not in b.__dict__ for b in engine.pipe.transformer.blocks)
+    result = engine.generate(fox(), tmp_path / "served.mp4")
+    assert result.skipped_fraction > 0
+
+
+def test_regional_compile_composes_with_the_step_cache(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled blocks with First Block Cache hooks on top (the CUDA `fast` path), forced on the CPU.
+
+    Dynamo traces each block with fullgraph=True, so a hook inside the compiled region would fail here; the
+    "eager" backend skips inductor's C++ code generation, which the GPU benchmark exercises instead."""
+    real_compile = torch.compile
+    monkeypatch.setattr(presets.torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
+    torch._dynamo.reset()
+    engine = Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache, preset="exact"))
+    info = apply_preset(engine, "fast", compile=True)
+    assert info.compiled and info.warmup_seconds is not None
+    result = engine.generate(fox(), tmp_path / "compiled.mp4")
+    assert decode_mp4(result.video_path).frames.shape == (13, 64, 128, 3)
+    assert result.skipped_fraction > 0
+
+
+def test_write_async_returns_a_future_with_the_same_video(preset_engines: dict[str, Engine], tmp_path: Path) -> None:
+    engine = preset_engines["exact"]
+    events: list[ProgressEvent] = []
+    sync = engine.generate(fox(seed=8, steps=2), tmp_path / "sync.mp4")
+    first = engine.generate(fox(seed=8, steps=2), tmp_path / "async1.mp4", events.append, write_async=True)
+    second = engine.generate(fox(seed=9, steps=2), tmp_path / "async2.mp4", write_async=True)
+    assert isinstance(first, Future) and isinstance(second, Future)
+    one, two = first.result(timeout=60), second.result(timeout=60)
+    assert np.array_equal(decode_mp4(one.video_path).frames, decode_mp4(sync.video_path).frames)
+    assert one.thumbnail_path.exists() and two.video_path.exists()
+    assert events[-1].stage == "done" and "video_encode" in one.timings
+
+
+def test_flop_count_matches_the_real_module() -> None:
+    """The analytic count's linear part equals 2 x tokens x the block weights the video tokens go through."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**T2V_1_3B)
+    tokens, text = 32760, 512
+    video_params = text_params = 0
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if name.endswith(("attn2.to_k", "attn2.to_v")):
+                text_params += module.weight.numel()
+            else:
+                video_params += module.weight.numel()
+    d, layers = 1536, 30
+    blocks = 2 * tokens * video_params + 2 * text * text_params + layers * (4 * tokens**2 * d + 4 * tokens * text * d)
+    total = transformer_flops(model.config, tokens)
+    assert blocks <= total <= blocks * 1.01  # the rest (embeddings, head) is well under 1 %
+
+
+def test_bench_cpu_tiny_writes_the_results_file(tiny_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "wanserve", "bench", "--cpu-tiny", "--out", str(out), "--repeats", "2"]
+    command += ["--jobs", "2", "--cache-dir", str(tiny_cache)]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, WANSERVE_CACHE_DIR=str(tiny_cache))
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = list(out.glob("cpu-*.json"))
+    assert len(files) == 1 and run.stdout.strip().endswith(files[0].name)
+    document = json.loads(files[0].read_text())
+
+    env = document["environment"]
+    for key in ("date", "python", "torch", "diffusers", "device_name", "driver", "git_commit"):
+        assert key in env, key
+    report = document["runs"]["tiny"]
+    assert report["matmul_ceiling"]["tflops"] > 0
+    assert set(report["forward"]) == {"diffusers", "exact", "fast", "fastest"}
+    for entry in report["forward"].values():
+        assert entry["ms"] > 0 and entry["tflops"] > 0 and entry["percent_of_ceiling"] > 0
+    assert report["forward"]["exact"]["preset"]["applied"]
+    assert set(report["request"]) == {"diffusers", "exact", "fast", "fastest"}
+    assert report["request"]["exact"]["identical_to_diffusers"] is True  # exact on the CPU changes nothing
+    for lossy in ("fast", "fastest"):
+        assert report["request"][lossy]["skipped_fraction"] > 0
+        assert math.isfinite(report["request"][lossy]["psnr_vs_exact_db"])
+    serving = report["serving"]
+    assert serving["jobs"] == 2 and 0 < serving["busy_fraction"] <= 1 and serving["via"].startswith("Worker")
+    assert report["cold_start"]["seconds_to_ready"] > 0
