@@ -14,12 +14,12 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from wanserve.config import Settings
-from wanserve.errors import Cancelled, InvalidRequest, JobNotFound
+from wanserve.errors import Cancelled, InvalidRequest, JobNotFound, ParallelGroupError
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest
@@ -48,6 +48,8 @@ class _Running:
     started: float
     keep_going: bool = True  # False once the store says cancel, or the lease was lost
     stop_reason: str | None = None  # "cancel" | "timeout" | "drain" | "lost"
+    # Set when the job ends, so the heartbeat stops at once instead of finishing a lease/3 sleep.
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class Worker:
@@ -74,7 +76,10 @@ class Worker:
         self._drain_deadline: float | None = None
         self._stopped = threading.Event()
         self._running: _Running | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: drain() runs in signal handlers, and a second signal (SIGTERM, then Ctrl-C) can arrive while
+        # the first handler holds the lock on the same thread; a plain Lock would deadlock the process there.
+        self._lock = threading.RLock()
+        self._last_idle = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -114,20 +119,40 @@ class Worker:
         try:
             if not self.loaded.is_set():
                 self.load()
-            next_reap = 0.0
+            # Once before the first claim (a restarted worker requeues its dead predecessor's job first), then on
+            # its own thread: reaping only between claims meant that while every worker was busy (a 30-minute
+            # job), a dead worker's job stayed "in_progress" until one of them finished its own.
+            self._reap()
+            threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
             while not self._draining.is_set():
-                now = time.monotonic()
-                if now >= next_reap:
-                    self._reap()
-                    next_reap = now + max(self.settings.lease_seconds / 3, 0.5)
                 job = self.store.claim(self.model, self.worker_id, self.settings.lease_seconds)
                 if job is None:
+                    self._keep_group_alive()
                     self._draining.wait(self.settings.poll_interval)
                     continue
                 self.process(job)
         finally:
+            stop_group = getattr(self.engine, "stop", None)  # a GroupLeader releases its follower ranks
+            if stop_group is not None:
+                stop_group()
             self._stopped.set()
             log.info("worker %s stopped", self.worker_id)
+
+    def _keep_group_alive(self) -> None:
+        """Follower ranks wait for the next request in a collective that times out: tell them we are alive."""
+        idle = getattr(self.engine, "idle", None)
+        if idle is None:
+            return
+        now = time.monotonic()
+        if now - self._last_idle >= min(self.settings.collective_timeout / 4, 10.0):
+            self._last_idle = now
+            idle()
+
+    def _housekeeping(self) -> None:
+        """`_reap` every lease/3, busy or idle, until this worker drains."""
+        interval = max(self.settings.lease_seconds / 3, 0.5)
+        while not self._draining.wait(interval):
+            self._reap()
 
     def _reap(self) -> None:
         """Housekeeping every worker shares: requeue jobs of dead workers, delete expired results."""
@@ -158,6 +183,7 @@ class Worker:
             status = self._generate(running)
         finally:
             self._running = None
+            running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
             heartbeat.join(timeout=5)
             if self.metrics is not None and status in ("completed", "failed", "cancelled"):
                 self.metrics.job_finished(job.model, status, queue_wait, time.monotonic() - running.started)
@@ -203,6 +229,11 @@ class Worker:
                 store.fail(job.id, self.worker_id, "invalid_request", str(exc), ttl)
                 return "failed"
             except Exception as exc:
+                if getattr(self.engine, "ctx", None) is not None:
+                    # In a torchrun group an error on one rank leaves the others mid-collective: the group is
+                    # out of step. Exit so it restarts; the job's lease runs out and it is redelivered, and a
+                    # job that keeps doing this ends failed after max_attempts.
+                    raise ParallelGroupError(f"job {job.id}: {type(exc).__name__}: {exc}") from exc
                 log.exception("job %s failed", job.id)
                 store.fail(job.id, self.worker_id, "generation_failed", f"{type(exc).__name__}: {exc}", ttl)
                 return "failed"
@@ -245,7 +276,7 @@ class Worker:
         if current is not None and current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
             store.mark_cancelled(job.id, self.worker_id, ttl)
             self.storage.delete_prefix(job.id)
-            log.info("job %s cancelled at step %d/%d", job.id, exc.step, exc.total)
+            log.info("job %s %s", job.id, exc)
             return "cancelled"
         self._after_lost(job)
         return "lost"
@@ -256,10 +287,7 @@ class Worker:
     def _heartbeat(self, running: _Running) -> None:
         """Renew the lease between steps too: text encoding and VAE decoding can outlast a lease."""
         interval = max(self.settings.lease_seconds / 3, 0.05)
-        while self._running is running:
-            time.sleep(interval)
-            if self._running is not running:
-                return
+        while not running.done.wait(interval):
             try:
                 if not self.store.renew(running.job.id, self.worker_id, self.settings.lease_seconds):
                     running.keep_going = False
