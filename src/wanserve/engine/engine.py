@@ -497,24 +497,11 @@ class Engine:
             return self._predict_cfg_parallel(model, model_input, timestep, cond, scale, context)
         if guided and self.settings.cfg_batch:
             return self._predict_cfg_batch(model, model_input, timestep, cond, scale, context)
-        with model.cache_context("cond", **context):
-            noise = model(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=cond.prompt_embeds,
-                encoder_hidden_states_image=cond.image_embeds,
-                return_dict=False,
-            )[0]
-        if cond.negative_embeds is None or scale <= 1.0:
+        noise = _forward(model, "cond", context, model_input, timestep, cond.prompt_embeds, cond.image_embeds)
+        if not guided:
             return noise
-        with model.cache_context("uncond", **context):
-            uncond = model(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=cond.negative_embeds,
-                encoder_hidden_states_image=cond.image_embeds,
-                return_dict=False,
-            )[0]
+        assert cond.negative_embeds is not None
+        uncond = _forward(model, "uncond", context, model_input, timestep, cond.negative_embeds, cond.image_embeds)
         return uncond + scale * (noise - uncond)
 
     def _predict_cfg_parallel(
@@ -529,14 +516,10 @@ class Engine:
         """Each half of the group runs one pass; one all-gather per step hands both to every rank."""
         assert self.parallel is not None and cond.negative_embeds is not None
         conditional = self.parallel.cfg_rank == 0
-        with model.cache_context("cond" if conditional else "uncond", **context):
-            mine = model(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=cond.prompt_embeds if conditional else cond.negative_embeds,
-                encoder_hidden_states_image=cond.image_embeds,
-                return_dict=False,
-            )[0]
+        embeds = cond.prompt_embeds if conditional else cond.negative_embeds
+        mine = _forward(
+            model, "cond" if conditional else "uncond", context, model_input, timestep, embeds, cond.image_embeds
+        )
         noise, uncond = exchange_cfg(self.parallel, mine)
         return uncond + scale * (noise - uncond)
 
@@ -552,14 +535,15 @@ class Engine:
         """Both passes as one batch of 2: one launch per layer instead of two, for GPUs with room to spare."""
         assert cond.negative_embeds is not None
         image = cond.image_embeds
-        with model.cache_context("cond_uncond", **context):
-            both = model(
-                hidden_states=torch.cat([model_input, model_input]),
-                timestep=torch.cat([timestep, timestep]),
-                encoder_hidden_states=torch.cat([cond.prompt_embeds, cond.negative_embeds]),
-                encoder_hidden_states_image=None if image is None else torch.cat([image, image]),
-                return_dict=False,
-            )[0]
+        both = _forward(
+            model,
+            "cond_uncond",
+            context,
+            torch.cat([model_input, model_input]),
+            torch.cat([timestep, timestep]),
+            torch.cat([cond.prompt_embeds, cond.negative_embeds]),
+            None if image is None else torch.cat([image, image]),
+        )
         noise, uncond = both.chunk(2)
         return uncond + scale * (noise - uncond)
 
@@ -590,3 +574,23 @@ class Engine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _forward(
+    model: Any,
+    name: str,
+    context: dict[str, Any],
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    text: torch.Tensor,
+    image: torch.Tensor | None,
+) -> torch.Tensor:
+    """One transformer pass, named for diffusers' cache hooks (FirstBlockCache keeps cond and uncond apart)."""
+    with model.cache_context(name, **context):
+        return model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_hidden_states_image=image,
+            return_dict=False,
+        )[0]
