@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,7 +33,11 @@ class Group:
         self.log_path = log
         output = open(log, "ab")  # noqa: SIM115 - owned by the group process for its lifetime
         self.proc = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._ready, 180, "the worker group to be ready")
+        try:
+            wait_for(self._ready, 180, "the worker group to be ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -42,8 +47,9 @@ class Group:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-8000:]
 
-    def rank_pid(self, rank: int) -> int:
-        """The pid of the process torchrun started for `rank`: a child of torchrun with RANK in its env."""
+    def children(self) -> dict[int, int]:
+        """rank -> pid of the processes torchrun started (its direct children with RANK in their env)."""
+        found: dict[int, int] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -52,13 +58,28 @@ class Group:
                 environ = (entry / "environ").read_bytes().split(b"\0")
             except (OSError, IndexError, ValueError):
                 continue
-            if parent == self.proc.pid and f"RANK={rank}".encode() in environ:
-                return int(entry.name)
-        raise AssertionError(f"no process for rank {rank} under torchrun pid {self.proc.pid}")
+            if parent != self.proc.pid:
+                continue
+            for item in environ:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = int(entry.name)
+        return found
+
+    def rank_pid(self, rank: int) -> int:
+        pid = self.children().get(rank)
+        if pid is None:
+            raise AssertionError(f"no process for rank {rank} under torchrun pid {self.proc.pid}")
+        return pid
 
     def stop(self) -> None:
+        # torchrun may start its ranks in sessions of their own: kill them by pid, not only the group, or a
+        # leftover rank 0 would go on claiming other tests' jobs from the shared Redis.
+        for pid in self.children().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
 
