@@ -14,6 +14,7 @@ from wanserve.errors import Cancelled, InvalidRequest
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest, resolve
 
+from engine_fixtures import diffusers_latents
 from videos import decode_mp4, moov_before_mdat, png_bytes
 
 FAMILIES = ["tiny-t2v", "tiny-i2v", "tiny-ti2v", "tiny-t2v-moe"]
@@ -219,26 +220,7 @@ def test_loop_matches_diffusers_pipeline(engines: dict[str, Engine], name: str) 
     cond = engine.prepare(req)
     ours, _, _ = engine.denoise(cond, req, lambda _e: None)
 
-    kwargs: dict = dict(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        height=req.height,
-        width=req.width,
-        num_frames=req.num_frames,
-        num_inference_steps=req.num_inference_steps,
-        guidance_scale=req.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(req.seed or 0),
-        output_type="latent",
-    )
-    if req.guidance_scale_2 is not None:
-        kwargs["guidance_scale_2"] = req.guidance_scale_2
-    if image is not None:
-        import io
-
-        from PIL import Image
-
-        kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
-    reference = pipe(**kwargs).frames
+    reference = diffusers_latents(pipe, req, image)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 

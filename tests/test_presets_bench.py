@@ -23,6 +23,7 @@ from wanserve.engine.presets import apply_preset
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest, resolve
 
+from engine_fixtures import diffusers_latents
 from videos import decode_mp4, png_bytes
 
 RED = png_bytes((220, 30, 30))
@@ -73,26 +74,7 @@ def test_exact_stays_within_tolerance_of_diffusers(tiny_cache: Path, name: str, 
     )
     ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
 
-    kwargs: dict = dict(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        height=req.height,
-        width=req.width,
-        num_frames=req.num_frames,
-        num_inference_steps=req.num_inference_steps,
-        guidance_scale=req.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(req.seed or 0),
-        output_type="latent",
-    )
-    if req.guidance_scale_2 is not None:
-        kwargs["guidance_scale_2"] = req.guidance_scale_2
-    if image is not None:
-        import io
-
-        from PIL import Image
-
-        kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
-    reference = pipe(**kwargs).frames
+    reference = diffusers_latents(pipe, req, image)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 

@@ -232,23 +232,7 @@ def serve(
     models_dir: ModelsDirOpt = None,
 ) -> None:
     """API, durable queue and one resident worker per model, in one process (tiny-t2v by default)."""
-    _run_role(
-        "serve",
-        model=model,
-        data_dir=data_dir,
-        store=store,
-        storage=storage,
-        host=host,
-        port=port,
-        device=device,
-        dtype=dtype,
-        text_encoder_cpu=text_encoder_cpu,
-        cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling,
-        preset=preset,
-        cache_dir=cache_dir,
-        models_dir=models_dir,
-    )
+    _run_role("serve", **locals())  # every parameter is a Settings key
 
 
 @app.command()
@@ -261,7 +245,7 @@ def api(
     port: PortOpt = None,
 ) -> None:
     """A stateless API replica (no torch): run any number against one Redis store and shared storage."""
-    _run_role("api", model=model, data_dir=data_dir, store=store, storage=storage, host=host, port=port)
+    _run_role("api", **locals())  # every parameter is a Settings key
 
 
 @app.command()
@@ -289,30 +273,7 @@ def worker(
     cfg_batch: CfgBatchOpt = None,
 ) -> None:
     """One GPU worker for one model. SIGTERM or POST /drain: finish or hand back the job, exit 0."""
-    _run_role(
-        "worker",
-        model=model,
-        data_dir=data_dir,
-        store=store,
-        storage=storage,
-        host=host,
-        ops_port=ops_port,
-        device=device,
-        dtype=dtype,
-        text_encoder_cpu=text_encoder_cpu,
-        cpu_offload=cpu_offload,
-        vae_tiling=vae_tiling,
-        preset=preset,
-        cache_dir=cache_dir,
-        models_dir=models_dir,
-        lease_seconds=lease_seconds,
-        shutdown_grace=shutdown_grace,
-        ulysses=ulysses,
-        ring=ring,
-        cfg_parallel=cfg_parallel,
-        fsdp=fsdp,
-        cfg_batch=cfg_batch,
-    )
+    _run_role("worker", **locals())  # every parameter is a Settings key
 
 
 @app.command()
