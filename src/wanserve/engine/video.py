@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# x264's CPU flag for its AVX-512 code paths (x264.h, unchanged since build 152).
+_X264_CPU_AVX512 = 1 << 16
 
 
 def thumbnail_path_for(video_path: Path) -> Path:
@@ -29,7 +38,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18) -> Path:
             stream.width = width
             stream.height = height
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
+            stream.options = {"crf": str(crf), "preset": "medium", **_x264_options()}
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
@@ -39,6 +48,41 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@functools.cache
+def _x264_options() -> dict[str, str]:
+    """Keep libx264 off its AVX-512 code paths, and on every other SIMD path it detects.
+
+    With them, the x264 that PyAV bundles (build 165) encodes the same frames into different bitstreams from
+    one run to the next on AVX-512 CPUs (its macroblock-tree rate control): the same seed gave a different
+    MP4. Without them every run gives the bitstream that x264's plain C code gives. The flags come from x264's
+    own `x264_cpu_detect`, called through ctypes on the library libavcodec loaded; where that library cannot
+    be found (another PyAV build), x264 keeps its defaults.
+    """
+    path = _bundled_x264()
+    if path is None:
+        return {}
+    try:
+        detect = ctypes.CDLL(str(path)).x264_cpu_detect
+        detect.restype = ctypes.c_uint32
+        flags = int(detect())
+    except (OSError, AttributeError) as exc:
+        log.debug("libx264 CPU flags unavailable (%s); x264 keeps its defaults", exc)
+        return {}
+    if not flags & _X264_CPU_AVX512:
+        return {}
+    return {"x264-params": f"asm={flags & ~_X264_CPU_AVX512}"}
+
+
+def _bundled_x264() -> Path | None:
+    """PyAV's own libx264 (`av.libs/libx264-<hash>.so.<build>`), when it is build 152 or newer."""
+    libs = Path(av.__file__).resolve().parent.parent / "av.libs"
+    for candidate in sorted(libs.glob("libx264*.so.*")):
+        build = re.search(r"\.so\.(\d+)$", candidate.name)
+        if build and int(build.group(1)) >= 152:
+            return candidate
+    return None
 
 
 def write_thumbnail(frames: np.ndarray, path: Path, max_side: int = 512) -> Path:
