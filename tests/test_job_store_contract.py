@@ -115,6 +115,21 @@ def test_claim_order_is_priority_then_arrival(store: JobStore) -> None:
     assert store.claim("tiny-t2v", "w1", LEASE) is None
 
 
+def test_peek_shows_what_claim_would_take_without_taking_it(store: JobStore) -> None:
+    assert store.peek("tiny-t2v") == []
+    low = store.enqueue(make_job(priority=0))
+    high = store.enqueue(make_job(priority=5))
+    cancelled = store.enqueue(make_job(priority=9))
+    store.request_cancel(cancelled.id, ttl=60)
+    store.enqueue(make_job("tiny-i2v", priority=9))
+    assert [j.id for j in store.peek("tiny-t2v", 5)] == [high.id, low.id]
+    assert [j.id for j in store.peek("tiny-t2v")] == [high.id]
+    assert store.peek("tiny-t2v")[0].request == high.request
+    assert store.get(high.id).status is JobStatus.QUEUED and store.queue_depth("tiny-t2v") == 2
+    assert claim(store).id == high.id
+    assert [j.id for j in store.peek("tiny-t2v", 5)] == [low.id]
+
+
 def test_claim_only_takes_jobs_of_the_asked_model(store: JobStore) -> None:
     other = store.enqueue(make_job("tiny-i2v", priority=9))
     mine = store.enqueue(make_job("tiny-t2v"))

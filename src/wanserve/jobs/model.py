@@ -91,6 +91,11 @@ class JobStore(Protocol):
         attempts + 1, lease until now + lease_seconds. None when nothing waits."""
         ...
 
+    def peek(self, model: str, limit: int = 1) -> list[Job]:
+        """The next `limit` jobs `claim` would take for `model`, in that order, unchanged. A hint, not a
+        reservation: another worker may claim them first (the worker prefetches their prompts with it)."""
+        ...
+
     def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
         """Extend the lease. Returns whether the caller should keep going: False (and the worker must stop)
         when the job is no longer in_progress under this worker, or when cancel was requested."""

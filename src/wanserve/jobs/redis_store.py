@@ -391,6 +391,14 @@ class RedisJobStore:
         flat = self._once(self._claim, model, worker_id, repr(now), repr(now + lease_seconds))
         return None if flat is None else _from_flat(flat)
 
+    def peek(self, model: str, limit: int = 1) -> list[Job]:
+        if limit <= 0:
+            return []
+        # The queue can hold stale members (claim drops them as it meets them): read a few more than asked.
+        members = self._redis.zrange(self._key("queue", model), 0, 2 * limit + 7)
+        jobs = self._jobs([member.split(":", 1)[1] for member in members])
+        return [job for job in jobs if job.status == JobStatus.QUEUED][:limit]
+
     def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
         now = time.time() if now is None else now
         return bool(self._renew(args=[self.prefix, job_id, worker_id, repr(now + lease_seconds)]))

@@ -181,6 +181,13 @@ class SQLiteJobStore:
             self._save(conn, job)
         return job
 
+    def peek(self, model: str, limit: int = 1) -> list[Job]:
+        rows = self._conn().execute(
+            "SELECT data FROM jobs WHERE model = ? AND status = 'queued' ORDER BY priority DESC, seq LIMIT ?",
+            (model, max(limit, 0)),
+        )
+        return [Job.from_dict(json.loads(row[0])) for row in rows.fetchall()]
+
     def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
         now = time.time() if now is None else now
         with self._tx() as conn:
