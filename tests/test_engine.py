@@ -239,3 +239,46 @@ def test_memory_settings_are_applied(tiny_cache: Path, tmp_path: Path) -> None:
     assert engine.text_device.type == "cpu"
     result = engine.generate(GenerationRequest(prompt="x", num_inference_steps=2, seed=1), tmp_path / "m.mp4")
     assert decode_mp4(result.video_path).frames.shape[0] == 9
+
+
+def test_cached_and_prefetched_prompts_give_the_same_video(engines: dict[str, Engine], tmp_path: Path) -> None:
+    engine = engines["tiny-t2v"]
+    encoder_calls: list[int] = []
+    hook = engine.pipe.text_encoder.register_forward_pre_hook(lambda *_: encoder_calls.append(1))
+    request = GenerationRequest(
+        prompt="a lighthouse in fog", negative_prompt="blurry, dark", num_inference_steps=2, seed=4
+    )
+
+    def video(name: str) -> bytes:
+        return engine.generate(request, tmp_path / name).video_path.read_bytes()
+
+    try:
+        engine.clear_prompt_cache()
+        cold = video("cold.mp4")
+        assert len(encoder_calls) == 2  # the prompt and the negative prompt
+        cached = video("cached.mp4")
+        assert len(encoder_calls) == 2
+        engine.clear_prompt_cache()
+        assert engine.prefetch(request) == 2 and engine.prefetch(request) == 0
+        prefetched = video("prefetched.mp4")
+        assert len(encoder_calls) == 4
+    finally:
+        hook.remove()
+    assert cold == cached == prefetched
+
+
+def test_prompt_cache_can_be_turned_off(tiny_cache: Path, tmp_path: Path) -> None:
+    engine = Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache, prompt_cache_size=0))
+    encoder_calls: list[int] = []
+    engine.pipe.text_encoder.register_forward_pre_hook(lambda *_: encoder_calls.append(1))
+    request = GenerationRequest(prompt="a lighthouse in fog", num_inference_steps=2, seed=4)
+    assert engine.prefetch(request) == 0 and encoder_calls == []
+    for name in ("a.mp4", "b.mp4"):
+        engine.generate(request, tmp_path / name)
+    assert len(encoder_calls) == 4
+
+
+def test_no_prefetch_under_cpu_offload(tiny_cache: Path) -> None:
+    # Offload hooks would move the transformer off the GPU while another thread denoises with it.
+    engine = Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache, cpu_offload=True))
+    assert engine.prefetch(GenerationRequest(prompt="a lighthouse in fog")) == 0

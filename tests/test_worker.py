@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from wanserve.catalog import lookup
 from wanserve.config import Settings
@@ -15,6 +16,7 @@ from wanserve.engine.engine import Engine
 from wanserve.jobs import Job, JobStatus, new_job_id, open_store
 from wanserve.request import GenerationRequest, resolve
 from wanserve.storage import open_storage
+from wanserve.storage.local import LocalStorage
 from wanserve.worker import Worker
 
 from service import wait_for
@@ -26,19 +28,38 @@ def engine(tiny_cache: Path) -> Engine:
     return Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache))
 
 
+class SlowStorage(LocalStorage):
+    """Local files behind a slow link (a distant S3 bucket): every upload takes `delay` seconds more. With
+    `fail_first`, the first upload is refused, as by a storage outage."""
+
+    def __init__(self, root: Path, delay: float = 0.0, fail_first: bool = False) -> None:
+        super().__init__(root)
+        self.delay, self.fail_next = delay, fail_first
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        time.sleep(self.delay)
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("storage unreachable")
+        super().put_file(key, path, content_type)
+
+
 class Harness:
-    def __init__(self, tmp: Path, engine: Engine, **settings: object) -> None:
+    def __init__(
+        self, tmp: Path, engine: Engine, storage: LocalStorage | None = None, start: bool = True, **settings: object
+    ) -> None:
         self.settings = Settings(data_dir=tmp, lease_seconds=2, poll_interval=0.05, progress_interval=0, **settings)
         self.store = open_store(self.settings.store_url)
-        self.storage = open_storage(self.settings.storage_url)
+        self.storage = storage or open_storage(self.settings.storage_url)
         self.worker = Worker("tiny-t2v", self.settings, self.store, self.storage, engine=engine)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
-    def submit(self, **fields: object) -> str:
+    def submit(self, prompt: str = "a fox", seed: int = 1, **fields: object) -> str:
         spec = lookup("tiny-t2v")
         assert spec is not None
-        request = resolve(GenerationRequest(prompt="a fox", seed=1, **fields), spec)  # type: ignore[arg-type]
+        request = resolve(GenerationRequest(prompt=prompt, seed=seed, **fields), spec)  # type: ignore[arg-type]
         job = self.store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request=request.to_dict()))
         return job.id
 
@@ -47,7 +68,8 @@ class Harness:
 
     def stop(self) -> None:
         self.worker.drain(grace=0)
-        self.thread.join(30)
+        if self.thread.is_alive():
+            self.thread.join(30)
 
 
 @pytest.fixture
@@ -115,3 +137,85 @@ def test_cancel_requested_while_running(harness: Harness) -> None:
     job = harness.finished(job_id, timeout=10)
     assert job.status == JobStatus.CANCELLED and job.progress < 1.0
     assert not (harness.settings.data_dir / "videos" / job_id).exists()
+
+
+# ---- overlap: the next job starts while the previous one is stored; its prompt is encoded ahead -------------
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_next_job_runs_while_the_previous_video_is_uploaded(tmp_path: Path, engine: Engine, overlap: bool) -> None:
+    storage = SlowStorage(tmp_path / "videos", delay=0.75)
+    h = Harness(tmp_path, engine, storage=storage, start=False, overlap_jobs=overlap)
+    first, second = h.submit(num_inference_steps=3), h.submit(num_inference_steps=3, seed=2)
+    h.thread.start()
+    try:
+        a, b = h.finished(first), h.finished(second)
+    finally:
+        h.stop()
+    assert a.status == b.status == JobStatus.COMPLETED
+    assert a.completed_at is not None and b.started_at is not None
+    if overlap:  # claimed and generated while the first upload (1.5 s) was still going
+        assert b.started_at < a.completed_at
+    else:
+        assert b.started_at >= a.completed_at
+    for job in (a, b):
+        assert decode_mp4(tmp_path / "videos" / job.id / "video.mp4").frames.shape[0] == 9
+
+
+def test_drain_waits_for_the_video_being_uploaded(tmp_path: Path, engine: Engine) -> None:
+    h = Harness(tmp_path, engine, storage=SlowStorage(tmp_path / "videos", delay=1.0))
+    job_id = h.submit(num_inference_steps=2)
+    wait_for(lambda: h.store.get(job_id).stage == "done", 30, "the frames to be written")
+    h.worker.drain(grace=0)  # nothing left to stop: the job is past its last step
+    assert h.worker.wait_stopped(30)
+    assert h.store.get(job_id).status == JobStatus.COMPLETED  # stored before the worker stopped, not after
+    assert (tmp_path / "videos" / job_id / "video.mp4").exists()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_upload_that_fails_fails_the_job_and_the_worker_goes_on(
+    tmp_path: Path, engine: Engine, overlap: bool
+) -> None:
+    h = Harness(tmp_path, engine, storage=SlowStorage(tmp_path / "videos", fail_first=True), overlap_jobs=overlap)
+    try:
+        lost, kept = h.finished(h.submit(num_inference_steps=2)), h.finished(h.submit(num_inference_steps=2))
+    finally:
+        h.stop()
+    assert lost.status == JobStatus.FAILED and lost.error_code == "storage_failed"
+    assert lost.error_message is not None and "storage unreachable" in lost.error_message
+    assert not (tmp_path / "videos" / lost.id).exists()
+    assert kept.status == JobStatus.COMPLETED
+
+
+def test_next_prompt_is_encoded_while_the_current_job_denoises(tmp_path: Path, engine: Engine) -> None:
+    tokenizer, length = engine.pipe.tokenizer, engine.settings.max_sequence_length
+    encoded: list[tuple[str, float, str]] = []  # (thread, time, ids) of every text encoder call
+
+    def record(_module: object, args: tuple[torch.Tensor, ...]) -> None:
+        ids = args[0][0].tolist()
+        encoded.append((threading.current_thread().name, time.time(), str(ids)))
+
+    def ids_of(text: str) -> str:
+        return str(tokenizer(text, padding="max_length", max_length=length, truncation=True).input_ids)
+
+    hook = engine.pipe.text_encoder.register_forward_pre_hook(record)
+    h = Harness(tmp_path, engine, start=False)
+    try:
+        long_job = h.submit("an owl over a frozen lake", num_inference_steps=120, width=128, height=128)
+        next_job = h.submit("a heron wading at dawn", num_inference_steps=2, seed=5)
+        h.thread.start()
+        done = h.finished(next_job, timeout=120)
+        assert h.finished(long_job).status == done.status == JobStatus.COMPLETED
+    finally:
+        hook.remove()
+        h.stop()
+    heron = [(thread, at) for thread, at, ids in encoded if ids == ids_of("a heron wading at dawn")]
+    assert len(heron) == 1  # encoded once: ahead of the job, which then found it cached
+    thread, at = heron[0]
+    assert thread.startswith("prefetch-") and done.started_at is not None and at < done.started_at
+
+    # The prefetched embeddings give exactly the video the job would have got without them.
+    engine.clear_prompt_cache()
+    request = GenerationRequest.from_dict(done.request)
+    direct = engine.generate(request, tmp_path / "direct.mp4").video_path.read_bytes()
+    assert (tmp_path / "videos" / next_job / "video.mp4").read_bytes() == direct

@@ -53,6 +53,13 @@ FsdpOpt = Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="shard we
 CfgBatchOpt = Annotated[
     bool | None, typer.Option("--cfg-batch/--no-cfg-batch", help="both guidance passes as one batch")
 ]
+OverlapOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--overlap-jobs/--no-overlap-jobs",
+        help="encode the next queued prompt and store the previous video while a job denoises (default on)",
+    ),
+]
 
 
 @app.command()
@@ -230,6 +237,7 @@ def serve(
     preset: PresetOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
+    overlap_jobs: OverlapOpt = None,
 ) -> None:
     """API, durable queue and one resident worker per model, in one process (tiny-t2v by default)."""
     _run_role("serve", **locals())  # every parameter is a Settings key
@@ -271,6 +279,7 @@ def worker(
     cfg_parallel: CfgParallelOpt = None,
     fsdp: FsdpOpt = None,
     cfg_batch: CfgBatchOpt = None,
+    overlap_jobs: OverlapOpt = None,
 ) -> None:
     """One GPU worker for one model. SIGTERM or POST /drain: finish or hand back the job, exit 0."""
     _run_role("worker", **locals())  # every parameter is a Settings key
@@ -345,6 +354,8 @@ def bench(
     jobs: Annotated[int | None, typer.Option(help="back-to-back jobs for the serving figure; 0 skips")] = None,
     layers: Annotated[int | None, typer.Option(help="layers of a random-weight transformer (step projected)")] = None,
     cfg_batch: Annotated[bool, typer.Option("--cfg-batch", help="the engine runs CFG as one batch of 2")] = False,
+    text_encoder_cpu: TextCpuOpt = None,
+    vae_tiling: TilingOpt = None,
     request: Annotated[
         bool | None, typer.Option("--request/--no-request", help="time whole requests (default: per shape)")
     ] = None,
@@ -370,6 +381,8 @@ def bench(
         jobs=jobs,
         layers=layers,
         cfg_batch=cfg_batch,
+        text_encoder_cpu=bool(text_encoder_cpu),
+        vae_tiling=bool(vae_tiling),
         request=request,
         cold_start=cold_start,
         device=device or "auto",

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     vae_tiling: bool = False
     preset: Preset = "exact"
     max_sequence_length: int = Field(default=512, ge=1, le=4096)
+    # Text embeddings kept per engine (one per distinct prompt or negative prompt, 4 MiB each at 512 tokens):
+    # the shared default negative prompt is encoded once, and a prefetched prompt waits here for its job.
+    prompt_cache_size: int = Field(default=16, ge=0)
 
     # Multi-GPU layout: server configuration, fixed at start.
     ulysses: int = Field(default=1, ge=1)
@@ -63,6 +66,9 @@ class Settings(BaseSettings):
     result_ttl: float = Field(default=24 * 3600.0, gt=0)  # seconds a finished job's files are kept
     progress_interval: float = Field(default=0.5, ge=0)  # min seconds between progress writes
     poll_interval: float = Field(default=0.2, gt=0)  # worker's idle wait between claims
+    # While a job denoises, encode the next queued job's prompt, and write/upload/complete the previous job's
+    # video on another thread: the GPU goes from one job's last step to the next job's first without waiting.
+    overlap_jobs: bool = True
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     storage_redirect: bool = False  # S3: redirect downloads to a presigned URL instead of streaming
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,23 @@ class StandInEngine:
         # One small clip, encoded once: the stand-in measures the control plane, not video encoding.
         self._frames = np.random.default_rng(0).integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
 
-    def generate(self, request: GenerationRequest, out_path: Path | str, on_progress: Any, should_cancel: Any) -> Any:
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: Path | str,
+        on_progress: Any,
+        should_cancel: Any,
+        *,
+        write_async: bool = False,
+    ) -> Any:
+        result = self._generate(request, out_path, on_progress, should_cancel)
+        if not write_async:
+            return result
+        future: Future[Any] = Future()
+        future.set_result(result)
+        return future
+
+    def _generate(self, request: GenerationRequest, out_path: Path | str, on_progress: Any, should_cancel: Any) -> Any:
         req = resolve(request, self.spec)
         assert req.num_inference_steps is not None and req.seed is not None and req.fps
         started = time.perf_counter()

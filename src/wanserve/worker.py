@@ -3,17 +3,24 @@
 One `Worker` serves one model with one resident engine. It is used in-process by `wanserve serve` and as
 its own process by `wanserve worker`. Draining (SIGTERM, POST /drain) stops claiming; the running job gets
 `shutdown_grace` seconds to finish and is otherwise handed back to the queue at its next step.
+
+With `overlap_jobs` (the default) the GPU does not wait between queued jobs: once a job's frames are
+decoded, its MP4 encoding, upload and completion run on a finisher thread while the loop claims the next
+job, and while a job denoises the next queued job's prompt is encoded on a prefetch thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,8 +41,18 @@ class GenerationEngine(Protocol):
     spec: Any
 
     def generate(
-        self, request: GenerationRequest, out_path: Path | str, on_progress: Any, should_cancel: Any
+        self,
+        request: GenerationRequest,
+        out_path: Path | str,
+        on_progress: Any,
+        should_cancel: Any,
+        *,
+        write_async: bool = False,  # True: return a Future once the frames are decoded; the file comes later
     ) -> Any: ...
+
+
+# How often a busy worker looks at the queue for a prompt to encode ahead of its job.
+PREFETCH_INTERVAL_S = 1.0
 
 
 def new_worker_id(model: str) -> str:
@@ -46,10 +63,12 @@ def new_worker_id(model: str) -> str:
 class _Running:
     job: Job
     started: float
+    queue_wait: float
     keep_going: bool = True  # False once the store says cancel, or the lease was lost
     stop_reason: str | None = None  # "cancel" | "timeout" | "drain" | "lost"
     # Set when the job ends, so the heartbeat stops at once instead of finishing a lease/3 sleep.
     done: threading.Event = field(default_factory=threading.Event)
+    heartbeat: threading.Thread | None = None
 
 
 class Worker:
@@ -80,6 +99,12 @@ class Worker:
         # the first handler holds the lock on the same thread; a plain Lock would deadlock the process there.
         self._lock = threading.RLock()
         self._last_idle = 0.0
+        # overlap_jobs: one thread finishes the previous job (MP4, upload, complete), one encodes prompts ahead.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"finish-{model}")
+        self._finishing: Future[None] | None = None
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefetch-{model}")
+        self._prefetching: Future[None] | None = None
+        self._last_peek = -PREFETCH_INTERVAL_S
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -96,7 +121,7 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return self._running is not None or (self._finishing is not None and not self._finishing.done())
 
     @property
     def draining(self) -> bool:
@@ -132,6 +157,9 @@ class Worker:
                     continue
                 self.process(job)
         finally:
+            self._wait_finishing()  # a drained worker exits after its last video is stored, not before
+            self._finisher.shutdown()
+            self._prefetcher.shutdown(cancel_futures=True)
             stop_group = getattr(self.engine, "stop", None)  # a GroupLeader releases its follower ranks
             if stop_group is not None:
                 stop_group()
@@ -171,25 +199,67 @@ class Worker:
     # ---- one job -----------------------------------------------------------------------------------------
 
     def process(self, job: Job) -> None:
+        """Run one claimed job to its end, or (overlap_jobs) until its frames are decoded, handing the rest to
+        the finisher thread."""
         assert self.engine is not None
-        running = _Running(job=job, started=time.monotonic())
+        running = _Running(job=job, started=time.monotonic(), queue_wait=max(time.time() - job.created_at, 0.0))
         self._running = running
-        queue_wait = max(time.time() - job.created_at, 0.0)
-        log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, queue_wait)
-        heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True)
-        heartbeat.start()
+        log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, running.queue_wait)
+        running.heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True)
+        running.heartbeat.start()
+        scratch = Path(tempfile.mkdtemp(prefix=f"wanserve-{job.id}-"))
         status = "failed"
+        handed_off = False
         try:
-            status = self._generate(running)
+            outcome = self._generate(running, scratch)
+            if isinstance(outcome, str):
+                status = outcome
+            elif isinstance(outcome, Future):
+                # At most one finished video waits for its MP4 and upload while the next job runs.
+                self._wait_finishing()
+                self._finishing = self._finisher.submit(self._finish, running, outcome.result, scratch)
+                handed_off = True
+            else:
+                status = self._store_result(running, outcome)
         finally:
             self._running = None
-            running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
-            heartbeat.join(timeout=5)
-            if self.metrics is not None and status in ("completed", "failed", "cancelled"):
-                self.metrics.job_finished(job.model, status, queue_wait, time.monotonic() - running.started)
+            if not handed_off:
+                self._end(running, status, scratch)
 
-    def _generate(self, running: _Running) -> str:
-        job, store, ttl = running.job, self.store, self.settings.result_ttl
+    def _wait_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.result()  # _finish logs its own errors and never raises
+
+    def _finish(self, running: _Running, result: Callable[[], Any], scratch: Path) -> None:
+        """On the finisher thread: wait for the MP4, then store it and complete the job."""
+        status = "failed"
+        try:
+            try:
+                generated = result()
+            except Exception as exc:
+                log.exception("job %s: writing the video failed", running.job.id)
+                self._fail(running.job, "generation_failed", f"{type(exc).__name__}: {exc}")
+            else:
+                status = self._store_result(running, generated)
+        except Exception:
+            log.exception("job %s: finishing failed", running.job.id)
+        finally:
+            self._end(running, status, scratch)
+
+    def _end(self, running: _Running, status: str, scratch: Path) -> None:
+        running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
+        if running.heartbeat is not None:
+            running.heartbeat.join(timeout=5)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if self.metrics is not None and status in ("completed", "failed", "cancelled"):
+            self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        self.store.fail(job.id, self.worker_id, code, message, self.settings.result_ttl)
+
+    def _generate(self, running: _Running, scratch: Path) -> str | Any:
+        """The engine's result (or, with overlap_jobs, a Future of it), or the status the job ended with."""
+        job, store = running.job, self.store
         assert self.engine is not None
         last_write = 0.0
 
@@ -200,6 +270,7 @@ class Worker:
                     running.keep_going = False
                 if self.metrics is not None and event.step_seconds is not None:
                     self.metrics.denoise_step(job.model, event.step_seconds)
+                self._maybe_prefetch()
             now = time.monotonic()
             last_step = event.stage == "denoise" and event.step == event.total_steps
             if now - last_write >= self.settings.progress_interval or event.stage != "denoise" or last_step:
@@ -219,28 +290,42 @@ class Worker:
                 return True
             return False
 
-        with tempfile.TemporaryDirectory(prefix=f"wanserve-{job.id}-") as scratch:
-            try:
-                request = GenerationRequest.from_dict(job.request)
-                result = self.engine.generate(request, Path(scratch) / VIDEO, on_progress, should_cancel)
-            except Cancelled as exc:
-                return self._stopped_early(running, exc)
-            except InvalidRequest as exc:  # checked at submit; reaching here means the model changed
-                store.fail(job.id, self.worker_id, "invalid_request", str(exc), ttl)
-                return "failed"
-            except Exception as exc:
-                if getattr(self.engine, "ctx", None) is not None:
-                    # In a torchrun group an error on one rank leaves the others mid-collective: the group is
-                    # out of step. Exit so it restarts; the job's lease runs out and it is redelivered, and a
-                    # job that keeps doing this ends failed after max_attempts.
-                    raise ParallelGroupError(f"job {job.id}: {type(exc).__name__}: {exc}") from exc
-                log.exception("job %s failed", job.id)
-                store.fail(job.id, self.worker_id, "generation_failed", f"{type(exc).__name__}: {exc}", ttl)
-                return "failed"
+        try:
+            request = GenerationRequest.from_dict(job.request)
+            if self.settings.overlap_jobs:
+                return self.engine.generate(request, scratch / VIDEO, on_progress, should_cancel, write_async=True)
+            return self.engine.generate(request, scratch / VIDEO, on_progress, should_cancel)
+        except Cancelled as exc:
+            return self._stopped_early(running, exc)
+        except InvalidRequest as exc:  # checked at submit; reaching here means the model changed
+            self._fail(job, "invalid_request", str(exc))
+            return "failed"
+        except Exception as exc:
+            if getattr(self.engine, "ctx", None) is not None:
+                # In a torchrun group an error on one rank leaves the others mid-collective: the group is
+                # out of step. Exit so it restarts; the job's lease runs out and it is redelivered, and a
+                # job that keeps doing this ends failed after max_attempts.
+                raise ParallelGroupError(f"job {job.id}: {type(exc).__name__}: {exc}") from exc
+            log.exception("job %s failed", job.id)
+            self._fail(job, "generation_failed", f"{type(exc).__name__}: {exc}")
+            return "failed"
 
+    def _store_result(self, running: _Running, result: Any) -> str:
+        """Upload the video and thumbnail, then complete the job."""
+        job = running.job
+        try:
             # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
             self.storage.put_file(key_for(job.id, VIDEO), result.video_path, CONTENT_TYPES[VIDEO])
             self.storage.put_file(key_for(job.id, THUMBNAIL), result.thumbnail_path, CONTENT_TYPES[THUMBNAIL])
+        except Exception as exc:
+            # Generating again would not help while the storage refuses it; the worker itself keeps serving.
+            log.exception("job %s: storing the video failed", job.id)
+            try:
+                self.storage.delete_prefix(job.id)  # no half-stored job: the expiry sweep retries otherwise
+            except Exception as cleanup:
+                log.warning("job %s: removing its partial files failed too: %s", job.id, cleanup)
+            self._fail(job, "storage_failed", f"the video could not be stored: {type(exc).__name__}: {exc}")
+            return "failed"
         payload = {
             "seed": result.seed,
             "width": result.width,
@@ -252,18 +337,41 @@ class Worker:
             "video_key": key_for(job.id, VIDEO),
             "thumbnail_key": key_for(job.id, THUMBNAIL),
         }
-        if store.complete(job.id, self.worker_id, payload, ttl):
+        if self.store.complete(job.id, self.worker_id, payload, self.settings.result_ttl):
             log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
             return "completed"
         self._after_lost(job)
         return "lost"
+
+    # ---- prompt prefetch ---------------------------------------------------------------------------------
+
+    def _maybe_prefetch(self) -> None:
+        """While a job denoises: now and then, encode the prompt of the job this worker will likely run next."""
+        prefetch = getattr(self.engine, "prefetch", None)  # a torchrun group leader has none
+        if prefetch is None or not self.settings.overlap_jobs or self._draining.is_set():
+            return
+        if self._prefetching is not None and not self._prefetching.done():
+            return
+        now = time.monotonic()
+        if now - self._last_peek < PREFETCH_INTERVAL_S:
+            return
+        self._last_peek = now
+        self._prefetching = self._prefetcher.submit(self._prefetch_next, prefetch)
+
+    def _prefetch_next(self, prefetch: Callable[[GenerationRequest], int]) -> None:
+        try:
+            for job in self.store.peek(self.model, 1):
+                if prefetch(GenerationRequest.from_dict(job.request)):
+                    log.debug("job %s: prompt encoded ahead of its claim", job.id)
+        except Exception as exc:  # only a hint: the job reports any real problem when it runs
+            log.debug("prompt prefetch skipped: %s: %s", type(exc).__name__, exc)
 
     def _stopped_early(self, running: _Running, exc: Cancelled) -> str:
         job, store, ttl = running.job, self.store, self.settings.result_ttl
         reason = running.stop_reason
         if reason == "timeout":
             message = f"took longer than task_timeout ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
-            store.fail(job.id, self.worker_id, "timeout", message, ttl)
+            self._fail(job, "timeout", message)
             return "failed"
         if reason == "drain" and store.release(job.id, self.worker_id):
             log.info("job %s handed back to the queue (drain grace ran out)", job.id)

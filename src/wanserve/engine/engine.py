@@ -12,7 +12,9 @@ import contextlib
 import gc
 import io
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,6 +123,11 @@ class Engine:
         self._apply_memory_settings()
         self.preset_info = PresetInfo.unapplied()  # Engine.load applies settings.preset
         self._writer: ThreadPoolExecutor | None = None  # MP4 encoding for generate(write_async=True)
+        # Text embeddings by (text, max_sequence_length). Off in a torchrun group: a rank that hits the cache
+        # while another misses would skip the collectives of a sharded text encoder and hang the group.
+        self._text_cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._text_cache_size = 0 if parallel is not None else settings.prompt_cache_size
+        self._text_lock = threading.Lock()  # one encoder, two callers: the request and the worker's prefetch
 
     # ---- loading ---------------------------------------------------------------------------------------
 
@@ -333,19 +340,9 @@ class Engine:
         """Text (and image) encoding and the initial noise. `req` must be resolved."""
         assert req.seed is not None and req.width and req.height and req.num_frames
         pipe = self.pipe
-        cfg = self._wants_cfg(req)
-        with self._guard("prompt encoding"):
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
-                prompt=req.prompt,
-                negative_prompt=req.negative_prompt,
-                do_classifier_free_guidance=cfg,
-                num_videos_per_prompt=1,
-                max_sequence_length=self.settings.max_sequence_length,
-                device=self.text_device,
-            )
-        prompt_embeds = prompt_embeds.to(self.device, self.dtype)
-        if negative_embeds is not None:
-            negative_embeds = negative_embeds.to(self.device, self.dtype)
+        prompt_embeds = self.encode_text(req.prompt)
+        # diffusers' encode_prompt encodes a missing negative prompt as "".
+        negative_embeds = self.encode_text(req.negative_prompt or "") if self._wants_cfg(req) else None
 
         # Noise is drawn on the CPU so a seed gives the same video on any device.
         generator = torch.Generator(device="cpu").manual_seed(req.seed)
@@ -388,6 +385,54 @@ class Engine:
             )
         latents, condition = outputs
         return Conditioning(prompt_embeds, negative_embeds, image_embeds, latents, condition)
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> torch.Tensor:
+        """UMT5 embeddings of one text, (1, max_sequence_length, dim), on the engine's device and dtype.
+
+        diffusers' `encode_prompt` encodes the prompt and the negative prompt in separate calls of batch 1, so
+        encoding them one by one, and keeping them, gives exactly the tensors it gives.
+        """
+        key = (text, self.settings.max_sequence_length)
+        with self._text_lock:
+            cached = self._text_cache.get(key)
+            if cached is not None:
+                self._text_cache.move_to_end(key)
+                return cached
+            with self._guard("prompt encoding"):
+                embeds, _ = self.pipe.encode_prompt(
+                    prompt=text,
+                    do_classifier_free_guidance=False,
+                    num_videos_per_prompt=1,
+                    max_sequence_length=self.settings.max_sequence_length,
+                    device=self.text_device,
+                )
+            embeds = embeds.to(self.device, self.dtype)
+            if self._text_cache_size > 0:
+                self._text_cache[key] = embeds
+                while len(self._text_cache) > self._text_cache_size:
+                    self._text_cache.popitem(last=False)
+            return embeds
+
+    def prefetch(self, request: GenerationRequest) -> int:
+        """Encode a request's prompt and negative prompt now, so that its `generate` finds them cached: the
+        worker calls this for the next queued job while the current one denoises. Returns how many texts it
+        encoded (0: cached already, or the cache is off). Raises InvalidRequest as `generate` would.
+
+        Never with `cpu_offload`: there, running the text encoder moves the transformer off the GPU, which must
+        not happen while another thread denoises with it."""
+        if self._text_cache_size == 0 or self.settings.cpu_offload:
+            return 0
+        req = resolve(request, self.spec)
+        texts = [req.prompt, *([req.negative_prompt or ""] if self._wants_cfg(req) else [])]
+        missing = [t for t in dict.fromkeys(texts) if (t, self.settings.max_sequence_length) not in self._text_cache]
+        for text in missing:
+            self.encode_text(text)
+        return len(missing)
+
+    def clear_prompt_cache(self) -> None:
+        with self._text_lock:
+            self._text_cache.clear()
 
     def _wants_cfg(self, req: GenerationRequest) -> bool:
         scales = [req.guidance_scale or 0.0]
