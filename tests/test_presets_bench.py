@@ -3,6 +3,7 @@ the CPU numbers only prove that the harness and every preset path still run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from wanserve.bench import T2V_1_3B, psnr, transformer_flops
+from wanserve.bench import (
+    SHAPES,
+    T2V_1_3B,
+    BenchOptions,
+    measure_vae_decode,
+    per_step_projection,
+    psnr,
+    transformer_flops,
+)
 from wanserve.config import Settings
 from wanserve.engine import presets
 from wanserve.engine.engine import Engine
@@ -211,4 +220,21 @@ def test_bench_cpu_tiny_writes_the_results_file(tiny_cache: Path, tmp_path: Path
         assert math.isfinite(report["request"][lossy]["psnr_vs_exact_db"])
     serving = report["serving"]
     assert serving["jobs"] == 2 and 0 < serving["busy_fraction"] <= 1 and serving["via"].startswith("Worker")
+    assert "overlap_jobs=true" in serving["via"] and "overlap_jobs=false" in serving["sequential"]["via"]
+    assert 0 < serving["sequential"]["busy_fraction"] <= 1 and serving["overlap_wall_speedup"] > 0
+    assert len(serving["gaps_between_jobs_seconds"]) == len(serving["sequential"]["gaps_between_jobs_seconds"]) == 1
     assert report["cold_start"]["seconds_to_ready"] > 0
+
+
+def test_a14b_projection_adds_a_measured_vae_decode() -> None:
+    """The 40-step A14B projection is steps x the measured CFG step (scaled to all layers) plus a real decode of
+    the shape's latents; here the decode runs at 64x64 on the CPU, where the real VAE is cheap."""
+    shape = dataclasses.replace(SHAPES["a14b-720p"], width=64, height=64, num_frames=9)
+    decode = measure_vae_decode(shape, torch.device("cpu"))
+    assert decode["latents"] == [1, 16, 3, 8, 8] and decode["seconds"] > 0
+    forward = {"exact": {"ms": 1000.0}}
+    projection = per_step_projection(shape, BenchOptions(layers=8), forward, decode["seconds"])
+    row = projection["exact"]
+    assert row["seconds_per_step"] == 5.0  # 8 of 40 layers, scaled linearly
+    assert row["projected_total_seconds"] == pytest.approx(40 * 5.0 + decode["seconds"], abs=0.06)
+    assert "projected" in projection["projection"] and "VAE decode" in projection["projection"]
