@@ -7,7 +7,7 @@
 # Each step merges its runs into benchmarks/results/<gpu>-<date>.json and copies that file, its log and the
 # GPU's name and driver to $OUT. Copy the JSON back into benchmarks/results/ before the next step, so the steps
 # of one day merge into one file. Steps, most important first:
-#   1  1.3B 480p: forward and 20-step request vs diffusers, serving overlap off/on   (about 8 min)
+#   1  1.3B 480p: forward and 20-step request vs diffusers, serving overlap off/on   (about 9 min)
 #   2  14B 720p (8 of 40 layers) and 5B 1280x704x121 forwards                      (about 6 min)
 #   3  14B I2V 480p and A14B 720p CFG steps (8 layers, scaled) and projections      (about 7 min)
 #   4  5B with the text encoder on the CPU and VAE tiling: 24 GB memory, serving    (about 6 min)
