@@ -859,10 +859,14 @@ def measure_serving(engine: Any, req: Any, jobs: int, scratch: Path) -> dict[str
     }
 
 
+# A job's stages up to its decoded frames; after them come MP4 encoding, upload and completion.
+_FRAME_STAGES = ("encode_prompt", "denoise", "vae_decode")
+
+
 def _busy_stages(engine: Any) -> tuple[str, ...]:
     """The stages that keep the accelerator busy: prompt encoding only when the text encoder runs there."""
     on_device = getattr(engine, "text_device", engine.device) == engine.device
-    return ("encode_prompt", "denoise", "vae_decode") if on_device else ("denoise", "vae_decode")
+    return _FRAME_STAGES if on_device else _FRAME_STAGES[1:]
 
 
 def _job_request(req: Any, i: int) -> Any:
@@ -912,8 +916,8 @@ def _serve_through_worker(engine: Any, req: Any, jobs: int, root: Path, overlap:
     busy = sum(sum(float((j.result or {}).get("timings", {}).get(k, 0.0)) for k in stages) for j in done)
     via = f"Worker (SQLite store, local storage, overlap_jobs={str(overlap).lower()})"
     result = _serving_result(via, jobs, busy, last - first, sampler, done, stages)
-    # Idle time between one job's claim and the previous one's: with overlap_jobs the next job is claimed as
-    # soon as the previous one's frames are decoded, so compare claims with decodes, not with completions.
+    # Idle time from one job's decoded frames to the next job's claim (with overlap_jobs the next job is claimed
+    # before the previous one completes, so completions would give negative gaps).
     ordered = sorted(done, key=lambda j: j.started_at or 0.0)
     result["gaps_between_jobs_seconds"] = [
         round((b.started_at or 0.0) - _frames_ready_at(a), 4) for a, b in itertools.pairwise(ordered)
@@ -927,7 +931,7 @@ def _serve_through_worker(engine: Any, req: Any, jobs: int, root: Path, overlap:
 def _frames_ready_at(job: Any) -> float:
     """When a job's frames were decoded: its start plus its encode, denoise and decode stages."""
     timings = (job.result or {}).get("timings", {})
-    return (job.started_at or 0.0) + sum(float(timings.get(k, 0.0)) for k in ("encode_prompt", "denoise", "vae_decode"))
+    return (job.started_at or 0.0) + sum(float(timings.get(k, 0.0)) for k in _FRAME_STAGES)
 
 
 def _serve_back_to_back(engine: Any, req: Any, jobs: int, scratch: Path) -> dict[str, Any]:
