@@ -913,7 +913,7 @@ def _serve_through_worker(engine: Any, req: Any, jobs: int, root: Path, overlap:
     first = min(j.started_at or 0.0 for j in done)
     last = max(j.completed_at or 0.0 for j in done)
     stages = _busy_stages(engine)
-    busy = sum(sum(float((j.result or {}).get("timings", {}).get(k, 0.0)) for k in stages) for j in done)
+    busy = sum(_stage_seconds(j, stages) for j in done)
     via = f"Worker (SQLite store, local storage, overlap_jobs={str(overlap).lower()})"
     result = _serving_result(via, jobs, busy, last - first, sampler, done, stages)
     # Idle time from one job's decoded frames to the next job's claim (with overlap_jobs the next job is claimed
@@ -922,16 +922,19 @@ def _serve_through_worker(engine: Any, req: Any, jobs: int, root: Path, overlap:
     result["gaps_between_jobs_seconds"] = [
         round((b.started_at or 0.0) - _frames_ready_at(a), 4) for a, b in itertools.pairwise(ordered)
     ]
-    result["encode_prompt_seconds"] = [
-        round(float((j.result or {}).get("timings", {}).get("encode_prompt", 0.0)), 4) for j in ordered
-    ]
+    result["encode_prompt_seconds"] = [round(_stage_seconds(j, ("encode_prompt",)), 4) for j in ordered]
     return result
 
 
 def _frames_ready_at(job: Any) -> float:
     """When a job's frames were decoded: its start plus its encode, denoise and decode stages."""
+    return (job.started_at or 0.0) + _stage_seconds(job, _FRAME_STAGES)
+
+
+def _stage_seconds(job: Any, stages: tuple[str, ...]) -> float:
+    """Seconds a finished job spent in `stages`, from the timings its worker stored."""
     timings = (job.result or {}).get("timings", {})
-    return (job.started_at or 0.0) + sum(float(timings.get(k, 0.0)) for k in _FRAME_STAGES)
+    return sum(float(timings.get(k, 0.0)) for k in stages)
 
 
 def _serve_back_to_back(engine: Any, req: Any, jobs: int, scratch: Path) -> dict[str, Any]:
@@ -966,7 +969,7 @@ def _serving_result(
         "busy_definition": f"sum of {' + '.join(stages)} (each synchronised) over first start to last completion",
         "nvml_mean_utilization_percent": sampler.mean(),
         "nvml": sampler.note,
-        "job_seconds": [round(float((j.result or {}).get("timings", {}).get("total", 0.0)), 4) for j in done],
+        "job_seconds": [round(_stage_seconds(j, ("total",)), 4) for j in done],
     }
 
 

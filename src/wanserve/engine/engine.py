@@ -393,7 +393,7 @@ class Engine:
         diffusers' `encode_prompt` encodes the prompt and the negative prompt in separate calls of batch 1, so
         encoding them one by one, and keeping them, gives exactly the tensors it gives.
         """
-        key = (text, self.settings.max_sequence_length)
+        key = self._text_key(text)
         with self._text_lock:
             cached = self._text_cache.get(key)
             if cached is not None:
@@ -425,10 +425,13 @@ class Engine:
             return 0
         req = resolve(request, self.spec)
         texts = [req.prompt, *([req.negative_prompt or ""] if self._wants_cfg(req) else [])]
-        missing = [t for t in dict.fromkeys(texts) if (t, self.settings.max_sequence_length) not in self._text_cache]
+        missing = [t for t in dict.fromkeys(texts) if self._text_key(t) not in self._text_cache]
         for text in missing:
             self.encode_text(text)
         return len(missing)
+
+    def _text_key(self, text: str) -> tuple[str, int]:
+        return (text, self.settings.max_sequence_length)
 
     def clear_prompt_cache(self) -> None:
         with self._text_lock:
