@@ -1,54 +1,88 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md, one step per call of the device tool (each under 10 minutes):
+# The GPU measurements of docs/performance.md, for the device tool (one run call per step, wheels carried in .whl/):
 #
-#     bash benchmarks/gpu_runs.sh STEP            # on the GPU machine, from the repo root, wheels carried in .whl/
-#     bash benchmarks/gpu_runs.sh STEP --dry-run  # anywhere: print what STEP runs
+#     bash benchmarks/gpu_runs.sh STEP            # on the GPU machine, from the repo root
+#     bash benchmarks/gpu_runs.sh STEP --dry-run  # anywhere: print what STEP runs, with each run's time slice
 #
-# Each step merges its runs into benchmarks/results/<gpu>-<date>.json and copies that file, its log and the
-# GPU's name and driver to $OUT. Copy the JSON back into benchmarks/results/ before the next step, so the steps
-# of one day merge into one file. Steps, most important first:
-#   1  1.3B 480p: forward and 20-step request vs diffusers, serving overlap off/on   (about 9 min)
-#   2  14B 720p (8 of 40 layers) and 5B 1280x704x121 forwards                      (about 6 min)
-#   3  14B I2V 480p and A14B 720p CFG steps (8 layers, scaled) and projections      (about 7 min)
-#   4  5B with the text encoder on the CPU and VAE tiling: 24 GB memory, serving    (about 6 min)
-#   5  14B I2V 480p, all 40 layers: one 14B expert on one card, no offload          (about 6 min)
-#   6  1.3B 480p full 50-step request, exact only                                   (about 4 min)
+# A device session has about 15 minutes in all, machine start included, so step 1 holds what the issue's targets
+# need most, in order of importance, and fits one call: give it timeout_s 590. BUDGET (default 480 s) is shared
+# by the step's runs: each run gets `--time-budget` of its slice or what is left, whichever is less, and starts
+# no new phase after it; a run that would start with under 30 s left is skipped. Every run rewrites its results
+# file after each phase, straight into $OUT, so whatever finished before a timeout or a crash comes back. Each
+# run is its own process: a sticky CUDA error in one costs only that run.
+#   1  1.3B 480p forward + 10-step request vs diffusers, serving (overlap off/on); 14B I2V 480p and A14B 720p CFG
+#      steps (8 layers, scaled) with the A14B projection; 14B 720p (8 layers) and 5B 1280x704x121 forwards
+#   2  what step 1 leaves: lossy presets on 1.3B; 5B on a 24 GB budget (text encoder on the CPU, VAE tiling);
+#      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request; cold start
 set -uo pipefail
 
-step=${1:?usage: bash benchmarks/gpu_runs.sh 1|2|3|4|5|6 [--dry-run]}
+step=${1:?usage: bash benchmarks/gpu_runs.sh 1|2 [--dry-run]}
 dry=${2:-}
 out=${OUT:-/tmp/wanserve-gpu-out}
+budget=${BUDGET:-480}
 mkdir -p "$out"
+log="$out/step$step.log"
+started=$(date +%s)
+deadline=$((started + budget))
 
 if [ -z "$dry" ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.csv" 2>&1
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: see docs/performance.md" >&2; exit 2; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 2
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >>"$log" 2>&1 || { echo "wheel install failed: see $log" >&2; exit 2; }
+    # Fail in seconds, not after the first model is built, when a carried wheel does not fit this image.
+    PYTHONPATH=/tmp/site:$PWD/src python3 -c "
+import importlib.util, torch, diffusers, transformers, av, pydantic_settings
+from diffusers import WanPipeline
+from wanserve.bench import run_bench
+print('preflight: torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
+      'transformers', transformers.__version__, 'av', av.__version__, 'triton', importlib.util.find_spec('triton') is not None)
+try:
+    import torchao
+    print('preflight: torchao', torchao.__version__)
+except Exception as exc:
+    print('preflight: torchao unusable, fastest will skip fp8:', type(exc).__name__, exc)
+" 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "preflight imports failed: see $log" >&2; exit 2; }
+    # Earlier results of the same day, so that this step's runs merge into the same file.
+    for f in benchmarks/results/*.json; do
+        case $(basename "$f") in cpu-* | control-plane-*) ;; *) cp "$f" "$out/" ;; esac
+    done
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 status=0
-bench() {
-    echo "+ wanserve bench $*" | tee -a "$out/step$step.log"
+bench() { # SLICE_SECONDS BENCH_ARGS...
+    local slice=$1 left
+    shift
+    left=$((deadline - $(date +%s)))
+    [ -n "$dry" ] && left=$budget
+    if [ "$left" -lt 30 ]; then
+        echo "- skipped (${left} s of the step's ${budget} s left): wanserve bench $*" | tee -a "$log"
+        return 0
+    fi
+    [ "$slice" -gt "$left" ] && slice=$left
+    echo "+ [$(($(date +%s) - started)) s] wanserve bench --time-budget $slice $*" | tee -a "$log"
     [ -n "$dry" ] && return 0
-    python3 -m wanserve bench --out benchmarks/results "$@" 2>&1 | tee -a "$out/step$step.log"
+    python3 -m wanserve bench --out "$out" --time-budget "$slice" "$@" 2>&1 | tee -a "$log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
 case $step in
-    1) bench --shape 1.3b-480p --steps 20 --jobs 2 ;;
-    2) bench --shape 14b-720p-8layers
-       bench --shape 5b-720p --no-request ;;
-    3) bench --shape 14b-i2v-480p --layers 8 --repeats 3
-       bench --shape a14b-720p --layers 8 --repeats 3 ;;
-    4) bench --shape 5b-720p --presets exact --text-encoder-cpu --vae-tiling --steps 10 --jobs 3 --repeats 3 ;;
-    5) bench --shape 14b-i2v-480p --presets exact,fastest --repeats 3 ;;
-    6) bench --shape 1.3b-480p --presets exact --jobs 0 ;;
-    *) echo "unknown step $step (1-6)" >&2; exit 2 ;;
+    1)
+        bench 150 --shape 1.3b-480p --presets exact --steps 10 --jobs 2 --repeats 3
+        bench 90 --shape 14b-i2v-480p --layers 8 --presets exact,fastest --repeats 3
+        bench 90 --shape a14b-720p --layers 8 --presets exact,fastest --repeats 3
+        bench 50 --shape 14b-720p-8layers --presets exact --repeats 3
+        bench 50 --shape 5b-720p --no-request --presets exact --repeats 3
+        ;;
+    2)
+        bench 150 --shape 1.3b-480p --presets fast,fastest --steps 10 --jobs 0 --repeats 3
+        bench 120 --shape 5b-720p --presets exact --text-encoder-cpu --vae-tiling --steps 4 --jobs 2 --repeats 3
+        bench 120 --shape 14b-i2v-480p --presets exact,fastest --repeats 3
+        bench 90 --shape 1.3b-480p --presets exact --jobs 0 --repeats 3
+        ;;
+    *) echo "unknown step $step (1 or 2)" >&2; exit 2 ;;
 esac
-
-if [ -z "$dry" ]; then
-    cp benchmarks/results/*.json "$out/" 2>/dev/null
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.csv" 2>&1
-fi
+echo "step $step done in $(($(date +%s) - started)) s, status $status" | tee -a "$log"
 exit $status

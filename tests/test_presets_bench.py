@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from wanserve import bench
 from wanserve.bench import (
     SHAPES,
     T2V_1_3B,
@@ -238,3 +239,118 @@ def test_a14b_projection_adds_a_measured_vae_decode() -> None:
     assert row["seconds_per_step"] == 5.0  # 8 of 40 layers, scaled linearly
     assert row["projected_total_seconds"] == pytest.approx(40 * 5.0 + decode["seconds"], abs=0.06)
     assert "projected" in projection["projection"] and "VAE decode" in projection["projection"]
+
+
+def _tiny_options(tiny_cache: Path, out: Path, **kwargs: object) -> BenchOptions:
+    return BenchOptions(cpu_tiny=True, cache_dir=tiny_cache, out=out, repeats=1, cold_start=False, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_failing_phase_is_recorded_and_the_run_goes_on(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One preset's request fails (as an untried kernel might on a new GPU): the error is in the report, and the
+    other presets are still measured and compared."""
+    real = bench.engine_request
+
+    def flaky(engine: Engine, *args: object) -> object:
+        if engine.preset_info.preset == "fast":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(engine, *args)
+
+    monkeypatch.setattr(bench, "engine_request", flaky)
+    path, _ = bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=0))
+
+    saved = json.loads(path.read_text())["runs"]["tiny"]
+    assert saved["complete"] is True
+    assert saved["errors"] == {"fast_request": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert set(saved["forward"]) == {"diffusers", "exact", "fast", "fastest"}
+    assert set(saved["request"]) == {"diffusers", "exact", "fastest"}
+    assert math.isfinite(saved["request"]["fastest"]["psnr_vs_exact_db"])
+
+
+def test_a_run_cut_short_keeps_what_it_measured(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed mid-run (here: interrupted in the serving phase), the results file already holds every phase before."""
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure_serving", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=2))
+
+    (path,) = tmp_path.glob("cpu-*.json")
+    saved = json.loads(path.read_text())["runs"]["tiny"]
+    assert saved["complete"] is False
+    assert set(saved["forward"]) == {"diffusers", "exact"} and set(saved["request"]) == {"diffusers", "exact"}
+    assert saved["request"]["exact"]["identical_to_diffusers"] is True
+    assert "exact_request" in saved["phase_seconds"]
+    assert saved["errors"] == {"serving": "interrupted: KeyboardInterrupt"}
+
+
+def test_time_budget_skips_the_phases_it_does_not_cover(tiny_cache: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "wanserve", "bench", "--cpu-tiny", "--out", str(tmp_path), "--repeats", "1"]
+    command += ["--jobs", "0", "--cache-dir", str(tiny_cache), "--no-cold-start", "--time-budget", "0.001"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "skipped diffusers_forward: time budget spent" in run.stderr
+
+    (path,) = tmp_path.glob("cpu-*.json")
+    saved = json.loads(path.read_text())["runs"]["tiny"]
+    assert saved["complete"] is True and saved["errors"] == {} and saved["forward"] == {}
+    assert {"diffusers_forward", "exact_apply", "fastest_apply"} <= set(saved["skipped_phases"])
+    assert "build" in saved["phase_seconds"]
+
+    bad = subprocess.run([*command[:-2], "--time-budget", "0"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--time-budget: must be a positive number" in bad.stdout + bad.stderr
+
+
+# The random-weight shapes the GPU runs use, shrunk to toy widths and sizes: the same code builds them (UMT5,
+# the model's real VAE config, both A14B experts, the I2V image inputs), times them and projects them.
+TOY_UMT5 = dict(bench.UMT5_XXL, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=384)
+TOY_RUNS = {
+    "1.3b-480p": dict(presets=("exact", "fast", "fastest"), steps=4, jobs=2),
+    "5b-720p": dict(presets=("exact",), steps=2, jobs=2, text_encoder_cpu=True, vae_tiling=True),
+    "14b-i2v-480p": dict(presets=("exact", "fastest"), layers=1),
+    "a14b-720p": dict(presets=("exact", "fastest"), layers=1),
+    "14b-720p-8layers": dict(presets=("exact",)),
+}
+
+
+def _toy_shape(shape: bench.Shape) -> bench.Shape:
+    transformer = dict(shape.transformer, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32)
+    transformer["num_layers"] = min(int(transformer["num_layers"]), 2)
+    if "image_dim" in transformer:
+        transformer.update(image_dim=32, added_kv_proj_dim=32)
+    stride = shape.vae_stride * 2
+    return dataclasses.replace(shape, transformer=transformer, width=stride, height=stride, num_frames=5)
+
+
+@pytest.mark.parametrize("name", list(TOY_RUNS))
+def test_gpu_plan_shapes_run_end_to_end_at_toy_sizes(
+    name: str, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(bench.SHAPES, name, _toy_shape(SHAPES[name]))
+    monkeypatch.setattr(bench, "UMT5_XXL", TOY_UMT5)
+    options = BenchOptions(shape=name, device="cpu", repeats=1, out=tmp_path, cache_dir=tiny_cache, **TOY_RUNS[name])  # type: ignore[arg-type]
+    path, _ = bench.run_bench(options)
+
+    (report,) = json.loads(path.read_text())["runs"].values()
+    assert report["complete"] is True and report["errors"] == {} and report["skipped_phases"] == {}
+    assert set(report["forward"]) == {"diffusers", *options.presets}
+    for key, target in report["targets"].items():
+        if key != "diffusers_vs_published":
+            assert target["measured"] is not None, key
+    shape = bench.SHAPES[name]
+    if shape.request:
+        assert set(report["request"]) == {"diffusers", *options.presets}
+        assert report["request"]["exact"]["identical_to_diffusers"] is True
+        assert report["serving"]["jobs"] == 2 and report["serving"]["sequential"]["jobs"] == 2
+    else:
+        assert "skipped" in report["request"] and "skipped" in report["serving"]
+    if shape.unit == "cfg_step":
+        assert report["per_step"]["measured_layers"] == 1 and report["per_step"]["full_layers"] == 2
+    if shape.projection_steps:
+        assert report["vae_decode"]["seconds"] > 0
+        assert report["per_step"]["exact"]["projected_total_seconds"] > report["vae_decode"]["seconds"]

@@ -43,13 +43,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from wanserve.engine.presets import PRESET_NAMES
+from wanserve.engine.presets import IMAGE_TOKENS, PRESET_NAMES, TEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-TEXT_LEN = 512  # Wan pads every prompt to 512 T5 tokens
-CLIP_TOKENS = 257  # Wan 2.1 I2V: CLIP ViT-H/14 penultimate layer, 256 patches + CLS
 
 # WanTransformer3DModel configs of the released checkpoints (their transformer/config.json).
 _COMMON: dict[str, Any] = dict(
@@ -222,6 +220,7 @@ class BenchOptions:
     cold_start: bool | None = None  # None: when weights are on disk already (tiny, --checkpoint)
     device: str = "auto"
     cache_dir: Path | None = None
+    time_budget: float | None = None  # seconds after which no new phase starts (a device session's limit)
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------
@@ -232,7 +231,6 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
     from wanserve.config import Settings
     from wanserve.engine.engine import pick_device
 
-    started = time.perf_counter()
     if options.cpu_tiny:
         # Tiny tensors gain nothing from intra-op threads, and on a shared CI runner OpenMP threads spinning
         # against other processes turn a 10 ms forward into a 1 s outlier.
@@ -276,20 +274,38 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         "published": PUBLISHED if not shape.tiny else None,
     }
     environment = describe_environment(device)
+    run = _Run(report, environment, options.out, options.time_budget, device)
     report["matmul_ceiling"] = matmul_ceiling(device)
     log.info("matmul ceiling: %.2f TFLOP/s", report["matmul_ceiling"]["tflops"])
 
-    phases: dict[str, float] = {}
-    report["phase_seconds"] = phases  # where the bench's own time went, to plan device time
+    forward: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    frames: dict[str, np.ndarray] = {}
+    serving: dict[str, Any] = {}
+    report["forward"] = forward
 
+    def derive() -> None:
+        """The figures computed from the measured ones: refreshed before every save, so a partial file is whole."""
+        _compare_frames(requests, frames)
+        report["request"] = requests or {"skipped": no_request}
+        report["serving"] = serving or {"skipped": "no whole-request pipeline in this run, or --jobs 0"}
+        if shape.unit == "cfg_step":
+            vae_seconds = report.get("vae_decode", {}).get("seconds")
+            report["per_step"] = per_step_projection(shape, options, forward, vae_seconds)
+        report["targets"] = _targets(shape, report)
+
+    no_request = ""
     with tempfile.TemporaryDirectory(prefix="wanserve-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
-        with _phase(phases, "build"):
-            pipe, spec, model_ref, transformer = _build(shape, options, settings, device, dtype, want_request)
+        pipe, spec, model_ref, transformer = run.phase(
+            "build", lambda: _build(shape, options, settings, device, dtype, want_request), required=True
+        )
+        no_request = _why_no_request(shape, want_request, pipe)
+        run.derive = derive
         want_cold = options.cold_start if options.cold_start is not None else (model_ref is not None)
-        if want_cold and model_ref is None and pipe is not None:
-            with _phase(phases, "save_weights"):  # before any preset rewrites the modules
-                model_ref = str(_save_pipeline(pipe, scratch / "weights"))
+        if want_cold and model_ref is None and pipe is not None:  # saved before any preset rewrites the modules
+            saved = run.phase("save_weights", lambda: _save_pipeline(pipe, scratch / "weights"))
+            model_ref = str(saved) if saved is not None else None
         config = transformer.config
         report["shape"] = _describe_shape(shape, config)
         inputs = _forward_inputs(shape, config, device, dtype)
@@ -298,65 +314,63 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         report["shape"]["flops_per_unit"] = flops
         ceiling = report["matmul_ceiling"]["tflops"]
 
-        forward: dict[str, Any] = {}
-        requests: dict[str, Any] = {}
         request = None
         if want_request and pipe is not None and spec is not None:
-            request = _bench_request(spec, pipe, steps)
+            request = _bench_request(shape, spec, pipe, steps)
+
+        def timed_unit() -> dict[str, Any]:
+            return time_unit(
+                transformer, inputs, shape.unit, options.repeats, device, flops, ceiling, options.cfg_batch
+            )
 
         log.info("timing diffusers eager (%s)", shape.unit)
-        with _phase(phases, "diffusers_forward"):
-            forward["diffusers"] = time_unit(transformer, inputs, shape.unit, options.repeats, device, flops, ceiling)
-        frames: dict[str, np.ndarray] = {}
+        baseline = run.phase(
+            "diffusers_forward",
+            lambda: time_unit(transformer, inputs, shape.unit, options.repeats, device, flops, ceiling),
+        )
+        if baseline is not None:
+            forward["diffusers"] = baseline
         if request is not None:
             log.info("whole request through WanPipeline.__call__")
-            with _phase(phases, "diffusers_request"):
-                requests["diffusers"], frames["diffusers"] = plain_pipeline_request(pipe, request, device, scratch)
+            measured = run.phase("diffusers_request", lambda: plain_pipeline_request(pipe, request, device, scratch))
+            if measured is not None:
+                requests["diffusers"], frames["diffusers"] = measured
+        if shape.projection_steps:  # before the presets: the projection needs it more than a later preset
+            decode = run.phase("vae_decode", lambda: measure_vae_decode(shape, device, options.vae_tiling))
+            if decode is not None:
+                report["vae_decode"] = decode
 
         engine = None
         if pipe is not None and spec is not None:
             from wanserve.engine.engine import Engine
 
             engine = Engine(spec, pipe, settings, device)
-        serving: dict[str, Any] | None = None
         for preset in presets:
             log.info("preset %s", preset)
-            with _phase(phases, f"{preset}_apply"):
-                warm = _unit_call(transformer, inputs, shape.unit, options.cfg_batch)
-                info = _apply(preset, engine, transformer, device, warm)
-            with _phase(phases, f"{preset}_forward"):
-                entry = time_unit(
-                    transformer, inputs, shape.unit, options.repeats, device, flops, ceiling, options.cfg_batch
-                )
-            entry["speedup_vs_diffusers"] = _ratio(forward["diffusers"]["ms"], entry["ms"])
-            entry["preset"] = info.to_dict()
-            forward[preset] = entry
-            if request is not None and engine is not None:
-                with _phase(phases, f"{preset}_request"):
-                    result, frames[preset] = engine_request(engine, request, device, scratch)
-                result["speedup_vs_diffusers"] = _ratio(requests["diffusers"]["seconds"], result["seconds"])
-                requests[preset] = result
-                if serving is None and jobs > 0:
-                    with _phase(phases, "serving"):
-                        serving = measure_serving(engine, request, jobs, scratch)
-        _compare_frames(requests, frames)
-        report["forward"] = forward
-        report["request"] = requests or {"skipped": _why_no_request(shape, want_request, pipe)}
-        report["serving"] = serving or {"skipped": "no whole-request pipeline in this run, or --jobs 0"}
-        vae_seconds = None
-        if shape.projection_steps:
-            with _phase(phases, "vae_decode"):
-                report["vae_decode"] = measure_vae_decode(shape, device, options.vae_tiling)
-            vae_seconds = report["vae_decode"]["seconds"]
-        if shape.unit == "cfg_step":
-            report["per_step"] = per_step_projection(shape, options, forward, vae_seconds)
-        report["targets"] = _targets(shape, report)
+            warm = _unit_call(transformer, inputs, shape.unit, options.cfg_batch)
+            info = run.phase(f"{preset}_apply", lambda: _apply(preset, engine, transformer, device, warm))  # noqa: B023
+            if info is None:
+                continue
+            entry = run.phase(f"{preset}_forward", timed_unit)
+            if entry is not None:
+                baseline_ms = forward.get("diffusers", {}).get("ms")
+                entry["speedup_vs_diffusers"] = _ratio(baseline_ms, entry["ms"])
+                entry["preset"] = info.to_dict()
+                forward[preset] = entry
+            if request is None or engine is None:
+                continue
+            measured = run.phase(f"{preset}_request", lambda: engine_request(engine, request, device, scratch))
+            if measured is None:
+                continue
+            result, frames[preset] = measured
+            result["speedup_vs_diffusers"] = _ratio(requests.get("diffusers", {}).get("seconds"), result["seconds"])
+            requests[preset] = result
+            if not serving and "serving" not in run.phases and jobs > 0:
+                serving.update(run.phase("serving", lambda: measure_serving(engine, request, jobs, scratch)) or {})
 
         # The fresh process needs the device to itself: free this one's models first.
-        del engine, pipe, transformer, inputs
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        engine = pipe = transformer = inputs = None  # the phases' closures hold these names, so no `del`
+        _free(device)
         if not want_cold:
             report["cold_start"] = {
                 "skipped": "random weights are not on disk; pass --checkpoint DIR, or --cold-start to save them first"
@@ -364,21 +378,65 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         elif model_ref is None:
             report["cold_start"] = {"skipped": "no pipeline to load (forward-only shape)"}
         else:
-            with _phase(phases, "cold_start"):
-                report["cold_start"] = measure_cold_start(model_ref, presets[0], settings_kwargs, scratch)
-    report["bench_seconds"] = round(time.perf_counter() - started, 2)
-    path = write_report(report, environment, options.out)
+            cold = run.phase("cold_start", lambda: measure_cold_start(model_ref, presets[0], settings_kwargs, scratch))
+            report["cold_start"] = cold or {"skipped": "see errors or skipped_phases"}
+    path = run.save(complete=True)
     log.info("wrote %s", path)
     return path, report
 
 
-@contextlib.contextmanager
-def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        phases[name] = round(time.perf_counter() - started, 3)
+class _Run:
+    """The bookkeeping of one bench run. Each phase is timed, and the report is saved after it, so a run cut
+    short (a device session's time limit, a crash) keeps what it measured. A phase that raises is recorded in
+    `errors` and the run goes on to the next one: on a GPU nobody has tried yet, one failing kernel must not
+    cost the other figures. Phases that would start after `budget` seconds are skipped and listed."""
+
+    def __init__(
+        self, report: dict[str, Any], environment: dict[str, Any], out: Path, budget: float | None, device: Any
+    ) -> None:
+        self.report, self.environment, self.out, self.budget, self.device = report, environment, out, budget, device
+        self.started = time.perf_counter()
+        self.phases: dict[str, float] = report.setdefault("phase_seconds", {})  # to plan device time
+        self.errors: dict[str, str] = report.setdefault("errors", {})
+        self.skipped: dict[str, str] = report.setdefault("skipped_phases", {})
+        self.derive: Callable[[], None] = lambda: None
+
+    def phase(self, name: str, fn: Callable[[], Any], *, required: bool = False) -> Any:
+        """fn's result, or None when it was skipped for the budget or failed (and not `required`)."""
+        elapsed = time.perf_counter() - self.started
+        if not required and self.budget is not None and elapsed >= self.budget:
+            self.skipped[name] = f"time budget spent ({elapsed:.0f} s of {self.budget:g} s)"
+            log.warning("bench: skipping %s: %s", name, self.skipped[name])
+            self.save()
+            return None
+        started = time.perf_counter()
+        try:
+            return fn()
+        except Exception as exc:
+            self.errors[name] = f"{type(exc).__name__}: {exc}"[:1000]
+            log.exception("bench: %s failed", name)
+            _free(self.device)
+            if required:
+                raise
+            return None
+        except BaseException as exc:  # Ctrl-C, SystemExit: say where the run stopped, then stop
+            self.errors[name] = f"interrupted: {type(exc).__name__}"
+            raise
+        finally:
+            self.phases[name] = round(time.perf_counter() - started, 3)
+            self.save()
+
+    def save(self, complete: bool = False) -> Path:
+        self.derive()
+        self.report["complete"] = complete
+        self.report["bench_seconds"] = round(time.perf_counter() - self.started, 2)
+        return write_report(self.report, self.environment, self.out)
+
+
+def _free(device: Any) -> None:
+    gc.collect()
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _ordered(presets: tuple[str, ...]) -> tuple[str, ...]:
@@ -390,11 +448,17 @@ def _ordered(presets: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _run_name(shape: Shape, options: BenchOptions) -> str:
+    """The run's key in the day's results file: the shape plus every option that changes what is measured, so
+    that runs of one shape with other presets or steps sit side by side instead of replacing each other."""
     name = shape.name
     if options.layers:
         name += f"-{options.layers}layers"
     if options.checkpoint:
         name += "-checkpoint"
+    if _ordered(options.presets) != PRESET_NAMES:
+        name += "-" + "-".join(_ordered(options.presets))
+    if options.steps:
+        name += f"-{options.steps}steps"
     if options.cfg_batch:
         name += "-cfg-batch"
     if options.text_encoder_cpu:
@@ -532,12 +596,12 @@ def _describe_shape(shape: Shape, config: Any) -> dict[str, Any]:
 # ---- FLOPs and the matmul ceiling ------------------------------------------------------------------------------
 
 
-def transformer_flops(config: Any, tokens: int, text_len: int = TEXT_LEN, per_token_timestep: bool = False) -> float:
+def transformer_flops(config: Any, tokens: int, text_len: int = TEXT_TOKENS, per_token_timestep: bool = False) -> float:
     """FLOPs of one forward: linear layers 2 x params x rows, attention 4 x queries x keys x hidden."""
     d = int(config.num_attention_heads * config.attention_head_dim)
     ffn, layers = int(config.ffn_dim), int(config.num_layers)
     patch = math.prod(config.patch_size)
-    image = CLIP_TOKENS if config.image_dim else 0
+    image = IMAGE_TOKENS if config.image_dim else 0
     per_layer = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * ffn)  # self-attn QKVO, cross-attn Q and O, FFN
     per_layer += 2 * text_len * 2 * d * d  # cross-attn K and V over the text
     per_layer += 4 * tokens * tokens * d + 4 * tokens * text_len * d  # self- and cross-attention scores and values
@@ -602,10 +666,10 @@ def _forward_inputs(shape: Shape, config: Any, device: torch.device, dtype: torc
         timestep = torch.full((1, tokens), 500.0, device=device)
     else:
         timestep = torch.tensor([500.0], device=device)
-    image = randn(1, CLIP_TOKENS, int(config.image_dim)) if config.image_dim else None
+    image = randn(1, IMAGE_TOKENS, int(config.image_dim)) if config.image_dim else None
     common = {"hidden_states": hidden, "timestep": timestep, "encoder_hidden_states_image": image}
-    cond = dict(common, encoder_hidden_states=randn(1, TEXT_LEN, int(config.text_dim)))
-    uncond = dict(common, encoder_hidden_states=randn(1, TEXT_LEN, int(config.text_dim)))
+    cond = dict(common, encoder_hidden_states=randn(1, TEXT_TOKENS, int(config.text_dim)))
+    uncond = dict(common, encoder_hidden_states=randn(1, TEXT_TOKENS, int(config.text_dim)))
     return ForwardInputs(tokens, cond, uncond)
 
 
@@ -694,13 +758,16 @@ def _apply(preset: str, engine: Any, transformer: Any, device: torch.device, war
 # ---- whole requests ----------------------------------------------------------------------------------------------
 
 
-def _bench_request(spec: Any, pipe: Any, steps: int | None) -> Any:
+def _bench_request(shape: Shape, spec: Any, pipe: Any, steps: int | None) -> Any:
     from wanserve.request import GenerationRequest, resolve
 
     shift_key = "flow_shift" if "flow_shift" in pipe.scheduler.config else "shift"
     # The pipeline runs with the shift its scheduler holds; the engine is given the same, so frames compare.
     request = GenerationRequest(
         prompt="a red fox running through fresh snow at dawn",
+        width=shape.width,
+        height=shape.height,
+        num_frames=shape.num_frames,
         num_inference_steps=steps,
         seed=1234,
         flow_shift=float(pipe.scheduler.config[shift_key]),
@@ -708,7 +775,7 @@ def _bench_request(spec: Any, pipe: Any, steps: int | None) -> Any:
     if spec.tasks == {"i2v"}:
         from wanserve.engine.presets import _gray_png
 
-        request = replace(request, image=_gray_png(spec.width, spec.height))
+        request = replace(request, image=_gray_png(shape.width, shape.height))
     return resolve(request, spec)
 
 
@@ -822,10 +889,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def _compare_frames(requests: dict[str, Any], frames: dict[str, np.ndarray]) -> None:
     for name, entry in requests.items():
-        if name == "diffusers":
+        if name == "diffusers" or name not in frames:
             continue
-        entry["psnr_vs_diffusers_db"] = psnr(frames[name], frames["diffusers"])
-        entry["identical_to_diffusers"] = entry["psnr_vs_diffusers_db"] is None
+        if "diffusers" in frames:
+            entry["psnr_vs_diffusers_db"] = psnr(frames[name], frames["diffusers"])
+            entry["identical_to_diffusers"] = entry["psnr_vs_diffusers_db"] is None
         if name != "exact" and "exact" in frames:
             entry["psnr_vs_exact_db"] = psnr(frames[name], frames["exact"])
             entry["identical_to_exact"] = entry["psnr_vs_exact_db"] is None
@@ -1037,29 +1105,35 @@ def measure_cold_start(model_ref: str, preset: str, settings_kwargs: dict[str, A
     an empty inductor cache so compilation is paid in full, as on a freshly provisioned host."""
     kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in settings_kwargs.items()}
     kwargs["preset"] = preset
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor-cold"))
+    cold = scratch / "cold"
+    cold.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cold / "inductor"), TRITON_CACHE_DIR=str(cold / "triton"))
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-c", _COLD_CHILD, model_ref, json.dumps(kwargs)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert process.stdout is not None
-    child: dict[str, Any] | None = None
-    ready_at = None
-    for line in process.stdout:
-        if line.startswith("WANSERVE_READY "):
-            ready_at = time.perf_counter()
-            child = json.loads(line.removeprefix("WANSERVE_READY "))
-    _, stderr = process.communicate(timeout=600)
+    # stderr goes to a file: a pipe nobody reads while stdout is read would block a chatty child (compile logs).
+    with (cold / "stderr.log").open("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _COLD_CHILD, model_ref, json.dumps(kwargs)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
+        assert process.stdout is not None
+        child: dict[str, Any] | None = None
+        ready_at = None
+        for line in process.stdout:
+            if line.startswith("WANSERVE_READY "):
+                ready_at = time.perf_counter()
+                child = json.loads(line.removeprefix("WANSERVE_READY "))
+        process.wait(timeout=600)
+        stderr.seek(0)
+        last = stderr.read().strip().splitlines()[-1:]
     if child is None or ready_at is None:
-        return {"error": f"exit {process.returncode}: {stderr.strip().splitlines()[-1:] if stderr else ''}"}
+        return {"error": f"exit {process.returncode}: {last}"}
     return {
         "seconds_to_ready": round(ready_at - started, 3),
         "preset": preset,
-        "inductor_cache": "empty (fresh TORCHINDUCTOR_CACHE_DIR)",
+        "inductor_cache": "empty (fresh TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR)",
         **{k: None if v is None else round(float(v), 3) for k, v in child.items()},
     }
 

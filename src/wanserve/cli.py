@@ -362,14 +362,23 @@ def bench(
     cold_start: Annotated[
         bool | None, typer.Option("--cold-start/--no-cold-start", help="time a fresh process to engine ready")
     ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(help="seconds after which no new phase starts; the report lists what was skipped"),
+    ] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Time plain diffusers and each preset in one process; write benchmarks/results/<device>-<date>.json."""
+    """Time plain diffusers and each preset in one process; write benchmarks/results/<device>-<date>.json.
+
+    The file is rewritten after every phase, so a run cut short keeps what it measured. A phase that fails is
+    recorded under `errors` and the run goes on; the exit status is then 1."""
     from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows
 
     if shape not in SHAPES:
         fail(f"--shape: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}", code=2)
+    if time_budget is not None and not time_budget > 0:
+        fail(f"--time-budget: must be a positive number of seconds, got {time_budget:g}", code=2)
     options = BenchOptions(
         shape=shape,
         checkpoint=checkpoint,
@@ -387,6 +396,7 @@ def bench(
         cold_start=cold_start,
         device=device or "auto",
         cache_dir=cache_dir,
+        time_budget=time_budget,
     )
     try:
         path, report = run_bench(options)
@@ -399,8 +409,15 @@ def bench(
     for row in summary_rows(report):
         table.add_row(*row)
     # Logs and CI are 80 columns wide, which would truncate every cell of this table.
-    Console(stderr=True, width=max(console.width, 110)).print(table)
+    wide = Console(stderr=True, width=max(console.width, 110))
+    wide.print(table)
+    for name, why in report["skipped_phases"].items():
+        wide.print(f"[yellow]skipped[/yellow] {name}: {why}")
+    for name, error in report["errors"].items():
+        wide.print(f"[red]failed[/red] {name}: {error}")
     print(path)
+    if report["errors"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

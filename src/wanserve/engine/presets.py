@@ -39,6 +39,8 @@ PRESET_NAMES = ("exact", "fast", "fastest")
 EXACT_ATTENTION = ("_native_cudnn", "_flash_3", "flash", "_native_flash")
 # 8-bit attention for `fastest` (INT8 QK, FP8/FP16 PV): lossy, hence never part of `exact`.
 INT8_ATTENTION = ("sage",)
+TEXT_TOKENS = 512  # Wan pads every prompt to 512 T5 tokens
+IMAGE_TOKENS = 257  # Wan 2.1 I2V: CLIP ViT-H/14, 256 patches + CLS
 
 
 @dataclass(frozen=True)
@@ -243,8 +245,10 @@ def _choose_attention(
     heads, head_dim = int(config.num_attention_heads), int(config.attention_head_dim)
     dtype = transformers[0].dtype
 
+    cases = _probe_cases(config)
+
     def probe(names: Sequence[str], tolerance: float) -> dict[str, float | str]:
-        return {name: _probe_attention(name, device, dtype, heads, head_dim, tolerance) for name in names}
+        return {name: _probe_attention(name, device, dtype, heads, head_dim, tolerance, cases) for name in names}
 
     if spec.int8_attention:
         results = probe(INT8_ATTENTION, 0.1)
@@ -296,10 +300,27 @@ def _set_attention_backend(transformers: Sequence[Any], name: str, info: PresetI
     return True
 
 
+def _probe_cases(config: Any) -> list[tuple[int, int, int]]:
+    """(batch, queries, keys) of the attention calls a Wan forward makes, at probe size: self-attention, the
+    cross-attention over 512 text tokens (and 257 image tokens for Wan 2.1 I2V), and CFG as a batch of 2.
+    A kernel must handle all of them: one that fails on a shape only the real model uses would otherwise
+    surface at warm-up and cost a recompile without it."""
+    cases = [(1, 4096, 4096), (1, 4096, TEXT_TOKENS), (2, 4096, 4096), (2, 4096, TEXT_TOKENS)]
+    if getattr(config, "image_dim", None):
+        cases.append((1, 4096, IMAGE_TOKENS))
+    return cases
+
+
 def _probe_attention(
-    name: str, device: torch.device, dtype: torch.dtype, heads: int, head_dim: int, tolerance: float
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    head_dim: int,
+    tolerance: float,
+    cases: Sequence[tuple[int, int, int]] = ((1, 4096, 4096),),
 ) -> float | str:
-    """Milliseconds per call of backend `name` at this model's head layout, or why it cannot be used."""
+    """Milliseconds of backend `name` over `cases` at this model's head layout, or why it cannot be used."""
     try:
         from diffusers.models.attention_dispatch import (
             AttentionBackendName,
@@ -310,23 +331,32 @@ def _probe_attention(
         backend = AttentionBackendName(name)
         _check_attention_backend_requirements(backend)
         generator = torch.Generator(device=device).manual_seed(0)
-        shape = (1, 4096, heads, head_dim)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
-        with torch.no_grad():
-            reference = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.NATIVE)
-            out = dispatch_attention_fn(q, k, v, backend=backend)
-            error = float((out.float() - reference.float()).abs().max() / reference.float().abs().max())
-            if not error <= tolerance:
-                return f"differs from native SDPA by {error:.3g} (tolerance {tolerance:g})"
-            times = []
-            for _ in range(5):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                dispatch_attention_fn(q, k, v, backend=backend)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        return round(statistics.median(times[1:]), 4)
+        total = 0.0
+        for batch, queries, keys in cases:
+            q = torch.randn((batch, queries, heads, head_dim), device=device, dtype=dtype, generator=generator)
+            k, v = (
+                torch.randn((batch, keys, heads, head_dim), device=device, dtype=dtype, generator=generator)
+                for _ in range(2)
+            )
+            with torch.no_grad():
+                reference = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.NATIVE)
+                out = dispatch_attention_fn(q, k, v, backend=backend)
+                error = float((out.float() - reference.float()).abs().max() / reference.float().abs().max())
+                if not error <= tolerance:
+                    return (
+                        f"differs from native SDPA by {error:.3g} (tolerance {tolerance:g}) at batch {batch}, "
+                        f"{queries} queries x {keys} keys"
+                    )
+                times = []
+                for _ in range(5):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    dispatch_attention_fn(q, k, v, backend=backend)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+            total += statistics.median(times[1:])
+        return round(total, 4)
     except Exception as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         return f"{type(exc).__name__}: {first_line}"[:300]
@@ -397,7 +427,10 @@ def _apply_fp8(transformers: Sequence[Any], device: torch.device, info: PresetIn
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        # set_inductor_config=False: torchao's default turns on coordinate-descent autotuning for every later
+        # compile in the process (other models served here, the other presets of a bench run), which multiplies
+        # compile time at worker start; the settings it would change stay inductor's own.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
         for transformer in transformers:
             # First, so that quantization neither converts nor keeps alive the bf16 views of the fused weight.
             _drop_unused_projections(transformer)
@@ -574,7 +607,7 @@ def warm_up_with_fallback(transformers: Sequence[Any], info: PresetInfo, run: Ca
             if not undo:
                 raise
             # Dynamo and inductor errors point at compilation; anything else more likely at the kernel.
-            compiler_error = isinstance(exc, torch._dynamo.exc.TorchDynamoException)
+            compiler_error = isinstance(exc, _COMPILER_ERRORS)
             feature = "compile" if compiler_error and "compile" in undo else next(reversed(undo))
             log.warning("preset %s: %s failed during warm-up (%s); retrying without it", info.preset, feature, exc)
             undo.pop(feature)()
@@ -586,6 +619,14 @@ def warm_up_with_fallback(transformers: Sequence[Any], info: PresetInfo, run: Ca
             if info.cache_threshold is not None and feature == "compile":
                 # _uncompile_blocks took the cache off with the compiled code; put it back on the plain blocks.
                 _enable_step_cache(transformers, info.cache_threshold, info)
+
+
+# Errors that point at compilation. FailOnRecompileLimitHit (fullgraph=True past the recompile limit) is not a
+# TorchDynamoException, but it is the compiler's all the same.
+_COMPILER_ERRORS: tuple[type[BaseException], ...] = (
+    torch._dynamo.exc.TorchDynamoException,
+    *[e for e in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),) if e is not None],
+)
 
 
 def _reset_attention(transformers: Iterable[Any]) -> None:
