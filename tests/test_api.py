@@ -304,6 +304,8 @@ def test_openai_http_image_url_is_refused_clearly(api: Api) -> None:
         ({"ring_degree": 2}, "ring_degree", "parallel layout is server configuration"),
         ({"priority": "high"}, "priority", "integer"),
         ({"prompt": ""}, "prompt", "non-empty"),
+        ({"preset": "turbo"}, "preset", "must be one of exact, fast, fastest"),
+        ({"preset": "fastest"}, "preset", "tiny-t2v runs preset 'exact', whose requests may ask for exact or fast"),
     ],
 )
 def test_openai_validation_errors_name_the_field(api: Api, body: dict[str, Any], param: str, needle: str) -> None:
@@ -792,3 +794,30 @@ def test_official_openai_sdk(api: Api) -> None:
         assert gone.deleted and gone.object == "video.deleted" and gone.id == video.id
         with pytest.raises(openai.NotFoundError):
             client.videos.retrieve(video.id)
+
+
+def test_a_request_may_ask_for_the_presets_its_workers_can_serve(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """Only the step cache changes per request: exact and fast workers serve either, a fastest worker (FP8
+    weights) only fastest, and where ranks hold shards of one video there is no step cache to turn on."""
+    with make_api(tmp_path / "exact", media) as api:
+        t2v = api.client.get("/v1/models").json()["data"][0]
+        assert t2v["presets"] == {"served": "exact", "per_request": ["exact", "fast"]}
+        draft = api.create(preset="fast")
+        assert draft["preset"] == "fast" and api.store.get(draft["id"]).request["preset"] == "fast"
+        assert api.create()["preset"] is None  # the workers' own
+        refused = api.client.post("/api/v1/generate", json={"prompt": "p", "preset": "fastest"})
+        assert problem(refused, 400)["field"] == "preset"
+        assert len(api.store.list()[0]) == 2
+
+    with make_api(tmp_path / "fastest", media, preset="fastest") as api:
+        t2v = api.client.get("/v1/models").json()["data"][0]
+        assert t2v["presets"] == {"served": "fastest", "per_request": ["fastest"]}
+        error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "preset": "exact"}), 400)
+        assert error["param"] == "preset" and "FP8 weights" in error["message"]
+        assert api.create(preset="fastest")["preset"] == "fastest"
+
+    with make_api(tmp_path / "sharded", media, ulysses=2) as api:
+        t2v = api.client.get("/v1/models").json()["data"][0]
+        assert t2v["presets"]["per_request"] == ["exact"]
+        error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "preset": "fast"}), 400)
+        assert error["param"] == "preset" and "step cache is off" in error["message"]

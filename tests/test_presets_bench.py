@@ -30,6 +30,7 @@ from wanserve.config import Settings
 from wanserve.engine import presets
 from wanserve.engine.engine import Engine
 from wanserve.engine.presets import apply_preset
+from wanserve.errors import InvalidRequest
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest, resolve
 
@@ -67,6 +68,32 @@ def test_each_preset_writes_a_valid_video(preset_engines: dict[str, Engine], pre
         assert 0.0 < result.skipped_fraction <= 1.0
         assert result.skipped_steps == pytest.approx(result.skipped_fraction * STEPS, abs=1e-2)
         assert any(a.startswith("step_cache:") for a in info.applied)
+
+
+def test_a_request_switches_the_step_cache_where_its_preset_allows(
+    preset_engines: dict[str, Engine], tmp_path: Path
+) -> None:
+    """A request's `preset` changes only the step cache: an exact engine serves a `fast` request exactly as a
+    fast engine does, a fast engine serves an `exact` one exactly as an exact engine does, and the next
+    request gets the engine's own preset back."""
+    exact, fast, fastest = (preset_engines[p] for p in presets.PRESET_NAMES)
+    plain = exact.generate(fox(), tmp_path / "plain.mp4")
+    assert plain.preset == "exact" and plain.skipped_fraction == 0.0
+
+    drafted = exact.generate(dataclasses.replace(fox(), preset="fast"), tmp_path / "drafted.mp4")
+    on_fast = fast.generate(fox(), tmp_path / "on-fast.mp4")
+    assert drafted.preset == on_fast.preset == "fast" and drafted.skipped_fraction > 0.0
+    assert drafted.video_path.read_bytes() == on_fast.video_path.read_bytes()
+
+    again = exact.generate(fox(), tmp_path / "again.mp4")
+    exact_on_fast = fast.generate(dataclasses.replace(fox(), preset="exact"), tmp_path / "exact-on-fast.mp4")
+    assert again.skipped_fraction == exact_on_fast.skipped_fraction == 0.0 and exact_on_fast.preset == "exact"
+    assert again.video_path.read_bytes() == exact_on_fast.video_path.read_bytes() == plain.video_path.read_bytes()
+
+    with pytest.raises(InvalidRequest) as refused:
+        fastest.generate(dataclasses.replace(fox(), preset="exact"), tmp_path / "refused.mp4")
+    assert refused.value.field == "preset" and "FP8 weights" in str(refused.value)
+    assert not (tmp_path / "refused.mp4").exists()
 
 
 @pytest.mark.parametrize("cfg_batch", [False, True])

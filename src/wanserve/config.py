@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     storage_redirect: bool = False  # S3: redirect downloads to a presigned URL instead of streaming
 
+    @property
+    def step_cache_possible(self) -> bool:
+        """Whether this layout can run a step cache: not where ranks hold shards of one sequence (Ulysses, ring)
+        or of the weights (FSDP), whose ranks would take different skip decisions and deadlock."""
+        return self.ulysses * self.ring == 1 and not self.fsdp
+
     @field_validator("model", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:

@@ -22,6 +22,39 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+PRESET_NAMES = ("exact", "fast", "fastest")
+
+
+def request_presets(serving: str, step_cache: bool = True) -> tuple[str, ...]:
+    """The presets a request may name where `serving` is the workers' preset.
+
+    Only the step cache changes per request (hooks around the transformer blocks, outside compiled code). The
+    FP8 weights and 8-bit attention of `fastest` are fixed when a worker loads: a `fastest` worker serves
+    `fastest` only, and no other worker can become it. Where the step cache cannot run at all (ranks holding
+    shards of one sequence or of the weights), a request gets `exact` or what the workers serve."""
+    if serving == "fastest":
+        return ("fastest",)
+    return ("exact", "fast") if step_cache else tuple(dict.fromkeys(("exact", serving)))
+
+
+def _check_preset(value: object, spec: ModelSpec, serving: str | None, step_cache: bool) -> None:
+    if not isinstance(value, str) or value not in PRESET_NAMES:
+        raise InvalidRequest("preset", f"must be one of {', '.join(PRESET_NAMES)}, got {value!r}")
+    if serving is None or serving not in PRESET_NAMES:
+        return
+    allowed = request_presets(serving, step_cache)
+    if value in allowed:
+        return
+    if "fastest" in (value, serving):
+        why = "FP8 weights and 8-bit attention are chosen when a worker starts (wanserve worker --preset)"
+    else:
+        why = "the step cache is off where ranks hold shards of one video (ulysses, ring, fsdp)"
+    raise InvalidRequest(
+        "preset",
+        f"{value!r} cannot be served: {spec.name} runs preset {serving!r}, whose requests may ask for "
+        f"{' or '.join(allowed)}; {why}",
+    )
+
 
 @dataclass
 class GenerationRequest:
@@ -38,6 +71,7 @@ class GenerationRequest:
     boundary_ratio: float | None = None
     flow_shift: float | None = None
     seed: int | None = None
+    preset: str | None = None  # None: the workers' own; else one of request_presets(their preset)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -97,10 +131,14 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP): {exc}") from None
 
 
-def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
+def resolve(
+    request: GenerationRequest, spec: ModelSpec, serving: str | None = None, step_cache: bool = True
+) -> GenerationRequest:
     """Fill the model's defaults and check every rule; returns a complete request or raises InvalidRequest.
 
-    A missing seed is drawn here, so the resolved request (and the job that stores it) records it.
+    A missing seed is drawn here, so the resolved request (and the job that stores it) records it. `serving`
+    (the workers' preset) and `step_cache` (whether their layout can run it) decide which `preset` a request
+    may name; a request that names none keeps None and gets the workers' own.
     """
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise InvalidRequest("prompt", "must be a non-empty string")
@@ -194,6 +232,9 @@ def resolve(request: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
     shift = _float("flow_shift", request.flow_shift if request.flow_shift is not None else spec.flow_shift)
     if not 0 < shift <= 100:
         raise InvalidRequest("flow_shift", f"must be greater than 0 and at most 100, got {shift}")
+
+    if request.preset is not None:
+        _check_preset(request.preset, spec, serving, step_cache)
 
     seed = request.seed
     if seed is None:

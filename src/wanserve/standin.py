@@ -78,6 +78,7 @@ class StandInEngine:
             num_frames=len(self._frames),
             fps=req.fps,
             timings={"denoise": round(total_s, 4), "total": round(total_s, 4)},
+            preset=req.preset,
         )
 
 

@@ -334,6 +334,7 @@ class Worker:
             "fps": result.fps,
             "seconds": round(result.num_frames / result.fps, 3),
             "timings": result.timings,
+            "preset": result.preset,
             "video_key": key_for(job.id, VIDEO),
             "thumbnail_key": key_for(job.id, THUMBNAIL),
         }

@@ -169,5 +169,5 @@ def create_app(
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.include_router(openai_videos.router(settings, store, storage, specs, metrics))
     app.include_router(legacy.router(settings, store, storage, specs, metrics))
-    app.include_router(ops.router(store, storage, specs, metrics, readiness))
+    app.include_router(ops.router(settings, store, storage, specs, metrics, readiness))
     return app

@@ -102,6 +102,8 @@ def video_object(job: Job, queue_position: int | None) -> dict[str, Any]:
         "fps": fps,
         "stage": job.stage,
         "timings": result.get("timings"),
+        # What served it once done; before, what the request asked for (null: the workers' own preset).
+        "preset": result.get("preset", request.get("preset")),
     }
 
 

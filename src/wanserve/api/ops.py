@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wanserve.catalog import ModelSpec
+from wanserve.config import Settings
 from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
+from wanserve.request import request_presets
 from wanserve.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def model_defaults(spec: ModelSpec) -> dict[str, Any]:
     return defaults
 
 
-def model_entry(spec: ModelSpec, store: JobStore) -> dict[str, Any]:
+def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[str, Any]:
     aliases = list(spec.aliases) + ([spec.repo_id] if spec.repo_id else [])
     return {
         "id": spec.name,
@@ -53,6 +55,10 @@ def model_entry(spec: ModelSpec, store: JobStore) -> dict[str, Any]:
             "frame_stride": spec.temporal_stride,
         },
         "sizes": [f"{w}x{h}" for w, h in spec.sizes],
+        "presets": {
+            "served": settings.preset,
+            "per_request": list(request_presets(settings.preset, settings.step_cache_possible)),
+        },
         "queue_depth": store.queue_depth(spec.name),
         "running": store.running_count(spec.name),
         "aliases": aliases,
@@ -68,6 +74,7 @@ def _ping(name: str, check: Callable[[], bool]) -> bool:
 
 
 def router(
+    settings: Settings,
     store: JobStore,
     storage: Storage,
     specs: Mapping[str, ModelSpec],
@@ -112,7 +119,7 @@ def router(
 
     @api.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry(spec, store) for spec in specs.values()]}
+        return {"object": "list", "data": [model_entry(spec, store, settings) for spec in specs.values()]}
 
     @api.get("/metrics")
     def prometheus() -> Response:

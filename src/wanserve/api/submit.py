@@ -26,7 +26,7 @@ MAX_PRIORITY = 1000
 # Generation parameters every surface accepts under these names (vLLM-Omni's), besides its own fields.
 INT_FIELDS = ("width", "height", "num_frames", "fps", "num_inference_steps", "seed")
 FLOAT_FIELDS = ("guidance_scale", "guidance_scale_2", "boundary_ratio", "flow_shift")
-EXTENSION_FIELDS = frozenset({"negative_prompt", *INT_FIELDS, *FLOAT_FIELDS})
+EXTENSION_FIELDS = frozenset({"negative_prompt", "preset", *INT_FIELDS, *FLOAT_FIELDS})
 
 # The multi-GPU layout is fixed when the workers start (their process groups are built then); a request that
 # names one is refused rather than silently ignored, so nobody believes they changed it.
@@ -227,7 +227,7 @@ def submit(
     spec = served_spec(specs, model, frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"}))
     priority = parse_priority(priority)
     try:
-        resolved = resolve(request, spec)
+        resolved = resolve(request, spec, serving=settings.preset, step_cache=settings.step_cache_possible)
     except InvalidRequest as exc:
         if field_names and exc.field in field_names:
             raise InvalidRequest(field_names[exc.field], exc.rule) from None

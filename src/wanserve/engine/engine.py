@@ -66,6 +66,7 @@ class GenerationResult:
     # expressed in denoising steps. Both 0 under `exact`.
     skipped_fraction: float = 0.0
     skipped_steps: float = 0.0
+    preset: str | None = None  # the preset that served it: the engine's own, or one the request asked for
 
 
 @dataclass
@@ -242,10 +243,11 @@ class Engine:
         after the MP4 and thumbnail are written on the engine's writer thread, so the caller can start the
         next job's GPU work while this one is encoded. Its "done" event is emitted from that thread.
         """
-        req = resolve(request, self.spec)  # every rule is checked before any GPU work
+        req = self.resolve(request)  # every rule is checked before any GPU work
         if self.parallel is not None:
             with self.parallel.guard("broadcast of the request"):
                 req = broadcast_object(self.parallel, req)  # rank 0's seed, when the request had none
+        preset = self.preset_info.use(req.preset)
         emit = on_progress or (lambda _event: None)
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -300,6 +302,7 @@ class Engine:
                 experts=experts,
                 skipped_fraction=cache.skipped_fraction,
                 skipped_steps=cache.skipped_steps,
+                preset=preset,
             )
 
         if not write_async:
@@ -423,12 +426,17 @@ class Engine:
         not happen while another thread denoises with it."""
         if self._text_cache_size == 0 or self.settings.cpu_offload:
             return 0
-        req = resolve(request, self.spec)
+        req = self.resolve(request)
         texts = [req.prompt, *([req.negative_prompt or ""] if self._wants_cfg(req) else [])]
         missing = [t for t in dict.fromkeys(texts) if self._text_key(t) not in self._text_cache]
         for text in missing:
             self.encode_text(text)
         return len(missing)
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` checked against this model and this engine's preset, with every default filled in."""
+        info = self.preset_info
+        return resolve(request, self.spec, serving=info.serving, step_cache=info.cache_possible)
 
     def _text_key(self, text: str) -> tuple[str, int]:
         return (text, self.settings.max_sequence_length)

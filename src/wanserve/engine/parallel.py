@@ -518,9 +518,7 @@ class GroupLeader:
         *,
         write_async: bool = False,
     ) -> GenerationResult | Future[GenerationResult]:
-        from wanserve.request import resolve
-
-        req = resolve(request, self.spec)  # an invalid request never reaches the followers
+        req = self.engine.resolve(request)  # an invalid request never reaches the followers
         broadcast_object(self.ctx, ("generate", req))
         if write_async:
             return self.engine.generate(req, out_path, on_progress, should_cancel, write_async=True)

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from wanserve.request import PRESET_NAMES  # torch-free: the API checks a request's preset with it too
+
 if TYPE_CHECKING:
     from wanserve.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
-PRESET_NAMES = ("exact", "fast", "fastest")
 
 # Exact attention kernels, all tried on CUDA; the fastest one that matches `native` on this GPU wins.
 EXACT_ATTENTION = ("_native_cudnn", "_flash_3", "flash", "_native_flash")
@@ -83,6 +84,9 @@ class PresetInfo:
     compiled: bool = False
     fp8: bool = False
     cfg_batch: bool = False
+    # Whether a request may turn the step cache on or off here (see `use`), and its threshold right now.
+    cache_possible: bool = False
+    active_threshold: float | None = None
     apply_seconds: float = 0.0
     warmup_seconds: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +121,28 @@ class PresetInfo:
     def skip(self, feature: str, reason: str) -> None:
         self.skipped[feature] = reason
         self.applied = [a for a in self.applied if a.split(":")[0] != feature]
+
+    @property
+    def serving(self) -> str | None:
+        """The preset this engine was loaded with; None for an engine no preset touched."""
+        return self.preset if self.preset in PRESETS else None
+
+    def use(self, preset: str | None) -> str | None:
+        """Put the step cache in the state a request's `preset` asks for (None: this engine's own) and return
+        the preset that serves it. `resolve` has already checked that this engine may serve it; only the
+        step cache changes, and the next request puts it back the way it wants."""
+        if self.serving is None:
+            return None
+        name = preset or self.serving
+        wanted = PRESETS[name].cache_threshold if self.cache_possible else None
+        if wanted != self.active_threshold:
+            for transformer in self.transformers:
+                _disable_step_cache(transformer)
+            self.active_threshold = None
+            if wanted is not None:
+                _install_step_cache(self.transformers, wanted)
+                self.active_threshold = wanted
+        return name
 
     def begin_request(self) -> None:
         """Forget the previous request: cached residuals must never leak into another request's video."""
@@ -210,9 +236,11 @@ def configure_transformers(
         info.skip("compile", "cpu_offload moves weights during the forward, which compiled graphs do not expect")
     else:
         _compile_blocks(transformers, info)
+    sharded = parallel is not None and (getattr(parallel, "sequence_degree", 1) > 1 or getattr(parallel, "fsdp", False))
+    info.cache_possible = not sharded and all(_cacheable(t) for t in transformers)
     if spec.cache_threshold is None:
         info.skip("step_cache", f"not part of the {preset} preset (lossy; fast and fastest only)")
-    elif parallel is not None and (getattr(parallel, "sequence_degree", 1) > 1 or getattr(parallel, "fsdp", False)):
+    elif sharded:
         info.skip("step_cache", "ranks would take different skip decisions on their own shards and deadlock")
     else:
         _enable_step_cache(transformers, spec.cache_threshold, info)
@@ -528,14 +556,28 @@ def _counters(transformer: Any) -> list[_CallCounter]:
     return [c for c in found if c is not None]
 
 
+def _cacheable(transformer: Any) -> bool:
+    blocks = getattr(transformer, "blocks", None)
+    return blocks is not None and len(blocks) >= 2 and hasattr(transformer, "enable_cache")
+
+
 def _enable_step_cache(transformers: Sequence[Any], threshold: float, info: PresetInfo) -> None:
+    if not all(_cacheable(t) for t in transformers):
+        info.skip("step_cache", "First Block Cache needs a transformer with at least two blocks")
+        return
+    try:
+        _install_step_cache(transformers, threshold)
+    except Exception as exc:
+        info.cache_possible = False
+        info.skip("step_cache", f"{type(exc).__name__}: {exc}")
+        return
+    info.cache_threshold = info.active_threshold = threshold
+    info.add(f"step_cache:first_block_cache(threshold={threshold:g})")
+
+
+def _install_step_cache(transformers: Sequence[Any], threshold: float) -> None:
     from diffusers.hooks import FirstBlockCacheConfig
 
-    for transformer in transformers:
-        blocks = getattr(transformer, "blocks", None)
-        if blocks is None or len(blocks) < 2 or not hasattr(transformer, "enable_cache"):
-            info.skip("step_cache", "First Block Cache needs a transformer with at least two blocks")
-            return
     try:
         for transformer in transformers:
             # Counters go on first, so the cache hooks wrap them: the tail counter then only sees real runs.
@@ -544,13 +586,10 @@ def _enable_step_cache(transformers: Sequence[Any], threshold: float, info: Pres
                 block._wanserve_counter = counter
                 block.forward = counter
             transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    except Exception as exc:
+    except Exception:
         for transformer in transformers:
             _disable_step_cache(transformer)
-        info.skip("step_cache", f"{type(exc).__name__}: {exc}")
-        return
-    info.cache_threshold = threshold
-    info.add(f"step_cache:first_block_cache(threshold={threshold:g})")
+        raise
 
 
 def _disable_step_cache(transformer: Any) -> None:
