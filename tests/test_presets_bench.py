@@ -186,6 +186,14 @@ def test_regional_compile_composes_with_the_step_cache(
     assert decode_mp4(result.video_path).frames.shape == (13, 64, 128, 3)
     assert result.skipped_fraction > 0
 
+    # A request's preset turns the cache off and the next one back on around the same compiled code.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    exact = engine.generate(dataclasses.replace(fox(), preset="exact"), tmp_path / "exact.mp4")
+    again = engine.generate(fox(), tmp_path / "again.mp4")
+    assert exact.skipped_fraction == 0.0 and again.skipped_fraction == result.skipped_fraction
+    assert again.video_path.read_bytes() == result.video_path.read_bytes()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing was compiled again
+
 
 def test_write_async_returns_a_future_with_the_same_video(preset_engines: dict[str, Engine], tmp_path: Path) -> None:
     engine = preset_engines["exact"]
