@@ -13,7 +13,8 @@
 #   1  1.3B 480p forward + 10-step request vs diffusers, serving (overlap off/on); 14B I2V 480p and A14B 720p CFG
 #      steps (8 layers, scaled) with the A14B projection; 14B 720p (8 layers) and 5B 1280x704x121 forwards
 #   2  what step 1 leaves: lossy presets on 1.3B; 5B on a 24 GB budget (text encoder on the CPU, VAE tiling);
-#      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request; cold start
+#      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request; cold start from local disk,
+#      with empty and with kept compile caches
 set -uo pipefail
 
 step=${1:?usage: bash benchmarks/gpu_runs.sh 1|2 [--dry-run]}
@@ -81,6 +82,7 @@ case $step in
         bench 120 --shape 5b-720p --presets exact --text-encoder-cpu --vae-tiling --steps 4 --jobs 2 --repeats 3
         bench 120 --shape 14b-i2v-480p --presets exact,fastest --repeats 3
         bench 90 --shape 1.3b-480p --presets exact --jobs 0 --repeats 3
+        bench 150 --shape 1.3b-480p --presets exact --steps 2 --jobs 0 --repeats 3 --cold-start
         ;;
     *) echo "unknown step $step (1 or 2)" >&2; exit 2 ;;
 esac

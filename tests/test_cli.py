@@ -101,3 +101,36 @@ def test_models_and_doctor(tiny_cache: Path) -> None:
         assert f"OK   {line}" in doctor.stderr
     broken = run(["doctor", "--store", "redis://127.0.0.1:1/0"], tiny_cache)
     assert broken.returncode == 1 and "FIX  redis" in broken.stderr
+
+
+def test_compiled_kernels_are_kept_for_the_next_start(tiny_cache: Path, tmp_path: Path) -> None:
+    """`--compile on` (inductor's C++ kernels on the CPU): the first process compiles the transformer blocks into
+    <cache dir>/compile; a second one with the same cache dir loads those kernels, compiles nothing new, and
+    writes the same video."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)  # the tiny models, a few MB
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    args = ["generate", "--model", "tiny-t2v", "--prompt", "a red fox", "--steps", "2", "--seed", "4"]
+
+    def start(out: Path) -> set[Path]:
+        environment = {**clean, "WANSERVE_CACHE_DIR": str(cache), "COLUMNS": "200"}
+        done = subprocess.run(
+            [*WANSERVE, *args, "--compile", "on", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "compile:regional(fullgraph)" in done.stderr
+        return {p for p in (cache / "compile").rglob("*") if p.is_file()}
+
+    compiled = start(tmp_path / "first.mp4")
+    assert any(p.suffix == ".so" for p in compiled)  # inductor's C++ kernels, built on this machine
+    assert start(tmp_path / "second.mp4") == compiled
+    assert (tmp_path / "second.mp4").read_bytes() == (tmp_path / "first.mp4").read_bytes()
+
+    refused = run([*args, "--compile", "sometimes", "--out", str(tmp_path / "x.mp4")], cache)
+    assert refused.returncode == 2 and "compile" in refused.stdout + refused.stderr

@@ -43,7 +43,13 @@ TextCpuOpt = Annotated[
 OffloadOpt = Annotated[bool | None, typer.Option("--cpu-offload/--no-cpu-offload", help="model CPU offload")]
 TilingOpt = Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="decode the VAE in tiles")]
 PresetOpt = Annotated[str | None, typer.Option(help="acceleration preset: exact, fast or fastest")]
-CacheOpt = Annotated[Path | None, typer.Option(help="where tiny models are built [env WANSERVE_CACHE_DIR]")]
+CompileOpt = Annotated[
+    str | None, typer.Option(help="compile the transformer blocks: auto (CUDA only), on or off [env WANSERVE_COMPILE]")
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(help="where tiny models are built and compiled kernels kept [env WANSERVE_CACHE_DIR]"),
+]
 ModelsDirOpt = Annotated[Path | None, typer.Option(help="local copies of catalog models, as <dir>/<name>")]
 # The multi-GPU layout: fixed when the process starts (under torchrun), never per request.
 UlyssesOpt = Annotated[int | None, typer.Option(help="Ulysses sequence-parallel degree (under torchrun)")]
@@ -86,6 +92,7 @@ def generate(
     cpu_offload: OffloadOpt = None,
     vae_tiling: TilingOpt = None,
     preset: PresetOpt = None,
+    compile: CompileOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
     ulysses: UlyssesOpt = None,
@@ -107,6 +114,7 @@ def generate(
         cpu_offload=cpu_offload,
         vae_tiling=vae_tiling,
         preset=preset,
+        compile=compile,
         cache_dir=cache_dir,
         models_dir=models_dir,
         ulysses=ulysses,
@@ -235,6 +243,7 @@ def serve(
     cpu_offload: OffloadOpt = None,
     vae_tiling: TilingOpt = None,
     preset: PresetOpt = None,
+    compile: CompileOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
     overlap_jobs: OverlapOpt = None,
@@ -270,6 +279,7 @@ def worker(
     cpu_offload: OffloadOpt = None,
     vae_tiling: TilingOpt = None,
     preset: PresetOpt = None,
+    compile: CompileOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
     lease_seconds: Annotated[float | None, typer.Option(help="lease of a running job (renewed every step)")] = None,

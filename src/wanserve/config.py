@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     store: str | None = None  # job store URL; default sqlite:///<data_dir>/jobs.db
     storage: str | None = None  # result storage URL; default file://<data_dir>/videos
-    cache_dir: Path = Field(default_factory=_default_cache_dir)  # tiny models are built here
+    cache_dir: Path = Field(default_factory=_default_cache_dir)  # tiny models are built here; compiled kernels
     models_dir: Path | None = None  # local copies of catalog models, looked up as <models_dir>/<name>
 
     # HTTP.
@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     cpu_offload: bool = False
     vae_tiling: bool = False
     preset: Preset = "exact"
+    # Regional compilation of the transformer blocks: auto = on CUDA only. Compiled kernels are kept under
+    # <cache_dir>/compile (unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR say otherwise), so a restarted
+    # worker with that folder on a volume loads them instead of compiling again.
+    compile: Literal["auto", "on", "off"] = "auto"
     max_sequence_length: int = Field(default=512, ge=1, le=4096)
     # Text embeddings kept per engine (one per distinct prompt or negative prompt, 4 MiB each at 512 tokens):
     # the shared default negative prompt is encoded once, and a prefetched prompt waits here for its job.

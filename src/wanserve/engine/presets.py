@@ -20,10 +20,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -172,10 +174,13 @@ def apply_preset(engine: Engine, preset: str, *, warm_up: bool = True, compile: 
 
     Presets build on each other (exact < fast < fastest), so calling this again with a later preset on the
     same engine adds the difference; `wanserve bench` relies on that to compare presets on one set of weights.
-    `compile` forces regional compilation on (tests on the CPU) or off; None means "on CUDA only".
+    `compile` forces regional compilation on (tests on the CPU) or off; None takes the engine's `compile`
+    setting, whose default means "on CUDA only".
     """
     started = time.perf_counter()
     settings = engine.settings
+    if compile is None:
+        compile = {"on": True, "off": False}.get(getattr(settings, "compile", "auto"))
     info = configure_transformers(
         engine.transformers,
         preset,
@@ -186,6 +191,8 @@ def apply_preset(engine: Engine, preset: str, *, warm_up: bool = True, compile: 
     )
     info.cfg_batch = bool(getattr(settings, "cfg_batch", False))
     engine.preset_info = info  # the warm-up below runs through engine.denoise, which reads it
+    if info.compiled and getattr(settings, "cache_dir", None) is not None:
+        use_compile_cache(Path(settings.cache_dir) / "compile")  # torch.compile compiles at the first call
     if info.compiled and warm_up:
         _warm_up_or_fall_back(engine, info)
     info.apply_seconds = time.perf_counter() - started
@@ -493,6 +500,25 @@ def _drop_unused_projections(transformer: Any) -> None:
 
 
 # ---- regional compilation ------------------------------------------------------------------------------------
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Keep inductor's and Triton's compiled kernels in `folder`, so that the next process to compile the same
+    blocks (a restarted worker, a new pod with the folder on a volume) loads them instead of compiling.
+    Set before the first compilation of the process; where the user set either variable, theirs wins.
+
+    Importing diffusers already makes inductor write its default (/tmp/torchinductor_<user>) into the
+    environment, so a variable that holds exactly that default counts as unset."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+
+        default: str | None = default_cache_dir()
+    except (ImportError, AttributeError):
+        default = None
+    if current is None or current == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
 
 
 def _repeated_blocks(transformer: Any) -> list[torch.nn.Module]:
