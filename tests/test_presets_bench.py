@@ -398,3 +398,35 @@ def test_gpu_plan_shapes_run_end_to_end_at_toy_sizes(
     if shape.projection_steps:
         assert report["vae_decode"]["seconds"] > 0
         assert report["per_step"]["exact"]["projected_total_seconds"] > report["vae_decode"]["seconds"]
+
+
+@pytest.mark.parametrize("step", ["1", "2"])
+def test_the_gpu_plan_runs_real_bench_commands(step: str, tmp_path: Path) -> None:
+    """benchmarks/gpu_runs.sh is what a GPU session runs unattended: every command it plans must parse as
+    `wanserve bench` options, name a real shape and real presets, and have a time slice within the step's
+    default budget (450 s, so that one device call of at most 600 s holds the step and an overrunning phase)."""
+    import shlex
+
+    import typer
+
+    from wanserve.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    plan = subprocess.run(
+        ["bash", "benchmarks/gpu_runs.sh", step, "--dry-run"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OUT=str(tmp_path)),
+        timeout=60,
+    )
+    assert plan.returncode == 0, plan.stderr
+    commands = [line.split("wanserve bench ", 1)[1] for line in plan.stdout.splitlines() if line.startswith("+ ")]
+    assert len(commands) >= 4
+    bench_command = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    for command in commands:
+        context = bench_command.make_context("bench", shlex.split(command))  # parses, runs nothing
+        params = context.params
+        assert params["shape"] in SHAPES
+        assert set(params["presets"].split(",")) <= set(presets.PRESET_NAMES)
+        assert 0 < params["time_budget"] <= 450
