@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     store: str | None = None  # job store URL; default sqlite:///<data_dir>/jobs.db
     storage: str | None = None  # result storage URL; default file://<data_dir>/videos
-    cache_dir: Path = Field(default_factory=_default_cache_dir)  # tiny models are built here; compiled kernels
+    cache_dir: Path = Field(default_factory=_default_cache_dir)  # tiny models; compiled kernels in compile/
     models_dir: Path | None = None  # local copies of catalog models, looked up as <models_dir>/<name>
 
     # HTTP.

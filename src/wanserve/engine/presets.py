@@ -353,7 +353,7 @@ def _probe_attention(
     heads: int,
     head_dim: int,
     tolerance: float,
-    cases: Sequence[tuple[int, int, int]] = ((1, 4096, 4096),),
+    cases: Sequence[tuple[int, int, int]],
 ) -> float | str:
     """Milliseconds of backend `name` over `cases` at this model's head layout, or why it cannot be used."""
     try:
