@@ -13,9 +13,12 @@ from videos import decode_mp4
 WANSERVE = [sys.executable, "-m", "wanserve"]
 
 
-def run(args: list[str], cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "WANSERVE_CACHE_DIR": str(cache), "COLUMNS": "200", **env}
-    return subprocess.run([*WANSERVE, *args], capture_output=True, text=True, env=environment, timeout=300)
+def run(
+    args: list[str], cache: Path, unset: tuple[str, ...] = (), timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
+    environment.update({"WANSERVE_CACHE_DIR": str(cache), "COLUMNS": "200", **env})
+    return subprocess.run([*WANSERVE, *args], capture_output=True, text=True, env=environment, timeout=timeout)
 
 
 def test_generate_writes_a_playable_mp4_and_shows_steps(tiny_cache: Path, tmp_path: Path) -> None:
@@ -111,18 +114,11 @@ def test_compiled_kernels_are_kept_for_the_next_start(tiny_cache: Path, tmp_path
 
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)  # the tiny models, a few MB
-    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     args = ["generate", "--model", "tiny-t2v", "--prompt", "a red fox", "--steps", "2", "--seed", "4"]
 
     def start(out: Path) -> set[Path]:
-        environment = {**clean, "WANSERVE_CACHE_DIR": str(cache), "COLUMNS": "200"}
-        done = subprocess.run(
-            [*WANSERVE, *args, "--compile", "on", "--out", str(out)],
-            capture_output=True,
-            text=True,
-            env=environment,
-            timeout=600,
-        )
+        unset = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+        done = run([*args, "--compile", "on", "--out", str(out)], cache, unset=unset, timeout=600)
         assert done.returncode == 0, done.stderr
         assert "compile:regional(fullgraph)" in done.stderr
         return {p for p in (cache / "compile").rglob("*") if p.is_file()}

@@ -690,7 +690,7 @@ def warm_up_with_fallback(transformers: Sequence[Any], info: PresetInfo, run: Ca
 # TorchDynamoException, but it is the compiler's all the same.
 _COMPILER_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.TorchDynamoException,
-    *[e for e in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),) if e is not None],
+    getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException),
 )
 
 
