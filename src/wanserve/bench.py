@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import gc
 import itertools
 import json
@@ -357,6 +358,11 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
                 entry["speedup_vs_diffusers"] = _ratio(baseline_ms, entry["ms"])
                 entry["preset"] = info.to_dict()
                 forward[preset] = entry
+                if info.active_threshold is not None:
+                    args = (transformer, inputs, shape.unit, options.repeats, device, info, options.cfg_batch)
+                    cached = run.phase(f"{preset}_cached_step", functools.partial(time_cached_unit, *args))
+                    if cached is not None:
+                        entry["cached"] = cached
             if request is None or engine is None:
                 continue
             measured = run.phase(f"{preset}_request", lambda: engine_request(engine, request, device, scratch))
@@ -687,13 +693,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _unit_call(transformer: Any, inputs: ForwardInputs, unit: str, cfg_batch: bool) -> Callable[[], None]:
-    """One forward, or one CFG step (two forwards, or one batch of 2 with cfg_batch), from a reset cache."""
+def _unit_call(
+    transformer: Any, inputs: ForwardInputs, unit: str, cfg_batch: bool, reset: bool = True
+) -> Callable[[], None]:
+    """One forward, or one CFG step (two forwards, or one batch of 2 with cfg_batch), from a reset step cache
+    unless `reset` is False."""
     both = inputs.batched() if cfg_batch and unit == "cfg_step" else None
 
     @torch.no_grad()
     def call() -> None:
-        if getattr(transformer, "is_cache_enabled", False):
+        if reset and getattr(transformer, "is_cache_enabled", False):
             transformer._reset_stateful_cache()
         if both is not None:
             with transformer.cache_context("cond_uncond"):
@@ -737,6 +746,36 @@ def time_unit(
         "tflops": round(tflops, 4),
         "percent_of_ceiling": round(100 * tflops / ceiling_tflops, 2) if ceiling_tflops else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
+    }
+
+
+def time_cached_unit(
+    transformer: Any,
+    inputs: ForwardInputs,
+    unit: str,
+    repeats: int,
+    device: torch.device,
+    info: Any,
+    cfg_batch: bool = False,
+) -> dict[str, Any]:
+    """Median time of the same unit when the step cache serves every block after the first: what a step the
+    cache skips costs. The inputs repeat, so the first block's residual changes by 0 and every pass is a hit;
+    `hit_fraction` (from the blocks' call counters) says whether it really was. Unlike the full unit, this cost
+    does not grow with the number of layers: only the first block, the embeddings and the head run."""
+    prime = _unit_call(transformer, inputs, unit, cfg_batch)
+    cached = _unit_call(transformer, inputs, unit, cfg_batch, reset=False)
+    info.begin_request()
+    _timed(prime, device)  # computes in full and fills the cache
+    before = info.step_cache_stats(1)
+    _timed(cached, device)
+    times = [_timed(cached, device) for _ in range(max(repeats, 1))]
+    after = info.step_cache_stats(1)
+    calls = after.forwards - before.forwards
+    hits = (after.skipped_forwards - before.skipped_forwards) / calls if calls else 0.0
+    return {
+        "ms": round(statistics.median(times), 3),
+        "ms_all": [round(t, 3) for t in times],
+        "hit_fraction": round(hits, 4),
     }
 
 
@@ -1187,6 +1226,8 @@ def per_step_projection(
     for name, entry in forward.items():
         step = entry["ms"] / 1000 * scale
         row: dict[str, Any] = {"seconds_per_step": round(step, 3)}
+        if "cached" in entry:  # the first block, embeddings and head: the same at any depth, so not scaled
+            row["cached_seconds_per_step"] = round(entry["cached"]["ms"] / 1000, 4)
         if shape.projection_steps:
             row["projected_denoise_seconds"] = round(step * shape.projection_steps, 1)
             if vae_seconds is not None:
@@ -1194,6 +1235,12 @@ def per_step_projection(
         result[name] = row
     if scale != 1:
         result["note"] = f"scaled linearly from {layers} to {full_layers} layers"
+    if any("cached_seconds_per_step" in row for row in result.values() if isinstance(row, dict)):
+        result["cached_step"] = (
+            "a step whose blocks after the first the step cache serves; seconds_per_step is every block computed."
+            " A request that skips a fraction s of its steps averages (1 - s) x seconds_per_step"
+            " + s x cached_seconds_per_step"
+        )
     if shape.projection_steps:
         decode = "plus the measured VAE decode" if vae_seconds is not None else "VAE decoding not included"
         result["projection"] = (
@@ -1223,9 +1270,25 @@ def _targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
         at_least = "speedup" in kind or key == "serving_busy_fraction"
         met = None if value is None else (value >= goal if at_least else value <= goal)
         out[key] = {"goal": goal, "measured": value, "met": met}
+        row = per_step.get(preset, {}) if kind in ("step_seconds", "projected_seconds") else {}
+        if value is not None and "cached_seconds_per_step" in row:
+            # The goal as a share of skipped steps: random weights cannot say what share the cache will skip
+            # on a real checkpoint, but they do fix what a full and a skipped step cost.
+            steps = 1 if kind == "step_seconds" else shape.projection_steps or 1
+            saved_if_all_skipped = steps * (row["seconds_per_step"] - row["cached_seconds_per_step"])
+            out[key]["met_at_skipped_fraction"] = _fraction_needed(value - goal, saved_if_all_skipped)
     if shape.published_diffusers_ms and "diffusers" in forward:
         out["diffusers_vs_published"] = _ratio(shape.published_diffusers_ms, forward["diffusers"]["ms"])
     return out
+
+
+def _fraction_needed(excess: float, saved_if_all_skipped: float) -> float | None:
+    """The share of steps the cache must skip to remove `excess` seconds; None if skipping every one would not."""
+    if excess <= 0:
+        return 0.0
+    if saved_if_all_skipped <= excess:
+        return None
+    return round(excess / saved_if_all_skipped, 3)
 
 
 def _ratio(baseline: float | None, value: float | None) -> float | None:
@@ -1356,7 +1419,8 @@ def _finite(value: Any) -> Any:
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    """Rows for the console table: config, ms per unit, TFLOP/s, % of ceiling, speedup, request s, skipped, PSNR."""
+    """Rows for the console table: config, ms per unit, ms of a step-cache hit, TFLOP/s, % of ceiling, speedup,
+    request s, skipped, PSNR."""
     rows = []
     for name, entry in report["forward"].items():
         req = report.get("request", {}).get(name, {}) if isinstance(report.get("request"), dict) else {}
@@ -1365,6 +1429,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             (
                 name,
                 f"{entry['ms']:.2f}",
+                f"{entry['cached']['ms']:.2f}" if "cached" in entry else "-",
                 f"{entry['tflops']:.3f}",
                 f"{entry['percent_of_ceiling']:.1f}" if entry.get("percent_of_ceiling") is not None else "-",
                 f"{entry['speedup_vs_diffusers']:.3f}x" if entry.get("speedup_vs_diffusers") else "-",
@@ -1376,5 +1441,24 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def target_lines(report: dict[str, Any]) -> list[str]:
+    """One line per target of the issue: goal, measured value, verdict."""
+    lines = []
+    for key, target in report.get("targets", {}).items():
+        if not isinstance(target, dict):
+            continue
+        verdict = {True: "met", False: "missed", None: "not measured"}[target["met"]]
+        line = f"{key}: goal {target['goal']:g}, measured {_fmt(target['measured'], 3)}: {verdict}"
+        if target["met"] is False and "met_at_skipped_fraction" in target:
+            share = target["met_at_skipped_fraction"]
+            line += " with every step computed; " + (
+                f"met if the step cache skips {share:.0%} of the steps"
+                if share is not None
+                else "not met even if the step cache skipped every step"
+            )
+        lines.append(line)
+    return lines
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -383,7 +383,7 @@ def bench(
 
     The file is rewritten after every phase, so a run cut short keeps what it measured. A phase that fails is
     recorded under `errors` and the run goes on; the exit status is then 1."""
-    from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows
+    from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows, target_lines
 
     if shape not in SHAPES:
         fail(f"--shape: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}", code=2)
@@ -414,13 +414,16 @@ def bench(
         fail(str(exc))
         return
     table = Table(title=f"wanserve bench: {report['run']} ({report['options']['weights']} weights)")
-    for column in ("config", "ms/unit", "TFLOP/s", "% ceiling", "speedup", "request s", "skipped", "PSNR dB"):
+    columns = ("config", "ms/unit", "cached ms", "TFLOP/s", "% ceiling", "speedup", "request s", "skipped", "PSNR dB")
+    for column in columns:
         table.add_column(column)
     for row in summary_rows(report):
         table.add_row(*row)
     # Logs and CI are 80 columns wide, which would truncate every cell of this table.
     wide = Console(stderr=True, width=max(console.width, 110))
     wide.print(table)
+    for line in target_lines(report):
+        wide.print(f"target {line}")
     for name, why in report["skipped_phases"].items():
         wide.print(f"[yellow]skipped[/yellow] {name}: {why}")
     for name, error in report["errors"].items():
