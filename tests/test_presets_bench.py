@@ -26,6 +26,9 @@ from wanserve.bench import (
     psnr,
     transformer_flops,
 )
+from wanserve.bench import models as bench_models
+from wanserve.bench import run as bench_run
+from wanserve.bench.projection import check_targets
 from wanserve.config import Settings
 from wanserve.engine import presets
 from wanserve.engine.engine import Engine
@@ -291,7 +294,7 @@ def test_lossy_targets_say_what_share_of_skipped_steps_meets_them() -> None:
     per_step = per_step_projection(i2v, BenchOptions(layers=8), forward)
     # The full step is scaled from 8 to 40 layers; the skipped one (first block, embeddings, head) is not.
     assert per_step["fastest"] == {"seconds_per_step": 5.0, "cached_seconds_per_step": 0.2}
-    target = bench._targets(i2v, {"forward": forward, "per_step": per_step})["step_seconds_fastest"]
+    target = check_targets(i2v, {"forward": forward, "per_step": per_step})["step_seconds_fastest"]
     assert target == {"goal": 2.6, "measured": 5.0, "met": False, "met_at_skipped_fraction": 0.5}  # 2.4 s of 4.8
     (line,) = bench.target_lines({"targets": {"step_seconds_fastest": target}})  # what `wanserve bench` prints
     assert line == (
@@ -300,12 +303,12 @@ def test_lossy_targets_say_what_share_of_skipped_steps_meets_them() -> None:
     )
 
     per_step = per_step_projection(a14b, BenchOptions(layers=8), forward, vae_seconds=40.0)  # 40 x 5 + 40 = 240 s
-    target = bench._targets(a14b, {"forward": forward, "per_step": per_step})["projected_seconds_fastest"]
+    target = check_targets(a14b, {"forward": forward, "per_step": per_step})["projected_seconds_fastest"]
     assert target["met"] is True and target["met_at_skipped_fraction"] == 0.0
 
     slow = {"fastest": {"ms": 1000.0, "cached": {"ms": 2700.0}}}  # a skipped step slower than the goal itself
     per_step = per_step_projection(i2v, BenchOptions(layers=8), slow)
-    target = bench._targets(i2v, {"forward": slow, "per_step": per_step})["step_seconds_fastest"]
+    target = check_targets(i2v, {"forward": slow, "per_step": per_step})["step_seconds_fastest"]
     assert target["met"] is False and target["met_at_skipped_fraction"] is None
 
 
@@ -318,14 +321,14 @@ def test_a_failing_phase_is_recorded_and_the_run_goes_on(
 ) -> None:
     """One preset's request fails (as an untried kernel might on a new GPU): the error is in the report, and the
     other presets are still measured and compared."""
-    real = bench.engine_request
+    real = bench_run.engine_request
 
     def flaky(engine: Engine, *args: object) -> object:
         if engine.preset_info.preset == "fast":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(engine, *args)
 
-    monkeypatch.setattr(bench, "engine_request", flaky)
+    monkeypatch.setattr(bench_run, "engine_request", flaky)
     path, _ = bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=0))
 
     saved = json.loads(path.read_text())["runs"]["tiny"]
@@ -344,7 +347,7 @@ def test_a_run_cut_short_keeps_what_it_measured(
     def interrupted(*_args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench, "measure_serving", interrupted)
+    monkeypatch.setattr(bench_run, "measure_serving", interrupted)
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=2))
 
@@ -376,7 +379,7 @@ def test_time_budget_skips_the_phases_it_does_not_cover(tiny_cache: Path, tmp_pa
 
 # The random-weight shapes the GPU runs use, shrunk to toy widths and sizes: the same code builds them (UMT5,
 # the model's real VAE config, both A14B experts, the I2V image inputs), times them and projects them.
-TOY_UMT5 = dict(bench.UMT5_XXL, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=384)
+TOY_UMT5 = dict(bench_models.UMT5_XXL, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=384)
 TOY_RUNS = {
     "1.3b-480p": dict(presets=("exact", "fast", "fastest"), steps=4, jobs=2, cold_start=True),
     "5b-720p": dict(presets=("exact",), steps=2, jobs=2, text_encoder_cpu=True, vae_tiling=True),
@@ -400,7 +403,7 @@ def test_gpu_plan_shapes_run_end_to_end_at_toy_sizes(
     name: str, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(bench.SHAPES, name, _toy_shape(SHAPES[name]))
-    monkeypatch.setattr(bench, "UMT5_XXL", TOY_UMT5)
+    monkeypatch.setattr(bench_models, "UMT5_XXL", TOY_UMT5)
     options = BenchOptions(shape=name, device="cpu", repeats=1, out=tmp_path, cache_dir=tiny_cache, **TOY_RUNS[name])  # type: ignore[arg-type]
     path, _ = bench.run_bench(options)
 

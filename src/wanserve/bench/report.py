@@ -1,0 +1,184 @@
+"""The results file (`benchmarks/results/<device>-<date>.json`), the environment it records, and the console
+summary."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = 1
+
+
+def describe_environment(device: torch.device) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    env: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torchao": _version("torchao"),
+        "sageattention": _version("sageattention"),
+        "flash_attn": _version("flash_attn"),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device_type": device.type,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=props.name,
+            device_memory_gb=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            cuda_runtime=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=_nvidia_driver(),
+        )
+    else:
+        env.update(device_name=env["cpu"], driver=None)
+    return env
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    """Read-only git queries (the commit the numbers belong to); None outside a checkout."""
+    if shutil.which("git") is None:
+        return None
+    # GIT_OPTIONAL_LOCKS=0: `git status` must not refresh the index of a checkout others are working in.
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+    try:
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent, env=env
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _nvidia_driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def device_slug(environment: dict[str, Any]) -> str:
+    name = str(environment.get("device_name") or "unknown")
+    if environment.get("device_type") == "cpu":
+        name = "cpu-" + re.sub(r"@.*$", "", name)
+    name = re.sub(r"\((r|tm)\)|\bcpu\b(?!-)|processor", " ", name, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "unknown"
+
+
+def write_report(report: dict[str, Any], environment: dict[str, Any], out_dir: Path) -> Path:
+    """Merge this run into `<out_dir>/<device>-<date>.json` (one file per device per day, runs by name)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device_slug(environment)}-{environment['date']}.json"
+    document: dict[str, Any] = {}
+    if path.exists():
+        with contextlib.suppress(ValueError):
+            document = json.loads(path.read_text())
+    document["schema"] = SCHEMA
+    document["environment"] = environment
+    document.setdefault("runs", {})[report["run"]] = report
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_finite(document), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Rows for the console table: config, ms per unit, ms of a step-cache hit, TFLOP/s, % of ceiling, speedup,
+    request s, skipped, PSNR."""
+    rows = []
+    for name, entry in report["forward"].items():
+        req = report.get("request", {}).get(name, {}) if isinstance(report.get("request"), dict) else {}
+        psnr_value = req.get("psnr_vs_exact_db", req.get("psnr_vs_diffusers_db"))
+        rows.append(
+            (
+                name,
+                f"{entry['ms']:.2f}",
+                f"{entry['cached']['ms']:.2f}" if "cached" in entry else "-",
+                f"{entry['tflops']:.3f}",
+                f"{entry['percent_of_ceiling']:.1f}" if entry.get("percent_of_ceiling") is not None else "-",
+                f"{entry['speedup_vs_diffusers']:.3f}x" if entry.get("speedup_vs_diffusers") else "-",
+                f"{req['seconds']:.2f}" if "seconds" in req else "-",
+                f"{req['skipped_fraction']:.2f}" if "skipped_fraction" in req else "-",
+                "identical" if req and psnr_value is None and name != "diffusers" else _fmt(psnr_value),
+            )
+        )
+    return rows
+
+
+def target_lines(report: dict[str, Any]) -> list[str]:
+    """One line per target of the issue: goal, measured value, verdict."""
+    lines = []
+    for key, target in report.get("targets", {}).items():
+        if not isinstance(target, dict):
+            continue
+        verdict = {True: "met", False: "missed", None: "not measured"}[target["met"]]
+        line = f"{key}: goal {target['goal']:g}, measured {_fmt(target['measured'], 3)}: {verdict}"
+        if target["met"] is False and "met_at_skipped_fraction" in target:
+            share = target["met_at_skipped_fraction"]
+            line += " with every step computed; " + (
+                f"met if the step cache skips {share:.0%} of the steps"
+                if share is not None
+                else "not met even if the step cache skipped every step"
+            )
+        lines.append(line)
+    return lines
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
