@@ -285,23 +285,24 @@ def _choose_attention(
     def probe(names: Sequence[str], tolerance: float) -> dict[str, float | str]:
         return {name: _probe_attention(name, device, dtype, heads, head_dim, tolerance, cases) for name in names}
 
-    if spec.int8_attention:
-        results = probe(INT8_ATTENTION, 0.1)
-        info.details["int8_attention_probe"] = results
-        usable = {k: v for k, v in results.items() if isinstance(v, float)}
-        if not usable:
-            info.skip("int8_attention", _describe(results))
-        else:
-            name = min(usable, key=usable.__getitem__)
-            if _set_attention_backend(transformers, name, info):
-                info.attention_backend = name
-                info.add(f"int8_attention:{name}")
-                info.skip("attention", f"{name} (8-bit) replaces the exact backend in this preset")
-                return
     results = probe(("native", *EXACT_ATTENTION), 2e-2)
     info.details["attention_probe"] = results
     usable = {k: v for k, v in results.items() if isinstance(v, float)}
     best = min(usable, key=usable.__getitem__) if usable else "native"
+    if spec.int8_attention:
+        int8 = probe(INT8_ATTENTION, 0.1)
+        info.details["int8_attention_probe"] = int8
+        fast = {k: v for k, v in int8.items() if isinstance(v, float)}
+        name = min(fast, key=fast.__getitem__) if fast else None
+        if name is None:
+            info.skip("int8_attention", _describe(int8))
+        elif best in usable and fast[name] >= usable[best]:  # lossy and no faster: keep the exact kernel
+            info.skip("int8_attention", f"{name} is no faster than {best} on this GPU: " + _describe(int8 | usable))
+        elif _set_attention_backend(transformers, name, info):
+            info.attention_backend = name
+            info.add(f"int8_attention:{name}")
+            info.skip("attention", f"{name} (8-bit) replaces the exact backend in this preset")
+            return
     if best == "native":
         _reset_attention(transformers)
         info.skip("attention", "no exact backend beat native SDPA on this GPU: " + _describe(results))
