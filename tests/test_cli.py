@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,3 +131,19 @@ def test_compiled_kernels_are_kept_for_the_next_start(tiny_cache: Path, tmp_path
 
     refused = run([*args, "--compile", "sometimes", "--out", str(tmp_path / "x.mp4")], cache)
     assert refused.returncode == 2 and "compile" in refused.stdout + refused.stderr
+
+
+def test_help_names_the_environment_variable_of_every_setting(tmp_path: Path) -> None:
+    """Each flag that sets a Settings key says which WANSERVE_ variable sets it too, in the help a user reads."""
+    from wanserve.config import Settings
+
+    for command in ("serve", "api", "worker", "generate", "doctor"):
+        shown = run([command, "--help"], tmp_path, COLUMNS="300")
+        assert shown.returncode == 0, shown.stderr
+        flags = re.findall(r"^│ [ *]*--([\w-]+)", shown.stdout, flags=re.M)
+        keys = {flag.replace("-", "_") for flag in flags} & set(Settings.model_fields)
+        if command == "generate":
+            keys.discard("model")  # the one model to run now, not WANSERVE_MODEL's served list
+        assert keys, command
+        for key in keys:
+            assert f"[env WANSERVE_{key.upper()}]" in shown.stdout, (command, key)

@@ -33,37 +33,39 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def setting(text: str, key: str, *decls: str) -> Any:
+    """A typer.Option for the Settings key `key`, whose help names its environment variable. Escaped: rich would
+    read a bare `[env ...]` as markup and print nothing."""
+    return typer.Option(*decls, help=f"{text} \\[env WANSERVE_{key.upper()}]")
+
+
 # Options shared by every command that runs the engine.
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [env WANSERVE_DEVICE]")]
-DtypeOpt = Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32 [env WANSERVE_DTYPE]")]
+DeviceOpt = Annotated[str | None, setting("auto, cpu, cuda or cuda:N", "device")]
+DtypeOpt = Annotated[str | None, setting("auto, bfloat16, float16 or float32", "dtype")]
 TextCpuOpt = Annotated[
     bool | None,
-    typer.Option("--text-encoder-cpu/--no-text-encoder-cpu", help="keep the T5 text encoder on the CPU"),
+    setting("keep the T5 text encoder on the CPU", "text_encoder_cpu", "--text-encoder-cpu/--no-text-encoder-cpu"),
 ]
-OffloadOpt = Annotated[bool | None, typer.Option("--cpu-offload/--no-cpu-offload", help="model CPU offload")]
-TilingOpt = Annotated[bool | None, typer.Option("--vae-tiling/--no-vae-tiling", help="decode the VAE in tiles")]
-PresetOpt = Annotated[str | None, typer.Option(help="acceleration preset: exact, fast or fastest")]
-CompileOpt = Annotated[
-    str | None, typer.Option(help="compile the transformer blocks: auto (CUDA only), on or off [env WANSERVE_COMPILE]")
-]
-CacheOpt = Annotated[
-    Path | None,
-    typer.Option(help="where tiny models are built and compiled kernels kept [env WANSERVE_CACHE_DIR]"),
-]
-ModelsDirOpt = Annotated[Path | None, typer.Option(help="local copies of catalog models, as <dir>/<name>")]
+OffloadOpt = Annotated[bool | None, setting("model CPU offload", "cpu_offload", "--cpu-offload/--no-cpu-offload")]
+TilingOpt = Annotated[bool | None, setting("decode the VAE in tiles", "vae_tiling", "--vae-tiling/--no-vae-tiling")]
+PresetOpt = Annotated[str | None, setting("acceleration preset: exact, fast or fastest", "preset")]
+CompileOpt = Annotated[str | None, setting("compile the transformer blocks: auto (CUDA only), on or off", "compile")]
+CacheOpt = Annotated[Path | None, setting("where tiny models are built and compiled kernels kept", "cache_dir")]
+ModelsDirOpt = Annotated[Path | None, setting("local copies of catalog models, as <dir>/<name>", "models_dir")]
 # The multi-GPU layout: fixed when the process starts (under torchrun), never per request.
-UlyssesOpt = Annotated[int | None, typer.Option(help="Ulysses sequence-parallel degree (under torchrun)")]
-RingOpt = Annotated[int | None, typer.Option(help="ring-attention sequence-parallel degree (under torchrun)")]
-CfgParallelOpt = Annotated[int | None, typer.Option(help="2: guidance passes on two rank groups")]
-FsdpOpt = Annotated[bool | None, typer.Option("--fsdp/--no-fsdp", help="shard weights over the ranks")]
+UlyssesOpt = Annotated[int | None, setting("Ulysses sequence-parallel degree (under torchrun)", "ulysses")]
+RingOpt = Annotated[int | None, setting("ring-attention sequence-parallel degree (under torchrun)", "ring")]
+CfgParallelOpt = Annotated[int | None, setting("2: guidance passes on two rank groups", "cfg_parallel")]
+FsdpOpt = Annotated[bool | None, setting("shard weights over the ranks", "fsdp", "--fsdp/--no-fsdp")]
 CfgBatchOpt = Annotated[
-    bool | None, typer.Option("--cfg-batch/--no-cfg-batch", help="both guidance passes as one batch")
+    bool | None, setting("both guidance passes as one batch", "cfg_batch", "--cfg-batch/--no-cfg-batch")
 ]
 OverlapOpt = Annotated[
     bool | None,
-    typer.Option(
+    setting(
+        "encode the next queued prompt and store the previous video while a job denoises (default on)",
+        "overlap_jobs",
         "--overlap-jobs/--no-overlap-jobs",
-        help="encode the next queued prompt and store the previous video while a job denoises (default on)",
     ),
 ]
 
@@ -204,19 +206,13 @@ def generate(
     print(result.video_path)
 
 
-ModelsOpt = Annotated[
-    list[str] | None,
-    typer.Option("--model", help="model to serve; repeat for several [env WANSERVE_MODEL=a,b]"),
-]
-DataDirOpt = Annotated[Path | None, typer.Option(help="data directory (default ./data) [env WANSERVE_DATA_DIR]")]
-StoreOpt = Annotated[
-    str | None, typer.Option(help="job store URL: sqlite:///path.db or redis://host:6379/0 [env WANSERVE_STORE]")
-]
-StorageOpt = Annotated[
-    str | None, typer.Option(help="result storage URL: file:///dir or s3://bucket/prefix [env WANSERVE_STORAGE]")
-]
-HostOpt = Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1) [env WANSERVE_HOST]")]
-PortOpt = Annotated[int | None, typer.Option(help="HTTP port (default 8088) [env WANSERVE_PORT]")]
+ModelsOpt = Annotated[list[str] | None, setting("model to serve; repeat for several (env: a,b)", "model", "--model")]
+WorkerModelOpt = Annotated[list[str] | None, setting("the one model this worker serves", "model", "--model")]
+DataDirOpt = Annotated[Path | None, setting("data directory (default ./data)", "data_dir")]
+StoreOpt = Annotated[str | None, setting("job store URL: sqlite:///path.db or redis://host:6379/0", "store")]
+StorageOpt = Annotated[str | None, setting("result storage URL: file:///dir or s3://bucket/prefix", "storage")]
+HostOpt = Annotated[str | None, setting("bind address (default 127.0.0.1)", "host")]
+PortOpt = Annotated[int | None, setting("HTTP port (default 8088)", "port")]
 
 
 def _run_role(role: str, **overrides: Any) -> None:
@@ -267,12 +263,14 @@ def api(
 
 @app.command()
 def worker(
-    model: ModelsOpt = None,
+    model: WorkerModelOpt = None,
     data_dir: DataDirOpt = None,
     store: StoreOpt = None,
     storage: StorageOpt = None,
     host: HostOpt = None,
-    ops_port: Annotated[int | None, typer.Option(help="port of /health, /ready, /metrics, /drain")] = None,
+    ops_port: Annotated[
+        int | None, setting("port of /health, /ready, /metrics, /drain (default 8089)", "ops_port")
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     text_encoder_cpu: TextCpuOpt = None,
@@ -282,8 +280,12 @@ def worker(
     compile: CompileOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
-    lease_seconds: Annotated[float | None, typer.Option(help="lease of a running job (renewed every step)")] = None,
-    shutdown_grace: Annotated[float | None, typer.Option(help="seconds a draining worker may finish its job")] = None,
+    lease_seconds: Annotated[
+        float | None, setting("lease of a running job (renewed every step)", "lease_seconds")
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None, setting("seconds a draining worker may finish its job", "shutdown_grace")
+    ] = None,
     ulysses: UlyssesOpt = None,
     ring: RingOpt = None,
     cfg_parallel: CfgParallelOpt = None,
@@ -335,7 +337,7 @@ def models() -> None:
 
 @app.command()
 def doctor(
-    store: Annotated[str | None, typer.Option(help="job store URL to check [env WANSERVE_STORE]")] = None,
+    store: Annotated[str | None, setting("job store URL to check", "store")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Check this machine: each line is OK or a fix to try."""
