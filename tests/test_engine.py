@@ -282,3 +282,33 @@ def test_no_prefetch_under_cpu_offload(tiny_cache: Path) -> None:
     # Offload hooks would move the transformer off the GPU while another thread denoises with it.
     engine = Engine.load("tiny-t2v", Settings(cache_dir=tiny_cache, cpu_offload=True))
     assert engine.prefetch(GenerationRequest(prompt="a lighthouse in fog")) == 0
+
+
+def test_engines_loaded_on_several_threads_at_once_are_whole(
+    engines: dict[str, Engine], tiny_cache: Path, tmp_path: Path
+) -> None:
+    """`wanserve serve` loads one model per worker thread. Loading changes process-wide state (accelerate gives
+    modules built meanwhile meta tensors), so a preset fusing projections beside another load once broke an
+    engine. Every engine loaded in the crowd has real weights and makes the video one loaded alone makes."""
+    import threading
+
+    settings = Settings(cache_dir=tiny_cache)
+
+    def load(name: str, into: dict[str, Engine]) -> None:
+        into[name] = Engine.load(name, settings)
+
+    for _ in range(3):  # the race lost about three times in four before the fix
+        loaded: dict[str, Engine] = {}
+        threads = [threading.Thread(target=load, args=(name, loaded)) for name in FAMILIES]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert set(loaded) == set(FAMILIES)
+        for name, engine in loaded.items():
+            meta = [n for m in engine.transformers for n, t in m.state_dict().items() if t.device.type == "meta"]
+            assert meta == [], (name, meta[:3])
+    request = GenerationRequest(prompt="a fox", image=RED, num_inference_steps=2, seed=3)
+    crowd = loaded["tiny-i2v"].generate(request, tmp_path / "crowd.mp4")
+    alone = engines["tiny-i2v"].generate(request, tmp_path / "alone.mp4")
+    assert np.array_equal(decode_mp4(crowd.video_path).frames, decode_mp4(alone.video_path).frames)

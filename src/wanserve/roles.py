@@ -63,7 +63,8 @@ def run_serve(settings: Settings) -> None:
     store, storage = _backends(settings)
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
-    workers = [Worker(name, settings, store, storage, metrics) for name in specs]
+    start_together = threading.Barrier(len(specs))
+    workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
     threads = [threading.Thread(target=_run_worker, args=(w,), name=f"worker-{w.model}", daemon=True) for w in workers]
     for thread in threads:
         thread.start()

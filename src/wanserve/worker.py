@@ -81,8 +81,12 @@ class Worker:
         metrics: Any = None,
         engine: GenerationEngine | None = None,
         worker_id: str | None = None,
+        start_together: threading.Barrier | None = None,
     ) -> None:
         self.model = model  # canonical served name (spec.name): the queue it claims from
+        # Workers of one process wait here, loaded or failed, before their first claim: loading a model changes
+        # process-wide torch state (default dtype, parameter creation) that a job running beside it would see.
+        self.start_together = start_together
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -142,8 +146,12 @@ class Worker:
     def run(self) -> None:
         """Claim and process jobs until drained. Loads the engine first if it was not given."""
         try:
-            if not self.loaded.is_set():
-                self.load()
+            try:
+                if not self.loaded.is_set():
+                    self.load()
+            finally:
+                if self.start_together is not None:
+                    self.start_together.wait()
             # Once before the first claim (a restarted worker requeues its dead predecessor's job first), then on
             # its own thread: reaping only between claims meant that while every worker was busy (a 30-minute
             # job), a dead worker's job stayed "in_progress" until one of them finished its own.

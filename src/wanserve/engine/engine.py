@@ -26,7 +26,7 @@ import torch
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.engine.loading import load_pipeline, locate
+from wanserve.engine.loading import LOAD_LOCK, load_pipeline, locate
 from wanserve.engine.parallel import (
     ParallelContext,
     agree,
@@ -143,17 +143,18 @@ class Engine:
             if settings.fsdp:
                 log.warning("fsdp needs a torchrun group of several processes; ignored in one process")
             device = pick_device(settings.device)
-        spec, path = locate(model, settings)
-        dtype = pick_dtype(settings.dtype, device)
-        vae_dtype = torch.float32
-        started = time.perf_counter()
-        pipe = load_pipeline(path, dtype=dtype, vae_dtype=vae_dtype)
-        pipe.set_progress_bar_config(disable=True)
-        engine = cls(spec, pipe, settings, device, parallel=parallel)
-        if parallel is not None:
-            apply_layout(engine, parallel)
-        # After the layout, which decides what a preset may still change.
-        engine.preset_info = apply_preset(engine, settings.preset)
+        with LOAD_LOCK:
+            spec, path = locate(model, settings)
+            dtype = pick_dtype(settings.dtype, device)
+            vae_dtype = torch.float32
+            started = time.perf_counter()
+            pipe = load_pipeline(path, dtype=dtype, vae_dtype=vae_dtype)
+            pipe.set_progress_bar_config(disable=True)
+            engine = cls(spec, pipe, settings, device, parallel=parallel)
+            if parallel is not None:
+                apply_layout(engine, parallel)
+            # After the layout, which decides what a preset may still change.
+            engine.preset_info = apply_preset(engine, settings.preset)
         log.info(
             "loaded %s from %s in %.1f s on %s (%s)",
             spec.name,

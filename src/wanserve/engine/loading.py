@@ -16,9 +16,12 @@ from wanserve.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-# diffusers and transformers import their classes lazily, and two threads doing that at once (one worker
-# thread per model in `wanserve serve`) can see a half-initialised module. Loads are serialised instead.
-_LOAD_LOCK = threading.Lock()
+# One load at a time in a process (`wanserve serve` loads one model per worker thread). Loading changes
+# process-wide state: diffusers and transformers call torch.set_default_dtype, accelerate's init_empty_weights
+# patches nn.Module.register_parameter so that a module built meanwhile on any thread gets meta tensors, and
+# their lazy imports race. `Engine.load` holds this lock through everything that builds modules (a preset's
+# fused projections and FP8 wrappers, compilation, warm-up); re-entrant, as the helpers here take it too.
+LOAD_LOCK = threading.RLock()
 
 
 def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
@@ -27,7 +30,7 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
     if spec.tiny:
         from wanserve.engine.tiny import tiny_model_dir
 
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             path = tiny_model_dir(spec.name, settings.cache_dir)
         return spec_from_directory(path, base=spec), path
     if spec.local_path:
@@ -79,7 +82,7 @@ def pipeline_class_name(path: Path) -> str:
 
 def load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
     """Load the diffusers pipeline stored at `path` (class taken from its model_index.json)."""
-    with _LOAD_LOCK:
+    with LOAD_LOCK:
         return _load_pipeline(path, dtype, vae_dtype)
 
 
