@@ -212,6 +212,18 @@ def test_complete_only_by_the_holder_and_only_once(store: JobStore) -> None:
     assert not store.complete("video_missing", "w1", result, TTL)
 
 
+def test_complete_refuses_a_job_whose_cancel_came_while_it_was_stored(store: JobStore) -> None:
+    """The cancel arrived after the last denoising step, while the video was decoded or uploaded: it still wins."""
+    job = store.enqueue(make_job())
+    claim(store, "w1")
+    store.request_cancel(job.id, TTL)
+    assert not store.complete(job.id, "w1", {"seed": 1}, TTL)
+    still = store.get(job.id)
+    assert still.status is JobStatus.IN_PROGRESS and still.cancel_requested and still.result is None
+    assert store.mark_cancelled(job.id, "w1", TTL)
+    assert store.get(job.id).status is JobStatus.CANCELLED
+
+
 def test_fail_records_the_error_once(store: JobStore) -> None:
     job = store.enqueue(make_job())
     claim(store, "w1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,54 @@ def test_cancel_requested_while_running(harness: Harness) -> None:
 
 
 # ---- overlap: the next job starts while the previous one is stored; its prompt is encoded ahead -------------
+
+
+class ActOnUpload(LocalStorage):
+    """Calls `act(job_id)` once, right after the first file of a job is stored: the user cancels or deletes the
+    job while its video is uploaded, after the last denoising step."""
+
+    act: Callable[[str], None] = staticmethod(lambda _job_id: None)
+    acted = False
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        super().put_file(key, path, content_type)
+        if not self.acted:
+            self.acted = True
+            self.act(key.split("/")[0])
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("action", ["cancel", "delete"])
+def test_a_cancel_or_delete_during_the_upload_still_wins(
+    tmp_path: Path, engine: Engine, action: str, overlap: bool
+) -> None:
+    storage = ActOnUpload(tmp_path / "videos")
+    h = Harness(tmp_path, engine, storage=storage, start=False, overlap_jobs=overlap)
+
+    def act(job_id: str) -> None:  # what POST .../cancel and DELETE /v1/videos/{id} do to a running job
+        h.store.request_cancel(job_id, ttl=60)
+        if action == "delete":
+            h.store.delete(job_id)
+            h.storage.delete_prefix(job_id)
+
+    storage.act = staticmethod(act)
+    h.thread.start()
+    try:
+        job_id = h.submit(num_inference_steps=2)
+        wait_for(lambda: storage.acted, 30, "the upload")
+        # The worker goes on with the next job; once that one is stored, the first one's end is settled.
+        assert h.finished(h.submit(num_inference_steps=2, seed=2)).status == JobStatus.COMPLETED
+        assert not (tmp_path / "videos" / job_id).exists()
+        if action == "cancel":
+            job = h.store.get(job_id)
+            assert job.status == JobStatus.CANCELLED and job.result is None
+        else:
+            from wanserve.errors import JobNotFound
+
+            with pytest.raises(JobNotFound):
+                h.store.get(job_id)
+    finally:
+        h.stop()
 
 
 @pytest.mark.parametrize("overlap", [True, False])

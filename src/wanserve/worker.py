@@ -319,8 +319,11 @@ class Worker:
             return "failed"
 
     def _store_result(self, running: _Running, result: Any) -> str:
-        """Upload the video and thumbnail, then complete the job."""
+        """Upload the video and thumbnail, then complete the job, unless it was cancelled or deleted meanwhile:
+        decoding and uploading take long enough on a real model for a user to change their mind."""
         job = running.job
+        if not running.keep_going or not self.store.renew(job.id, self.worker_id, self.settings.lease_seconds):
+            return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
         try:
             # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
             self.storage.put_file(key_for(job.id, VIDEO), result.video_path, CONTENT_TYPES[VIDEO])
@@ -349,8 +352,7 @@ class Worker:
         if self.store.complete(job.id, self.worker_id, payload, self.settings.result_ttl):
             log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
             return "completed"
-        self._after_lost(job)
-        return "lost"
+        return self._cancelled_or_lost(running, "cancelled while its video was stored; files removed")
 
     # ---- prompt prefetch ---------------------------------------------------------------------------------
 
@@ -376,7 +378,7 @@ class Worker:
             log.debug("prompt prefetch skipped: %s: %s", type(exc).__name__, exc)
 
     def _stopped_early(self, running: _Running, exc: Cancelled) -> str:
-        job, store, ttl = running.job, self.store, self.settings.result_ttl
+        job, store = running.job, self.store
         reason = running.stop_reason
         if reason == "timeout":
             message = f"took longer than task_timeout ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
@@ -385,15 +387,23 @@ class Worker:
         if reason == "drain" and store.release(job.id, self.worker_id):
             log.info("job %s handed back to the queue (drain grace ran out)", job.id)
             return "released"
-        # A release is refused when the user cancelled meanwhile: then it ends cancelled, below.
+        # A release is refused when the user cancelled meanwhile: then it ends cancelled.
+        return self._cancelled_or_lost(running, str(exc))
+
+    def _cancelled_or_lost(self, running: _Running, what: str) -> str:
+        """End a job the user cancelled or deleted before it completed, leaving no file of it; or let go of one
+        the store gave to another worker (its files, under the same keys, are that worker's now)."""
+        job = running.job
         try:
-            current: Job | None = store.get(job.id)
-        except JobNotFound:  # deleted while running: nothing left to mark
-            current = None
-        if current is not None and current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
-            store.mark_cancelled(job.id, self.worker_id, ttl)
+            current = self.store.get(job.id)
+        except JobNotFound:  # DELETE while it ran: the record is gone already, the files go now
             self.storage.delete_prefix(job.id)
-            log.info("job %s %s", job.id, exc)
+            log.info("job %s deleted while running (%s): files removed", job.id, what)
+            return "cancelled"
+        if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
+            self.storage.delete_prefix(job.id)  # files first: once it reads cancelled, nothing of it is left
+            self.store.mark_cancelled(job.id, self.worker_id, self.settings.result_ttl)
+            log.info("job %s %s", job.id, what)
             return "cancelled"
         self._after_lost(job)
         return "lost"

@@ -28,6 +28,7 @@ from wanserve.storage.base import Storage
 from . import status_words
 from .submit import (
     EXTENSION_FIELDS,
+    cancel,
     check_fields,
     decode_data_url,
     generation_values,
@@ -172,7 +173,7 @@ def router(
     @api.post("/video/cancel")
     async def video_cancel(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job = await run_in_threadpool(store.request_cancel, request_id(body), settings.result_ttl)
+        job = await run_in_threadpool(cancel, store, settings, metrics, request_id(body))
         return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
 
     def task_routes(prefix: str, source: str) -> None:

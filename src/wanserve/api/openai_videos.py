@@ -32,6 +32,7 @@ from .submit import (
     PayloadTooLarge,
     UnknownField,
     base_name,
+    cancel,
     check_fields,
     decode_data_url,
     generation_values,
@@ -242,17 +243,16 @@ def router(
 
     @api.post("/{video_id}/cancel")
     def cancel_video(video_id: str) -> JSONResponse:
-        return answer(store.request_cancel(video_id, settings.result_ttl))
+        return answer(cancel(store, settings, metrics, video_id))
 
     @api.delete("/{video_id}")
     def delete_video(video_id: str) -> dict[str, Any]:
         job = store.get(video_id)
         if not job.status.finished:
-            job = store.request_cancel(video_id, settings.result_ttl)
-        # A running job keeps its record, marked cancel-requested, until its worker stops; the worker
-        # then finishes it and the expiry sweep removes it. The client sees it as deleted now.
-        if job.status.finished:
-            store.delete(video_id)
+            job = cancel(store, settings, metrics, video_id)
+        # A running job goes too: its worker sees the record gone at its next step (or before it stores the
+        # video) and removes whatever it stored.
+        store.delete(video_id)
         storage.delete_prefix(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 

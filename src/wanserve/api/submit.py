@@ -16,7 +16,7 @@ from typing import Any
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
 from wanserve.errors import InvalidRequest
-from wanserve.jobs.model import Job, JobStore, new_job_id
+from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, resolve
 
@@ -236,4 +236,14 @@ def submit(
     job = store.enqueue(job, max_queued=settings.queue_limit)
     if metrics is not None:
         metrics.job_submitted(spec.name)
+    return job
+
+
+def cancel(store: JobStore, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:
+    """Ask for a job's cancel (every surface's cancel and delete). A queued job ends here, so it is counted
+    here; a running one is counted by the worker that stops it."""
+    before = store.get(job_id).status
+    job = store.request_cancel(job_id, settings.result_ttl)
+    if metrics is not None and before is JobStatus.QUEUED and job.status is JobStatus.CANCELLED:
+        metrics.job_cancelled_queued(job.model)
     return job

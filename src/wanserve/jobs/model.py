@@ -106,7 +106,8 @@ class JobStore(Protocol):
         ...
 
     def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
-        """in_progress -> completed, only if this worker holds the job. False if it did not (no change)."""
+        """in_progress -> completed, only if this worker holds the job and nobody asked to cancel it. False
+        otherwise (no change): a cancel that came while the video was decoded or stored still wins."""
         ...
 
     def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:

@@ -172,7 +172,7 @@ return 1
 # ARGV: prefix, id, worker, now, expires, result JSON, op ttl
 _COMPLETE = """
 return once(function()
-  if not held(ARGV[2], ARGV[3]) then return false end
+  if not held(ARGV[2], ARGV[3]) or cancel_requested(ARGV[2]) then return false end
   redis.call('HSET', k('job', ARGV[2]), 'result', ARGV[6], 'progress', '1.0')
   finish(ARGV[2], 'completed', ARGV[4], ARGV[5])
   return true

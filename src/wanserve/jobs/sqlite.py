@@ -214,7 +214,7 @@ class SQLiteJobStore:
     def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
         with self._tx() as conn:
             job = self._held(conn, job_id, worker_id)
-            if job is None:
+            if job is None or job.cancel_requested:
                 return False
             job.result = result
             job.progress = 1.0
