@@ -341,6 +341,48 @@ def test_malformed_json_and_query_validation(api: Api) -> None:
     assert error["param"] == "order"
 
 
+def _bomb_png(side: int = 30_000) -> bytes:
+    """A real PNG header that declares side x side pixels: tiny to send, gigabytes to decode."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_hostile_bodies_answer_400_and_queue_nothing(api: Api) -> None:
+    """Bodies a client can send by mistake or on purpose: each is a 400 naming the field, never a 500, and
+    nothing is queued (a lone surrogate once queued a job whose record then broke every list)."""
+    surrogate = b'{"prompt": "a \\ud800 b", "num_inference_steps": 1}'
+    answer = openai_error(
+        api.client.post("/v1/videos", content=surrogate, headers={"content-type": "application/json"}), 400
+    )
+    assert answer["param"] == "prompt" and "surrogate" in answer["message"]
+    legacy = api.client.post("/video/submit", content=surrogate, headers={"content-type": "application/json"})
+    assert problem(legacy, 400)["field"] == "prompt"
+
+    deep = b'{"prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = openai_error(
+        api.client.post("/v1/videos", content=deep, headers={"content-type": "application/json"}), 400
+    )
+    assert answer["param"] == "body" and "deeply" in answer["message"]
+
+    bomb = api.client.post(
+        "/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files={"input_reference": ("b.png", _bomb_png())}
+    )
+    answer = openai_error(bomb, 400)
+    assert answer["param"] == "input_reference" and "too many pixels" in answer["message"]
+    legacy = api.client.post(
+        "/video/submit", json={"prompt": "p", "model": "tiny-i2v", "image_url": data_url(_bomb_png())}
+    )
+    assert problem(legacy, 400)["field"] == "image_url"
+
+    assert api.client.get("/v1/videos").json()["data"] == []
+
+
 def test_upload_larger_than_the_limit_is_413(tmp_path: Path, media: tuple[Path, Path]) -> None:
     with make_api(tmp_path, media, max_upload_bytes=2000) as api:
         big = png_bytes((1, 2, 3), size=(400, 400)) + b"\0" * 4000
@@ -625,6 +667,8 @@ def test_submit_and_status_at_the_root(api: Api) -> None:
         ({"task_type": "t2v", "image_url": "IMAGE"}, "image_url", "takes no input image"),
         ({"task_type": "ti2v"}, "task_type", "does not do ti2v"),
         ({"task_type": "v2v"}, "task_type", "must be one of"),
+        ({"task_type": ["t2v"]}, "task_type", "must be one of"),
+        ({"task_type": {}}, "task_type", "must be one of"),
         ({"resolution": "big"}, "resolution", "WIDTHxHEIGHT"),
         ({"num_frames": 10}, "num_frames", "4k+1"),
         ({"tp_size": 2}, "tp_size", "parallel layout is server configuration"),

@@ -127,6 +127,8 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
             img.verify()
         with Image.open(io.BytesIO(data)) as img:
             return img.size
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequest(field, f"has too many pixels to decode safely: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP): {exc}") from None
 

@@ -102,12 +102,17 @@ def _request(body: Mapping[str, Any], size_field: str, max_bytes: int) -> Genera
     return GenerationRequest(prompt=body.get("prompt"), image=image, **values)
 
 
-def _check_task(task_type: object, spec: ModelSpec, has_image: bool) -> None:
+def _task_type(body: Mapping[str, Any]) -> str | None:
+    task_type = body.get("task_type")
+    if task_type is not None and (not isinstance(task_type, str) or task_type not in TASK_TYPES):
+        raise InvalidRequest("task_type", f"must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
+    return task_type
+
+
+def _check_task(task_type: str | None, spec: ModelSpec, has_image: bool) -> None:
     if task_type is None:
         return
-    if task_type not in TASK_TYPES:
-        raise InvalidRequest("task_type", f"must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
-    tasks, image_rule = TASK_TYPES[task_type]  # type: ignore[index]
+    tasks, image_rule = TASK_TYPES[task_type]
     if not tasks <= spec.tasks:
         raise InvalidRequest(
             "task_type", f"{spec.name} does not do {task_type} (its tasks: {spec.task_label}); choose another model"
@@ -144,8 +149,8 @@ def router(
         reject_parallel_layout(body)
         check_fields(body, TASK_FIELDS)
         request = _request(body, "resolution", settings.max_upload_bytes)
-        task_type = body.get("task_type")
-        needs = TASK_TYPES[task_type][0] if task_type in TASK_TYPES else frozenset()
+        task_type = _task_type(body)
+        needs = TASK_TYPES[task_type][0] if task_type is not None else frozenset()
         if not needs:
             needs = frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"})
         spec = served_spec(specs, body.get("model"), needs)

@@ -68,9 +68,33 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("body", f"must be a JSON object: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("body", "nests arrays or objects too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body", "must be a JSON object")
+    _reject_lone_surrogates(data)
     return data
+
+
+def _reject_lone_surrogates(data: dict[str, Any]) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which no UTF-8 text can hold: such a prompt could be
+    queued but never written back out. Checked without recursion, as the body may nest deeply."""
+    for field, value in data.items():
+        stack: list[Any] = [field, value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequest(
+                        field, "must be valid Unicode text: it holds a lone UTF-16 surrogate"
+                    ) from None
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
 
 
 def public_base(request: Request, settings: Settings) -> str:
