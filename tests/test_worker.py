@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -267,3 +268,31 @@ def test_next_prompt_is_encoded_while_the_current_job_denoises(tmp_path: Path, e
     request = GenerationRequest.from_dict(done.request)
     direct = engine.generate(request, tmp_path / "direct.mp4").video_path.read_bytes()
     assert (tmp_path / "videos" / next_job / "video.mp4").read_bytes() == direct
+
+
+def test_scratch_left_by_a_killed_worker_is_removed_at_start(
+    tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed mid-job (kill -9, OOM) leaves its scratch folder; the next worker start removes it, and
+    never a folder of a process that is still running."""
+    import subprocess
+    import sys
+    import tempfile
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = scratch_root / f"wanserve-{int(gone.stdout)}-video_0123-abcd"
+    alive = scratch_root / f"wanserve-{os.getppid()}-video_4567-efgh"  # this test's parent process: running
+    for folder in (orphan, alive):
+        folder.mkdir()
+        (folder / "video.mp4").write_bytes(b"partial")
+
+    h = Harness(tmp_path, engine)
+    try:
+        assert h.finished(h.submit(num_inference_steps=2)).status == JobStatus.COMPLETED
+    finally:
+        h.stop()
+    assert not orphan.exists() and alive.exists()
+    assert [p.name for p in scratch_root.iterdir()] == [alive.name]  # the job's own scratch went with it

@@ -59,6 +59,30 @@ def new_worker_id(model: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{model}:{uuid.uuid4().hex[:6]}"
 
 
+# A job's MP4 and thumbnail are written under <tmp>/wanserve-<pid>-<job id>-*/ before they are stored.
+SCRATCH_PREFIX = "wanserve-"
+
+
+def remove_orphaned_scratch() -> None:
+    """Delete the scratch folders of worker processes that are gone (killed mid-job: `kill -9`, OOM), which
+    nothing else would ever remove. A live process's folders stay, whoever owns them."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-video_*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a worker process that is gone", folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @dataclass
 class _Running:
     job: Job
@@ -156,6 +180,7 @@ class Worker:
             # its own thread: reaping only between claims meant that while every worker was busy (a 30-minute
             # job), a dead worker's job stayed "in_progress" until one of them finished its own.
             self._reap()
+            remove_orphaned_scratch()
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
             while not self._draining.is_set():
                 job = self.store.claim(self.model, self.worker_id, self.settings.lease_seconds)
@@ -215,7 +240,7 @@ class Worker:
         log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, running.queue_wait)
         running.heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True)
         running.heartbeat.start()
-        scratch = Path(tempfile.mkdtemp(prefix=f"wanserve-{job.id}-"))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{job.id}-"))
         status = "failed"
         handed_off = False
         try:
