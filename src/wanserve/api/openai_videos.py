@@ -247,9 +247,8 @@ def router(
 
     @api.delete("/{video_id}")
     def delete_video(video_id: str) -> dict[str, Any]:
-        job = store.get(video_id)
-        if not job.status.finished:
-            job = cancel(store, settings, metrics, video_id)
+        if not store.get(video_id).status.finished:
+            cancel(store, settings, metrics, video_id)
         # A running job goes too: its worker sees the record gone at its next step (or before it stores the
         # video) and removes whatever it stored.
         store.delete(video_id)
