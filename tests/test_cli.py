@@ -64,8 +64,8 @@ def test_generate_rejects_bad_input_before_loading(tiny_cache: Path, tmp_path: P
         ],
         tiny_cache,
     )
-    assert done.returncode == 1
-    assert "num_frames" in done.stderr and "4k+1" in done.stderr
+    assert done.returncode == 2  # a usage error, like every wrong flag
+    assert "--frames: must be 4k+1" in done.stderr
     assert "loaded" not in done.stderr
 
 
@@ -147,3 +147,40 @@ def test_help_names_the_environment_variable_of_every_setting(tmp_path: Path) ->
         assert keys, command
         for key in keys:
             assert f"[env WANSERVE_{key.upper()}]" in shown.stdout, (command, key)
+
+
+def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Path) -> None:
+    """Every wrong input on the command line: exit 2, one line naming the flag (or variable) and the rule, no
+    traceback, no file written. None of these loads a model, so each answers in about a second."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "not-an-image.png").write_text("hello")
+    out = str(tmp_path / "fox.mp4")
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["generate", "--prompt", "a fox", "--out", str(tmp_path / "folder")], {}, "--out: "),
+        (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox.webp")], {}, "--out: the thumbnail"),
+        (["generate", "--prompt", "a fox", "--out", out, "--steps", "500"], {}, "--steps: must be between 1 and 200"),
+        (["generate", "--prompt", "a fox", "--out", out, "--size", "83x48"], {}, "--size: must be a multiple of 16"),
+        (["generate", "--prompt", "a fox", "--out", out, "--size", "[/b]"], {}, "--size: must look like WIDTHxHEIGHT"),
+        (["generate", "--prompt", "a fox", "--out", out], {"WANSERVE_DEVICE": "gpu"}, "WANSERVE_DEVICE: must be"),
+        (["generate", "--prompt", "a fox", "--out", out, "--preset", "turbo"], {}, "--preset: Input should be"),
+        (
+            ["generate", "--prompt", "a", "--model", "tiny-i2v", "--image", str(tmp_path / "folder"), "--out", out],
+            {},
+            "--image: ",
+        ),
+        (
+            ["generate", "--prompt", "a", "--model", "tiny-i2v", "--image", str(tmp_path / "not-an-image.png")],
+            {},
+            "--image: could not be decoded as an image",
+        ),
+        (["bench", "--cpu-tiny", "--repeats", "0"], {}, "--repeats"),
+        (["bench", "--cpu-tiny", "--presets", "bogus"], {}, "--presets: unknown preset(s) 'bogus'"),
+        (["bench", "--cpu-tiny", "--layers", "3"], {}, "--layers: does not apply to --cpu-tiny"),
+        (["bench", "--checkpoint", str(tmp_path / "folder")], {}, "--checkpoint: "),
+        (["bench", "--cpu-tiny", "--out", str(tmp_path / "not-an-image.png")], {}, "--out: "),
+    ]
+    for args, env, needle in cases:
+        done = run(args, tmp_path / "cache", timeout=120, COLUMNS="300", **env)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert needle in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+    assert not (tmp_path / "fox.mp4").exists()

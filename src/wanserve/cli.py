@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wanserve.config import Settings
-from wanserve.errors import WanserveError
+from wanserve.errors import InvalidRequest, WanserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
 console = Console(stderr=True)
@@ -23,13 +26,18 @@ def settings_from(**overrides: Any) -> Settings:
     given = {k: v for k, v in overrides.items() if v is not None and v != []}
     try:
         return Settings(**given)
-    except Exception as exc:  # pydantic's message names the field and the rule
-        console.print(f"[red]invalid setting:[/red] {exc}")
+    except ValidationError as exc:
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error["loc"] else "?"
+            where = f"--{key.replace('_', '-')}" if key in given else f"WANSERVE_{key.upper()}"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            value = error.get("input")
+            console.print(f"[red]invalid setting:[/red] {escape(f'{where}: {message}, got {value!r}')}")
         raise typer.Exit(2) from None
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")  # user values may hold [brackets]: not markup
     raise typer.Exit(code)
 
 
@@ -125,13 +133,10 @@ def generate(
         fsdp=fsdp,
         cfg_batch=cfg_batch,
     )
+    check_output(out)
     try:
         width, height = parse_size(size, "--size") if size else (None, None)
-        image_bytes = None
-        if image is not None:
-            if not image.is_file():
-                fail(f"--image: {image} does not exist")
-            image_bytes = image.read_bytes()
+        image_bytes = read_image(image) if image is not None else None
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -156,7 +161,7 @@ def generate(
         if lookup(model) is not None or spec.local_path:
             resolve(request, spec)
 
-        with console.status(f"loading {model}…"):
+        with console.status(f"loading {escape(model)}…"):
             from wanserve.engine.engine import Engine
 
             engine = Engine.load(model, settings)
@@ -198,12 +203,64 @@ def generate(
                         bar.update(task, description=event.stage.replace("_", " "))
 
                 result = engine.generate(request, out, on_progress=on_progress)
+    except InvalidRequest as exc:  # name the flag the user typed, not the request field behind it
+        fail(f"{FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.rule}", code=2)
+        return
     except WanserveError as exc:
         fail(str(exc))
+        return
+    except OSError as exc:  # the checks above cannot foresee everything: a full disk, a folder removed meanwhile
+        fail(f"--out: could not write {out}: {exc}")
         return
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     console.print(f"seed {result.seed} · {result.width}x{result.height} · {result.num_frames} frames · {timings}")
     print(result.video_path)
+
+
+# Request fields as `generate` spells them, for errors found by the request rules.
+FLAG_OF_FIELD = {
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "image": "--image",
+    "width": "--size",
+    "height": "--size",
+    "num_frames": "--frames",
+    "fps": "--fps",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "guidance_scale_2": "--guidance-2",
+    "boundary_ratio": "--boundary-ratio",
+    "flow_shift": "--flow-shift",
+    "seed": "--seed",
+}
+
+
+def check_output(out: Path) -> None:
+    """Refuse, before any model is loaded, an --out that could not hold the video and its thumbnail."""
+    from wanserve.engine.video import thumbnail_path_for
+
+    thumbnail = thumbnail_path_for(out)
+    if thumbnail == out:
+        fail(f"--out: the thumbnail is written beside the video as {out.stem}.webp; name the video {out.stem}.mp4", 2)
+    for path in (out, thumbnail):
+        if path.exists() and not path.is_file():
+            fail(f"--out: {path} exists and is not a regular file", 2)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"--out: cannot create the folder {out.parent}: {exc.strerror or exc}", 2)
+    if not os.access(out.parent, os.W_OK):
+        fail(f"--out: the folder {out.parent} is not writable", 2)
+
+
+def read_image(image: Path) -> bytes:
+    if not image.is_file():
+        fail(f"--image: {image} is not a file" if image.exists() else f"--image: {image} does not exist", 2)
+    try:
+        return image.read_bytes()
+    except OSError as exc:
+        fail(f"--image: cannot read {image}: {exc.strerror or exc}", 2)
+        raise
 
 
 ModelsOpt = Annotated[list[str] | None, setting("model to serve; repeat for several (env: a,b)", "model", "--model")]
@@ -347,7 +404,7 @@ def doctor(
     failed = 0
     for check in run_checks(settings):
         mark = "[green]OK[/green]  " if check.ok else "[red]FIX[/red] "
-        console.print(f"{mark} {check.name}: {check.detail}")
+        console.print(f"{mark} {check.name}: {escape(check.detail)}")
         failed += 0 if check.ok else 1
     raise typer.Exit(1 if failed else 0)
 
@@ -355,16 +412,21 @@ def doctor(
 @app.command()
 def bench(
     shape: Annotated[
-        str, typer.Option(help="1.3b-480p, 5b-720p, 14b-720p-8layers, 14b-i2v-480p, a14b-720p or tiny")
-    ] = "1.3b-480p",
+        str | None,
+        typer.Option(help="1.3b-480p (default), 5b-720p, 14b-720p-8layers, 14b-i2v-480p, a14b-720p or tiny"),
+    ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="local diffusers checkpoint, not random weights")] = None,
     presets: Annotated[str, typer.Option(help="presets to compare with plain diffusers")] = "exact,fast,fastest",
-    steps: Annotated[int | None, typer.Option(help="steps of the timed requests (default: model's; tiny 20)")] = None,
-    repeats: Annotated[int, typer.Option(help="timed calls per configuration; the median is reported")] = 5,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=200, help="steps of the timed requests (default: model's; tiny 20)")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="timed calls per configuration; the median is reported")] = 5,
     cpu_tiny: Annotated[bool, typer.Option("--cpu-tiny", help="tiny model on the CPU: checks the harness")] = False,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("benchmarks/results"),
-    jobs: Annotated[int | None, typer.Option(help="back-to-back jobs for the serving figure; 0 skips")] = None,
-    layers: Annotated[int | None, typer.Option(help="layers of a random-weight transformer (step projected)")] = None,
+    jobs: Annotated[int | None, typer.Option(min=0, help="back-to-back jobs for the serving figure; 0 skips")] = None,
+    layers: Annotated[
+        int | None, typer.Option(min=1, help="layers of a random-weight transformer (step projected)")
+    ] = None,
     cfg_batch: Annotated[bool, typer.Option("--cfg-batch", help="the engine runs CFG as one batch of 2")] = False,
     text_encoder_cpu: TextCpuOpt = None,
     vae_tiling: TilingOpt = None,
@@ -386,15 +448,34 @@ def bench(
     The file is rewritten after every phase, so a run cut short keeps what it measured. A phase that fails is
     recorded under `errors` and the run goes on; the exit status is then 1."""
     from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows, target_lines
+    from wanserve.engine.presets import PRESET_NAMES
 
-    if shape not in SHAPES:
+    if shape is not None and shape not in SHAPES:
         fail(f"--shape: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}", code=2)
+    if cpu_tiny:  # the tiny model on the CPU, whatever else was asked: say so rather than record it
+        given = {"--shape": shape not in (None, "tiny"), "--checkpoint": checkpoint, "--layers": layers}
+        given["--device"] = device not in (None, "cpu")
+        for flag in (flag for flag, value in given.items() if value):
+            fail(f"{flag}: does not apply to --cpu-tiny, which runs the tiny model on the CPU", code=2)
+    if checkpoint is not None and not (checkpoint / "model_index.json").is_file():
+        fail(f"--checkpoint: {checkpoint} is not a diffusers checkpoint folder (it has no model_index.json)", code=2)
+    if out.exists() and not out.is_dir():
+        fail(f"--out: {out} exists and is not a folder", code=2)
+    chosen = tuple(p.strip() for p in presets.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PRESET_NAMES]
+    if unknown or not chosen:
+        what = f"unknown preset(s) {', '.join(map(repr, unknown))}" if unknown else "no preset named"
+        fail(f"--presets: {what}; presets are {', '.join(PRESET_NAMES)}", code=2)
     if time_budget is not None and not time_budget > 0:
         fail(f"--time-budget: must be a positive number of seconds, got {time_budget:g}", code=2)
+    # The engine settings a bench run gives its engine come from the environment too, as for every command.
+    settings = settings_from(
+        device=device, text_encoder_cpu=text_encoder_cpu, vae_tiling=vae_tiling, cache_dir=cache_dir
+    )
     options = BenchOptions(
-        shape=shape,
+        shape=shape or "1.3b-480p",
         checkpoint=checkpoint,
-        presets=tuple(p.strip() for p in presets.split(",") if p.strip()),
+        presets=chosen,
         steps=steps,
         repeats=repeats,
         cpu_tiny=cpu_tiny,
@@ -402,12 +483,12 @@ def bench(
         jobs=jobs,
         layers=layers,
         cfg_batch=cfg_batch,
-        text_encoder_cpu=bool(text_encoder_cpu),
-        vae_tiling=bool(vae_tiling),
+        text_encoder_cpu=settings.text_encoder_cpu,
+        vae_tiling=settings.vae_tiling,
         request=request,
         cold_start=cold_start,
-        device=device or "auto",
-        cache_dir=cache_dir,
+        device=settings.device,
+        cache_dir=settings.cache_dir,
         time_budget=time_budget,
     )
     try:
@@ -425,11 +506,11 @@ def bench(
     wide = Console(stderr=True, width=max(console.width, 110))
     wide.print(table)
     for line in target_lines(report):
-        wide.print(f"target {line}")
+        wide.print(f"target {escape(line)}")
     for name, why in report["skipped_phases"].items():
-        wide.print(f"[yellow]skipped[/yellow] {name}: {why}")
+        wide.print(f"[yellow]skipped[/yellow] {name}: {escape(why)}")
     for name, error in report["errors"].items():
-        wide.print(f"[red]failed[/red] {name}: {error}")
+        wide.print(f"[red]failed[/red] {name}: {escape(error)}")
     print(path)
     if report["errors"]:
         raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -95,6 +96,13 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one model must be served")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value.strip()
 
     @property
     def store_url(self) -> str:

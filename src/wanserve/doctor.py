@@ -24,13 +24,13 @@ def run_checks(settings: Settings) -> Iterator[Check]:
         version >= (3, 11),
         platform.python_version() if version >= (3, 11) else f"{platform.python_version()}: install Python 3.11+",
     )
-    yield from _torch()
+    yield from _torch(settings.device)
     yield from _video()
     yield from _cache(settings)
     yield from _store(settings)
 
 
-def _torch() -> Iterator[Check]:
+def _torch(device: str) -> Iterator[Check]:
     try:
         import torch
     except ImportError:
@@ -44,7 +44,10 @@ def _torch() -> Iterator[Check]:
     except ImportError:
         yield Check("diffusers", False, "not installed: `make install`")
     if not torch.cuda.is_available():
-        yield Check("cuda", True, "no CUDA device: the engine runs on the CPU (fine for tiny models only)")
+        if device.startswith("cuda"):
+            yield Check("cuda", False, f"WANSERVE_DEVICE={device}, but torch {torch.__version__} sees no CUDA device")
+        else:
+            yield Check("cuda", True, "no CUDA device: the engine runs on the CPU (fine for tiny models only)")
         return
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
@@ -95,8 +98,20 @@ def _cache(settings: Settings) -> Iterator[Check]:
 
 
 def _store(settings: Settings) -> Iterator[Check]:
+    from wanserve.jobs import check_store_url
+    from wanserve.storage import check_storage_url
+
     url = settings.store_url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    try:
+        backend = check_store_url(url)
+    except ValueError as exc:
+        yield Check("job store", False, f"{exc}: fix WANSERVE_STORE / --store")
+        return
+    try:
+        check_storage_url(settings.storage_url)
+    except ValueError as exc:
+        yield Check("storage", False, f"{exc}: fix WANSERVE_STORAGE")
+    if backend != "redis":
         yield Check("job store", True, url)
         return
     try:

@@ -24,6 +24,10 @@ class ModelUnavailable(WanserveError, RuntimeError):
     """The model is known but its weights cannot be had (no network, no local copy)."""
 
 
+class DeviceUnavailable(WanserveError, RuntimeError):
+    """The configured device (`WANSERVE_DEVICE`, `--device`) does not exist on this machine."""
+
+
 class Cancelled(WanserveError):
     """Generation stopped because cancellation was requested."""
 

@@ -129,7 +129,9 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
             return img.size
     except Image.DecompressionBombError as exc:
         raise InvalidRequest(field, f"has too many pixels to decode safely: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # PIL's text names the BytesIO object, which tells the user nothing
+        raise InvalidRequest(field, "could not be decoded as an image (PNG, JPEG or WebP)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP): {exc}") from None
 
 

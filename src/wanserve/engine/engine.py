@@ -39,7 +39,7 @@ from wanserve.engine.parallel import (
 )
 from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import thumbnail_path_for, write_mp4, write_thumbnail
-from wanserve.errors import Cancelled
+from wanserve.errors import Cancelled, DeviceUnavailable
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest, resolve
 
@@ -91,7 +91,16 @@ def _resolved(result: GenerationResult) -> Future[GenerationResult]:
 def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(
+                f"device: {setting} was asked for, but torch {torch.__version__} sees no CUDA device"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise DeviceUnavailable(f"device: {setting} was asked for, but this machine has {count} CUDA device(s)")
+    return device
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:

@@ -91,6 +91,9 @@ def write_thumbnail(frames: np.ndarray, path: Path, max_side: int = 512) -> Path
     image.thumbnail((max_side, max_side))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="WEBP", quality=85)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="WEBP", quality=85)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

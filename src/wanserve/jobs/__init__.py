@@ -6,7 +6,16 @@ from pathlib import Path
 
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 
-__all__ = ["QUEUE_FULL_RETRY_AFTER", "WORKER_LOST_MESSAGE", "Job", "JobStatus", "JobStore", "new_job_id", "open_store"]
+__all__ = [
+    "QUEUE_FULL_RETRY_AFTER",
+    "WORKER_LOST_MESSAGE",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "check_store_url",
+    "new_job_id",
+    "open_store",
+]
 
 # A store cannot know how fast a queue drains; this is the Retry-After both backends put in QueueFull.
 QUEUE_FULL_RETRY_AFTER = 5
@@ -21,21 +30,27 @@ WORKER_LOST_MESSAGE = (
 _SCHEMES = "sqlite:///<path> (four slashes for an absolute path), redis://, rediss:// or unix://"
 
 
-def open_store(url: str) -> JobStore:
-    """The store for `url`. SQLite URLs follow the SQLAlchemy rule: `sqlite:///jobs.db` is relative to the
-    working directory, `sqlite:////var/lib/wanserve/jobs.db` is absolute."""
+def check_store_url(url: str) -> str:
+    """The backend `url` names ("sqlite" or "redis"), or ValueError saying what a store URL looks like."""
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if sep and scheme == "sqlite":
-        path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else ""
-        if not path:
+        if not url.lower().startswith("sqlite:///") or not url[len("sqlite:///") :]:
             raise ValueError(f"job store URL {url!r} names no database file; expected {_SCHEMES}")
+        return "sqlite"
+    if sep and scheme in ("redis", "rediss", "unix"):
+        return "redis"
+    raise ValueError(f"unsupported job store URL {url!r}; expected {_SCHEMES}")
+
+
+def open_store(url: str) -> JobStore:
+    """The store for `url`. SQLite URLs follow the SQLAlchemy rule: `sqlite:///jobs.db` is relative to the
+    working directory, `sqlite:////var/lib/wanserve/jobs.db` is absolute."""
+    if check_store_url(url) == "sqlite":
         from wanserve.jobs.sqlite import SQLiteJobStore
 
-        return SQLiteJobStore(Path(path))
-    if sep and scheme in ("redis", "rediss", "unix"):
-        # Imported here so that SQLite deployments never need the redis package at import time.
-        from wanserve.jobs.redis_store import RedisJobStore
+        return SQLiteJobStore(Path(url[len("sqlite:///") :]))
+    # Imported here so that SQLite deployments never need the redis package at import time.
+    from wanserve.jobs.redis_store import RedisJobStore
 
-        return RedisJobStore(url)
-    raise ValueError(f"unsupported job store URL {url!r}; expected {_SCHEMES}")
+    return RedisJobStore(url)

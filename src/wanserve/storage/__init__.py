@@ -7,34 +7,48 @@ from urllib.parse import urlsplit
 
 from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, ObjectInfo, Storage, key_for
 
-__all__ = ["CONTENT_TYPES", "THUMBNAIL", "VIDEO", "ObjectInfo", "Storage", "key_for", "open_storage"]
+__all__ = [
+    "CONTENT_TYPES",
+    "THUMBNAIL",
+    "VIDEO",
+    "ObjectInfo",
+    "Storage",
+    "check_storage_url",
+    "key_for",
+    "open_storage",
+]
 
 _SCHEMES = "file:///absolute/dir, file://relative/dir, a plain directory path, or s3://bucket[/prefix]"
+
+
+def check_storage_url(url: str) -> str:
+    """The backend `url` names ("file" or "s3"), or ValueError saying what a storage URL looks like."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if not url.partition(":")[2].removeprefix("//"):
+            raise ValueError(f"storage URL {url!r} names no directory; expected {_SCHEMES}")
+        return "file"
+    if scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"storage URL {url!r} names no bucket; expected {_SCHEMES}")
+        return "s3"
+    if not scheme and url:
+        return "file"
+    raise ValueError(f"unsupported storage URL {url!r}; expected {_SCHEMES}")
 
 
 def open_storage(url: str) -> Storage:
     """The storage for `url`. The S3 endpoint (MinIO and others) comes from WANSERVE_S3_ENDPOINT_URL or
     AWS_ENDPOINT_URL, credentials from the standard AWS environment."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "file":
-        # Everything after `file://` is the path, taken literally (not percent-decoded): Settings builds these
-        # URLs from raw paths, and `file://data/videos` is a relative directory, not a host.
-        path = url.partition(":")[2].removeprefix("//")
-        if not path:
-            raise ValueError(f"storage URL {url!r} names no directory; expected {_SCHEMES}")
-        from wanserve.storage.local import LocalStorage
-
-        return LocalStorage(Path(path))
-    if scheme == "s3":
+    if check_storage_url(url) == "s3":
         parts = urlsplit(url)
-        if not parts.netloc:
-            raise ValueError(f"storage URL {url!r} names no bucket; expected {_SCHEMES}")
         # Imported here so that local deployments never pay for importing boto3.
         from wanserve.storage.s3 import S3Storage
 
         return S3Storage(parts.netloc, prefix=parts.path.strip("/"))
-    if not scheme and url:
-        from wanserve.storage.local import LocalStorage
+    from wanserve.storage.local import LocalStorage
 
-        return LocalStorage(Path(url))
-    raise ValueError(f"unsupported storage URL {url!r}; expected {_SCHEMES}")
+    # Everything after `file://` is the path, taken literally (not percent-decoded): Settings builds these URLs
+    # from raw paths, and `file://data/videos` is a relative directory, not a host.
+    return LocalStorage(Path(url.partition(":")[2].removeprefix("//") if urlsplit(url).scheme else url))
