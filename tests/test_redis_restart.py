@@ -66,3 +66,60 @@ def test_a_claim_made_while_redis_is_down_waits_for_it_to_come_back(tmp_path: Pa
         store.close()
         for process in restarted:
             stop_redis(process)
+
+
+def test_a_worker_rides_out_a_redis_outage_longer_than_its_retries(tmp_path: Path, tiny_cache: Path) -> None:
+    """Redis is down for 12 s, more than redis-py's 9 s of retries, while a job runs and then while the worker
+    waits: the job still completes, the worker does not exit, and the API answers 503 meanwhile, not 500."""
+    from fastapi.testclient import TestClient
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.config import Settings
+    from wanserve.engine.engine import Engine
+    from wanserve.request import GenerationRequest, resolve
+    from wanserve.storage import open_storage
+    from wanserve.worker import Worker
+
+    from service import wait_for
+
+    port, data = free_tcp_port(), tmp_path / "redis"
+    server = start_redis(port, data, appendonly=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = Settings(data_dir=tmp_path, store=url, cache_dir=tiny_cache, poll_interval=0.05, progress_interval=0)
+    store, storage = RedisJobStore(url), open_storage(settings.storage_url)
+    engine = Engine.load("tiny-t2v", settings)
+    worker = Worker("tiny-t2v", settings, store, storage, engine=engine)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    spec = lookup("tiny-t2v")
+    assert spec is not None
+
+    def submit(seed: int) -> str:
+        request = resolve(
+            GenerationRequest(prompt="a fox", seed=seed, num_inference_steps=200, width=128, height=128), spec
+        )
+        return store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request=request.to_dict())).id
+
+    try:
+        thread.start()
+        first = submit(1)
+        wait_for(lambda: store.get(first).stage == "denoise", 60, "denoising")
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+        with TestClient(create_app(settings, store, storage, {"tiny-t2v": spec})) as client:
+            answer = client.get(f"/v1/videos/{first}")
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable"
+        time.sleep(3)  # 12 s in all: the first request above spent redis-py's 9 s of retries
+        server = start_redis(port, data, appendonly=True)
+
+        done = wait_for(lambda: (j := store.get(first)).status.finished and j, 120, "the first job to finish")
+        assert done.status is JobStatus.COMPLETED and thread.is_alive()
+        second = submit(2)
+        assert wait_for(lambda: (j := store.get(second)).status.finished and j, 120, "a second job").status is (
+            JobStatus.COMPLETED
+        )
+    finally:
+        worker.drain(grace=0)
+        thread.join(30)
+        store.close()
+        stop_redis(server)

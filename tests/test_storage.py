@@ -287,3 +287,30 @@ def test_open_storage_rejects_other_urls(url: str) -> None:
     message = str(error.value)
     assert repr(url) in message
     assert "file://" in message and "s3://" in message
+
+
+def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None, tmp_path: Path) -> None:
+    """The storage endpoint is down: downloads and DELETE say so with a 503 naming the storage, and a DELETE
+    that could not remove the files keeps the record, so that a retry finds the job and removes them."""
+    from fastapi.testclient import TestClient
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.config import Settings
+    from wanserve.jobs import Job, open_store
+
+    settings = Settings(data_dir=tmp_path)
+    store = open_store(settings.store_url)
+    down = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{free_tcp_port()}")  # nothing listens there
+    job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
+    assert store.claim("tiny-t2v", "w1", 30.0) is not None
+    assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
+    spec = lookup("tiny-t2v")
+    assert spec is not None
+    with TestClient(create_app(settings, store, down, {"tiny-t2v": spec})) as client:
+        for response in (client.get(f"/v1/videos/{job.id}/content"), client.delete(f"/v1/videos/{job.id}")):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "storage_unavailable"
+            assert "result storage (S3) cannot be reached" in response.json()["error"]["message"]
+            assert response.headers["retry-after"] == "5"
+        assert client.get(f"/v1/videos/{job.id}").json()["status"] == "completed"

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class WanserveError(Exception):
     """Base of every error wanserve raises on purpose."""
@@ -49,6 +55,40 @@ class QueueFull(WanserveError):
         self.limit = limit
         self.retry_after = retry_after
         super().__init__(f"the queue for {model} is full ({limit} jobs waiting); retry in {retry_after} s")
+
+
+class StoreUnavailable(WanserveError, ConnectionError):
+    """The job store cannot be reached (Redis down or restarting), after the backend's own retries."""
+
+
+class StorageUnavailable(WanserveError, ConnectionError):
+    """The result storage cannot be reached (an S3 endpoint down), after the backend's own retries."""
+
+
+def unavailable_on(
+    causes: tuple[type[BaseException], ...], error: type[WanserveError], what: str
+) -> Callable[[type[T]], type[T]]:
+    """Class decorator: every public method of a backend raises `error` when one of its client library's
+    connection errors (`causes`) gets through, so callers (the API's 503, a worker that waits it out) need not
+    know which backend they hold."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except causes as exc:
+                raise error(f"{what} cannot be reached: {exc}") from exc
+
+        return call
+
+    def decorate(cls: type[T]) -> type[T]:
+        for name, member in list(vars(cls).items()):
+            if callable(member) and not name.startswith("_"):
+                setattr(cls, name, wrap(member))
+        return cls
+
+    return decorate
 
 
 class LeaseLost(WanserveError):

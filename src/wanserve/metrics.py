@@ -49,8 +49,10 @@ class _StoreCollector(Collector):
                 depth.add_metric([model], self._store.queue_depth(model))
                 running.add_metric([model], self._store.running_count(model))
             except Exception:
-                # A scrape must not fail because the store blinked; the gap in the series shows it.
+                # A scrape must not fail because the store blinked; the gap in the series shows it. One store
+                # serves every model, so the others would only wait out the same retries.
                 log.warning("could not read queue counts for %s", model, exc_info=True)
+                break
         yield depth
         yield running
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from wanserve.config import Settings
-from wanserve.errors import Cancelled, InvalidRequest, JobNotFound, ParallelGroupError
+from wanserve.errors import Cancelled, InvalidRequest, JobNotFound, ParallelGroupError, StoreUnavailable
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest
@@ -58,6 +58,13 @@ PREFETCH_INTERVAL_S = 1.0
 def new_worker_id(model: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{model}:{uuid.uuid4().hex[:6]}"
 
+
+T = TypeVar("T")
+
+# How long the writes that end a job (complete, fail, cancelled) retry an unreachable store, beyond the backend's
+# own retries: a Redis restart must not fail a job whose video is made. After that the lease decides.
+STORE_OUTAGE_WAIT_S = 60.0
+STORE_RETRY_INTERVAL_S = 1.0
 
 # A job's MP4 and thumbnail are written under <tmp>/wanserve-<pid>-<job id>-*/ before they are stored.
 SCRATCH_PREFIX = "wanserve-"
@@ -183,7 +190,12 @@ class Worker:
             remove_orphaned_scratch()
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
             while not self._draining.is_set():
-                job = self.store.claim(self.model, self.worker_id, self.settings.lease_seconds)
+                try:
+                    job = self.store.claim(self.model, self.worker_id, self.settings.lease_seconds)
+                except StoreUnavailable as exc:  # wait it out: /ready says so meanwhile
+                    log.warning("worker %s: %s; trying again", self.worker_id, exc)
+                    self._draining.wait(STORE_RETRY_INTERVAL_S)
+                    continue
                 if job is None:
                     self._keep_group_alive()
                     self._draining.wait(self.settings.poll_interval)
@@ -288,7 +300,27 @@ class Worker:
             self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
 
     def _fail(self, job: Job, code: str, message: str) -> None:
-        self.store.fail(job.id, self.worker_id, code, message, self.settings.result_ttl)
+        try:
+            self._store_write(
+                "failing it", lambda: self.store.fail(job.id, self.worker_id, code, message, self.settings.result_ttl)
+            )
+        except StoreUnavailable:
+            log.error("job %s: could not record its failure (%s); its lease will run out", job.id, code)
+
+    def _store_write(self, what: str, write: Callable[[], T]) -> T:
+        """A store write that ends a job, retried while the store cannot be reached (see STORE_OUTAGE_WAIT_S)."""
+        deadline = time.monotonic() + STORE_OUTAGE_WAIT_S
+        while True:
+            try:
+                return write()
+            except StoreUnavailable as exc:
+                if time.monotonic() >= deadline or self._drain_deadline_passed():
+                    raise
+                log.warning("job store unreachable while %s; trying again: %s", what, exc)
+                time.sleep(STORE_RETRY_INTERVAL_S)
+
+    def _drain_deadline_passed(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
 
     def _generate(self, running: _Running, scratch: Path) -> str | Any:
         """The engine's result (or, with overlap_jobs, a Future of it), or the status the job ended with."""
@@ -296,10 +328,18 @@ class Worker:
         assert self.engine is not None
         last_write = 0.0
 
+        def go_on(answer: Callable[[], bool]) -> bool:
+            """The store's answer to renew or set_progress; while it cannot be reached, go on: the lease decides."""
+            try:
+                return answer()
+            except StoreUnavailable as exc:
+                log.warning("job %s: %s; generating on", job.id, exc)
+                return True
+
         def on_progress(event: ProgressEvent) -> None:
             nonlocal last_write
             if event.stage == "denoise":
-                if not store.renew(job.id, self.worker_id, self.settings.lease_seconds):
+                if not go_on(lambda: store.renew(job.id, self.worker_id, self.settings.lease_seconds)):
                     running.keep_going = False
                 if self.metrics is not None and event.step_seconds is not None:
                     self.metrics.denoise_step(job.model, event.step_seconds)
@@ -308,7 +348,7 @@ class Worker:
             last_step = event.stage == "denoise" and event.step == event.total_steps
             if now - last_write >= self.settings.progress_interval or event.stage != "denoise" or last_step:
                 last_write = now
-                if not store.set_progress(job.id, self.worker_id, event.progress, event.stage):
+                if not go_on(lambda: store.set_progress(job.id, self.worker_id, event.progress, event.stage)):
                     running.keep_going = False
 
         def should_cancel() -> bool:
@@ -347,7 +387,18 @@ class Worker:
         """Upload the video and thumbnail, then complete the job, unless it was cancelled or deleted meanwhile:
         decoding and uploading take long enough on a real model for a user to change their mind."""
         job = running.job
-        if not running.keep_going or not self.store.renew(job.id, self.worker_id, self.settings.lease_seconds):
+        try:
+            return self._store_and_complete(running, result)
+        except StoreUnavailable as exc:  # still down after STORE_OUTAGE_WAIT_S: the lease runs out, the job reruns
+            log.error("job %s: %s; leaving it to its lease", job.id, exc)
+            return "lost"
+
+    def _store_and_complete(self, running: _Running, result: Any) -> str:
+        job = running.job
+        lease = self.settings.lease_seconds
+        if not running.keep_going or not self._store_write(
+            "checking for a cancel", lambda: self.store.renew(job.id, self.worker_id, lease)
+        ):
             return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
         try:
             # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
@@ -374,7 +425,8 @@ class Worker:
             "video_key": key_for(job.id, VIDEO),
             "thumbnail_key": key_for(job.id, THUMBNAIL),
         }
-        if self.store.complete(job.id, self.worker_id, payload, self.settings.result_ttl):
+        ttl = self.settings.result_ttl
+        if self._store_write("completing it", lambda: self.store.complete(job.id, self.worker_id, payload, ttl)):
             log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
             return "completed"
         return self._cancelled_or_lost(running, "cancelled while its video was stored; files removed")
@@ -409,25 +461,30 @@ class Worker:
             message = f"took longer than task_timeout ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
             self._fail(job, "timeout", message)
             return "failed"
-        if reason == "drain" and store.release(job.id, self.worker_id):
-            log.info("job %s handed back to the queue (drain grace ran out)", job.id)
-            return "released"
-        # A release is refused when the user cancelled meanwhile: then it ends cancelled.
-        return self._cancelled_or_lost(running, str(exc))
+        try:
+            if reason == "drain" and store.release(job.id, self.worker_id):
+                log.info("job %s handed back to the queue (drain grace ran out)", job.id)
+                return "released"
+            # A release is refused when the user cancelled meanwhile: then it ends cancelled.
+            return self._cancelled_or_lost(running, str(exc))
+        except StoreUnavailable as error:  # still down after STORE_OUTAGE_WAIT_S: its lease decides
+            log.error("job %s stopped (%s), but %s; leaving it to its lease", job.id, exc, error)
+            return "lost"
 
     def _cancelled_or_lost(self, running: _Running, what: str) -> str:
         """End a job the user cancelled or deleted before it completed, leaving no file of it; or let go of one
         the store gave to another worker (its files, under the same keys, are that worker's now)."""
         job = running.job
         try:
-            current = self.store.get(job.id)
+            current = self._store_write("reading it", lambda: self.store.get(job.id))
         except JobNotFound:  # DELETE while it ran: the record is gone already, the files go now
             self.storage.delete_prefix(job.id)
             log.info("job %s deleted while running (%s): files removed", job.id, what)
             return "cancelled"
         if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
             self.storage.delete_prefix(job.id)  # files first: once it reads cancelled, nothing of it is left
-            self.store.mark_cancelled(job.id, self.worker_id, self.settings.result_ttl)
+            ttl = self.settings.result_ttl
+            self._store_write("cancelling it", lambda: self.store.mark_cancelled(job.id, self.worker_id, ttl))
             log.info("job %s %s", job.id, what)
             return "cancelled"
         self._after_lost(job)

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StorageUnavailable, StoreUnavailable
 from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
 from wanserve.storage.base import Storage
@@ -97,6 +97,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return _error_response(request, exc.status_code, code, detail, headers=exc.headers)
 
+    async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        code = "store_unavailable" if isinstance(exc, StoreUnavailable) else "storage_unavailable"
+        return _error_response(request, 503, code, str(exc), headers={"Retry-After": "5"})
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error_response(request, 500, "internal_error", "internal server error")
@@ -105,6 +110,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(JobNotFound, job_not_found)
     app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(StoreUnavailable, backend_unavailable)
+    app.add_exception_handler(StorageUnavailable, backend_unavailable)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
 

@@ -249,10 +249,10 @@ def router(
     def delete_video(video_id: str) -> dict[str, Any]:
         if not store.get(video_id).status.finished:
             cancel(store, settings, metrics, video_id)
-        # A running job goes too: its worker sees the record gone at its next step (or before it stores the
-        # video) and removes whatever it stored.
-        store.delete(video_id)
+        # Files first: if the storage fails (503), the record stays and a retry finds it. A running job goes too:
+        # its worker sees the record gone at its next step (or before it stores the video) and removes its files.
         storage.delete_prefix(video_id)
+        store.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
     def download_content(request: Request, video_id: str, variant: str = "video") -> Response:

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
 from wanserve.jobs import QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
 
@@ -126,6 +126,8 @@ end)
 
 # ARGV: prefix, model, worker, now, lease_until, op ttl
 _CLAIM = """
+-- Nothing to claim changes nothing, so it needs no token: idle workers poll often.
+if redis.call('ZCARD', k('queue', ARGV[2])) == 0 then return cjson.encode(cjson.null) end
 return once(function()
   local queue = k('queue', ARGV[2])
   while true do
@@ -318,6 +320,7 @@ def _from_flat(flat: list[str]) -> Job:
     return _from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
+@unavailable_on((RedisConnectionError, RedisTimeoutError), StoreUnavailable, "the job store (Redis)")
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
         self.prefix = prefix

@@ -12,6 +12,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from wanserve.errors import StorageUnavailable, unavailable_on
 from wanserve.storage.base import ObjectInfo
 
 # First set wins. boto3 reads the AWS_* ones itself, but we need the value to switch on path-style addressing.
@@ -24,6 +25,7 @@ def endpoint_from_env() -> str | None:
     return next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
 
 
+@unavailable_on((BotoCoreError,), StorageUnavailable, "the result storage (S3)")
 class S3Storage:
     def __init__(
         self,
