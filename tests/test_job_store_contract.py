@@ -201,6 +201,7 @@ def test_complete_only_by_the_holder_and_only_once(store: JobStore) -> None:
     assert store.complete(job.id, "w1", result, TTL)
     done = store.get(job.id)
     assert done.status is JobStatus.COMPLETED and done.result == result and done.progress == 1.0
+    assert done.stage == "done"
     assert done.completed_at is not None and before <= done.completed_at <= time.time()
     assert done.expires_at == pytest.approx(done.completed_at + TTL)
     assert done.lease_expires_at is None
@@ -577,7 +578,7 @@ def test_redis_publishes_events_on_state_changes(redis_url: str) -> None:
         ("queued", 0, None),
         ("in_progress", 0, None),
         ("in_progress", 0.5, "denoise"),
-        ("completed", 1, "denoise"),
+        ("completed", 1, "done"),
     ]
     assert {e["id"] for e in events} == {job.id}
     pubsub.close()

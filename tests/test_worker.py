@@ -182,6 +182,7 @@ def test_a_cancel_or_delete_during_the_upload_still_wins(
         if action == "cancel":
             job = h.store.get(job_id)
             assert job.status == JobStatus.CANCELLED and job.result is None
+            assert job.stage != "done" and job.progress < 1.0  # it was made, never done
         else:
             from wanserve.errors import JobNotFound
 

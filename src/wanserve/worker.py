@@ -338,6 +338,8 @@ class Worker:
 
         def on_progress(event: ProgressEvent) -> None:
             nonlocal last_write
+            if event.stage == "done":  # the video is written, not stored: complete() says done, a cancel may not
+                return
             if event.stage == "denoise":
                 if not go_on(lambda: store.renew(job.id, self.worker_id, self.settings.lease_seconds)):
                     running.keep_going = False

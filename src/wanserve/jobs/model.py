@@ -106,7 +106,8 @@ class JobStore(Protocol):
         ...
 
     def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
-        """in_progress -> completed, only if this worker holds the job and nobody asked to cancel it. False
+        """in_progress -> completed (progress 1, stage "done"), only if this worker holds the job and nobody asked
+        to cancel it. False
         otherwise (no change): a cancel that came while the video was decoded or stored still wins."""
         ...
 

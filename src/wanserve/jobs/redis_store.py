@@ -175,7 +175,7 @@ return 1
 _COMPLETE = """
 return once(function()
   if not held(ARGV[2], ARGV[3]) or cancel_requested(ARGV[2]) then return false end
-  redis.call('HSET', k('job', ARGV[2]), 'result', ARGV[6], 'progress', '1.0')
+  redis.call('HSET', k('job', ARGV[2]), 'result', ARGV[6], 'progress', '1.0', 'stage', 'done')
   finish(ARGV[2], 'completed', ARGV[4], ARGV[5])
   return true
 end)

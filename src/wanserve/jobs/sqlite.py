@@ -217,7 +217,7 @@ class SQLiteJobStore:
             if job is None or job.cancel_requested:
                 return False
             job.result = result
-            job.progress = 1.0
+            job.progress, job.stage = 1.0, "done"
             self._finish(job, JobStatus.COMPLETED, ttl, time.time())
             self._save(conn, job)
             return True
