@@ -124,9 +124,10 @@ class Metrics:
         self.queue_wait.labels(model=model).observe(max(queue_wait, 0.0))
         self.job_duration.labels(model=model).observe(max(duration, 0.0))
 
-    def job_cancelled_queued(self, model: str) -> None:
-        """A job cancelled before any worker took it: it finished, but neither waited for nor ran on a GPU."""
-        self.jobs_finished.labels(model=model, status="cancelled").inc()
+    def job_ended_unrun(self, model: str, status: str) -> None:
+        """A job that ended without a worker's run to time: cancelled while queued, or failed after its workers
+        kept dying. Counted, but kept out of the wait and duration histograms, which it would skew to 0."""
+        self.jobs_finished.labels(model=model, status=status).inc()
 
     def denoise_step(self, model: str, seconds: float) -> None:
         self.denoise_step_seconds.labels(model=model).observe(max(seconds, 0.0))

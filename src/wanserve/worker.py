@@ -233,7 +233,7 @@ class Worker:
             for job in self.store.reap(self.settings.max_attempts, self.settings.result_ttl):
                 log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
                 if job.status == JobStatus.FAILED and self.metrics is not None:
-                    self.metrics.job_finished(job.model, "failed", 0.0, 0.0)
+                    self.metrics.job_ended_unrun(job.model, "failed")
             for job in self.store.expired():
                 self.storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
                 self.store.delete(job.id)
@@ -283,7 +283,7 @@ class Worker:
                 generated = result()
             except Exception as exc:
                 log.exception("job %s: writing the video failed", running.job.id)
-                self._fail(running.job, "generation_failed", f"{type(exc).__name__}: {exc}")
+                status = self._fail(running.job, "generation_failed", f"{type(exc).__name__}: {exc}")
             else:
                 status = self._store_result(running, generated)
         except Exception:
@@ -299,13 +299,15 @@ class Worker:
         if self.metrics is not None and status in ("completed", "failed", "cancelled"):
             self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
 
-    def _fail(self, job: Job, code: str, message: str) -> None:
+    def _fail(self, job: Job, code: str, message: str) -> str:
+        """Fail the job; "failed", or "lost" when the store took no change (the job was no longer this worker's)."""
+        ttl = self.settings.result_ttl
         try:
-            self._store_write(
-                "failing it", lambda: self.store.fail(job.id, self.worker_id, code, message, self.settings.result_ttl)
-            )
+            if self._store_write("failing it", lambda: self.store.fail(job.id, self.worker_id, code, message, ttl)):
+                return "failed"
         except StoreUnavailable:
             log.error("job %s: could not record its failure (%s); its lease will run out", job.id, code)
+        return "lost"
 
     def _store_write(self, what: str, write: Callable[[], T]) -> T:
         """A store write that ends a job, retried while the store cannot be reached (see STORE_OUTAGE_WAIT_S)."""
@@ -373,8 +375,7 @@ class Worker:
         except Cancelled as exc:
             return self._stopped_early(running, exc)
         except InvalidRequest as exc:  # checked at submit; reaching here means the model changed
-            self._fail(job, "invalid_request", str(exc))
-            return "failed"
+            return self._fail(job, "invalid_request", str(exc))
         except Exception as exc:
             if getattr(self.engine, "ctx", None) is not None:
                 # In a torchrun group an error on one rank leaves the others mid-collective: the group is
@@ -382,8 +383,7 @@ class Worker:
                 # job that keeps doing this ends failed after max_attempts.
                 raise ParallelGroupError(f"job {job.id}: {type(exc).__name__}: {exc}") from exc
             log.exception("job %s failed", job.id)
-            self._fail(job, "generation_failed", f"{type(exc).__name__}: {exc}")
-            return "failed"
+            return self._fail(job, "generation_failed", f"{type(exc).__name__}: {exc}")
 
     def _store_result(self, running: _Running, result: Any) -> str:
         """Upload the video and thumbnail, then complete the job, unless it was cancelled or deleted meanwhile:
@@ -413,8 +413,7 @@ class Worker:
                 self.storage.delete_prefix(job.id)  # no half-stored job: the expiry sweep retries otherwise
             except Exception as cleanup:
                 log.warning("job %s: removing its partial files failed too: %s", job.id, cleanup)
-            self._fail(job, "storage_failed", f"the video could not be stored: {type(exc).__name__}: {exc}")
-            return "failed"
+            return self._fail(job, "storage_failed", f"the video could not be stored: {type(exc).__name__}: {exc}")
         payload = {
             "seed": result.seed,
             "width": result.width,
@@ -461,8 +460,7 @@ class Worker:
         reason = running.stop_reason
         if reason == "timeout":
             message = f"took longer than task_timeout ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
-            self._fail(job, "timeout", message)
-            return "failed"
+            return self._fail(job, "timeout", message)
         try:
             if reason == "drain" and store.release(job.id, self.worker_id):
                 log.info("job %s handed back to the queue (drain grace ran out)", job.id)

@@ -245,5 +245,5 @@ def cancel(store: JobStore, settings: Settings, metrics: Metrics | None, job_id:
     before = store.get(job_id).status
     job = store.request_cancel(job_id, settings.result_ttl)
     if metrics is not None and before is JobStatus.QUEUED and job.status is JobStatus.CANCELLED:
-        metrics.job_cancelled_queued(job.model)
+        metrics.job_ended_unrun(job.model, "cancelled")
     return job
