@@ -184,3 +184,12 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert needle in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
     assert not (tmp_path / "fox.mp4").exists()
+
+
+def test_doctor_flags_settings_that_would_fail_later(tmp_path: Path) -> None:
+    """doctor says FIX for what `serve` or `generate` would trip on: a store URL no backend takes, a device that
+    is not there."""
+    done = run(["doctor", "--store", "bogus://x"], tmp_path, WANSERVE_DEVICE="cuda:99")
+    assert done.returncode == 1
+    assert "FIX  job store: unsupported job store URL 'bogus://x'" in done.stdout + done.stderr
+    assert "FIX  cuda: WANSERVE_DEVICE=cuda:99" in done.stdout + done.stderr

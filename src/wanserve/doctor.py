@@ -49,7 +49,10 @@ def _torch(device: str) -> Iterator[Check]:
         else:
             yield Check("cuda", True, "no CUDA device: the engine runs on the CPU (fine for tiny models only)")
         return
-    for index in range(torch.cuda.device_count()):
+    count = torch.cuda.device_count()
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= count:
+        yield Check("cuda", False, f"WANSERVE_DEVICE={device}, but this machine has {count} CUDA device(s)")
+    for index in range(count):
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
         yield Check(
