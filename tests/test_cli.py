@@ -193,3 +193,20 @@ def test_doctor_flags_settings_that_would_fail_later(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "FIX  job store: unsupported job store URL 'bogus://x'" in done.stdout + done.stderr
     assert "FIX  cuda: WANSERVE_DEVICE=cuda:99" in done.stdout + done.stderr
+
+
+def test_serve_stops_when_a_model_cannot_be_loaded(tmp_path: Path) -> None:
+    """An API that went on taking jobs for a model with no weights would queue work nobody runs: serve exits 1,
+    saying which model and how to get it, without a traceback."""
+    from conftest import free_tcp_port
+
+    done = run(
+        ["serve", "--model", "tiny-t2v", "--model", "wan2.1-t2v-1.3b", "--port", str(free_tcp_port())],
+        tmp_path / "cache",
+        timeout=120,
+        WANSERVE_DATA_DIR=str(tmp_path / "data"),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: wan2.1-t2v-1.3b: could not download" in done.stderr and "Traceback" not in done.stderr

@@ -18,7 +18,9 @@ from wanserve.config import Settings
 from wanserve.errors import InvalidRequest, WanserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
-console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the output (a log is 80 columns), so that the command in it
+# can be copied and pasted as it is.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def settings_from(**overrides: Any) -> Settings:
@@ -372,7 +374,7 @@ def models() -> None:
         "guidance",
         "shift",
     ):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a cut name could not be typed back: fold it
     for spec in ALL_SPECS:
         guidance = f"{spec.guidance_scale:g}"
         if spec.two_experts:
@@ -389,7 +391,7 @@ def models() -> None:
             guidance,
             f"{spec.flow_shift:g}",
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: as wide as the table needs
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typing import Any
 
 from wanserve.catalog import ModelSpec, resolve_spec
 from wanserve.config import Settings
+from wanserve.errors import WanserveError
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,28 @@ def run_serve(settings: Settings) -> None:
     metrics.watch_store(store, list(specs))
     start_together = threading.Barrier(len(specs))
     workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
-    threads = [threading.Thread(target=_run_worker, args=(w,), name=f"worker-{w.model}", daemon=True) for w in workers]
-    for thread in threads:
-        thread.start()
-
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
     server = _uvicorn(app, settings.host, settings.port, on_signal=lambda: [w.drain() for w in workers])
+    broken: list[str] = []
+
+    def run_worker_thread(worker: Any) -> None:
+        # A model that cannot be loaded (or a worker that dies) stops the whole process: an API that kept
+        # taking jobs for it would queue work nobody runs.
+        try:
+            worker.run()
+        except WanserveError as exc:  # its message says what to fix; a traceback would only bury it
+            broken.append(f"{worker.model}: {exc}")
+            server.should_exit = True
+        except Exception as exc:
+            log.exception("worker for %s stopped with an error", worker.model)
+            broken.append(f"{worker.model}: the worker stopped: {type(exc).__name__}: {exc}")
+            server.should_exit = True
+
+    threads = [
+        threading.Thread(target=run_worker_thread, args=(w,), name=f"worker-{w.model}", daemon=True) for w in workers
+    ]
+    for thread in threads:
+        thread.start()
     log.info(
         "wanserve serving %s on http://%s:%d (store %s)",
         ", ".join(specs),
@@ -78,19 +95,14 @@ def run_serve(settings: Settings) -> None:
         settings.port,
         settings.store_url,
     )
-    server.run()  # returns after SIGINT/SIGTERM
+    server.run()  # returns after SIGINT/SIGTERM, or once a worker could not start
     for worker in workers:
         worker.drain()
     for worker in workers:
         worker.wait_stopped(settings.shutdown_grace + 30)
     store.close()
-
-
-def _run_worker(worker: Any) -> None:
-    try:
-        worker.run()
-    except Exception:
-        log.exception("worker for %s stopped with an error", worker.model)
+    if broken:
+        raise WanserveError("; ".join(broken))
 
 
 def _readiness(workers: list[Any]) -> dict[str, Any]:
