@@ -312,3 +312,31 @@ def test_engines_loaded_on_several_threads_at_once_are_whole(
     crowd = loaded["tiny-i2v"].generate(request, tmp_path / "crowd.mp4")
     alone = engines["tiny-i2v"].generate(request, tmp_path / "alone.mp4")
     assert np.array_equal(decode_mp4(crowd.video_path).frames, decode_mp4(alone.video_path).frames)
+
+
+def test_two_threads_sharing_an_engine_get_the_videos_each_would_alone(
+    engines: dict[str, Engine], tmp_path: Path
+) -> None:
+    """A notebook or a custom server may call one engine from two threads. The scheduler and the step cache
+    hold per-request state, so the calls take turns; before, both videos came out wrong, silently."""
+    import threading
+
+    engine = engines["tiny-t2v"]
+    requests = [
+        GenerationRequest(prompt=p, seed=s, num_inference_steps=12, width=96, height=64, num_frames=9)
+        for p, s in (("a fox", 1), ("a red boat at sea", 2))
+    ]
+    alone = [
+        decode_mp4(engine.generate(r, tmp_path / f"alone{i}.mp4").video_path).frames for i, r in enumerate(requests)
+    ]
+    together: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        together[i] = decode_mp4(engine.generate(requests[i], tmp_path / f"together{i}.mp4").video_path).frames
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(np.array_equal(together[i], alone[i]) for i in range(2))

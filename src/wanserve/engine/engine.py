@@ -138,6 +138,9 @@ class Engine:
         self._text_cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._text_cache_size = 0 if parallel is not None else settings.prompt_cache_size
         self._text_lock = threading.Lock()  # one encoder, two callers: the request and the worker's prefetch
+        # One request at a time: the scheduler, the step cache and the expert switch hold per-request state, so
+        # two threads sharing an engine would silently mix their videos. A second caller waits its turn.
+        self._run_lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------------------------
 
@@ -257,6 +260,17 @@ class Engine:
         if self.parallel is not None:
             with self.parallel.guard("broadcast of the request"):
                 req = broadcast_object(self.parallel, req)  # rank 0's seed, when the request had none
+        with self._run_lock:
+            return self._generate(req, out_path, on_progress, should_cancel, write_async)
+
+    def _generate(
+        self,
+        req: GenerationRequest,
+        out_path: Path | str,
+        on_progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        write_async: bool,
+    ) -> GenerationResult | Future[GenerationResult]:
         preset = self.preset_info.use(req.preset)
         emit = on_progress or (lambda _event: None)
         timings: dict[str, float] = {}
