@@ -340,3 +340,32 @@ def test_two_threads_sharing_an_engine_get_the_videos_each_would_alone(
     for thread in threads:
         thread.join()
     assert all(np.array_equal(together[i], alone[i]) for i in range(2))
+
+
+def test_library_mistakes_are_named_before_any_work(engines: dict[str, Engine], tmp_path: Path) -> None:
+    """A notebook user's mistakes, found before the minutes of work a real model takes: an image given as a path
+    or an out path that would lose the video; and a callback that raises at the end leaves no file behind."""
+    engine, i2v = engines["tiny-t2v"], engines["tiny-i2v"]
+    request = GenerationRequest(prompt="a fox", seed=1, num_inference_steps=2)
+    (tmp_path / "folder").mkdir()
+    for out, needle in (
+        (tmp_path / "fox.webp", "the thumbnail is written beside the video as fox.webp"),
+        (tmp_path / "folder", "exists and is not a regular file"),
+    ):
+        with pytest.raises(InvalidRequest, match=needle) as raised:
+            engine.generate(request, out)
+        assert raised.value.field == "out_path"
+    with pytest.raises(InvalidRequest, match="must be a file path") as raised:
+        engine.generate(request, None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="must be the image file's bytes") as raised:
+        i2v.generate(GenerationRequest(prompt="a fox", image=str(tmp_path / "cat.png")), tmp_path / "x.mp4")  # type: ignore[arg-type]
+    assert raised.value.field == "image"
+
+    def fail_at_the_end(event: ProgressEvent) -> None:
+        if event.stage == "done":
+            raise RuntimeError("the notebook's callback broke")
+
+    with pytest.raises(RuntimeError, match="callback broke"):
+        engine.generate(request, tmp_path / "late.mp4", on_progress=fail_at_the_end)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    assert engine.generate(request, tmp_path / "again.mp4").video_path.exists()  # and the engine goes on

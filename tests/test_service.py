@@ -228,11 +228,25 @@ def test_kill_9_loses_no_acknowledged_job(tmp_path: Path, tiny_cache: Path) -> N
 
 
 def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_cache: Path) -> None:
+    """SIGTERM drains; an impatient second signal (Ctrl-C), once the HTTP server has stopped and the worker
+    finishes its job, changes nothing. It used to kill the process mid-job (SIGABRT), leaving the job
+    in_progress until its lease ran out."""
+    import signal
+
     srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="drain", WANSERVE_SHUTDOWN_GRACE="300")
     try:
         job_id = srv.submit(**SLOW)
         wait_for(lambda: srv.job(job_id)["status"] == "in_progress", 30, "the job to run")
-        assert srv.process.terminate(timeout=300) == 0
+        process = srv.process.proc
+        assert process is not None
+        process.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: "Finished server process" in srv.process.log_path.read_text(errors="replace"),
+            30,
+            "the HTTP server to stop",
+        )
+        process.send_signal(signal.SIGINT)
+        assert process.wait(300) == 0
         srv.restart()
         assert srv.job(job_id)["status"] == "completed"  # finished before the process exited
     finally:

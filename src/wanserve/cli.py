@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -239,20 +238,12 @@ FLAG_OF_FIELD = {
 
 def check_output(out: Path) -> None:
     """Refuse, before any model is loaded, an --out that could not hold the video and its thumbnail."""
-    from wanserve.engine.video import thumbnail_path_for
+    from wanserve.engine.video import check_output_path
 
-    thumbnail = thumbnail_path_for(out)
-    if thumbnail == out:
-        fail(f"--out: the thumbnail is written beside the video as {out.stem}.webp; name the video {out.stem}.mp4", 2)
-    for path in (out, thumbnail):
-        if path.exists() and not path.is_file():
-            fail(f"--out: {path} exists and is not a regular file", 2)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        fail(f"--out: cannot create the folder {out.parent}: {exc.strerror or exc}", 2)
-    if not os.access(out.parent, os.W_OK):
-        fail(f"--out: the folder {out.parent} is not writable", 2)
+        check_output_path(out)
+    except InvalidRequest as exc:
+        fail(f"--out: {exc.rule}", 2)
 
 
 def read_image(image: Path) -> bytes:

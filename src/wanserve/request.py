@@ -122,6 +122,10 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
     """Decode enough of the image to know it is one; returns its (width, height)."""
     from PIL import Image, UnidentifiedImageError
 
+    if not isinstance(data, bytes | bytearray | memoryview):
+        kind = type(data).__name__
+        raise InvalidRequest(field, f"must be the image file's bytes (PNG, JPEG or WebP), got {kind}")
+
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()

@@ -96,6 +96,11 @@ def run_serve(settings: Settings) -> None:
         settings.store_url,
     )
     server.run()  # returns after SIGINT/SIGTERM, or once a worker could not start
+    # uvicorn has put Python's default handlers back: a second Ctrl-C or SIGTERM while the workers drain would
+    # kill the process mid-job (SIGABRT from a torch thread). The drain is already under way; say so instead.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda number, _frame: log.info("signal %d: already draining", number))
     for worker in workers:
         worker.drain()
     for worker in workers:

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -38,8 +39,8 @@ from wanserve.engine.parallel import (
     world_size_from_env,
 )
 from wanserve.engine.presets import PresetInfo, apply_preset
-from wanserve.engine.video import thumbnail_path_for, write_mp4, write_thumbnail
-from wanserve.errors import Cancelled, DeviceUnavailable
+from wanserve.engine.video import check_output_path, thumbnail_path_for, write_mp4, write_thumbnail
+from wanserve.errors import Cancelled, DeviceUnavailable, InvalidRequest
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest, resolve
 
@@ -257,6 +258,10 @@ class Engine:
         next job's GPU work while this one is encoded. Its "done" event is emitted from that thread.
         """
         req = self.resolve(request)  # every rule is checked before any GPU work
+        if not isinstance(out_path, str | os.PathLike):
+            raise InvalidRequest("out_path", f"must be a file path, got {type(out_path).__name__}")
+        if self.parallel is None or self.parallel.is_leader:  # followers write nothing (os.devnull)
+            check_output_path(Path(out_path))
         if self.parallel is not None:
             with self.parallel.guard("broadcast of the request"):
                 req = broadcast_object(self.parallel, req)  # rank 0's seed, when the request had none
@@ -310,7 +315,12 @@ class Engine:
             thumb = write_thumbnail(frames, thumbnail_path_for(out))
             timings["video_encode"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - started
-            emit(ProgressEvent.at("done", 1.0, seconds=timings["total"]))
+            try:
+                emit(ProgressEvent.at("done", 1.0, seconds=timings["total"]))
+            except BaseException:  # the caller never learns of these files: leave none, as at any other stage
+                out.unlink(missing_ok=True)
+                thumb.unlink(missing_ok=True)
+                raise
             assert req.width and req.height and req.num_frames
             return GenerationResult(
                 video_path=out,

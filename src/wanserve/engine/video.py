@@ -14,6 +14,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from wanserve.errors import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 # x264's CPU flag for its AVX-512 code paths (x264.h, unchanged since build 152).
@@ -22,6 +24,25 @@ _X264_CPU_AVX512 = 1 << 16
 
 def thumbnail_path_for(video_path: Path) -> Path:
     return video_path.with_suffix(".webp")
+
+
+def check_output_path(out: Path) -> None:
+    """Refuse, before any work, a path that could not hold the video and its thumbnail (the error's field is
+    `out_path`; the CLI calls it `--out`). Creates the missing folders."""
+    thumbnail = thumbnail_path_for(out)
+    if thumbnail == out:
+        raise InvalidRequest(
+            "out_path", f"the thumbnail is written beside the video as {out.stem}.webp; name the video {out.stem}.mp4"
+        )
+    for path in (out, thumbnail):
+        if path.exists() and not path.is_file():
+            raise InvalidRequest("out_path", f"{path} exists and is not a regular file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidRequest("out_path", f"cannot create the folder {out.parent}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise InvalidRequest("out_path", f"the folder {out.parent} is not writable")
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18) -> Path:
