@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -37,7 +37,7 @@ def settings_from(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     console.print(f"[red]error:[/red] {escape(message)}")  # user values may hold [brackets]: not markup
     raise typer.Exit(code)
 
@@ -206,13 +206,10 @@ def generate(
                 result = engine.generate(request, out, on_progress=on_progress)
     except InvalidRequest as exc:  # name the flag the user typed, not the request field behind it
         fail(f"{FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.rule}", code=2)
-        return
     except WanserveError as exc:
         fail(str(exc))
-        return
     except OSError as exc:  # the checks above cannot foresee everything: a full disk, a folder removed meanwhile
         fail(f"--out: could not write {out}: {exc}")
-        return
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     console.print(f"seed {result.seed} · {result.width}x{result.height} · {result.num_frames} frames · {timings}")
     print(result.video_path)
@@ -253,7 +250,6 @@ def read_image(image: Path) -> bytes:
         return image.read_bytes()
     except OSError as exc:
         fail(f"--image: cannot read {image}: {exc.strerror or exc}", 2)
-        raise
 
 
 ModelsOpt = Annotated[list[str] | None, setting("model to serve; repeat for several (env: a,b)", "model", "--model")]
@@ -488,7 +484,6 @@ def bench(
         path, report = run_bench(options)
     except (WanserveError, ValueError) as exc:
         fail(str(exc))
-        return
     table = Table(title=f"wanserve bench: {report['run']} ({report['options']['weights']} weights)")
     columns = ("config", "ms/unit", "cached ms", "TFLOP/s", "% ceiling", "speedup", "request s", "skipped", "PSNR dB")
     for column in columns:
