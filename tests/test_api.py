@@ -294,9 +294,15 @@ def test_openai_http_image_url_is_refused_clearly(api: Api) -> None:
     ("body", "param", "needle"),
     [
         ({"size": "64by64"}, "size", "WIDTHxHEIGHT"),
-        ({"size": "60x64"}, "width", "multiple of 16"),
+        ({"size": "60x64"}, "size", "multiple of 16"),
+        ({"size": "528x64"}, "size", "must be at most 512 for tiny-t2v"),
+        ({"size": "64x64", "width": 528}, "width", "must be at most 512"),
+        ({"width": 64, "height": 1024}, "height", "must be at most 512"),
         ({"num_frames": 10}, "num_frames", "4k+1"),
         ({"seconds": "soon"}, "seconds", "seconds"),
+        ({"seconds": "soon", "num_frames": 9}, "seconds", "seconds"),
+        ({"negative_prompt": "x" * 20_001}, "negative_prompt", "at most 20000 characters"),
+        ({"model": "tiny-i2v", "input_reference": {}}, "input_reference", "must hold the image"),
         ({"model": "tiny-i2v"}, "input_reference", "image is required"),
         ({"num_frame": 9}, "num_frame", "not a known field"),
         ({"model": "wan2.1-t2v-14b"}, "model", "served models: tiny-t2v, tiny-i2v"),
@@ -330,6 +336,23 @@ def test_multipart_conversion_errors_name_the_field(api: Api) -> None:
     assert openai_error(response, 400)["param"] == "seed"
     response = api.client.post("/v1/videos", data={"prompt": "p", "guidance_scale": "lots"})
     assert openai_error(response, 400)["param"] == "guidance_scale"
+    # Only input_reference is nested: a bracketed key of any other field is refused, not silently dropped.
+    for key in ("num_frames[]", "width[0]"):
+        error = openai_error(api.client.post("/v1/videos", data={"prompt": "p", key: "33"}), 400)
+        assert error["param"] == key and error["code"] == "unknown_parameter", error
+    error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "seed[x]": 1}), 400)
+    assert error["param"] == "seed[x]"
+    both = api.client.post(
+        "/v1/videos",
+        data={"prompt": "p", "model": "tiny-i2v", "input_reference[file_id]": "file_1"},
+        files={"input_reference": ("a.png", png_bytes((1, 2, 3)))},
+    )
+    assert openai_error(both, 400)["param"] == "input_reference"
+    assert api.store.list()[0] == []
+    # A browser form sends the inputs left empty as "": they mean "not given", not a bad value.
+    blank = api.client.post("/v1/videos", data={"prompt": "p", "seed": "", "size": "", "num_frames": ""})
+    assert blank.status_code == 200, blank.text
+    assert blank.json()["size"] == "64x64" and isinstance(blank.json()["seed"], int)
 
 
 def test_malformed_json_and_query_validation(api: Api) -> None:
@@ -379,6 +402,21 @@ def test_hostile_bodies_answer_400_and_queue_nothing(api: Api) -> None:
         "/video/submit", json={"prompt": "p", "model": "tiny-i2v", "image_url": data_url(_bomb_png())}
     )
     assert problem(legacy, 400)["field"] == "image_url"
+
+    json_type = {"content-type": "application/json"}
+    in_a_key = b'{"prompt": "p", "\\ud800": 1}'
+    answer = openai_error(api.client.post("/v1/videos", content=in_a_key, headers=json_type), 400)
+    assert answer["param"] == "\\ud800" and "surrogate" in answer["message"]
+    assert problem(api.client.post("/video/submit", content=in_a_key, headers=json_type), 400)["field"] == "\\ud800"
+
+    huge_number = b'{"prompt": "p", "seed": ' + b"1" * 5000 + b"}"
+    for path, read in (("/v1/videos", openai_error), ("/api/v1/generate", problem)):
+        answer = read(api.client.post(path, content=huge_number, headers=json_type), 400)
+        assert answer.get("param", answer.get("field")) == "body", answer
+
+    no_boundary = {"content-type": "multipart/form-data"}
+    answer = openai_error(api.client.post("/v1/videos", content=b"prompt=p", headers=no_boundary), 400)
+    assert answer["param"] == "body" and answer["code"] == "invalid_value", answer
 
     assert api.client.get("/v1/videos").json()["data"] == []
 
@@ -445,6 +483,20 @@ def test_range_requests(api: Api) -> None:
 
     ignored = api.client.get(url, headers={"Range": "bytes=0-1,5-6"})  # multi-range: whole file instead
     assert ignored.status_code == 200 and ignored.content == data
+
+    # Resuming a download: the part comes only if the client's copy is this one (If-Range), else the whole file.
+    etag = part.headers["etag"]
+    assert etag.startswith('"') and api.client.get(url).headers["etag"] == etag
+    resumed = api.client.get(url, headers={"Range": "bytes=10-19", "If-Range": etag})
+    assert resumed.status_code == 206 and resumed.content == data[10:20]
+    stale = api.client.get(url, headers={"Range": "bytes=10-19", "If-Range": '"another-copy"'})
+    assert stale.status_code == 200 and stale.content == data
+    dated = api.client.get(url, headers={"Range": "bytes=10-19", "If-Range": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert dated.status_code == 200 and dated.content == data
+    cached = api.client.get(url, headers={"If-None-Match": f'"x", {etag}'})
+    assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag
+    thumbnail = api.client.get(url, params={"variant": "thumbnail"})
+    assert thumbnail.headers["etag"] != etag
 
 
 def test_content_before_completion_is_404(api: Api) -> None:
@@ -569,6 +621,25 @@ def test_cancel_and_delete_running_and_queued_jobs(api: Api) -> None:
     assert 'wanserve_jobs_finished_total{model="tiny-t2v",status="cancelled"} 2.0' in metrics
 
 
+def test_racing_cancels_of_a_queued_job_count_it_once(api: Api) -> None:
+    ids = [api.create()["id"] for _ in range(3)]
+    start = threading.Barrier(12)
+    answers: list[int] = []
+
+    def cancel(job_id: str) -> None:
+        start.wait(10)
+        answers.append(api.client.post(f"/v1/videos/{job_id}/cancel").status_code)
+
+    threads = [threading.Thread(target=cancel, args=(job_id,)) for job_id in ids for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [200] * 12
+    metrics = api.client.get("/metrics").text
+    assert 'wanserve_jobs_finished_total{model="tiny-t2v",status="cancelled"} 3.0' in metrics
+
+
 # ---- legacy surfaces ----------------------------------------------------------------------------------------
 
 
@@ -670,6 +741,9 @@ def test_submit_and_status_at_the_root(api: Api) -> None:
         ({"task_type": ["t2v"]}, "task_type", "must be one of"),
         ({"task_type": {}}, "task_type", "must be one of"),
         ({"resolution": "big"}, "resolution", "WIDTHxHEIGHT"),
+        ({"resolution": "64*63"}, "resolution", "multiple of 16"),
+        ({"resolution": "256*512"}, "resolution", "larger than tiny-t2v supports"),
+        ({"width": 512, "height": 256}, "resolution", "larger than tiny-t2v supports"),
         ({"num_frames": 10}, "num_frames", "4k+1"),
         ({"tp_size": 2}, "tp_size", "parallel layout is server configuration"),
         ({"steps": 4}, "steps", "not a known field"),
@@ -694,6 +768,7 @@ def test_health_ready_and_models(tmp_path: Path, media: tuple[Path, Path]) -> No
         not_ready = api.client.get("/ready")
         assert not_ready.status_code == 503
         assert not_ready.json()["status"] == "not_ready" and "tiny-t2v" in not_ready.json()["reasons"][0]
+        assert api.client.head("/health").status_code == 200 and api.client.head("/ready").status_code == 503
         state.update(ready=True, models={"tiny-t2v": "ready", "tiny-i2v": "ready"})
         ready = api.client.get("/ready")
         assert ready.status_code == 200 and ready.json()["store"] == "ok" and ready.json()["reasons"] == []
@@ -706,6 +781,13 @@ def test_health_ready_and_models(tmp_path: Path, media: tuple[Path, Path]) -> No
         t2v, i2v = models["data"]
         assert t2v["id"] == "tiny-t2v" and t2v["object"] == "model" and t2v["owned_by"] == "wanserve"
         assert t2v["tasks"] == ["t2v"] and i2v["tasks"] == ["i2v"]
+        assert t2v["limits"] == {
+            "max_frames": 33,
+            "max_pixels": 256 * 256,
+            "max_side": 512,
+            "size_multiple": 16,
+            "frame_stride": 4,
+        }
         assert {"width": 64, "height": 64, "num_frames": 9, "fps": 8}.items() <= t2v["defaults"].items()
         assert t2v["defaults"]["num_inference_steps"] == 4 and t2v["defaults"]["guidance_scale"] == 5.0
         assert t2v["queue_depth"] == 1 and t2v["running"] == 1 and i2v["queue_depth"] == 0

@@ -265,6 +265,15 @@ def test_request_cancel_on_a_queued_job_cancels_it_at_once(store: JobStore) -> N
     assert store.claim("tiny-t2v", "w1", LEASE) is None
 
 
+def test_only_the_cancel_that_ended_a_queued_job_finds_its_own_time(store: JobStore) -> None:
+    """How the API counts a queued job cancelled by several racing requests once: by `completed_at`."""
+    job = store.enqueue(make_job())
+    first = store.request_cancel(job.id, TTL, now=T0 + 1)
+    again = store.request_cancel(job.id, TTL, now=T0 + 2)
+    assert first.completed_at == T0 + 1 and again.completed_at == T0 + 1
+    assert again.status is JobStatus.CANCELLED
+
+
 def test_request_cancel_on_a_running_job_only_flags_it(store: JobStore) -> None:
     job = store.enqueue(make_job())
     claim(store, "w1")
@@ -416,6 +425,29 @@ def test_list_rejects_a_bad_order_and_an_unknown_cursor(store: JobStore) -> None
         store.list(order="sideways")
     with pytest.raises(JobNotFound):
         store.list(after="video_missing")
+
+
+def test_a_deleted_job_still_serves_as_a_cursor(store: JobStore) -> None:
+    """A clean-up loop deletes each page as it reads it, then asks for the page after the last id."""
+    ids = [j.id for j in enqueue_many(store, 5)]
+    for job_id in ids:
+        store.request_cancel(job_id, TTL)
+    seen: list[str] = []
+    page, more = store.list(limit=2, order="asc")
+    while True:
+        seen += [job.id for job in page]
+        for job in page:
+            store.delete(job.id)
+        if not more:
+            break
+        page, more = store.list(limit=2, after=page[-1].id, order="asc")
+    assert seen == ids and store.list() == ([], False)
+
+    first, middle, last = (j.id for j in enqueue_many(store, 3))
+    store.request_cancel(middle, TTL)
+    store.delete(middle)
+    assert [j.id for j in store.list(after=middle)[0]] == [first]  # either way the pages run
+    assert [j.id for j in store.list(after=middle, order="asc")[0]] == [last]
 
 
 def test_delete_removes_the_job_everywhere(store: JobStore) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from wanserve.jobs import Job, JobStatus, new_job_id
 from wanserve.jobs.redis_store import RedisJobStore
@@ -68,8 +71,10 @@ def test_a_claim_made_while_redis_is_down_waits_for_it_to_come_back(tmp_path: Pa
             stop_redis(process)
 
 
-def test_a_worker_rides_out_a_redis_outage_longer_than_its_retries(tmp_path: Path, tiny_cache: Path) -> None:
-    """Redis is down for 12 s, more than redis-py's 9 s of retries, while a job runs and then while the worker
+def test_a_worker_rides_out_a_redis_outage_longer_than_its_retries(
+    tmp_path: Path, tiny_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is down for ~18 s, more than redis-py's 9 s of retries, while a job runs and then while the worker
     waits: the job still completes, the worker does not exit, and the API answers 503 meanwhile, not 500."""
     from fastapi.testclient import TestClient
 
@@ -106,10 +111,19 @@ def test_a_worker_rides_out_a_redis_outage_longer_than_its_retries(tmp_path: Pat
         wait_for(lambda: store.get(first).stage == "denoise", 60, "denoising")
         server.send_signal(signal.SIGTERM)
         server.wait()
-        with TestClient(create_app(settings, store, storage, {"tiny-t2v": spec})) as client:
+        specs = {"tiny-t2v": spec, "tiny-i2v": lookup("tiny-i2v"), "tiny-ti2v": lookup("tiny-ti2v")}
+        with TestClient(create_app(settings, store, storage, specs)) as client:
             answer = client.get(f"/v1/videos/{first}")
+            with caplog.at_level(logging.WARNING, logger="wanserve.metrics"):
+                scrape = client.get("/metrics")
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable"
-        time.sleep(3)  # 12 s in all: the first request above spent redis-py's 9 s of retries
+        # The scrape still answers, without the queue gauges; and it gave up after the first model instead of
+        # waiting out the same retries once per model. Both requests spent redis-py's ~9 s of retries, so
+        # Redis has now been down for longer than that.
+        assert scrape.status_code == 200 and "wanserve_jobs_submitted" in scrape.text
+        assert "wanserve_queue_depth{" not in scrape.text and "wanserve_jobs_running{" not in scrape.text
+        scrape_warnings = [r.getMessage() for r in caplog.records if r.name == "wanserve.metrics"]
+        assert scrape_warnings == ["could not read queue counts for tiny-t2v"]
         server = start_redis(port, data, appendonly=True)
 
         done = wait_for(lambda: (j := store.get(first)).status.finished and j, 120, "the first job to finish")

@@ -38,6 +38,8 @@ class ModelSpec:
     temporal_stride: int = 4
     max_frames: int = 161
     max_pixels: int = 1280 * 720
+    # Patches per side (and latent frames) the transformer's rotary table covers (`rope_max_seq_len`).
+    max_side_patches: int = 1024
     aliases: tuple[str, ...] = ()
     tiny: bool = False
     local_path: str | None = None  # set when the model was given as a directory
@@ -46,6 +48,11 @@ class ModelSpec:
     @property
     def spatial_multiple(self) -> int:
         return self.vae_stride * self.patch
+
+    @property
+    def max_side(self) -> int:
+        """The longest width or height in pixels, at whatever aspect ratio `max_pixels` allows."""
+        return self.max_side_patches * self.spatial_multiple
 
     @property
     def two_experts(self) -> bool:
@@ -200,6 +207,7 @@ _TINY_COMMON = dict(
     flow_shift=3.0,
     max_frames=33,
     max_pixels=256 * 256,
+    max_side_patches=32,  # engine/tiny.py builds the transformers with rope_max_seq_len=32
     tiny=True,
 )
 TINY: tuple[ModelSpec, ...] = (
@@ -331,6 +339,7 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
         vae_stride=int(vae.get("scale_factor_spatial") or 8),
         temporal_stride=int(vae.get("scale_factor_temporal") or 4),
         patch=int(patch[1]),
+        max_side_patches=int(transformer.get("rope_max_seq_len") or 1024),
         boundary_ratio=float(boundary) if boundary is not None else None,
         family="wan2.2" if (expand or boundary is not None) else "wan2.1",
         local_path=str(path),

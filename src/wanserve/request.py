@@ -157,6 +157,8 @@ def resolve(
         negative = "" if spec.tiny else WAN_NEGATIVE_PROMPT
     elif not isinstance(negative, str):
         raise InvalidRequest("negative_prompt", "must be a string")
+    elif len(negative) > MAX_PROMPT_CHARS:
+        raise InvalidRequest("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
 
     # Task: the image decides between text-to-video and image-to-video.
     if request.image is not None:
@@ -181,6 +183,12 @@ def resolve(
                 f"must be a multiple of {multiple} (VAE stride {spec.vae_stride} × patch {spec.patch}) "
                 f"for {spec.name}, got {value}",
             )
+        if value > spec.max_side:
+            raise InvalidRequest(
+                name,
+                f"must be at most {spec.max_side} for {spec.name} ({spec.max_side_patches} patches of "
+                f"{multiple} px: the transformer's position table ends there), got {value}",
+            )
     if width * height > spec.max_pixels:
         raise InvalidRequest(
             "size",
@@ -196,6 +204,9 @@ def resolve(
             "num_frames",
             f"must be {stride}k+1 (1, 5, 9, …, 81, …) for the VAE's time stride, got {num_frames}",
         )
+    if (num_frames - 1) // stride + 1 > spec.max_side_patches:
+        longest = (spec.max_side_patches - 1) * stride + 1
+        raise InvalidRequest("num_frames", f"must be at most {longest} for {spec.name}, got {num_frames}")
 
     fps = _int("fps", request.fps if request.fps is not None else spec.fps)
     if not 1 <= fps <= 60:

@@ -203,6 +203,9 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
         body = {**state, "store": "ok" if store_ok else "unreachable", "busy": worker.busy}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")
+    app.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False, name="ready_head")
+
     @app.get("/metrics")
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -35,6 +35,7 @@ from .submit import (
     optional_str,
     reject_parallel_layout,
     served_spec,
+    size_field_names,
     submit,
 )
 from .web import public_base, read_json_object
@@ -141,9 +142,8 @@ def router(
         check_fields(body, VIDEO_FIELDS)
         request = _request(body, "size", settings.max_upload_bytes)
         # submit checks model and priority, whatever JSON type they arrived as.
-        return submit(
-            store, specs, settings, metrics, request, body.get("model"), body.get("priority"), "video", image_names
-        )
+        names = {**image_names, **size_field_names(body, "size")}
+        return submit(store, specs, settings, metrics, request, body.get("model"), body.get("priority"), "video", names)
 
     def submit_task(body: dict[str, Any], source: str) -> Job:
         reject_parallel_layout(body)
@@ -155,7 +155,8 @@ def router(
             needs = frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"})
         spec = served_spec(specs, body.get("model"), needs)
         _check_task(task_type, spec, request.image is not None)
-        return submit(store, specs, settings, metrics, request, spec.name, body.get("priority"), source, image_names)
+        names = {**image_names, **size_field_names(body, "resolution")}
+        return submit(store, specs, settings, metrics, request, spec.name, body.get("priority"), source, names)
 
     def request_id(body: Mapping[str, Any]) -> str:
         value = body.get("requestId")

@@ -39,6 +39,7 @@ from .submit import (
     optional_str,
     reject_parallel_layout,
     served_spec,
+    size_field_names,
     submit,
 )
 from .web import body_limit, content_response, read_json_object
@@ -128,7 +129,11 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
         return await read_json_object(request), None, False
     fields: dict[str, Any] = {}
     upload: bytes | None = None
-    async with request.form(max_files=1, max_fields=200, max_part_size=body_limit(settings)) as form:
+    try:
+        form = await request.form(max_files=1, max_fields=200, max_part_size=body_limit(settings))
+    except HTTPException as exc:  # starlette's word for a malformed form (no boundary, too many parts)
+        raise InvalidRequest("body", f"is not a valid form: {exc.detail}") from None
+    try:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if base_name(key) != "input_reference":
@@ -137,8 +142,10 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
                 if data:  # a browser form with no file chosen still sends an empty part
                     upload = data
                     fields["input_reference"] = None
-            else:
+            elif value != "" or key == "prompt":  # an HTML form sends the inputs left empty as ""
                 fields[key] = value
+    finally:
+        await form.close()
     return fields, upload, True
 
 
@@ -146,9 +153,13 @@ def reference_image(fields: Mapping[str, Any], upload: bytes | None, max_bytes: 
     """The input image from an upload, `input_reference: {"image_url": data URL}` (JSON) or its flattened
     multipart form `input_reference[image_url]`."""
     if upload is not None:
+        if any(base_name(key) == "input_reference" and key != "input_reference" for key in fields):
+            raise InvalidRequest("input_reference", "give the image once: as an upload or as image_url, not both")
         return upload
     reference = fields.get("input_reference")
     if isinstance(reference, Mapping):
+        if not reference:
+            raise InvalidRequest("input_reference", 'must hold the image: {"image_url": "data:…"}')
         flat = {f"input_reference[{k}]": v for k, v in reference.items()}
     elif reference is not None:
         return decode_data_url(reference, "input_reference", max_bytes)
@@ -176,10 +187,11 @@ def build_request(
         values.setdefault("width", width)
         values.setdefault("height", height)
     seconds = fields.get("seconds")
-    if seconds is not None and "num_frames" not in values:
+    if seconds is not None:
         fps = values.get("fps", spec.fps)
         fps = fps if isinstance(fps, int) and not isinstance(fps, bool) and fps > 0 else spec.fps
-        values["num_frames"] = seconds_to_frames(seconds, fps, spec)
+        frames = seconds_to_frames(seconds, fps, spec)  # checked even when num_frames wins
+        values.setdefault("num_frames", frames)
     return GenerationRequest(prompt=fields.get("prompt"), image=image, **values)  # type: ignore[arg-type]
 
 
@@ -198,7 +210,7 @@ def router(
 
     def create(fields: dict[str, Any], upload: bytes | None, from_form: bool) -> JSONResponse:
         reject_parallel_layout(fields)
-        check_fields(fields, ALLOWED_FIELDS, IGNORED_FIELDS)
+        check_fields(fields, ALLOWED_FIELDS, IGNORED_FIELDS, nested={"input_reference"})
         image = reference_image(fields, upload, settings.max_upload_bytes)
         spec = served_spec(specs, fields.get("model"), frozenset({"i2v"}) if image else frozenset({"t2v"}))
         request = build_request(fields, image, from_form, spec)
@@ -212,7 +224,7 @@ def router(
             spec.name,
             fields.get("priority"),
             "openai",
-            field_names={"image": "input_reference"},
+            field_names={"image": "input_reference", **size_field_names(fields, "size")},
         )
         return answer(job)
 

@@ -51,6 +51,7 @@ def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[st
         "limits": {
             "max_frames": spec.max_frames,
             "max_pixels": spec.max_pixels,
+            "max_side": spec.max_side,
             "size_multiple": spec.spatial_multiple,
             "frame_stride": spec.temporal_stride,
         },
@@ -116,6 +117,10 @@ def router(
             "reasons": reasons,
         }
         return JSONResponse(body, status_code=200 if not reasons else 503)
+
+    # Load balancers and uptime checks often probe with HEAD; kept out of the schema to avoid twin operations.
+    api.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")
+    api.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False, name="ready_head")
 
     @api.get("/v1/models")
     def list_models() -> dict[str, Any]:

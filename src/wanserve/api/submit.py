@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -84,14 +85,32 @@ def reject_parallel_layout(keys: Iterable[str]) -> None:
             raise InvalidRequest(base_name(key), "parallel layout is server configuration, fixed at start")
 
 
-def check_fields(keys: Iterable[str], allowed: Iterable[str], ignored: Iterable[str] = ()) -> None:
-    """Refuse the first field this surface does not know, so a typo (`num_frame`) is not silently dropped."""
-    allowed_set, ignored_set = set(allowed), set(ignored)
+def check_fields(
+    keys: Iterable[str], allowed: Iterable[str], ignored: Iterable[str] = (), nested: Iterable[str] = ()
+) -> None:
+    """Refuse the first field this surface does not know, so a typo (`num_frame`) is not silently dropped.
+    Only the `nested` fields may arrive flattened (`input_reference[image_url]`): `num_frames[]` would
+    otherwise pass as a known field and then be read by nobody."""
+    allowed_set, ignored_set, nested_set = set(allowed), set(ignored), set(nested)
     for key in keys:
         name = base_name(key)
         if name not in allowed_set and name not in ignored_set:
             known = ", ".join(sorted(allowed_set))
             raise UnknownField(name, f"is not a known field (known fields: {known})")
+        if key != name and name not in nested_set:
+            raise UnknownField(key, f"is not a known field: {name} takes a single value, sent as {name!r}")
+
+
+def size_field_names(body: Mapping[str, Any], size_field: str) -> dict[str, str]:
+    """How errors about the frame size name it on a surface that takes it as one field (`size: "832x480"`,
+    `resolution: "832*480"`): the rules name `width`, `height` or `size`, which this client may not have sent."""
+    if body.get(size_field) is None:
+        return {"size": size_field}
+    names = {"size": size_field}
+    for axis in ("width", "height"):
+        if body.get(axis) is None:  # an explicit width/height wins over the size field, and keeps its name
+            names[axis] = size_field
+    return names
 
 
 def form_int(field: str, value: object) -> object:
@@ -242,8 +261,10 @@ def submit(
 def cancel(store: JobStore, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:
     """Ask for a job's cancel (every surface's cancel and delete). A queued job ends here, so it is counted
     here; a running one is counted by the worker that stops it."""
-    before = store.get(job_id).status
-    job = store.request_cancel(job_id, settings.result_ttl)
-    if metrics is not None and before is JobStatus.QUEUED and job.status is JobStatus.CANCELLED:
+    now = time.time()
+    job = store.request_cancel(job_id, settings.result_ttl, now=now)
+    # Of several cancels racing for one queued job, only the one whose call ended it finds its own `now`
+    # as the finish time: the others read an already cancelled job, and it is counted once.
+    if metrics is not None and job.status is JobStatus.CANCELLED and job.completed_at == now:
         metrics.job_ended_unrun(job.model, "cancelled")
     return job

@@ -3,6 +3,7 @@ downloads straight from `Storage`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -70,6 +71,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise InvalidRequest("body", f"must be a JSON object: {exc}") from None
     except RecursionError:
         raise InvalidRequest("body", "nests arrays or objects too deeply") from None
+    except ValueError as exc:  # an integer longer than Python's 4300-digit conversion limit
+        raise InvalidRequest("body", f"must be a JSON object: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body", "must be a JSON object")
     _reject_lone_surrogates(data)
@@ -87,9 +90,9 @@ def _reject_lone_surrogates(data: dict[str, Any]) -> None:
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise InvalidRequest(
-                        field, "must be valid Unicode text: it holds a lone UTF-16 surrogate"
-                    ) from None
+                    # The name goes back in the error: escaped, or the error itself could not be sent.
+                    name = field.encode("utf-8", "backslashreplace").decode("utf-8")
+                    raise InvalidRequest(name, "must be valid Unicode text: it holds a lone UTF-16 surrogate") from None
             elif isinstance(item, dict):
                 stack.extend(item.keys())
                 stack.extend(item.values())
@@ -140,6 +143,12 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+def _etags(header: str | None) -> set[str]:
+    if not header:
+        return set()
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
+
+
 def content_response(
     request: Request,
     storage: Storage,
@@ -157,12 +166,21 @@ def content_response(
     if info is None:
         raise FileNotFoundError(key)
     size = info.size
+    # A job's files are written once (a re-run writes the same bytes): key and size identify them.
+    etag = '"' + hashlib.sha256(f"{key}\0{size}".encode()).hexdigest()[:32] + '"'
     headers = {
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'inline; filename="{filename}"',
+        "ETag": etag,
     }
+    if etag in _etags(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    range_header = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range.strip() != etag:
+        range_header = None  # RFC 9110 §13.1.5: the client's copy is another one, so it gets the whole file
     try:
-        span = byte_range(request.headers.get("range"), size)
+        span = byte_range(range_header, size)
     except RangeNotSatisfiable:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
     status = 200

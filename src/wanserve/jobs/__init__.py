@@ -7,6 +7,7 @@ from pathlib import Path
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 
 __all__ = [
+    "CURSOR_TTL_S",
     "QUEUE_FULL_RETRY_AFTER",
     "WORKER_LOST_MESSAGE",
     "Job",
@@ -19,6 +20,10 @@ __all__ = [
 
 # A store cannot know how fast a queue drains; this is the Retry-After both backends put in QueueFull.
 QUEUE_FULL_RETRY_AFTER = 5
+
+# How long a deleted (or expired) job's place in the list is remembered, so that a client paging with it
+# as `after` (a clean-up loop deleting as it goes) carries on instead of meeting a 404.
+CURSOR_TTL_S = 7 * 24 * 3600
 
 # The error_message of a job reaped for the last time (code `worker_lost`); `%d` is the attempt count.
 # A %-template rather than an f-string so the Redis backend's Lua script formats it identically.

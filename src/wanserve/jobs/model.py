@@ -124,9 +124,9 @@ class JobStore(Protocol):
         and original arrival. The attempt is not counted against max_attempts."""
         ...
 
-    def request_cancel(self, job_id: str, ttl: float) -> Job:
-        """A queued job becomes cancelled at once; a running one gets cancel_requested (the worker stops at
-        its next step). Finished jobs are returned unchanged."""
+    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> Job:
+        """A queued job becomes cancelled at once, with `completed_at` = `now`; a running one gets
+        cancel_requested (the worker stops at its next step). Finished jobs are returned unchanged."""
         ...
 
     def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
@@ -143,7 +143,8 @@ class JobStore(Protocol):
     def running_count(self, model: str) -> int: ...
 
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
-        """Jobs by creation time (`order` asc|desc), starting after the job id `after`; returns (jobs, has_more)."""
+        """Jobs by creation time (`order` asc|desc), starting after the job id `after`; returns (jobs, has_more).
+        `after` may name a job deleted within CURSOR_TTL_S: paging goes on from where it stood."""
         ...
 
     def delete(self, job_id: str) -> Job:

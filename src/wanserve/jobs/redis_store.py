@@ -10,6 +10,7 @@ Keys, under a prefix (default `wanserve`):
     {p}:running:{model}  set of running job ids (running_count)
     {p}:all              zset of every job id by seq (list)
     {p}:expiry           zset of finished job ids by expires_at (expired)
+    {p}:gone:{id}        the seq of a deleted job, kept CURSOR_TTL_S so `list(after=id)` still knows its place
     {p}:op:{token}       the reply of one state change, kept 10 minutes (see `_once`)
     {p}:events           pub/sub channel: {"id", "status", "progress", "stage"} after every change
 
@@ -33,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
-from wanserve.jobs import QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.jobs import CURSOR_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
 
 _JSON_FIELDS = ("request", "result")
@@ -265,6 +266,7 @@ return once(function()
   redis.call('ZREM', k('all'), id)
   redis.call('ZREM', k('expiry'), id)
   redis.call('DEL', jk)
+  redis.call('SET', k('gone', id), h[3], 'EX', tonumber(ARGV[3]))
   return job
 end)
 """
@@ -426,8 +428,8 @@ class RedisJobStore:
     def release(self, job_id: str, worker_id: str) -> bool:
         return bool(self._once(self._release, job_id, worker_id, repr(time.time())))
 
-    def request_cancel(self, job_id: str, ttl: float) -> Job:
-        now = time.time()
+    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> Job:
+        now = time.time() if now is None else now
         flat = self._request_cancel(args=[self.prefix, job_id, repr(now), repr(now + ttl)])
         if flat is None:
             raise JobNotFound(job_id)
@@ -458,6 +460,8 @@ class RedisJobStore:
         if after is not None:
             seq = self._redis.zscore(all_key, after)
             if seq is None:
+                seq = self._redis.get(self._key("gone", after))
+            if seq is None:
                 raise JobNotFound(after)
             bound = f"({int(seq)}"
         if order == "desc":
@@ -467,7 +471,7 @@ class RedisJobStore:
         return self._jobs(ids[:limit]), len(ids) > limit
 
     def delete(self, job_id: str) -> Job:
-        reply = self._once(self._delete, job_id)
+        reply = self._once(self._delete, job_id, CURSOR_TTL_S)
         if reply == "missing":
             raise JobNotFound(job_id)
         if reply == "running":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
-from wanserve.jobs import QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.jobs import CURSOR_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
 
 # `seq` is the arrival order: it breaks priority ties and is never rewritten, so a released or reaped job
@@ -40,6 +40,7 @@ CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (model, status, priority DESC, seq
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (status, lease_expires_at);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE TABLE IF NOT EXISTS gone (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, gone_at REAL NOT NULL);
 """
 
 _BUSY_TIMEOUT_S = 30.0
@@ -252,8 +253,8 @@ class SQLiteJobStore:
             self._save(conn, job)
             return True
 
-    def request_cancel(self, job_id: str, ttl: float) -> Job:
-        now = time.time()
+    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> Job:
+        now = time.time() if now is None else now
         with self._tx() as conn:
             job = self._load(conn, job_id)
             if job.status == JobStatus.QUEUED:
@@ -323,7 +324,10 @@ class SQLiteJobStore:
         conn = self._conn()
         where, params = "", ()
         if after is not None:
-            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+            row = conn.execute(
+                "SELECT seq FROM jobs WHERE id = ? UNION ALL SELECT seq FROM gone WHERE id = ? AND gone_at >= ?",
+                (after, after, time.time() - CURSOR_TTL_S),
+            ).fetchone()
             if row is None:
                 raise JobNotFound(after)
             where, params = ("WHERE seq < ?" if order == "desc" else "WHERE seq > ?"), (row[0],)
@@ -338,7 +342,12 @@ class SQLiteJobStore:
             job = self._load(conn, job_id)
             if job.status == JobStatus.IN_PROGRESS and not job.cancel_requested:
                 raise InvalidRequest("id", "the job is running; cancel it before deleting it")
+            (seq,) = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            # Its place in the list outlives it for a while (CURSOR_TTL_S): see `list`.
+            now = time.time()
+            conn.execute("INSERT OR REPLACE INTO gone (id, seq, gone_at) VALUES (?, ?, ?)", (job_id, seq, now))
+            conn.execute("DELETE FROM gone WHERE gone_at < ?", (now - CURSOR_TTL_S,))
         return job
 
     def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
