@@ -853,6 +853,25 @@ def test_seconds_map_to_the_nearest_valid_frame_count() -> None:
     assert seconds_to_frames("0.01", 8, _spec("tiny-t2v")) == 1
 
 
+def test_openapi_describes_the_body_each_route_accepts(api: Api) -> None:
+    """/docs shows every field a route takes and no other: the schemas are checked against the routes' own
+    field lists, which are what the server enforces."""
+    from wanserve.api import legacy, openai_videos
+
+    paths = api.client.get("/openapi.json").json()["paths"]
+
+    def fields(path: str, content: str = "application/json") -> set[str]:
+        return set(paths[path]["post"]["requestBody"]["content"][content]["schema"]["properties"])
+
+    openai_fields = openai_videos.ALLOWED_FIELDS | openai_videos.IGNORED_FIELDS
+    assert fields("/v1/videos") == fields("/v1/videos", "multipart/form-data") == openai_fields
+    assert fields("/video/submit") == legacy.VIDEO_FIELDS
+    assert fields("/api/v1/generate") == fields("/submit") == legacy.TASK_FIELDS
+    assert fields("/video/status") == fields("/video/cancel") == {"requestId"}
+    form = paths["/v1/videos"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["input_reference"]["format"] == "binary"
+
+
 def test_api_imports_no_torch() -> None:
     code = "import sys, wanserve.api.app, wanserve.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

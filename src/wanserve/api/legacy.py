@@ -26,6 +26,7 @@ from wanserve.request import GenerationRequest, parse_size
 from wanserve.storage.base import Storage
 
 from . import status_words
+from .schemas import RequestId, TaskGenerate, VideoSubmit, json_body
 from .submit import (
     EXTENSION_FIELDS,
     cancel,
@@ -164,19 +165,19 @@ def router(
             raise InvalidRequest("requestId", "is required (the id /video/submit returned)")
         return value
 
-    @api.post("/video/submit")
+    @api.post("/video/submit", openapi_extra=json_body(VideoSubmit))
     async def video_submit(request: Request) -> dict[str, str]:
         body = await read_json_object(request)
         job = await run_in_threadpool(submit_video, body)
         return {"requestId": job.id}
 
-    @api.post("/video/status")
+    @api.post("/video/status", openapi_extra=json_body(RequestId))
     async def video_status_route(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
         job = await run_in_threadpool(store.get, request_id(body))
         return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
 
-    @api.post("/video/cancel")
+    @api.post("/video/cancel", openapi_extra=json_body(RequestId))
     async def video_cancel(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
         job = await run_in_threadpool(cancel, store, settings, metrics, request_id(body))
@@ -197,7 +198,14 @@ def router(
             return task_status(job, position(job), public_base(request, settings))
 
         path = f"{prefix}/generate" if prefix else "/submit"
-        api.add_api_route(path, generate, methods=["POST"], status_code=202, name=f"{source}_generate")
+        api.add_api_route(
+            path,
+            generate,
+            methods=["POST"],
+            status_code=202,
+            name=f"{source}_generate",
+            openapi_extra=json_body(TaskGenerate),
+        )
         api.add_api_route(f"{prefix}/status/{{task_id}}", status, methods=["GET"], name=f"{source}_status")
 
     task_routes("/api/v1", "api_v1")

@@ -27,6 +27,7 @@ from wanserve.request import GenerationRequest, parse_size
 from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
 
 from . import status_words
+from .schemas import VideoCreate, json_or_form_body
 from .submit import (
     EXTENSION_FIELDS,
     PayloadTooLarge,
@@ -228,7 +229,7 @@ def router(
         )
         return answer(job)
 
-    @api.post("")
+    @api.post("", openapi_extra=json_or_form_body(VideoCreate))
     async def create_video(request: Request) -> JSONResponse:
         fields, upload, from_form = await read_create_body(request, settings)
         return await run_in_threadpool(create, fields, upload, from_form)

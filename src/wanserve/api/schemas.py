@@ -1,0 +1,81 @@
+"""The request bodies as OpenAPI sees them, for `/docs` and `/openapi.json`.
+
+The routes read their raw bodies (JSON or multipart, with the SDK's flattened keys and string numbers), and
+`resolve` judges every value, so these models only describe; tests keep their fields equal to what each
+route accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from wanserve.request import MAX_PROMPT_CHARS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WanFields(_Strict):
+    """Wan's generation parameters, under vLLM-Omni's names; omitted ones take the model's defaults."""
+
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1, le=200)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    guidance_scale_2: float | None = Field(None, ge=0, le=30, description="two-expert (A14B) models only")
+    boundary_ratio: float | None = Field(None, gt=0, lt=1, description="two-expert (A14B) models only")
+    flow_shift: float | None = Field(None, gt=0, le=100)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="drawn and reported when omitted")
+    fps: int | None = Field(None, ge=1, le=60)
+    num_frames: int | None = Field(None, description="4k+1; wins over seconds; limits in GET /v1/models")
+    width: int | None = Field(None, description="wins over size; multiple and limits in GET /v1/models")
+    height: int | None = Field(None, description="wins over size")
+    preset: Literal["exact", "fast", "fastest"] | None = Field(None, description="omitted: the workers' own")
+    priority: int | None = Field(None, ge=-1000, le=1000, description="higher runs first")
+
+
+class VideoCreate(WanFields):
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, description="a served model's name or alias; omitted: the first served")
+    seconds: str | None = Field(None, description='e.g. "4": the nearest valid frame count at the fps')
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "832x480"')
+    input_reference: dict[str, str] | str | None = Field(
+        None, description='the first frame: {"image_url": "data:image/png;base64,…"} or that data URL'
+    )
+    user: str | None = Field(None, description="accepted and ignored")
+
+
+class VideoSubmit(WanFields):
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    image_url: str | None = Field(None, description="a data: URL")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT" or "WIDTH*HEIGHT"')
+
+
+class TaskGenerate(WanFields):
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    image_url: str | None = Field(None, description="a data: URL")
+    resolution: str | None = Field(None, description='"WIDTH*HEIGHT", e.g. "1280*704"')
+    task_type: Literal["t2v", "i2v", "ti2v"] | None = None
+
+
+class RequestId(_Strict):
+    requestId: str = Field(..., description="the id /video/submit returned")  # their name, camelCase
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def json_or_form_body(model: type[BaseModel]) -> dict[str, Any]:
+    """JSON, or the multipart form the openai SDK sends, where the image may be a file."""
+    form = model.model_json_schema()
+    form["properties"] = {
+        **form["properties"],
+        "input_reference": {"type": "string", "format": "binary", "description": "the first frame, as a file"},
+    }
+    content = {"application/json": {"schema": model.model_json_schema()}, "multipart/form-data": {"schema": form}}
+    return {"requestBody": {"required": True, "content": content}}
