@@ -85,7 +85,7 @@ def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path,
 
 def test_unknown_model_lists_the_catalog(tiny_cache: Path, tmp_path: Path) -> None:
     done = run(["generate", "--model", "wan9", "--prompt", "x", "--out", str(tmp_path / "x.mp4")], tiny_cache)
-    assert done.returncode == 1 and "unknown model" in done.stderr and "wan2.2-ti2v-5b" in done.stderr
+    assert done.returncode == 2 and "--model: unknown model 'wan9'" in done.stderr and "wan2.2-ti2v-5b" in done.stderr
 
 
 def test_models_and_doctor(tiny_cache: Path) -> None:
@@ -142,8 +142,6 @@ def test_help_names_the_environment_variable_of_every_setting(tmp_path: Path) ->
         assert shown.returncode == 0, shown.stderr
         flags = re.findall(r"^│ [ *]*--([\w-]+)", shown.stdout, flags=re.M)
         keys = {flag.replace("-", "_") for flag in flags} & set(Settings.model_fields)
-        if command == "generate":
-            keys.discard("model")  # the one model to run now, not WANSERVE_MODEL's served list
         assert keys, command
         for key in keys:
             assert f"[env WANSERVE_{key.upper()}]" in shown.stdout, (command, key)
@@ -178,8 +176,24 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
         (["bench", "--cpu-tiny", "--layers", "3"], {}, "--layers: does not apply to --cpu-tiny"),
         (["bench", "--checkpoint", str(tmp_path / "folder")], {}, "--checkpoint: "),
         (["bench", "--cpu-tiny", "--out", str(tmp_path / "not-an-image.png")], {}, "--out: "),
+        (["generate", "--prompt", "a fox", "--out", "/proc/fox.mp4"], {}, "--out: cannot write in the folder /proc"),
+        (["generate", "--prompt", "a fox", "--out", out, "--size", "512x512"], {}, "--size: 512x512 is larger than"),
+        (["generate", "--prompt", "a fox", "--out", out, "--model", ""], {}, "--model: a model name is empty"),
+        (["generate", "--prompt", "a fox", "--out", out], {"WANSERVE_MODEL": "tiny-i2v"}, "--image: tiny-i2v is an"),
+        (
+            ["generate", "--prompt", "a", "--out", out],
+            {"WANSERVE_MODEL": "tiny-t2v,tiny-i2v"},
+            "WANSERVE_MODEL: names 2",
+        ),
+        (["generate", "--prompt", "a fox", "--out", out, "--device", "cuda:99"], {}, "--device: cuda:99 was asked for"),
+        (["serve", "--model", "tiny-t2v", "--model", "t2v-1.3B", "--model", "wan2.1-t2v-1.3b"], {}, "--model: 'wan2.1"),
+        (["worker", "--model", "tiny-t2v", "--model", "tiny-i2v"], {}, "--model: a worker serves exactly one model"),
+        (["serve", "--store", "bogus://x"], {}, "--store: unsupported job store URL 'bogus://x'"),
+        (["api"], {"WANSERVE_STORAGE": "ftp://x"}, "WANSERVE_STORAGE: "),
+        (["worker"], {"WANSERVE_DEVICE": "cuda:99"}, "WANSERVE_DEVICE: cuda:99 was asked for"),
     ]
     for args, env, needle in cases:
+        env = {"WANSERVE_DATA_DIR": str(tmp_path / "data"), **env}
         done = run(args, tmp_path / "cache", timeout=120, COLUMNS="300", **env)
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert needle in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
@@ -210,3 +224,22 @@ def test_serve_stops_when_a_model_cannot_be_loaded(tmp_path: Path) -> None:
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "error: wan2.1-t2v-1.3b: could not download" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_named_and_nothing_runs_unseen(tiny_cache: Path, tmp_path: Path) -> None:
+    """A worker whose ops port is taken used to run on with no /health, /ready or /drain; serve exited 3, the
+    code the docs give a dead peer rank. Both exit 2 naming the port setting, and no job is claimed."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {"WANSERVE_DATA_DIR": str(tmp_path / "data")}
+        worker = run(["worker", "--model", "tiny-t2v", "--ops-port", port], tiny_cache, timeout=120, **env)
+        serve = run(["serve"], tiny_cache, timeout=120, WANSERVE_PORT=port, **env)
+    assert worker.returncode == 2, worker.stderr[-3000:]
+    assert f"--ops-port: could not listen on 127.0.0.1:{port}" in worker.stderr
+    assert "loaded" not in worker.stderr  # refused before the model load, not after it
+    assert serve.returncode == 2, serve.stderr[-3000:]
+    assert f"WANSERVE_PORT: could not listen on 127.0.0.1:{port}" in serve.stderr and "Traceback" not in serve.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -14,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, WanserveError
+from wanserve.errors import BadSetting, InvalidRequest, WanserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
 # soft_wrap: a message is one line however narrow the output (a log is 80 columns), so that the command in it
@@ -22,24 +23,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wa
 console = Console(stderr=True, soft_wrap=True)
 
 
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if v is not None and v != []}
+
+
+def where_set(key: str, overrides: dict[str, Any]) -> str:
+    """How the user set the Settings key `key`: the flag when they gave it, else its environment variable."""
+    return f"--{key.replace('_', '-')}" if key in _given(overrides) else f"WANSERVE_{key.upper()}"
+
+
 def settings_from(**overrides: Any) -> Settings:
     """Settings from env, with the flags the user actually gave on top."""
-    given = {k: v for k, v in overrides.items() if v is not None and v != []}
     try:
-        return Settings(**given)
+        return Settings(**_given(overrides))
     except ValidationError as exc:
         for error in exc.errors():
             key = str(error["loc"][0]) if error["loc"] else "?"
-            where = f"--{key.replace('_', '-')}" if key in given else f"WANSERVE_{key.upper()}"
             message = str(error["msg"]).removeprefix("Value error, ")
             value = error.get("input")
-            console.print(f"[red]invalid setting:[/red] {escape(f'{where}: {message}, got {value!r}')}")
+            console.print(
+                f"[red]invalid setting:[/red] {escape(f'{where_set(key, overrides)}: {message}, got {value!r}')}"
+            )
         raise typer.Exit(2) from None
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
+    if console.quiet:  # a rank > 0 of a torchrun group (see generate): its error still shows, marked as its own
+        console.quiet = False
+        message = f"rank {os.environ.get('RANK')}: {message}"
     console.print(f"[red]error:[/red] {escape(message)}")  # user values may hold [brackets]: not markup
     raise typer.Exit(code)
+
+
+def fail_setting(exc: BadSetting, overrides: dict[str, Any]) -> NoReturn:
+    """A setting that cannot work here is a usage error (exit 2), named as the user set it."""
+    fail(f"{where_set(exc.setting, overrides)}: {exc.rule}" if exc.setting else exc.rule, code=2)
 
 
 def setting(text: str, key: str, *decls: str) -> Any:
@@ -85,7 +103,9 @@ def generate(
     out: Annotated[Path, typer.Option(help="MP4 to write; a WebP thumbnail is written beside it")] = Path(
         "wanserve.mp4"
     ),
-    model: Annotated[str, typer.Option(help="catalog name, alias, local directory or repo id")] = "tiny-t2v",
+    model: Annotated[
+        str | None, setting("catalog name, alias, local directory or repo id (default tiny-t2v)", "model")
+    ] = None,
     image: Annotated[Path | None, typer.Option(help="input image for image-to-video")] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="what to avoid")] = None,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 832x480")] = None,
@@ -117,8 +137,8 @@ def generate(
 
     from wanserve.request import GenerationRequest, parse_size
 
-    settings = settings_from(
-        model=[model],
+    overrides: dict[str, Any] = dict(
+        model=[model] if model is not None else None,
         device=device,
         dtype=dtype,
         text_encoder_cpu=text_encoder_cpu,
@@ -134,6 +154,12 @@ def generate(
         fsdp=fsdp,
         cfg_batch=cfg_batch,
     )
+    settings = settings_from(**overrides)
+    if len(settings.model) != 1:
+        fail(f"WANSERVE_MODEL: names {len(settings.model)} models; generate runs one: pass --model", code=2)
+    model = settings.model[0]
+    # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's.
+    console.quiet = int(os.environ.get("RANK", "0")) != 0
     check_output(out)
     try:
         width, height = parse_size(size, "--size") if size else (None, None)
@@ -206,13 +232,16 @@ def generate(
                 result = engine.generate(request, out, on_progress=on_progress)
     except InvalidRequest as exc:  # name the flag the user typed, not the request field behind it
         fail(f"{FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.rule}", code=2)
+    except BadSetting as exc:
+        fail_setting(exc, overrides)
     except WanserveError as exc:
         fail(str(exc))
     except OSError as exc:  # the checks above cannot foresee everything: a full disk, a folder removed meanwhile
         fail(f"--out: could not write {out}: {exc}")
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     console.print(f"seed {result.seed} · {result.width}x{result.height} · {result.num_frames} frames · {timings}")
-    print(result.video_path)
+    if not console.quiet:
+        print(result.video_path)
 
 
 # Request fields as `generate` spells them, for errors found by the request rules.
@@ -222,6 +251,7 @@ FLAG_OF_FIELD = {
     "image": "--image",
     "width": "--size",
     "height": "--size",
+    "size": "--size",
     "num_frames": "--frames",
     "fps": "--fps",
     "num_inference_steps": "--steps",
@@ -255,7 +285,9 @@ def read_image(image: Path) -> bytes:
 ModelsOpt = Annotated[list[str] | None, setting("model to serve; repeat for several (env: a,b)", "model", "--model")]
 WorkerModelOpt = Annotated[list[str] | None, setting("the one model this worker serves", "model", "--model")]
 DataDirOpt = Annotated[Path | None, setting("data directory (default ./data)", "data_dir")]
-StoreOpt = Annotated[str | None, setting("job store URL: sqlite:///path.db or redis://host:6379/0", "store")]
+StoreOpt = Annotated[
+    str | None, setting("job store URL: sqlite:////abs/path.db, sqlite:///rel.db or redis://host:6379/0", "store")
+]
 StorageOpt = Annotated[str | None, setting("result storage URL: file:///dir or s3://bucket/prefix", "storage")]
 HostOpt = Annotated[str | None, setting("bind address (default 127.0.0.1)", "host")]
 PortOpt = Annotated[int | None, setting("HTTP port (default 8088)", "port")]
@@ -267,6 +299,8 @@ def _run_role(role: str, **overrides: Any) -> None:
     settings = settings_from(**overrides)
     try:
         {"serve": roles.run_serve, "api": roles.run_api, "worker": roles.run_worker}[role](settings)
+    except BadSetting as exc:
+        fail_setting(exc, overrides)
     except (WanserveError, ValueError) as exc:
         fail(str(exc))
 
@@ -288,6 +322,7 @@ def serve(
     compile: CompileOpt = None,
     cache_dir: CacheOpt = None,
     models_dir: ModelsDirOpt = None,
+    cfg_batch: CfgBatchOpt = None,
     overlap_jobs: OverlapOpt = None,
 ) -> None:
     """API, durable queue and one resident worker per model, in one process (tiny-t2v by default)."""

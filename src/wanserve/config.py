@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     def _at_least_one(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one model must be served")
+        if any(not name.strip() for name in value):
+            raise ValueError("a model name is empty")
         return value
 
     @field_validator("device")

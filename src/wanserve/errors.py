@@ -22,16 +22,33 @@ class InvalidRequest(WanserveError, ValueError):
         super().__init__(f"{field}: {rule}")
 
 
-class ModelNotFound(WanserveError, LookupError):
+class BadSetting(WanserveError, ValueError):
+    """A setting that cannot work here. `setting` is its `Settings` key, so the command line can name the flag
+    or the `WANSERVE_<KEY>` variable it came from; `rule` says why."""
+
+    setting: str = ""
+
+    def __init__(self, rule: str, setting: str | None = None) -> None:
+        if setting is not None:
+            self.setting = setting
+        self.rule = rule
+        super().__init__(f"{self.setting}: {rule}" if self.setting else rule)
+
+
+class ModelNotFound(BadSetting, LookupError):
     """The model name is not a catalog name, alias, local directory or repo id."""
+
+    setting = "model"
 
 
 class ModelUnavailable(WanserveError, RuntimeError):
     """The model is known but its weights cannot be had (no network, no local copy)."""
 
 
-class DeviceUnavailable(WanserveError, RuntimeError):
+class DeviceUnavailable(BadSetting, RuntimeError):
     """The configured device (`WANSERVE_DEVICE`, `--device`) does not exist on this machine."""
+
+    setting = "device"
 
 
 class Cancelled(WanserveError):

@@ -11,7 +11,7 @@ from typing import Any
 
 from wanserve.catalog import ModelSpec, resolve_spec
 from wanserve.config import Settings
-from wanserve.errors import WanserveError
+from wanserve.errors import BadSetting, WanserveError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
     for name in settings.model:
         spec = resolve_spec(name)
         if spec.name in specs:
-            raise ValueError(f"model: {name!r} names {spec.name}, which is already served")
+            raise BadSetting(f"{name!r} names {spec.name}, which is already served", "model")
         specs[spec.name] = spec
     return specs
 
@@ -35,7 +35,36 @@ def _backends(settings: Settings) -> tuple[Any, Any]:
     # creating ./data would crash it on a read-only root filesystem (a common container setting).
     if settings.store is None or settings.storage is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return open_store(settings.store_url), open_storage(settings.storage_url)
+    try:
+        store = open_store(settings.store_url)
+    except ValueError as exc:
+        raise BadSetting(str(exc), "store") from None
+    try:
+        return store, open_storage(settings.storage_url)
+    except ValueError as exc:
+        store.close()
+        raise BadSetting(str(exc), "storage") from None
+
+
+def _check_device(settings: Settings) -> None:
+    """Before any model loads (minutes) or any port opens: a device this machine lacks is a wrong setting."""
+    from wanserve.engine.engine import pick_device
+
+    pick_device(settings.device)
+
+
+def _listen(server: Any, settings: Settings, port_key: str) -> None:
+    """Run a uvicorn server; a port it could not open is the setting's fault (uvicorn exits 3 for that)."""
+    try:
+        server.run()
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            return
+        port = getattr(settings, port_key)
+        raise BadSetting(
+            f"could not listen on {settings.host}:{port} (the log above says why: in use by another process?)",
+            port_key,
+        ) from None
 
 
 def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None) -> Any:
@@ -61,6 +90,7 @@ def run_serve(settings: Settings) -> None:
     from wanserve.worker import Worker
 
     specs = served_specs(settings)
+    _check_device(settings)
     store, storage = _backends(settings)
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
@@ -89,13 +119,17 @@ def run_serve(settings: Settings) -> None:
     for thread in threads:
         thread.start()
     log.info(
-        "wanserve serving %s on http://%s:%d (store %s)",
+        "wanserve starting: %s on http://%s:%d (store %s)",
         ", ".join(specs),
         settings.host,
         settings.port,
         settings.store_url,
     )
-    server.run()  # returns after SIGINT/SIGTERM, or once a worker could not start
+    port_error: BadSetting | None = None
+    try:
+        _listen(server, settings, "port")  # returns after SIGINT/SIGTERM, or once a worker could not start
+    except BadSetting as exc:
+        port_error = exc  # the workers are loading already: drain them before saying so
     # uvicorn has put Python's default handlers back: a second Ctrl-C or SIGTERM while the workers drain would
     # kill the process mid-job (SIGABRT from a torch thread). The drain is already under way; say so instead.
     if threading.current_thread() is threading.main_thread():
@@ -106,6 +140,8 @@ def run_serve(settings: Settings) -> None:
     for worker in workers:
         worker.wait_stopped(settings.shutdown_grace + 30)
     store.close()
+    if port_error is not None:
+        raise port_error
     if broken:
         raise WanserveError("; ".join(broken))
 
@@ -125,8 +161,10 @@ def run_api(settings: Settings) -> None:
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
-    _uvicorn(app, settings.host, settings.port).run()
-    store.close()
+    try:
+        _listen(_uvicorn(app, settings.host, settings.port), settings, "port")
+    finally:
+        store.close()
 
 
 def run_worker(settings: Settings, engine: Any = None) -> None:
@@ -140,8 +178,10 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
 
     specs = served_specs(settings)
     if len(specs) != 1:
-        raise ValueError("model: a worker serves exactly one model; start one worker per model")
+        raise BadSetting("a worker serves exactly one model; start one worker per model", "model")
     (model,) = specs
+    if engine is None:
+        _check_device(settings)
     if engine is None and int(os.environ.get("RANK", "0")) != 0:
         _follow(model, settings)  # ranks > 0 of a torchrun group: no store, no ops port, only the engine
         return
@@ -149,10 +189,24 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     metrics = Metrics()
     worker = Worker(model, settings, store, storage, metrics, engine=engine)
 
-    # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load.
+    # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load. A worker
+    # whose port is taken must not run on unseen: nothing could probe it, scrape it or drain it.
     ops = _uvicorn(ops_app(worker, metrics, store), settings.host, settings.ops_port)
-    ops_thread = threading.Thread(target=ops.run, name="ops", daemon=True)
+    ops_failed: list[BadSetting] = []
+
+    def serve_ops() -> None:
+        try:
+            _listen(ops, settings, "ops_port")
+        except BadSetting as exc:
+            ops_failed.append(exc)
+
+    ops_thread = threading.Thread(target=serve_ops, name="ops", daemon=True)
     ops_thread.start()
+    while not ops.started and ops_thread.is_alive():
+        ops_thread.join(0.05)
+    if ops_failed:
+        store.close()
+        raise ops_failed[0]
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining", signum)

@@ -95,12 +95,10 @@ def pick_device(setting: str) -> torch.device:
     device = torch.device(setting)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceUnavailable(
-                f"device: {setting} was asked for, but torch {torch.__version__} sees no CUDA device"
-            )
+            raise DeviceUnavailable(f"{setting} was asked for, but torch {torch.__version__} sees no CUDA device")
         if device.index is not None and device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
-            raise DeviceUnavailable(f"device: {setting} was asked for, but this machine has {count} CUDA device(s)")
+            raise DeviceUnavailable(f"{setting} was asked for, but this machine has {count} CUDA device(s)")
     return device
 
 

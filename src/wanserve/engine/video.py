@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import re
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -41,8 +42,12 @@ def check_output_path(out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidRequest("out_path", f"cannot create the folder {out.parent}: {exc.strerror or exc}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise InvalidRequest("out_path", f"the folder {out.parent} is not writable")
+    # Trying is the only true test: os.access says yes to root everywhere, /proc and read-only mounts included.
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise InvalidRequest("out_path", f"cannot write in the folder {out.parent}: {exc.strerror or exc}") from None
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18) -> Path:
