@@ -568,6 +568,28 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: as if the machine
 """
 
 
+def test_sqlite_locked_past_its_busy_timeout_is_the_store_unavailable(tmp_path: Path) -> None:
+    """Another process stuck inside a write transaction: callers get StoreUnavailable (the API's 503, a worker's
+    wait), not an OperationalError that ended the worker's claim loop and with it `serve`."""
+    import sqlite3
+
+    from wanserve.errors import StoreUnavailable
+
+    store = SQLiteJobStore(tmp_path / "jobs.db", busy_timeout=0.2)
+    job = store.enqueue(make_job())
+    holder = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="the job store \\(SQLite\\) cannot be reached: database is locked"):
+            store.claim("tiny-t2v", "w1", LEASE)
+        assert store.get(job.id).status is JobStatus.QUEUED  # readers go on under WAL
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert claim(store).id == job.id
+    store.close()
+
+
 def test_sqlite_keeps_acknowledged_jobs_after_kill_9(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "jobs.db"
     done = subprocess.run([sys.executable, "-c", _ENQUEUE_THEN_DIE, str(path)], capture_output=True, text=True)
@@ -638,6 +660,25 @@ def test_redis_retried_state_change_replays_its_first_reply(redis_url: str) -> N
     assert replies[0] == replies[1] and first.id in replies[0]
     assert store.get(first.id).attempts == 1
     assert store.get(second.id).status is JobStatus.QUEUED and store.queue_depth("tiny-t2v") == 1
+    store.close()
+
+
+def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts whose clocks disagree by more than a lease: the one running ahead must not reap the other's
+    live job (it used to, at once, and the job ran twice)."""
+    import wanserve.jobs.redis_store as redis_store
+
+    store = RedisJobStore(redis_url)
+    job = store.enqueue(make_job())
+    claimed = store.claim("tiny-t2v", "w1", 5.0)
+    assert claimed is not None and claimed.lease_expires_at is not None
+    assert abs(claimed.lease_expires_at - (time.time() + 5.0)) < 60  # the server's clock, not T0 or zero
+
+    skewed = time.time() + 120.0
+    monkeypatch.setattr(redis_store.time, "time", lambda: skewed)
+    assert store.reap(max_attempts=3, ttl=TTL) == []
+    assert store.renew(job.id, "w1", 5.0)
+    assert store.get(job.id).status is JobStatus.IN_PROGRESS and store.get(job.id).worker_id == "w1"
     store.close()
 
 

@@ -140,6 +140,65 @@ def test_cancel_requested_while_running(harness: Harness) -> None:
     assert not (harness.settings.data_dir / "videos" / job_id).exists()
 
 
+class HungStorage(LocalStorage):
+    """An upload that does not come back until released: what a hung VAE decode, driver or S3 connection looks
+    like from the worker, an engine call with no step boundary where it could notice a timeout or a cancel."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        self.entered.set()
+        self.release.wait(120)
+        super().put_file(key, path, content_type)
+
+
+@pytest.mark.parametrize("why", ["timeout", "cancel"])
+def test_a_job_whose_engine_call_hangs_still_ends_and_the_worker_says_it_is_stuck(
+    tmp_path: Path, engine: Engine, why: str
+) -> None:
+    """It used to be held forever: the heartbeat renewed its lease, and the timeout and the cancel were only
+    looked at between denoising steps. Now it ends a lease after its timeout or the cancel, liveness says
+    stuck, and once the call comes back its late files are dropped and the worker carries on."""
+    from wanserve.metrics import Metrics
+    from wanserve.roles import ops_app
+
+    storage = HungStorage(tmp_path / "videos")
+    timeout = 1.0 if why == "timeout" else 3600.0
+    h = Harness(tmp_path, engine, storage=storage, start=False, task_timeout=timeout, overlap_jobs=False)
+    metrics = Metrics()
+    h.worker.metrics = metrics
+    h.thread.start()
+    try:
+        job_id = h.submit(num_inference_steps=2)
+        assert storage.entered.wait(60)
+        if why == "cancel":
+            h.store.request_cancel(job_id, ttl=60)
+        job = h.finished(job_id, timeout=30)  # the upload is still hung
+        assert job.status is (JobStatus.FAILED if why == "timeout" else JobStatus.CANCELLED)
+        if why == "timeout":
+            assert job.error_code == "timeout" and "did not stop (stuck in" in (job.error_message or "")
+        from fastapi.testclient import TestClient
+
+        with TestClient(ops_app(h.worker, metrics, h.store)) as ops:
+            health = ops.get("/health")
+            assert health.status_code == 503 and job_id in health.json()["stuck"]
+            assert ops.get("/ready").status_code == 503
+
+            storage.release.set()
+            assert h.finished(h.submit(num_inference_steps=2, seed=2)).status is JobStatus.COMPLETED
+            assert ops.get("/health").status_code == 200 and h.worker.stuck is None
+    finally:
+        storage.release.set()
+        h.stop()
+    assert not (tmp_path / "videos" / job_id).exists()  # the late upload was removed
+    assert h.store.get(job_id).status is job.status  # and the ended job stayed ended
+    status = "failed" if why == "timeout" else "cancelled"
+    counted = metrics.registry.get_sample_value("wanserve_jobs_finished_total", {"model": "tiny-t2v", "status": status})
+    assert counted == 1
+
+
 # ---- overlap: the next job starts while the previous one is stored; its prompt is encoded ahead -------------
 
 
@@ -275,7 +334,8 @@ def test_scratch_left_by_a_killed_worker_is_removed_at_start(
     tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker killed mid-job (kill -9, OOM) leaves its scratch folder; the next worker start removes it, and
-    never a folder of a process that is still running."""
+    never a folder of a process that is still running, even one with the same pid (PID 1 in containers)."""
+    import fcntl
     import subprocess
     import sys
     import tempfile
@@ -283,17 +343,28 @@ def test_scratch_left_by_a_killed_worker_is_removed_at_start(
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = scratch_root / f"wanserve-{int(gone.stdout)}-video_0123-abcd"
-    alive = scratch_root / f"wanserve-{os.getppid()}-video_4567-efgh"  # this test's parent process: running
-    for folder in (orphan, alive):
-        folder.mkdir()
-        (folder / "video.mp4").write_bytes(b"partial")
+    # A process that made its scratch folder, wrote half a video and died without cleaning up.
+    killed = (
+        "import os, signal; from wanserve.scratch import job_folder\n"
+        "(job_folder('video_0123') / 'video.mp4').write_bytes(b'partial')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(scratch_root), "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", killed], env=env, timeout=60)
+    (orphan,) = scratch_root.glob("wanserve-scratch-*")
+    assert list(orphan.glob("video_0123-*/video.mp4"))
+    # A live process's folder, whatever its name says: its lock is held (here, by this test).
+    alive = scratch_root / "wanserve-scratch-alive"
+    (alive / "video_4567-x").mkdir(parents=True)
+    held = os.open(alive / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
 
     h = Harness(tmp_path, engine)
     try:
         assert h.finished(h.submit(num_inference_steps=2)).status == JobStatus.COMPLETED
     finally:
         h.stop()
-    assert not orphan.exists() and alive.exists()
-    assert [p.name for p in scratch_root.iterdir()] == [alive.name]  # the job's own scratch went with it
+        os.close(held)
+    assert not orphan.exists() and (alive / "video_4567-x").exists()
+    (own,) = set(scratch_root.iterdir()) - {alive}  # this process's folder: the job's sub-folder went with it
+    assert [p.name for p in own.iterdir()] == [".lock"]

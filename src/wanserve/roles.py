@@ -148,7 +148,9 @@ def run_serve(settings: Settings) -> None:
 
 def _readiness(workers: list[Any]) -> dict[str, Any]:
     models = {w.model: ("ready" if w.loaded.is_set() else (w.load_error or "loading")) for w in workers}
-    return {"ready": all(w.loaded.is_set() for w in workers) and not any(w.draining for w in workers), "models": models}
+    stuck = {w.model: w.stuck for w in workers if w.stuck}
+    ready = all(w.loaded.is_set() for w in workers) and not any(w.draining for w in workers) and not stuck
+    return {"ready": ready, "models": models, "stuck": stuck}
 
 
 def run_api(settings: Settings) -> None:
@@ -246,8 +248,12 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
     app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None)
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> JSONResponse:
+        # Liveness: a worker whose engine call never came back (a hung GPU) is restarted by its orchestrator.
+        stuck = worker.stuck
+        if stuck:
+            return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     def ready() -> JSONResponse:

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -30,6 +29,8 @@ from wanserve.errors import Cancelled, InvalidRequest, JobNotFound, ParallelGrou
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest
+from wanserve.scratch import job_folder
+from wanserve.scratch import remove_orphaned as remove_orphaned_scratch
 from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
 
 log = logging.getLogger(__name__)
@@ -65,29 +66,6 @@ T = TypeVar("T")
 # own retries: a Redis restart must not fail a job whose video is made. After that the lease decides.
 STORE_OUTAGE_WAIT_S = 60.0
 STORE_RETRY_INTERVAL_S = 1.0
-
-# A job's MP4 and thumbnail are written under <tmp>/wanserve-<pid>-<job id>-*/ before they are stored.
-SCRATCH_PREFIX = "wanserve-"
-
-
-def remove_orphaned_scratch() -> None:
-    """Delete the scratch folders of worker processes that are gone (killed mid-job: `kill -9`, OOM), which
-    nothing else would ever remove. A live process's folders stay, whoever owns them."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-video_*"):
-        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed %s, left by a worker process that is gone", folder)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 @dataclass
@@ -130,6 +108,7 @@ class Worker:
         self._drain_deadline: float | None = None
         self._stopped = threading.Event()
         self._running: _Running | None = None
+        self._stuck: _Running | None = None  # a job the heartbeat ended because the engine did not come back
         # Re-entrant: drain() runs in signal handlers, and a second signal (SIGTERM, then Ctrl-C) can arrive while
         # the first handler holds the lock on the same thread; a plain Lock would deadlock the process there.
         self._lock = threading.RLock()
@@ -153,6 +132,14 @@ class Worker:
                 self.load_error = f"{type(exc).__name__}: {exc}"
                 raise
         self.loaded.set()
+
+    @property
+    def stuck(self) -> str | None:
+        """What this worker is stuck on (a job its heartbeat had to end), for liveness probes; None if it is not."""
+        running = self._stuck
+        if running is None:
+            return None
+        return f"job {running.job.id}: the engine has not come back for {time.monotonic() - running.started:.0f} s"
 
     @property
     def busy(self) -> bool:
@@ -232,8 +219,8 @@ class Worker:
         try:
             for job in self.store.reap(self.settings.max_attempts, self.settings.result_ttl):
                 log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
-                if job.status == JobStatus.FAILED and self.metrics is not None:
-                    self.metrics.job_ended_unrun(job.model, "failed")
+                if job.status.finished and self.metrics is not None:  # failed (worker_lost) or cancelled
+                    self.metrics.job_ended_unrun(job.model, job.status.value)
             for job in self.store.expired():
                 self.storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
                 self.store.delete(job.id)
@@ -252,7 +239,7 @@ class Worker:
         log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, running.queue_wait)
         running.heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True)
         running.heartbeat.start()
-        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{job.id}-"))
+        scratch = job_folder(job.id)
         status = "failed"
         handed_off = False
         try:
@@ -295,6 +282,9 @@ class Worker:
         running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
         if running.heartbeat is not None:
             running.heartbeat.join(timeout=5)
+        if self._stuck is running:
+            self._stuck = None
+            log.warning("job %s: the engine came back after all; its result was dropped", running.job.id)
         shutil.rmtree(scratch, ignore_errors=True)
         if self.metrics is not None and status in ("completed", "failed", "cancelled"):
             self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
@@ -487,6 +477,10 @@ class Worker:
             self._store_write("cancelling it", lambda: self.store.mark_cancelled(job.id, self.worker_id, ttl))
             log.info("job %s %s", job.id, what)
             return "cancelled"
+        if current.status in (JobStatus.FAILED, JobStatus.CANCELLED) and current.worker_id == self.worker_id:
+            # Ended while this worker's engine call was stuck (see _heartbeat), or reaped as cancelled: what it
+            # may have stored meanwhile belongs to no one.
+            self.storage.delete_prefix(job.id)
         self._after_lost(job)
         return "lost"
 
@@ -494,11 +488,63 @@ class Worker:
         log.warning("job %s is no longer held by this worker (lease lost or deleted); result dropped", job.id)
 
     def _heartbeat(self, running: _Running) -> None:
-        """Renew the lease between steps too: text encoding and VAE decoding can outlast a lease."""
-        interval = max(self.settings.lease_seconds / 3, 0.05)
+        """Renew the lease between steps too: text encoding and VAE decoding can outlast a lease.
+
+        The engine checks the timeout and a cancel only between denoising steps. When it does not come back (a
+        hung decode, driver or upload), renewing on would hold the job forever; instead, `lease_seconds` past
+        its task_timeout, or after a cancel it did not act on, the job ends here and the worker is reported
+        stuck (`/health` 503) until the engine returns, when its late result is dropped."""
+        lease = self.settings.lease_seconds
+        interval = max(lease / 3, 0.05)
+        stop_seen: float | None = None
         while not running.done.wait(interval):
+            now = time.monotonic()
+            if now - running.started > self.settings.task_timeout + lease:
+                self._end_stuck(running, "timeout")
+                return
+            if stop_seen is not None and now - stop_seen > lease:
+                if self._end_stuck(running, "cancel"):
+                    return
+                stop_seen = None  # not a cancel (deleted, or another worker's now): nothing to end here
             try:
-                if not self.store.renew(running.job.id, self.worker_id, self.settings.lease_seconds):
+                if not self.store.renew(running.job.id, self.worker_id, lease):
                     running.keep_going = False
             except Exception:
                 log.exception("lease renewal failed for job %s", running.job.id)
+            if not running.keep_going and stop_seen is None:
+                stop_seen = now
+
+    def _end_stuck(self, running: _Running, why: str) -> bool:
+        """End, from the heartbeat, a job whose engine call does not come back; True if it was ended here."""
+        job, ttl = running.job, self.settings.result_ttl
+        elapsed = time.monotonic() - running.started
+        try:
+            current = self.store.get(job.id)
+            if current.status != JobStatus.IN_PROGRESS or current.worker_id != self.worker_id:
+                return False
+            if why == "timeout":
+                message = (
+                    f"took longer than task_timeout ({self.settings.task_timeout:g} s) and did not stop "
+                    f"(stuck in {current.stage or 'start-up'})"
+                )
+                ended = self.store.fail(job.id, self.worker_id, "timeout", message, ttl)
+                status = "failed"
+            elif current.cancel_requested:
+                self.storage.delete_prefix(job.id)
+                ended = self.store.mark_cancelled(job.id, self.worker_id, ttl)
+                status = "cancelled"
+            else:
+                return False
+        except JobNotFound:  # deleted: nothing left to end
+            return False
+        except Exception:
+            log.exception("job %s: could not end it while its engine call is stuck", job.id)
+            return False
+        if not ended:
+            return False
+        running.keep_going = False
+        self._stuck = running
+        log.error("job %s ended %s: the engine has not come back for %.0f s (stuck)", job.id, status, elapsed)
+        if self.metrics is not None:
+            self.metrics.job_finished(job.model, status, running.queue_wait, elapsed)
+        return True

@@ -85,9 +85,16 @@ def router(
     api = APIRouter(tags=["ops"])
 
     @api.get("/health")
-    def health() -> dict[str, str]:
-        # Liveness only: a process that answers is alive, even while its models load.
-        return {"status": "ok"}
+    def health() -> JSONResponse:
+        # Liveness: a process that answers is alive, even while its models load; unless one of its workers is
+        # stuck in an engine call that never came back (a hung GPU), which only a restart cures.
+        try:
+            stuck = dict(readiness()).get("stuck") if readiness is not None else None
+        except Exception:
+            stuck = None  # /ready reports a failing check; liveness stays about the process
+        if stuck:
+            return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @api.get("/ready")
     def ready() -> JSONResponse:
@@ -102,6 +109,8 @@ def router(
         reasons: list[str] = []
         if "error" in state:
             reasons.append(f"readiness check failed: {state['error']}")
+        elif state.get("stuck"):
+            reasons.append(f"stuck: {state['stuck']}")
         elif not state.get("ready", False):
             waiting = {m: s for m, s in (state.get("models") or {}).items() if s != "ready"}
             reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")

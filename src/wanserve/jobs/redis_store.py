@@ -66,6 +66,15 @@ local function once(fn)
   return reply
 end
 
+-- Leases are judged by the Redis server's clock: workers on several hosts never agree to the second, and a
+-- host whose clock ran a lease ahead would reap every live job. `given` (tests) stands in for it.
+local function clock(given)
+  if given ~= '' then return given end
+  local t = redis.call('TIME')
+  return string.format('%d.%06d', t[1], t[2])
+end
+local function later(t, seconds) return string.format('%.6f', tonumber(t) + tonumber(seconds)) end
+
 local function publish(id)
   local h = redis.call('HMGET', k('job', id), 'status', 'progress', 'stage')
   local event = {id = id, status = h[1], progress = tonumber(h[2]) or 0, stage = h[3] or cjson.null}
@@ -125,7 +134,7 @@ return once(function()
 end)
 """
 
-# ARGV: prefix, model, worker, now, lease_until, op ttl
+# ARGV: prefix, model, worker, now ('' for the server's clock), lease seconds, op ttl
 _CLAIM = """
 -- Nothing to claim changes nothing, so it needs no token: idle workers poll often.
 if redis.call('ZCARD', k('queue', ARGV[2])) == 0 then return cjson.encode(cjson.null) end
@@ -138,10 +147,12 @@ return once(function()
     local id = string.sub(first, 18)
     local jk = k('job', id)
     if redis.call('HGET', jk, 'status') == 'queued' then  -- anything else is a stale entry: dropped
-      redis.call('HSET', jk, 'status', 'in_progress', 'worker_id', ARGV[3], 'started_at', ARGV[4],
-                 'updated_at', ARGV[4], 'lease_expires_at', ARGV[5])
+      local now = clock(ARGV[4])
+      local lease_until = later(now, ARGV[5])
+      redis.call('HSET', jk, 'status', 'in_progress', 'worker_id', ARGV[3], 'started_at', now,
+                 'updated_at', now, 'lease_expires_at', lease_until)
       redis.call('HINCRBY', jk, 'attempts', 1)
-      redis.call('ZADD', k('leases'), ARGV[5], id)
+      redis.call('ZADD', k('leases'), lease_until, id)
       redis.call('SADD', k('running', ARGV[2]), id)
       publish(id)
       return redis.call('HGETALL', jk)
@@ -150,13 +161,15 @@ return once(function()
 end)
 """
 
-# ARGV: prefix, id, worker, lease_until. Re-running it is harmless, so it needs no token.
+# ARGV: prefix, id, worker, now ('' for the server's clock), lease seconds. Re-running it is harmless, so it
+# needs no token.
 _RENEW = """
 local id = ARGV[2]
 if not held(id, ARGV[3]) then return 0 end
 -- Extended even when cancel is requested: the worker holds the job until it marks it cancelled.
-redis.call('HSET', k('job', id), 'lease_expires_at', ARGV[4])
-redis.call('ZADD', k('leases'), ARGV[4], id)
+local lease_until = later(clock(ARGV[4]), ARGV[5])
+redis.call('HSET', k('job', id), 'lease_expires_at', lease_until)
+redis.call('ZADD', k('leases'), lease_until, id)
 if cancel_requested(id) then return 0 end
 return 1
 """
@@ -228,9 +241,11 @@ end
 return redis.call('HGETALL', jk)
 """
 
-# ARGV: prefix, now, expires, max_attempts, worker-lost message template. A retry just finds less to do.
+# ARGV: prefix, now ('' for the server's clock), result ttl, max_attempts, worker-lost message template. A retry
+# just finds less to do.
 _REAP = """
-local now, expires, max_attempts = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now, max_attempts = clock(ARGV[2]), tonumber(ARGV[4])
+local expires = later(now, ARGV[3])
 local changed = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('leases'), '-inf', '(' .. now, 'LIMIT', 0, 1000)) do
   local jk = k('job', id)
@@ -318,6 +333,11 @@ def _from_fields(fields: dict[str, str]) -> Job:
     return Job.from_dict(data)
 
 
+def _clock(now: float | None) -> str:
+    """`now` for a lease script: '' lets the script read the Redis server's clock (see `clock` in the Lua)."""
+    return "" if now is None else repr(float(now))
+
+
 def _from_flat(flat: list[str]) -> Job:
     return _from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
 
@@ -392,8 +412,7 @@ class RedisJobStore:
         return _from_fields(fields)
 
     def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
-        now = time.time() if now is None else now
-        flat = self._once(self._claim, model, worker_id, repr(now), repr(now + lease_seconds))
+        flat = self._once(self._claim, model, worker_id, _clock(now), repr(float(lease_seconds)))
         return None if flat is None else _from_flat(flat)
 
     def peek(self, model: str, limit: int = 1) -> list[Job]:
@@ -405,8 +424,7 @@ class RedisJobStore:
         return [job for job in jobs if job.status == JobStatus.QUEUED][:limit]
 
     def renew(self, job_id: str, worker_id: str, lease_seconds: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        return bool(self._renew(args=[self.prefix, job_id, worker_id, repr(now + lease_seconds)]))
+        return bool(self._renew(args=[self.prefix, job_id, worker_id, _clock(now), repr(float(lease_seconds))]))
 
     def set_progress(self, job_id: str, worker_id: str, progress: float, stage: str | None = None) -> bool:
         progress = min(max(float(progress), 0.0), 1.0)
@@ -436,8 +454,7 @@ class RedisJobStore:
         return _from_flat(flat)
 
     def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
-        now = time.time() if now is None else now
-        args = [self.prefix, repr(now), repr(now + ttl), max_attempts, WORKER_LOST_MESSAGE]
+        args = [self.prefix, _clock(now), repr(float(ttl)), max_attempts, WORKER_LOST_MESSAGE]
         return [_from_flat(flat) for flat in self._reap(args=args)]
 
     def queue_position(self, job_id: str) -> int | None:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
 from wanserve.jobs import CURSOR_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
 
@@ -46,9 +46,13 @@ CREATE TABLE IF NOT EXISTS gone (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, gone
 _BUSY_TIMEOUT_S = 30.0
 
 
+# A write lock held past the busy timeout (another process stuck mid-transaction, a disk that stalls) is the
+# store not answering, as a Redis outage is: the API answers 503, a worker waits and claims again.
+@unavailable_on((sqlite3.OperationalError,), StoreUnavailable, "the job store (SQLite)")
 class SQLiteJobStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_timeout: float = _BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
+        self._busy_timeout = busy_timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -72,8 +76,9 @@ class SQLiteJobStore:
         if conn is None:
             # isolation_level=None: we issue BEGIN ourselves. check_same_thread=False only so close() can
             # close every thread's connection; each connection is otherwise used by its own thread.
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            timeout = self._busy_timeout
+            conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             # FULL fsyncs the WAL at every commit: an acknowledged enqueue survives power loss, not just kill -9.
             conn.execute("PRAGMA synchronous = FULL")
