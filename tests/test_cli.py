@@ -243,3 +243,24 @@ def test_a_taken_port_is_named_and_nothing_runs_unseen(tiny_cache: Path, tmp_pat
     assert "loaded" not in worker.stderr  # refused before the model load, not after it
     assert serve.returncode == 2, serve.stderr[-3000:]
     assert f"WANSERVE_PORT: could not listen on 127.0.0.1:{port}" in serve.stderr and "Traceback" not in serve.stderr
+    assert "loaded" not in serve.stderr  # refused before the models load, not after
+
+    elsewhere = run(["api", "--host", "192.0.2.1"], tiny_cache, timeout=120, **env)  # TEST-NET-1: not ours
+    assert elsewhere.returncode == 2 and "--host: 192.0.2.1 is not an address of this machine" in elsewhere.stderr
+
+
+def test_a_local_model_directory_serves_with_defaults_it_can_run(tiny_cache: Path, tmp_path: Path) -> None:
+    """A diffusers folder given as --model is described from its own config files: its tasks, strides and the
+    per-side limit of its transformer, and defaults within that limit (832 wide used to be refused here)."""
+    import shutil
+
+    (source,) = (tiny_cache / "tiny").glob("tiny-t2v-v*")
+    local = tmp_path / "my-wan"
+    shutil.copytree(source, local)
+    out = tmp_path / "local.mp4"
+    args = ["generate", "--model", str(local), "--prompt", "a fox", "--steps", "1", "--frames", "1"]
+    done = run([*args, "--out", str(out)], tiny_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert decode_mp4(out).frames.shape == (1, 480, 512, 3)
+    refused = run([*args, "--size", "528x64", "--out", str(out)], tiny_cache)
+    assert refused.returncode == 2 and "--size: must be at most 512" in refused.stderr

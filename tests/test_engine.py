@@ -245,6 +245,40 @@ def test_loop_matches_diffusers_pipeline(engines: dict[str, Engine], name: str) 
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("first", "second"), [(4.0, 0.0), (4.0, 0.5), (1.0, 5.0), (0.0, 3.0)])
+def test_two_expert_guidance_follows_diffusers_at_any_scales(
+    engines: dict[str, Engine], first: float, second: float
+) -> None:
+    """guidance_scale alone decides whether both experts are guided (diffusers' rule), and a second scale of 0
+    is 0, not "use the first one" as it once was."""
+    engine = engines["tiny-t2v-moe"]
+    shift = engine.pipe.scheduler.config.flow_shift
+    request = GenerationRequest(
+        prompt="a lighthouse",
+        num_inference_steps=4,
+        seed=9,
+        flow_shift=shift,
+        guidance_scale=first,
+        guidance_scale_2=second,
+    )
+    req = resolve(request, engine.spec)
+    ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
+    torch.testing.assert_close(ours, diffusers_latents(engine.pipe, req, None), rtol=1e-5, atol=1e-5)
+
+
+def test_every_seed_bit_counts(engines: dict[str, Engine], tmp_path: Path) -> None:
+    """torch's CPU generator keeps 32 bits of a seed: 5 and 2**32 + 5 used to give the same video."""
+    engine = engines["tiny-t2v"]
+
+    def video(seed: int) -> bytes:
+        request = GenerationRequest(prompt="x", seed=seed, num_frames=1, num_inference_steps=1)
+        return engine.generate(request, tmp_path / f"{seed}.mp4").video_path.read_bytes()
+
+    seeds = (5, 2**32 + 5, 2**32 - 1, 2**63 - 1)
+    assert len({video(seed) for seed in seeds}) == len(seeds)
+    assert video(5) == video(5)
+
+
 def test_memory_settings_are_applied(tiny_cache: Path, tmp_path: Path) -> None:
     settings = Settings(cache_dir=tiny_cache, text_encoder_cpu=True, vae_tiling=True, cpu_offload=True)
     engine = Engine.load("tiny-t2v", settings)

@@ -587,6 +587,12 @@ def test_sqlite_locked_past_its_busy_timeout_is_the_store_unavailable(tmp_path: 
         holder.execute("ROLLBACK")
         holder.close()
     assert claim(store).id == job.id
+    # A broken database is not an outage to wait out: it stays an error that says what is wrong.
+    broken = sqlite3.connect(tmp_path / "jobs.db")
+    broken.execute("ALTER TABLE jobs RENAME COLUMN priority TO priority_was")
+    broken.close()
+    with pytest.raises(sqlite3.OperationalError, match="no column named priority"):
+        store.enqueue(make_job())
     store.close()
 
 

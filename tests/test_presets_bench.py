@@ -266,6 +266,7 @@ def test_bench_cpu_tiny_writes_the_results_file(tiny_cache: Path, tmp_path: Path
         assert math.isfinite(report["request"][lossy]["psnr_vs_exact_db"])
     serving = report["serving"]
     assert serving["jobs"] == 2 and 0 < serving["busy_fraction"] <= 1 and serving["via"].startswith("Worker")
+    assert serving["preset"] == "exact"  # the first preset whose request ran
     assert "overlap_jobs=true" in serving["via"] and "overlap_jobs=false" in serving["sequential"]["via"]
     assert 0 < serving["sequential"]["busy_fraction"] <= 1 and serving["overlap_wall_speedup"] > 0
     assert len(serving["gaps_between_jobs_seconds"]) == len(serving["sequential"]["gaps_between_jobs_seconds"]) == 1
@@ -331,7 +332,7 @@ def test_a_failing_phase_is_recorded_and_the_run_goes_on(
     monkeypatch.setattr(bench_run, "engine_request", flaky)
     path, _ = bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=0))
 
-    saved = json.loads(path.read_text())["runs"]["tiny"]
+    saved = json.loads(path.read_text())["runs"]["tiny-0jobs-no-cold-start"]
     assert saved["complete"] is True
     assert saved["errors"] == {"fast_request": "RuntimeError: CUDA error: an illegal memory access was encountered"}
     assert set(saved["forward"]) == {"diffusers", "exact", "fast", "fastest"}
@@ -352,7 +353,7 @@ def test_a_run_cut_short_keeps_what_it_measured(
         bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=2))
 
     (path,) = tmp_path.glob("cpu-*.json")
-    saved = json.loads(path.read_text())["runs"]["tiny"]
+    saved = json.loads(path.read_text())["runs"]["tiny-no-cold-start"]
     assert saved["complete"] is False
     assert set(saved["forward"]) == {"diffusers", "exact"} and set(saved["request"]) == {"diffusers", "exact"}
     assert saved["request"]["exact"]["identical_to_diffusers"] is True
@@ -368,10 +369,18 @@ def test_time_budget_skips_the_phases_it_does_not_cover(tiny_cache: Path, tmp_pa
     assert "skipped diffusers_forward: time budget spent" in run.stderr
 
     (path,) = tmp_path.glob("cpu-*.json")
-    saved = json.loads(path.read_text())["runs"]["tiny"]
+    saved = json.loads(path.read_text())["runs"]["tiny-0jobs-no-cold-start"]
     assert saved["complete"] is True and saved["errors"] == {} and saved["forward"] == {}
     assert {"diffusers_forward", "exact_apply", "fastest_apply"} <= set(saved["skipped_phases"])
     assert "build" in saved["phase_seconds"]
+    assert saved["cold_start"] == {"skipped": "turned off (--no-cold-start)"}
+
+    # A run that measures less sits beside the first one instead of replacing it.
+    again = subprocess.run([*command, "--no-request"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs) == {"tiny-0jobs-no-cold-start", "tiny-0jobs-no-request-no-cold-start"}
+    assert runs["tiny-0jobs-no-request-no-cold-start"]["request"] == {"skipped": "turned off (--no-request)"}
 
     bad = subprocess.run([*command[:-2], "--time-budget", "0"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--time-budget: must be a positive number" in bad.stdout + bad.stderr

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,7 +50,8 @@ class Harness:
     def __init__(
         self, tmp: Path, engine: Engine, storage: LocalStorage | None = None, start: bool = True, **settings: object
     ) -> None:
-        self.settings = Settings(data_dir=tmp, lease_seconds=2, poll_interval=0.05, progress_interval=0, **settings)
+        values = {"lease_seconds": 2, "poll_interval": 0.05, "progress_interval": 0, **settings}
+        self.settings = Settings(data_dir=tmp, **values)  # type: ignore[arg-type]
         self.store = open_store(self.settings.store_url)
         self.storage = storage or open_storage(self.settings.storage_url)
         self.worker = Worker("tiny-t2v", self.settings, self.store, self.storage, engine=engine)
@@ -141,8 +143,8 @@ def test_cancel_requested_while_running(harness: Harness) -> None:
 
 
 class HungStorage(LocalStorage):
-    """An upload that does not come back until released: what a hung VAE decode, driver or S3 connection looks
-    like from the worker, an engine call with no step boundary where it could notice a timeout or a cancel."""
+    """An upload that does not come back until released: like a hung VAE decode, driver or S3 connection, an
+    engine call with no step boundary where the worker could notice a timeout or a cancel."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -154,28 +156,54 @@ class HungStorage(LocalStorage):
         super().put_file(key, path, content_type)
 
 
+class HungEngine:
+    """An engine whose call hangs before its first step (a wedged GPU), then carries on once released."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.release.wait(120)
+        return self.engine.generate(*args, **kwargs)
+
+
 @pytest.mark.parametrize("why", ["timeout", "cancel"])
 def test_a_job_whose_engine_call_hangs_still_ends_and_the_worker_says_it_is_stuck(
     tmp_path: Path, engine: Engine, why: str
 ) -> None:
     """It used to be held forever: the heartbeat renewed its lease, and the timeout and the cancel were only
-    looked at between denoising steps. Now it ends a lease after its timeout or the cancel, liveness says
-    stuck, and once the call comes back its late files are dropped and the worker carries on."""
+    looked at between denoising steps. Now it ends `stuck_after` past its timeout or the cancel, liveness says
+    stuck, and once the call comes back its late files are dropped, it is counted once, and the worker carries
+    on. Deleting the ended job meanwhile (what a user does to a job that looks hung) changes none of that."""
     from wanserve.metrics import Metrics
     from wanserve.roles import ops_app
 
-    storage = HungStorage(tmp_path / "videos")
-    timeout = 1.0 if why == "timeout" else 3600.0
-    h = Harness(tmp_path, engine, storage=storage, start=False, task_timeout=timeout, overlap_jobs=False)
+    # The timeout case hangs before any step, so no step boundary can notice the timeout; the cancel case hangs
+    # in the upload, after the last step, so the late files are there to be dropped.
+    hung: HungStorage | HungEngine = HungEngine(engine) if why == "timeout" else HungStorage(tmp_path / "videos")
+    h = Harness(
+        tmp_path,
+        hung.engine if isinstance(hung, HungEngine) else engine,
+        storage=hung if isinstance(hung, HungStorage) else None,
+        start=False,
+        task_timeout=1.0 if why == "timeout" else 3600.0,
+        stuck_after=1.0,
+        overlap_jobs=False,
+        lease_seconds=10,  # no lease runs out here, however loaded the machine: only the hang is at play
+    )
+    if isinstance(hung, HungEngine):
+        h.worker.engine = hung  # type: ignore[assignment]
     metrics = Metrics()
     h.worker.metrics = metrics
     h.thread.start()
     try:
         job_id = h.submit(num_inference_steps=2)
-        assert storage.entered.wait(60)
+        assert hung.entered.wait(60)
         if why == "cancel":
             h.store.request_cancel(job_id, ttl=60)
-        job = h.finished(job_id, timeout=30)  # the upload is still hung
+        job = h.finished(job_id, timeout=30)  # the engine call is still hung
         assert job.status is (JobStatus.FAILED if why == "timeout" else JobStatus.CANCELLED)
         if why == "timeout":
             assert job.error_code == "timeout" and "did not stop (stuck in" in (job.error_message or "")
@@ -185,16 +213,27 @@ def test_a_job_whose_engine_call_hangs_still_ends_and_the_worker_says_it_is_stuc
             health = ops.get("/health")
             assert health.status_code == 503 and job_id in health.json()["stuck"]
             assert ops.get("/ready").status_code == 503
+            ended = h.store.get(job_id)
+            h.store.delete(job_id)
+            h.storage.delete_prefix(job_id)
+            assert ops.get("/health").status_code == 503  # still hung, whatever became of the job
 
-            storage.release.set()
+            hung.release.set()
             assert h.finished(h.submit(num_inference_steps=2, seed=2)).status is JobStatus.COMPLETED
             assert ops.get("/health").status_code == 200 and h.worker.stuck is None
     finally:
-        storage.release.set()
+        hung.release.set()
         h.stop()
     assert not (tmp_path / "videos" / job_id).exists()  # the late upload was removed
-    assert h.store.get(job_id).status is job.status  # and the ended job stayed ended
+    assert ended.status is job.status  # and the ended job stayed ended
     status = "failed" if why == "timeout" else "cancelled"
+    other = "cancelled" if why == "timeout" else "failed"
+    assert metrics.registry.get_sample_value(
+        "wanserve_jobs_finished_total", {"model": "tiny-t2v", "status": other}
+    ) in (
+        None,
+        0,
+    )
     counted = metrics.registry.get_sample_value("wanserve_jobs_finished_total", {"model": "tiny-t2v", "status": status})
     assert counted == 1
 

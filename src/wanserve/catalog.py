@@ -349,13 +349,16 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
         if merged.boundary_ratio is not None and merged.guidance_scale_2 is None:
             merged = replace(merged, guidance_scale_2=merged.guidance_scale)
         return merged
+    # Wan 2.1's 480p defaults, within what this transformer's position table reaches (a small model's may not).
+    side = int(structural["max_side_patches"]) * int(structural["vae_stride"]) * int(structural["patch"])
+    stride = int(structural["temporal_stride"])
     return ModelSpec(
         name=str(path),
         description=f"local {pipeline_class} at {path}",
         repo_id=None,
-        width=832,
-        height=480,
-        num_frames=81,
+        width=min(832, side),
+        height=min(480, side),
+        num_frames=min(81, (int(structural["max_side_patches"]) - 1) * stride + 1),
         fps=16,
         num_inference_steps=50,
         guidance_scale=5.0,

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     task_timeout: float = Field(default=3600.0, gt=0)
+    # An engine call that has not come back this long after its job's task_timeout, or after a cancel it did not
+    # act on, is stuck (a hung GPU): the job is ended and the worker's liveness fails. Longer than any VAE
+    # decode or upload, so a slow stage is never taken for a hang.
+    stuck_after: float = Field(default=600.0, gt=0)
     shutdown_grace: float = Field(default=60.0, ge=0)
     queue_limit: int = Field(default=100, ge=1)
     result_ttl: float = Field(default=24 * 3600.0, gt=0)  # seconds a finished job's files are kept

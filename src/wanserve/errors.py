@@ -83,11 +83,14 @@ class StorageUnavailable(WanserveError, ConnectionError):
 
 
 def unavailable_on(
-    causes: tuple[type[BaseException], ...], error: type[WanserveError], what: str
+    causes: tuple[type[BaseException], ...],
+    error: type[WanserveError],
+    what: str,
+    when: Callable[[BaseException], bool] = lambda _exc: True,
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: every public method of a backend raises `error` when one of its client library's
-    connection errors (`causes`) gets through, so callers (the API's 503, a worker that waits it out) need not
-    know which backend they hold."""
+    connection errors (`causes`, narrowed by `when`) gets through, so callers (the API's 503, a worker that waits
+    it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them."""
 
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
@@ -95,6 +98,8 @@ def unavailable_on(
             try:
                 return method(*args, **kwargs)
             except causes as exc:
+                if not when(exc):
+                    raise
                 raise error(f"{what} cannot be reached: {exc}") from exc
 
         return call

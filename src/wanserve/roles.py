@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -53,6 +55,26 @@ def _check_device(settings: Settings) -> None:
     pick_device(settings.device)
 
 
+def _check_listen(settings: Settings, port_key: str) -> None:
+    """Before any model loads: can this process listen where it is told to? A taken port names the port
+    setting, an address this machine does not have names --host."""
+    port = getattr(settings, port_key)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            settings.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise BadSetting(f"{settings.host!r} is not an address to listen on: {exc.strerror}", "host") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise BadSetting(f"{settings.host} is not an address of this machine", "host") from None
+            raise BadSetting(f"could not listen on {settings.host}:{port}: {exc.strerror}", port_key) from None
+
+
 def _listen(server: Any, settings: Settings, port_key: str) -> None:
     """Run a uvicorn server; a port it could not open is the setting's fault (uvicorn exits 3 for that)."""
     try:
@@ -91,6 +113,7 @@ def run_serve(settings: Settings) -> None:
 
     specs = served_specs(settings)
     _check_device(settings)
+    _check_listen(settings, "port")
     store, storage = _backends(settings)
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
@@ -159,6 +182,7 @@ def run_api(settings: Settings) -> None:
     from wanserve.metrics import Metrics
 
     specs = served_specs(settings)
+    _check_listen(settings, "port")
     store, storage = _backends(settings)
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
@@ -187,6 +211,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     if engine is None and int(os.environ.get("RANK", "0")) != 0:
         _follow(model, settings)  # ranks > 0 of a torchrun group: no store, no ops port, only the engine
         return
+    _check_listen(settings, "ops_port")
     store, storage = _backends(settings)
     metrics = Metrics()
     worker = Worker(model, settings, store, storage, metrics, engine=engine)

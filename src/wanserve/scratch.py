@@ -8,12 +8,14 @@ removes it. A pid in the name could not tell: pids are reused, and in a containe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 PREFIX = "wanserve-scratch-"
 _STARTING = ".wanserve-scratch-starting-"  # not yet locked: never taken for an orphan
 _LOCK = ".lock"
+_STARTING_MAX_AGE_S = 60.0
 
 _guard = threading.Lock()
 _root: Path | None = None
@@ -51,7 +54,13 @@ def _own_root() -> Path:
 
 def remove_orphaned() -> None:
     """Delete the scratch folders of processes that are gone; a live process's folder stays, whoever owns it."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+    here = Path(tempfile.gettempdir())
+    for starting in here.glob(f"{_STARTING}*"):
+        # A process killed between creating its folder and locking it; a live one takes microseconds there.
+        with contextlib.suppress(OSError):
+            if time.time() - starting.stat().st_mtime > _STARTING_MAX_AGE_S:
+                shutil.rmtree(starting, ignore_errors=True)
+    for folder in here.glob(f"{PREFIX}*"):
         if folder == _root:
             continue
         try:

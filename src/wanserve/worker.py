@@ -78,6 +78,7 @@ class _Running:
     # Set when the job ends, so the heartbeat stops at once instead of finishing a lease/3 sleep.
     done: threading.Event = field(default_factory=threading.Event)
     heartbeat: threading.Thread | None = None
+    counted: bool = False  # its end is in the metrics already (the heartbeat ended it while it was stuck)
 
 
 class Worker:
@@ -108,7 +109,8 @@ class Worker:
         self._drain_deadline: float | None = None
         self._stopped = threading.Event()
         self._running: _Running | None = None
-        self._stuck: _Running | None = None  # a job the heartbeat ended because the engine did not come back
+        self._stuck: _Running | None = None  # a job whose engine call has not come back for stuck_after
+        self._stuck_lock = threading.Lock()  # the heartbeat declares a run stuck; its end clears that
         # Re-entrant: drain() runs in signal handlers, and a second signal (SIGTERM, then Ctrl-C) can arrive while
         # the first handler holds the lock on the same thread; a plain Lock would deadlock the process there.
         self._lock = threading.RLock()
@@ -135,7 +137,7 @@ class Worker:
 
     @property
     def stuck(self) -> str | None:
-        """What this worker is stuck on (a job its heartbeat had to end), for liveness probes; None if it is not."""
+        """What this worker is stuck on (an engine call past stuck_after), for liveness probes; None if nothing."""
         running = self._stuck
         if running is None:
             return None
@@ -279,14 +281,15 @@ class Worker:
             self._end(running, status, scratch)
 
     def _end(self, running: _Running, status: str, scratch: Path) -> None:
-        running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
+        with self._stuck_lock:
+            running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
+            if self._stuck is running:
+                self._stuck = None
+                log.warning("job %s: the engine came back after all; its result was dropped", running.job.id)
         if running.heartbeat is not None:
             running.heartbeat.join(timeout=5)
-        if self._stuck is running:
-            self._stuck = None
-            log.warning("job %s: the engine came back after all; its result was dropped", running.job.id)
         shutil.rmtree(scratch, ignore_errors=True)
-        if self.metrics is not None and status in ("completed", "failed", "cancelled"):
+        if self.metrics is not None and status in ("completed", "failed", "cancelled") and not running.counted:
             self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
 
     def _fail(self, job: Job, code: str, message: str) -> str:
@@ -490,22 +493,27 @@ class Worker:
     def _heartbeat(self, running: _Running) -> None:
         """Renew the lease between steps too: text encoding and VAE decoding can outlast a lease.
 
-        The engine checks the timeout and a cancel only between denoising steps. When it does not come back (a
-        hung decode, driver or upload), renewing on would hold the job forever; instead, `lease_seconds` past
-        its task_timeout, or after a cancel it did not act on, the job ends here and the worker is reported
-        stuck (`/health` 503) until the engine returns, when its late result is dropped."""
-        lease = self.settings.lease_seconds
+        The engine checks the timeout and a cancel only between denoising steps. An engine call that has not come
+        back `stuck_after` seconds past its task_timeout, or after a cancel it did not act on, is stuck (a hung
+        decode, driver or upload): renewing on would hold the job forever. The worker is reported stuck
+        (`/health` 503, so its orchestrator restarts it), the job is ended here, and the lease is let go; if the
+        call comes back after all, its late result is dropped."""
+        lease, stuck_after = self.settings.lease_seconds, self.settings.stuck_after
         interval = max(lease / 3, 0.05)
         stop_seen: float | None = None
         while not running.done.wait(interval):
             now = time.monotonic()
-            if now - running.started > self.settings.task_timeout + lease:
-                self._end_stuck(running, "timeout")
-                return
-            if stop_seen is not None and now - stop_seen > lease:
-                if self._end_stuck(running, "cancel"):
+            timed_out = now - running.started > self.settings.task_timeout + stuck_after
+            if timed_out or (stop_seen is not None and now - stop_seen > stuck_after):
+                with self._stuck_lock:
+                    if running.done.is_set():
+                        return
+                    if self._stuck is not running:
+                        self._stuck = running
+                        log.error("job %s: the engine call has not come back (stuck)", running.job.id)
+                if self._end_stuck(running, "timeout" if timed_out else "cancel"):
                     return
-                stop_seen = None  # not a cancel (deleted, or another worker's now): nothing to end here
+                continue  # the store did not answer: try again at the next beat, without renewing
             try:
                 if not self.store.renew(running.job.id, self.worker_id, lease):
                     running.keep_going = False
@@ -515,13 +523,14 @@ class Worker:
                 stop_seen = now
 
     def _end_stuck(self, running: _Running, why: str) -> bool:
-        """End, from the heartbeat, a job whose engine call does not come back; True if it was ended here."""
+        """End a job whose engine call is stuck, if it is still this worker's. True once there is nothing more to
+        do: ended here, or no longer this worker's (deleted, reaped); False when the store did not answer."""
         job, ttl = running.job, self.settings.result_ttl
         elapsed = time.monotonic() - running.started
         try:
             current = self.store.get(job.id)
             if current.status != JobStatus.IN_PROGRESS or current.worker_id != self.worker_id:
-                return False
+                return True
             if why == "timeout":
                 message = (
                     f"took longer than task_timeout ({self.settings.task_timeout:g} s) and did not stop "
@@ -533,18 +542,17 @@ class Worker:
                 self.storage.delete_prefix(job.id)
                 ended = self.store.mark_cancelled(job.id, self.worker_id, ttl)
                 status = "cancelled"
-            else:
-                return False
+            else:  # it stopped being asked to stop: nothing to end, only the hang to report
+                return True
         except JobNotFound:  # deleted: nothing left to end
-            return False
+            return True
         except Exception:
             log.exception("job %s: could not end it while its engine call is stuck", job.id)
             return False
-        if not ended:
-            return False
         running.keep_going = False
-        self._stuck = running
-        log.error("job %s ended %s: the engine has not come back for %.0f s (stuck)", job.id, status, elapsed)
-        if self.metrics is not None:
-            self.metrics.job_finished(job.model, status, running.queue_wait, elapsed)
+        if ended:
+            running.counted = True
+            log.error("job %s ended %s: its engine call has not come back for %.0f s", job.id, status, elapsed)
+            if self.metrics is not None:
+                self.metrics.job_finished(job.model, status, running.queue_wait, elapsed)
         return True

@@ -105,7 +105,7 @@ def size_field_names(body: Mapping[str, Any], size_field: str) -> dict[str, str]
     """How errors about the frame size name it on a surface that takes it as one field (`size: "832x480"`,
     `resolution: "832*480"`): the rules name `width`, `height` or `size`, which this client may not have sent."""
     if body.get(size_field) is None:
-        return {"size": size_field}
+        return {"size": "width"}  # the size came as width and height, or as the model's default
     names = {"size": size_field}
     for axis in ("width", "height"):
         if body.get(axis) is None:  # an explicit width/height wins over the size field, and keeps its name

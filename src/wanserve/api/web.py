@@ -173,7 +173,7 @@ def content_response(
         "Content-Disposition": f'inline; filename="{filename}"',
         "ETag": etag,
     }
-    if etag in _etags(request.headers.get("if-none-match")):
+    if _etags(request.headers.get("if-none-match")) & {etag, "*"}:
         return Response(status_code=304, headers=headers)
     range_header = request.headers.get("range")
     if_range = request.headers.get("if-range")

@@ -43,6 +43,7 @@ def _sync(device: torch.device) -> None:
 
 def plain_pipeline_request(pipe: Any, req: Any, device: torch.device, scratch: Path) -> tuple[dict[str, Any], Any]:
     """`WanPipeline.__call__` end to end, plus the same MP4 and thumbnail writer the engine uses."""
+    from wanserve.engine.engine import noise_seed
     from wanserve.engine.video import thumbnail_path_for, write_mp4, write_thumbnail
 
     step_ends: list[float] = []
@@ -61,7 +62,7 @@ def plain_pipeline_request(pipe: Any, req: Any, device: torch.device, scratch: P
             num_frames=req.num_frames,
             num_inference_steps=steps,
             guidance_scale=req.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(req.seed),
+            generator=torch.Generator("cpu").manual_seed(noise_seed(req.seed)),
             output_type="np",
             callback_on_step_end=on_step,
         )
@@ -158,7 +159,9 @@ def compare_frames(requests: dict[str, Any], frames: dict[str, np.ndarray]) -> N
             entry["identical_to_exact"] = entry["psnr_vs_exact_db"] is None
 
 
-def why_no_request(shape: Shape, wanted: bool, pipe: Any) -> str:
+def why_no_request(shape: Shape, wanted: bool, pipe: Any, asked: bool | None = None) -> str:
+    if asked is False:
+        return "turned off (--no-request)"
     if not wanted:
         return f"{shape.name} is timed per {shape.unit} only (pass --request to build the whole pipeline)"
     return "no pipeline"

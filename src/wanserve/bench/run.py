@@ -58,7 +58,7 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         settings_kwargs["cache_dir"] = options.cache_dir
     settings = Settings(**settings_kwargs)
     steps = options.steps or (20 if shape.tiny else None)
-    jobs = options.jobs if options.jobs is not None else (2 if shape.tiny else 3)
+    jobs = options.jobs if options.jobs is not None else _default_jobs(shape)
     want_request = shape.request if options.request is None else options.request
 
     report: dict[str, Any] = {
@@ -109,7 +109,7 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         pipe, spec, model_ref, transformer = run.phase(
             "build", lambda: build_models(shape, options, settings, device, dtype, want_request), required=True
         )
-        no_request = why_no_request(shape, want_request, pipe)
+        no_request = why_no_request(shape, want_request, pipe, options.request)
         run.derive = derive
         want_cold = options.cold_start if options.cold_start is not None else (model_ref is not None)
         if want_cold and model_ref is None and pipe is not None:  # saved before any preset rewrites the modules
@@ -180,12 +180,16 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
             result["speedup_vs_diffusers"] = ratio(requests.get("diffusers", {}).get("seconds"), result["seconds"])
             requests[preset] = result
             if not serving and "serving" not in run.phases and jobs > 0:
-                serving.update(run.phase("serving", lambda: measure_serving(engine, request, jobs, scratch)) or {})
+                served = run.phase("serving", lambda: measure_serving(engine, request, jobs, scratch))
+                if served:
+                    serving.update(served, preset=preset)  # the first preset whose request ran
 
         # The fresh process needs the device to itself: free this one's models first.
         engine = pipe = transformer = inputs = None  # the phases' closures hold these names, so no `del`
         _free(device)
-        if not want_cold:
+        if options.cold_start is False:
+            report["cold_start"] = {"skipped": "turned off (--no-cold-start)"}
+        elif not want_cold:
             report["cold_start"] = {
                 "skipped": "random weights are not on disk; pass --checkpoint DIR, or --cold-start to save them first"
             }
@@ -261,6 +265,10 @@ def _ordered(presets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for p in PRESET_NAMES if p in presets)
 
 
+def _default_jobs(shape: Shape) -> int:
+    return 2 if shape.tiny else 3
+
+
 def _run_name(shape: Shape, options: BenchOptions) -> str:
     """The run's key in the day's results file: the shape plus every option that changes what is measured, so
     that runs of one shape with other presets or steps sit side by side instead of replacing each other."""
@@ -279,6 +287,12 @@ def _run_name(shape: Shape, options: BenchOptions) -> str:
         name += "-text-encoder-cpu"
     if options.vae_tiling:
         name += "-vae-tiling"
+    if options.jobs is not None and options.jobs != _default_jobs(shape):
+        name += f"-{options.jobs}jobs"
+    if options.request is not None:
+        name += "-request" if options.request else "-no-request"
+    if options.cold_start is not None:
+        name += "-cold-start" if options.cold_start else "-no-cold-start"
     return name
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import io
 import logging
 import os
@@ -87,6 +88,15 @@ def _resolved(result: GenerationResult) -> Future[GenerationResult]:
     future: Future[GenerationResult] = Future()
     future.set_result(result)
     return future
+
+
+def noise_seed(seed: int) -> int:
+    """The seed given to torch's CPU generator, whose Mersenne Twister keeps only the low 32 bits: below 2**32 it
+    is the seed itself (the same noise as diffusers' `torch.Generator("cpu").manual_seed(seed)`); above, a hash
+    folds all 64 bits in, so that seeds 5 and 2**32 + 5 do not give the same video."""
+    if seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
 def pick_device(setting: str) -> torch.device:
@@ -380,7 +390,7 @@ class Engine:
         negative_embeds = self.encode_text(req.negative_prompt or "") if self._wants_cfg(req) else None
 
         # Noise is drawn on the CPU so a seed gives the same video on any device.
-        generator = torch.Generator(device="cpu").manual_seed(req.seed)
+        generator = torch.Generator(device="cpu").manual_seed(noise_seed(req.seed))
         if req.image is None:
             latents = pipe.prepare_latents(
                 1,
@@ -477,11 +487,11 @@ class Engine:
         with self._text_lock:
             self._text_cache.clear()
 
-    def _wants_cfg(self, req: GenerationRequest) -> bool:
-        scales = [req.guidance_scale or 0.0]
-        if req.guidance_scale_2 is not None:
-            scales.append(req.guidance_scale_2)
-        return max(scales) > 1.0
+    @staticmethod
+    def _wants_cfg(req: GenerationRequest) -> bool:
+        # diffusers' rule, kept so `exact` matches WanPipeline: guidance_scale alone decides, and when it is above
+        # 1 both experts are guided, each with its own scale (guidance_scale_2 may then be 1 or below).
+        return (req.guidance_scale or 0.0) > 1.0
 
     def make_scheduler(self, flow_shift: float) -> Any:
         """A fresh scheduler per request: schedulers are stateful, and the shift is a request field."""
@@ -522,7 +532,8 @@ class Engine:
             t0 = time.perf_counter()
             expert = 0 if boundary is None or t >= boundary else 1
             model = self.transformers[expert]
-            scale = req.guidance_scale if expert == 0 else (req.guidance_scale_2 or req.guidance_scale)
+            second = req.guidance_scale_2 if req.guidance_scale_2 is not None else req.guidance_scale
+            scale = req.guidance_scale if expert == 0 else second
 
             if cond.first_frame_mask is not None:
                 assert cond.condition is not None
@@ -580,7 +591,7 @@ class Engine:
             "sigma": float(scheduler.sigmas[step_index]),
             "num_inference_steps": len(scheduler.timesteps),
         }
-        guided = cond.negative_embeds is not None and scale > 1.0
+        guided = cond.negative_embeds is not None  # encoded only when the request wants CFG (see _wants_cfg)
         if guided and self.parallel is not None and self.parallel.cfg > 1:
             return self._predict_cfg_parallel(model, model_input, timestep, cond, scale, context)
         if guided and self.settings.cfg_batch:

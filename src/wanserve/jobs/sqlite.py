@@ -46,9 +46,15 @@ CREATE TABLE IF NOT EXISTS gone (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, gone
 _BUSY_TIMEOUT_S = 30.0
 
 
+def _busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds the lock past the timeout."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 # A write lock held past the busy timeout (another process stuck mid-transaction, a disk that stalls) is the
-# store not answering, as a Redis outage is: the API answers 503, a worker waits and claims again.
-@unavailable_on((sqlite3.OperationalError,), StoreUnavailable, "the job store (SQLite)")
+# store not answering, as a Redis outage is: the API answers 503, a worker waits and claims again. Any other
+# error (a broken schema, a read-only or full disk) stays what it is: waiting would not mend it.
+@unavailable_on((sqlite3.OperationalError,), StoreUnavailable, "the job store (SQLite)", when=_busy)
 class SQLiteJobStore:
     def __init__(self, path: str | Path, busy_timeout: float = _BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
