@@ -680,11 +680,18 @@ def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytes
     assert claimed is not None and claimed.lease_expires_at is not None
     assert abs(claimed.lease_expires_at - (time.time() + 5.0)) < 60  # the server's clock, not T0 or zero
 
-    skewed = time.time() + 120.0
+    real_time = time.time
+    skewed = real_time() + 120.0
     monkeypatch.setattr(redis_store.time, "time", lambda: skewed)
     assert store.reap(max_attempts=3, ttl=TTL) == []
     assert store.renew(job.id, "w1", 5.0)
     assert store.get(job.id).status is JobStatus.IN_PROGRESS and store.get(job.id).worker_id == "w1"
+
+    # Nor does it delete results early: expiry is on the server's clock too.
+    monkeypatch.setattr(redis_store.time, "time", real_time)
+    assert store.complete(job.id, "w1", {"seed": 1}, ttl=60.0)
+    monkeypatch.setattr(redis_store.time, "time", lambda: skewed)
+    assert store.expired() == []
     store.close()
 
 

@@ -8,6 +8,7 @@ removes it. A pid in the name could not tell: pids are reused, and in a containe
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import logging
@@ -48,8 +49,15 @@ def _own_root() -> Path:
         starting.rename(root)  # the lock is on the file, not its path: it is held across the rename
         if _lock_fd is not None:
             os.close(_lock_fd)  # the previous folder (another tmp dir, or removed by a cleaner) is let go
+        else:
+            atexit.register(_remove_own)  # a clean exit leaves nothing; a killed process, its starting successor
         _root, _lock_fd = root, fd
         return root
+
+
+def _remove_own() -> None:
+    if _root is not None:
+        shutil.rmtree(_root, ignore_errors=True)
 
 
 def remove_orphaned() -> None:

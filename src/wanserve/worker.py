@@ -477,9 +477,11 @@ class Worker:
         if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
             self.storage.delete_prefix(job.id)  # files first: once it reads cancelled, nothing of it is left
             ttl = self.settings.result_ttl
-            self._store_write("cancelling it", lambda: self.store.mark_cancelled(job.id, self.worker_id, ttl))
-            log.info("job %s %s", job.id, what)
-            return "cancelled"
+            if self._store_write("cancelling it", lambda: self.store.mark_cancelled(job.id, self.worker_id, ttl)):
+                log.info("job %s %s", job.id, what)
+                return "cancelled"
+            # Ended meanwhile by another hand (this worker's heartbeat, the reaper): theirs to count.
+            return "lost"
         if current.status in (JobStatus.FAILED, JobStatus.CANCELLED) and current.worker_id == self.worker_id:
             # Ended while this worker's engine call was stuck (see _heartbeat), or reaped as cancelled: what it
             # may have stored meanwhile belongs to no one.

@@ -185,31 +185,34 @@ if cancel_requested(id) then return 0 end
 return 1
 """
 
-# ARGV: prefix, id, worker, now, expires, result JSON, op ttl
+# ARGV: prefix, id, worker, now ('' for the server's clock), result ttl, result JSON, op ttl
 _COMPLETE = """
 return once(function()
   if not held(ARGV[2], ARGV[3]) or cancel_requested(ARGV[2]) then return false end
   redis.call('HSET', k('job', ARGV[2]), 'result', ARGV[6], 'progress', '1.0', 'stage', 'done')
-  finish(ARGV[2], 'completed', ARGV[4], ARGV[5])
+  local now = clock(ARGV[4])
+  finish(ARGV[2], 'completed', now, later(now, ARGV[5]))
   return true
 end)
 """
 
-# ARGV: prefix, id, worker, now, expires, code, message, op ttl
+# ARGV: prefix, id, worker, now ('' for the server's clock), result ttl, code, message, op ttl
 _FAIL = """
 return once(function()
   if not held(ARGV[2], ARGV[3]) then return false end
   redis.call('HSET', k('job', ARGV[2]), 'error_code', ARGV[6], 'error_message', ARGV[7])
-  finish(ARGV[2], 'failed', ARGV[4], ARGV[5])
+  local now = clock(ARGV[4])
+  finish(ARGV[2], 'failed', now, later(now, ARGV[5]))
   return true
 end)
 """
 
-# ARGV: prefix, id, worker, now, expires, op ttl
+# ARGV: prefix, id, worker, now ('' for the server's clock), result ttl, op ttl
 _MARK_CANCELLED = """
 return once(function()
   if not held(ARGV[2], ARGV[3]) then return false end
-  finish(ARGV[2], 'cancelled', ARGV[4], ARGV[5])
+  local now = clock(ARGV[4])
+  finish(ARGV[2], 'cancelled', now, later(now, ARGV[5]))
   return true
 end)
 """
@@ -431,17 +434,17 @@ class RedisJobStore:
         args = [self.prefix, job_id, worker_id, repr(progress), repr(time.time()), "0" if stage is None else "1"]
         return bool(self._set_progress(args=[*args, stage or ""]))
 
+    # Finish times and expiry, like leases, are on the server's clock: a worker whose clock ran ahead would
+    # otherwise delete results early (`expired`), or date them wrong.
     def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
-        now = time.time()
-        return bool(self._once(self._complete, job_id, worker_id, repr(now), repr(now + ttl), json.dumps(result)))
+        ttl_arg = repr(float(ttl))
+        return bool(self._once(self._complete, job_id, worker_id, "", ttl_arg, json.dumps(result)))
 
     def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
-        now = time.time()
-        return bool(self._once(self._fail, job_id, worker_id, repr(now), repr(now + ttl), code, message))
+        return bool(self._once(self._fail, job_id, worker_id, "", repr(float(ttl)), code, message))
 
     def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
-        now = time.time()
-        return bool(self._once(self._mark_cancelled, job_id, worker_id, repr(now), repr(now + ttl)))
+        return bool(self._once(self._mark_cancelled, job_id, worker_id, "", repr(float(ttl))))
 
     def release(self, job_id: str, worker_id: str) -> bool:
         return bool(self._once(self._release, job_id, worker_id, repr(time.time())))
@@ -496,7 +499,9 @@ class RedisJobStore:
         return _from_flat(reply)
 
     def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
-        now = time.time() if now is None else now
+        if now is None:
+            seconds, micros = self._redis.time()
+            now = seconds + micros / 1e6
         ids = self._redis.zrangebyscore(self._key("expiry"), "-inf", repr(now), start=0, num=limit)
         return self._jobs(ids)
 
