@@ -695,6 +695,17 @@ def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytes
     store.close()
 
 
+def test_redis_retried_claim_of_the_last_job_replays_it(redis_url: str) -> None:
+    """A claim that emptied the queue, resent by redis-py after a broken connection: the retry used to meet the
+    empty queue first and answer "nothing", leaving the job held by a worker that did not know it."""
+    store = RedisJobStore(redis_url)
+    job = store.enqueue(make_job())
+    args = [store.prefix, "tiny-t2v", "w1", repr(T0), repr(LEASE), 600]
+    replies = [store._claim(keys=["wanserve:op:last-one"], args=args) for _ in range(2)]
+    assert replies[0] == replies[1] and job.id in replies[1]
+    store.close()
+
+
 def test_redis_ping_is_false_when_the_server_is_unreachable() -> None:
     store = RedisJobStore(f"redis://127.0.0.1:{free_tcp_port()}/0")
     started = time.monotonic()

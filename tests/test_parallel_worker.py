@@ -26,9 +26,9 @@ SLOW = {"width": 128, "height": 128, "num_frames": 17, "num_inference_steps": 20
 class Group:
     """`torchrun ... -m wanserve worker --ulysses 2` with its log; rank 0 serves the ops port."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, launcher: tuple[str, ...] = ()) -> None:
         self.ops_port = free_port()
-        args = [*TORCHRUN, "-m", "wanserve", "worker", "--model", "tiny-t2v", "--ulysses", "2"]
+        args = [*TORCHRUN, *launcher, "-m", "wanserve", "worker", "--model", "tiny-t2v", "--ulysses", "2"]
         args += ["--ops-port", str(self.ops_port)]
         self.log_path = log
         output = open(log, "ab")  # noqa: SIM115 - owned by the group process for its lifetime
@@ -166,4 +166,29 @@ def test_killing_one_rank_ends_the_group_and_the_job_is_redelivered(
         group.stop()
         if replacement is not None:
             replacement.stop()
+        api.stop()
+
+
+def test_sigterm_to_torchrun_drains_the_group(tmp_path: Path, tiny_cache: Path, redis_url: str) -> None:
+    """What Kubernetes does to a pod: SIGTERM to torchrun, which forwards it to every rank. Rank 1 used to die
+    at once, cutting rank 0 off mid-collective (FATAL) with the job still running until its lease ran out. Now
+    rank 1 waits for rank 0, which hands the job back at its next step (the grace here is 1 s) and stops the
+    group; both ranks exit on their own, before torchrun's --shutdown-timeout."""
+    api, env, url = setup(tmp_path, tiny_cache, redis_url)
+    env = {**env, "WANSERVE_SHUTDOWN_GRACE": "1"}
+    group = Group(env, tmp_path / "group.log", launcher=("--shutdown-timeout", "120"))
+    try:
+        job_id = submit(url, **SLOW)
+        wait_for(lambda: status(url, job_id)["progress"] > 8, 120, "the job to be denoising")
+        ranks = group.children()
+        os.kill(group.proc.pid, signal.SIGTERM)
+        group.proc.wait(90)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())
+        log = group.log()
+        assert "FATAL" not in log, log
+        assert "handed back to the queue" in log and "rank 1: signal 15: rank 0 drains the group" in log, log
+        job = open_store(redis_url).get(job_id)
+        assert job.status.value == "queued" and job.attempts == 0, job  # handed back, the attempt not counted
+    finally:
+        group.stop()
         api.stop()

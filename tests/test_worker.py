@@ -238,6 +238,46 @@ def test_a_job_whose_engine_call_hangs_still_ends_and_the_worker_says_it_is_stuc
     assert counted == 1
 
 
+class LosesOneReply:
+    """A store whose first `complete` goes through but whose reply is lost (the connection broke after Redis ran
+    the script, and redis-py's own retries ran out): the worker retries the write after the outage."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.lost = store, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def complete(self, *args: Any, **kwargs: Any) -> bool:
+        done = self.store.complete(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            from wanserve.errors import StoreUnavailable
+
+            raise StoreUnavailable("the job store (Redis) cannot be reached: connection reset")
+        return done
+
+
+def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, engine: Engine, redis_url: str) -> None:
+    """The retry carries the first try's token, so it hears "completed" again: the result is kept and counted
+    once, not logged as lost (the retry used to get "no change", the job being completed already)."""
+    from wanserve.metrics import Metrics
+
+    h = Harness(tmp_path, engine, start=False, store=redis_url)
+    h.worker.store = LosesOneReply(h.store)  # type: ignore[assignment]
+    metrics = Metrics()
+    h.worker.metrics = metrics
+    h.thread.start()
+    try:
+        job = h.finished(h.submit(num_inference_steps=2))
+        assert h.worker.store.lost  # type: ignore[attr-defined]
+    finally:
+        h.stop()
+    assert job.status is JobStatus.COMPLETED and (tmp_path / "videos" / job.id / "video.mp4").exists()
+    labels = {"model": "tiny-t2v", "status": "completed"}
+    assert metrics.registry.get_sample_value("wanserve_jobs_finished_total", labels) == 1
+
+
 # ---- overlap: the next job starts while the previous one is stored; its prompt is encoded ahead -------------
 
 

@@ -56,23 +56,26 @@ def _check_device(settings: Settings) -> None:
 
 
 def _check_listen(settings: Settings, port_key: str) -> None:
-    """Before any model loads: can this process listen where it is told to? A taken port names the port
-    setting, an address this machine does not have names --host."""
-    port = getattr(settings, port_key)
+    """Before any model loads: can this process listen where it is told to? Each address the host resolves to
+    is tried as uvicorn binds it (IPv6 sockets IPv6-only); a taken port names the port setting, an address
+    this machine does not have names --host."""
+    port, host = getattr(settings, port_key), settings.host or None  # "": every address, as uvicorn takes it
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            settings.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise BadSetting(f"{settings.host!r} is not an address to listen on: {exc.strerror}", "host") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is free
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise BadSetting(f"{settings.host} is not an address of this machine", "host") from None
-            raise BadSetting(f"could not listen on {settings.host}:{port}: {exc.strerror}", port_key) from None
+            where = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+            raise BadSetting(f"could not listen on {where}:{port}: {exc.strerror}", port_key) from None
 
 
 def _listen(server: Any, settings: Settings, port_key: str) -> None:
@@ -148,16 +151,25 @@ def run_serve(settings: Settings) -> None:
         settings.port,
         settings.store_url,
     )
+
+    # While uvicorn runs, its own handlers take SIGTERM/SIGINT (and drain, see _uvicorn); when it stops, it puts
+    # back the handlers it found. Python's default ones there would let a second Ctrl-C or SIGTERM kill the
+    # process mid-drain (SIGABRT from a torch thread), even in the instant between uvicorn's return and any
+    # line after it; so these are installed first, and found and restored by uvicorn.
+    def drain_on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: draining", signum)
+        server.should_exit = True
+        for worker in workers:
+            worker.drain()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, drain_on_signal)
     port_error: BadSetting | None = None
     try:
         _listen(server, settings, "port")  # returns after SIGINT/SIGTERM, or once a worker could not start
     except BadSetting as exc:
         port_error = exc  # the workers are loading already: drain them before saying so
-    # uvicorn has put Python's default handlers back: a second Ctrl-C or SIGTERM while the workers drain would
-    # kill the process mid-job (SIGABRT from a torch thread). The drain is already under way; say so instead.
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda number, _frame: log.info("signal %d: already draining", number))
     for worker in workers:
         worker.drain()
     for worker in workers:
@@ -262,6 +274,17 @@ def _follow(model: str, settings: Settings) -> None:
     from wanserve.engine.engine import Engine
     from wanserve.engine.parallel import follow
 
+    # torchrun forwards SIGTERM (Kubernetes' stop) to every rank. Rank 0 drains: it finishes or hands back the
+    # job, then tells the others to stop. A follower that died at the signal would leave rank 0 mid-collective
+    # (FATAL, the job cut off), so followers wait for that word instead.
+    def wait_for_rank_0(signum: int, _frame: Any) -> None:
+        log.info(
+            "rank %s: signal %d: rank 0 drains the group; this rank stops when it says so", os.environ["RANK"], signum
+        )
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, wait_for_rank_0)
+        signal.signal(signal.SIGINT, wait_for_rank_0)
     follow(Engine.load(model, settings))
 
 

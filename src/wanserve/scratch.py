@@ -29,6 +29,7 @@ _STARTING_MAX_AGE_S = 60.0
 _guard = threading.Lock()
 _root: Path | None = None
 _lock_fd: int | None = None  # kept open, and so locked, until the process ends
+_owner = 0  # the pid that made the folder
 
 
 def job_folder(job_id: str) -> Path:
@@ -37,7 +38,7 @@ def job_folder(job_id: str) -> Path:
 
 
 def _own_root() -> Path:
-    global _root, _lock_fd
+    global _root, _lock_fd, _owner
     with _guard:
         here = Path(tempfile.gettempdir())
         if _root is not None and _root.parent == here and _root.is_dir():
@@ -51,12 +52,18 @@ def _own_root() -> Path:
             os.close(_lock_fd)  # the previous folder (another tmp dir, or removed by a cleaner) is let go
         else:
             atexit.register(_remove_own)  # a clean exit leaves nothing; a killed process, its starting successor
-        _root, _lock_fd = root, fd
+        _root, _lock_fd, _owner = root, fd, os.getpid()
         return root
 
 
 def _remove_own() -> None:
-    if _root is not None:
+    # Only by the process that made it (a forked child inherits this hook), and only when no job folder is in it:
+    # a daemon worker thread may still be writing one as the interpreter exits; the next start's sweep takes it.
+    if _root is None or _owner != os.getpid():
+        return
+    with contextlib.suppress(OSError):
+        if any(entry.is_dir() for entry in _root.iterdir()):
+            return
         shutil.rmtree(_root, ignore_errors=True)
 
 

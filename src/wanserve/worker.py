@@ -11,6 +11,7 @@ job, and while a job denoises the next queued job's prompt is encoded on a prefe
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -68,7 +69,7 @@ STORE_OUTAGE_WAIT_S = 60.0
 STORE_RETRY_INTERVAL_S = 1.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two runs are never the same run
 class _Running:
     job: Job
     started: float
@@ -79,6 +80,10 @@ class _Running:
     done: threading.Event = field(default_factory=threading.Event)
     heartbeat: threading.Thread | None = None
     counted: bool = False  # its end is in the metrics already (the heartbeat ended it while it was stuck)
+    # The heartbeat's write that ends it while stuck, kept with its token so a retry after a lost reply is the
+    # same write (see JobStore.complete's `op`).
+    end_write: tuple[str, Callable[[], bool]] | None = None
+    end_op: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class Worker:
@@ -109,7 +114,7 @@ class Worker:
         self._drain_deadline: float | None = None
         self._stopped = threading.Event()
         self._running: _Running | None = None
-        self._stuck: _Running | None = None  # a job whose engine call has not come back for stuck_after
+        self._stuck: list[_Running] = []  # jobs whose engine call has not come back for stuck_after
         self._stuck_lock = threading.Lock()  # the heartbeat declares a run stuck; its end clears that
         # Re-entrant: drain() runs in signal handlers, and a second signal (SIGTERM, then Ctrl-C) can arrive while
         # the first handler holds the lock on the same thread; a plain Lock would deadlock the process there.
@@ -138,10 +143,12 @@ class Worker:
     @property
     def stuck(self) -> str | None:
         """What this worker is stuck on (an engine call past stuck_after), for liveness probes; None if nothing."""
-        running = self._stuck
-        if running is None:
+        with self._stuck_lock:
+            stuck = list(self._stuck)  # with overlap_jobs, a hung upload and a hung next job can both be here
+        if not stuck:
             return None
-        return f"job {running.job.id}: the engine has not come back for {time.monotonic() - running.started:.0f} s"
+        now = time.monotonic()
+        return "; ".join(f"job {r.job.id}: the engine has not come back for {now - r.started:.0f} s" for r in stuck)
 
     @property
     def busy(self) -> bool:
@@ -283,8 +290,8 @@ class Worker:
     def _end(self, running: _Running, status: str, scratch: Path) -> None:
         with self._stuck_lock:
             running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
-            if self._stuck is running:
-                self._stuck = None
+            if running in self._stuck:
+                self._stuck.remove(running)
                 log.warning("job %s: the engine came back after all; its result was dropped", running.job.id)
         if running.heartbeat is not None:
             running.heartbeat.join(timeout=5)
@@ -296,18 +303,23 @@ class Worker:
         """Fail the job; "failed", or "lost" when the store took no change (the job was no longer this worker's)."""
         ttl = self.settings.result_ttl
         try:
-            if self._store_write("failing it", lambda: self.store.fail(job.id, self.worker_id, code, message, ttl)):
+            if self._store_write(
+                "failing it", lambda op: self.store.fail(job.id, self.worker_id, code, message, ttl, op)
+            ):
                 return "failed"
         except StoreUnavailable:
             log.error("job %s: could not record its failure (%s); its lease will run out", job.id, code)
         return "lost"
 
-    def _store_write(self, what: str, write: Callable[[], T]) -> T:
-        """A store write that ends a job, retried while the store cannot be reached (see STORE_OUTAGE_WAIT_S)."""
+    def _store_write(self, what: str, write: Callable[[str], T]) -> T:
+        """A store write that ends a job, retried while the store cannot be reached (see STORE_OUTAGE_WAIT_S). Every
+        try passes the same token (`op`): a write that went through although its reply was lost answers the
+        retry as it answered the first time, instead of "no change", which would drop a stored result."""
         deadline = time.monotonic() + STORE_OUTAGE_WAIT_S
+        op = uuid.uuid4().hex
         while True:
             try:
-                return write()
+                return write(op)
             except StoreUnavailable as exc:
                 if time.monotonic() >= deadline or self._drain_deadline_passed():
                     raise
@@ -392,7 +404,7 @@ class Worker:
         job = running.job
         lease = self.settings.lease_seconds
         if not running.keep_going or not self._store_write(
-            "checking for a cancel", lambda: self.store.renew(job.id, self.worker_id, lease)
+            "checking for a cancel", lambda _op: self.store.renew(job.id, self.worker_id, lease)
         ):
             return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
         try:
@@ -420,7 +432,8 @@ class Worker:
             "thumbnail_key": key_for(job.id, THUMBNAIL),
         }
         ttl = self.settings.result_ttl
-        if self._store_write("completing it", lambda: self.store.complete(job.id, self.worker_id, payload, ttl)):
+        complete = functools.partial(self.store.complete, job.id, self.worker_id, payload, ttl)
+        if self._store_write("completing it", lambda op: complete(op=op)):
             log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
             return "completed"
         return self._cancelled_or_lost(running, "cancelled while its video was stored; files removed")
@@ -469,7 +482,7 @@ class Worker:
         the store gave to another worker (its files, under the same keys, are that worker's now)."""
         job = running.job
         try:
-            current = self._store_write("reading it", lambda: self.store.get(job.id))
+            current = self._store_write("reading it", lambda _op: self.store.get(job.id))
         except JobNotFound:  # DELETE while it ran: the record is gone already, the files go now
             self.storage.delete_prefix(job.id)
             log.info("job %s deleted while running (%s): files removed", job.id, what)
@@ -477,7 +490,9 @@ class Worker:
         if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
             self.storage.delete_prefix(job.id)  # files first: once it reads cancelled, nothing of it is left
             ttl = self.settings.result_ttl
-            if self._store_write("cancelling it", lambda: self.store.mark_cancelled(job.id, self.worker_id, ttl)):
+            if self._store_write(
+                "cancelling it", lambda op: self.store.mark_cancelled(job.id, self.worker_id, ttl, op)
+            ):
                 log.info("job %s %s", job.id, what)
                 return "cancelled"
             # Ended meanwhile by another hand (this worker's heartbeat, the reaper): theirs to count.
@@ -510,8 +525,8 @@ class Worker:
                 with self._stuck_lock:
                     if running.done.is_set():
                         return
-                    if self._stuck is not running:
-                        self._stuck = running
+                    if running not in self._stuck:
+                        self._stuck.append(running)
                         log.error("job %s: the engine call has not come back (stuck)", running.job.id)
                 if self._end_stuck(running, "timeout" if timed_out else "cancel"):
                     return
@@ -526,26 +541,30 @@ class Worker:
 
     def _end_stuck(self, running: _Running, why: str) -> bool:
         """End a job whose engine call is stuck, if it is still this worker's. True once there is nothing more to
-        do: ended here, or no longer this worker's (deleted, reaped); False when the store did not answer."""
-        job, ttl = running.job, self.settings.result_ttl
+        do: ended here, or no longer this worker's (deleted, reaped); False when the store did not answer, and the
+        next beat tries the same write again, under the same token."""
+        job, ttl, op = running.job, self.settings.result_ttl, running.end_op
         elapsed = time.monotonic() - running.started
         try:
-            current = self.store.get(job.id)
-            if current.status != JobStatus.IN_PROGRESS or current.worker_id != self.worker_id:
-                return True
-            if why == "timeout":
-                message = (
-                    f"took longer than task_timeout ({self.settings.task_timeout:g} s) and did not stop "
-                    f"(stuck in {current.stage or 'start-up'})"
-                )
-                ended = self.store.fail(job.id, self.worker_id, "timeout", message, ttl)
-                status = "failed"
-            elif current.cancel_requested:
-                self.storage.delete_prefix(job.id)
-                ended = self.store.mark_cancelled(job.id, self.worker_id, ttl)
-                status = "cancelled"
-            else:  # it stopped being asked to stop: nothing to end, only the hang to report
-                return True
+            if running.end_write is None:
+                current = self.store.get(job.id)
+                if current.status != JobStatus.IN_PROGRESS or current.worker_id != self.worker_id:
+                    return True
+                if why == "timeout":
+                    message = (
+                        f"took longer than task_timeout ({self.settings.task_timeout:g} s) and did not stop "
+                        f"(stuck in {current.stage or 'start-up'})"
+                    )
+                    fail = functools.partial(self.store.fail, job.id, self.worker_id, "timeout", message, ttl, op)
+                    running.end_write = ("failed", fail)
+                elif current.cancel_requested:
+                    self.storage.delete_prefix(job.id)
+                    cancel = functools.partial(self.store.mark_cancelled, job.id, self.worker_id, ttl, op)
+                    running.end_write = ("cancelled", cancel)
+                else:  # it stopped being asked to stop: nothing to end, only the hang to report
+                    return True
+            status, write = running.end_write
+            ended = write()
         except JobNotFound:  # deleted: nothing left to end
             return True
         except Exception:

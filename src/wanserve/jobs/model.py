@@ -105,17 +105,18 @@ class JobStore(Protocol):
         """Record progress 0..1; same return meaning as `renew`."""
         ...
 
-    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
+    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float, op: str | None = None) -> bool:
         """in_progress -> completed (progress 1, stage "done"), only if this worker holds the job and nobody asked
-        to cancel it. False
-        otherwise (no change): a cancel that came while the video was decoded or stored still wins."""
+        to cancel it. False otherwise (no change): a cancel that came while the video was decoded or stored still
+        wins. `op`, the same on every retry of one write, makes a retry after a lost reply answer as the first
+        call did (complete, fail and mark_cancelled alike)."""
         ...
 
-    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
+    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float, op: str | None = None) -> bool:
         """in_progress -> failed, only if this worker holds the job."""
         ...
 
-    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
+    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float, op: str | None = None) -> bool:
         """in_progress -> cancelled, by the worker that saw the cancel request and stopped."""
         ...
 

@@ -136,7 +136,10 @@ end)
 
 # ARGV: prefix, model, worker, now ('' for the server's clock), lease seconds, op ttl
 _CLAIM = """
--- Nothing to claim changes nothing, so it needs no token: idle workers poll often.
+-- Nothing to claim changes nothing, so it needs no token: idle workers poll often. A retry of a claim that did
+-- take the last job finds its first reply first.
+local replied = redis.call('GET', KEYS[1])
+if replied then return replied end
 if redis.call('ZCARD', k('queue', ARGV[2])) == 0 then return cjson.encode(cjson.null) end
 return once(function()
   local queue = k('queue', ARGV[2])
@@ -384,9 +387,10 @@ class RedisJobStore:
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
-    def _once(self, script: Any, *args: Any) -> Any:
-        """Run a state-changing script under a fresh token (see `once` in the Lua) and decode its reply."""
-        op_key = self._key("op", uuid.uuid4().hex)
+    def _once(self, script: Any, *args: Any, op: str | None = None) -> Any:
+        """Run a state-changing script under a token (see `once` in the Lua) and decode its reply: `op` when the
+        caller retries one write across outages, else a fresh one (redis-py's own retries reuse it)."""
+        op_key = self._key("op", op or uuid.uuid4().hex)
         return json.loads(script(keys=[op_key], args=[self.prefix, *args, _OP_TTL_S]))
 
     def _jobs(self, ids: list[str]) -> list[Job]:
@@ -436,15 +440,15 @@ class RedisJobStore:
 
     # Finish times and expiry, like leases, are on the server's clock: a worker whose clock ran ahead would
     # otherwise delete results early (`expired`), or date them wrong.
-    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
+    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float, op: str | None = None) -> bool:
         ttl_arg = repr(float(ttl))
-        return bool(self._once(self._complete, job_id, worker_id, "", ttl_arg, json.dumps(result)))
+        return bool(self._once(self._complete, job_id, worker_id, "", ttl_arg, json.dumps(result), op=op))
 
-    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
-        return bool(self._once(self._fail, job_id, worker_id, "", repr(float(ttl)), code, message))
+    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float, op: str | None = None) -> bool:
+        return bool(self._once(self._fail, job_id, worker_id, "", repr(float(ttl)), code, message, op=op))
 
-    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
-        return bool(self._once(self._mark_cancelled, job_id, worker_id, "", repr(float(ttl))))
+    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float, op: str | None = None) -> bool:
+        return bool(self._once(self._mark_cancelled, job_id, worker_id, "", repr(float(ttl)), op=op))
 
     def release(self, job_id: str, worker_id: str) -> bool:
         return bool(self._once(self._release, job_id, worker_id, repr(time.time())))

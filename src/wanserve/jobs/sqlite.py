@@ -223,7 +223,8 @@ class SQLiteJobStore:
             self._save(conn, job)
             return not job.cancel_requested
 
-    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float) -> bool:
+    # `op` needs no keeping here: a transaction either commits or raises, so a retry never follows a lost reply.
+    def complete(self, job_id: str, worker_id: str, result: dict[str, Any], ttl: float, op: str | None = None) -> bool:
         with self._tx() as conn:
             job = self._held(conn, job_id, worker_id)
             if job is None or job.cancel_requested:
@@ -234,7 +235,7 @@ class SQLiteJobStore:
             self._save(conn, job)
             return True
 
-    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float) -> bool:
+    def fail(self, job_id: str, worker_id: str, code: str, message: str, ttl: float, op: str | None = None) -> bool:
         with self._tx() as conn:
             job = self._held(conn, job_id, worker_id)
             if job is None:
@@ -244,7 +245,7 @@ class SQLiteJobStore:
             self._save(conn, job)
             return True
 
-    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float) -> bool:
+    def mark_cancelled(self, job_id: str, worker_id: str, ttl: float, op: str | None = None) -> bool:
         with self._tx() as conn:
             job = self._held(conn, job_id, worker_id)
             if job is None:
