@@ -522,6 +522,9 @@ def test_storage_redirect_uses_the_presigned_url(tmp_path: Path, media: tuple[Pa
         response = api.client.get(f"/v1/videos/{video_id}/content", follow_redirects=False)
         assert response.status_code == 302
         assert response.headers["location"] == f"https://bucket.example/{video_id}/video.mp4?sig=1"
+        # A URL presigned for GET refuses a HEAD (SigV4 signs the method): HEAD is answered here.
+        head = api.client.head(f"/v1/videos/{video_id}/content", follow_redirects=False)
+        assert head.status_code == 200 and int(head.headers["content-length"]) == api.media[0].stat().st_size
 
 
 # ---- status words on every surface --------------------------------------------------------------------------

@@ -314,3 +314,76 @@ def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None,
             assert "result storage (S3) cannot be reached" in response.json()["error"]["message"]
             assert response.headers["retry-after"] == "5"
         assert client.get(f"/v1/videos/{job.id}").json()["status"] == "completed"
+
+
+class _AlwaysBusy:
+    """An S3 endpoint behind a proxy that answers every request 503 (an ingress whose MinIO is down, AWS
+    SlowDown), on 127.0.0.1: a real HTTP server, answering as S3 does."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _busy(self) -> None:
+                body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _busy
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_answering_5xx_or_without_its_bucket_is_unavailable_not_an_error(
+    s3_server: S3Server, s3_env: None, tmp_path: Path
+) -> None:
+    """A 503 from the endpoint used to surface as a 500, and a missing bucket as "the video expired"; both are
+    the storage being unavailable (the API's 503, a worker's wait), and the client is not told internal URLs."""
+    from fastapi.testclient import TestClient
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.config import Settings
+    from wanserve.errors import StorageUnavailable
+    from wanserve.jobs import Job, open_store
+
+    no_bucket = S3Storage("no-such-bucket", endpoint_url=s3_server.endpoint)
+    with pytest.raises(StorageUnavailable, match="bucket 'no-such-bucket' does not exist"):
+        no_bucket.stat("video_x/video.mp4")
+    busy = _AlwaysBusy()
+    try:
+        proxied = S3Storage("wanserve-test", endpoint_url=busy.endpoint)
+        with pytest.raises(StorageUnavailable, match="503"):
+            proxied.stat("video_x/video.mp4")
+        with pytest.raises(StorageUnavailable):
+            proxied.put_file("video_x/video.mp4", write(tmp_path, b"frames"), "video/mp4")
+
+        settings = Settings(data_dir=tmp_path)
+        store = open_store(settings.store_url)
+        job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
+        assert store.claim("tiny-t2v", "w1", 30.0) is not None
+        assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
+        spec = lookup("tiny-t2v")
+        assert spec is not None
+        for storage in (proxied, no_bucket):
+            with TestClient(create_app(settings, store, storage, {"tiny-t2v": spec})) as client:
+                response = client.get(f"/v1/videos/{job.id}/content")
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert error["code"] == "storage_unavailable" and "127.0.0.1" not in error["message"], error
+    finally:
+        busy.close()

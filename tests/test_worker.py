@@ -278,6 +278,31 @@ def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, 
     assert metrics.registry.get_sample_value("wanserve_jobs_finished_total", labels) == 1
 
 
+class BlinkingStorage(LocalStorage):
+    """Storage that cannot be reached for its first upload (an S3 restart): the video must wait, not be lost."""
+
+    blinked = False
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        if not self.blinked:
+            self.blinked = True
+            from wanserve.errors import StorageUnavailable
+
+            raise StorageUnavailable("the result storage (S3) cannot be reached: connection reset")
+        super().put_file(key, path, content_type)
+
+
+def test_a_storage_blip_during_the_upload_does_not_lose_the_video(tmp_path: Path, engine: Engine) -> None:
+    storage = BlinkingStorage(tmp_path / "videos")
+    h = Harness(tmp_path, engine, storage=storage)
+    try:
+        job = h.finished(h.submit(num_inference_steps=2))
+    finally:
+        h.stop()
+    assert storage.blinked and job.status is JobStatus.COMPLETED, job
+    assert (tmp_path / "videos" / job.id / "video.mp4").exists()
+
+
 # ---- overlap: the next job starts while the previous one is stored; its prompt is encoded ahead -------------
 
 

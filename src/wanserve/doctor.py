@@ -111,9 +111,10 @@ def _store(settings: Settings) -> Iterator[Check]:
         yield Check("job store", False, f"{exc}: fix WANSERVE_STORE / --store")
         return
     try:
-        check_storage_url(settings.storage_url)
+        if check_storage_url(settings.storage_url) == "s3":
+            yield _s3_check(settings.storage_url)
     except ValueError as exc:
-        yield Check("storage", False, f"{exc}: fix WANSERVE_STORAGE")
+        yield Check("storage", False, f"{exc}: fix WANSERVE_STORAGE / --storage")
     if backend != "redis":
         yield Check("job store", True, url)
         return
@@ -125,3 +126,21 @@ def _store(settings: Settings) -> Iterator[Check]:
         yield Check("redis", True, f"{url} answers (redis {info.get('redis_version')})")
     except Exception as exc:
         yield Check("redis", False, f"{url} does not answer ({exc}): start redis-server or fix WANSERVE_STORE")
+
+
+def _s3_check(url: str) -> Check:
+    from wanserve.storage import open_storage
+    from wanserve.storage.s3 import endpoint_from_env
+
+    endpoint = endpoint_from_env() or "AWS"
+    try:
+        answers = open_storage(url).ping()
+    except Exception as exc:  # no credentials at all, a malformed endpoint
+        return Check("storage", False, f"{url}: {type(exc).__name__}: {exc}")
+    if answers:
+        return Check("storage", True, f"{url} answers ({endpoint})")
+    return Check(
+        "storage",
+        False,
+        f"{url} does not answer at {endpoint}: check the bucket, WANSERVE_S3_ENDPOINT_URL and the AWS credentials",
+    )

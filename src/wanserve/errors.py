@@ -75,11 +75,16 @@ class QueueFull(WanserveError):
 
 
 class StoreUnavailable(WanserveError, ConnectionError):
-    """The job store cannot be reached (Redis down or restarting), after the backend's own retries."""
+    """The job store cannot be reached (Redis down or restarting), after the backend's own retries. `public` is
+    what an HTTP client is told: the full message, with addresses and keys, goes to the log."""
+
+    public = "the job store cannot be reached"
 
 
 class StorageUnavailable(WanserveError, ConnectionError):
     """The result storage cannot be reached (an S3 endpoint down), after the backend's own retries."""
+
+    public = "the result storage cannot be reached"
 
 
 def unavailable_on(
@@ -100,7 +105,9 @@ def unavailable_on(
             except causes as exc:
                 if not when(exc):
                     raise
-                raise error(f"{what} cannot be reached: {exc}") from exc
+                unavailable = error(f"{what} cannot be reached: {exc}")
+                unavailable.public = f"{what} cannot be reached"  # for clients: no internal address or key
+                raise unavailable from exc
 
         return call
 

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from wanserve.config import Settings
-from wanserve.errors import Cancelled, InvalidRequest, JobNotFound, ParallelGroupError, StoreUnavailable
+from wanserve.errors import (
+    Cancelled,
+    InvalidRequest,
+    JobNotFound,
+    ParallelGroupError,
+    StorageUnavailable,
+    StoreUnavailable,
+)
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest
@@ -230,12 +237,18 @@ class Worker:
                 log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
                 if job.status.finished and self.metrics is not None:  # failed (worker_lost) or cancelled
                     self.metrics.job_ended_unrun(job.model, job.status.value)
-            for job in self.store.expired():
+            expired = self.store.expired()
+        except Exception:
+            log.exception("housekeeping (reap, expiry) failed")
+            return
+        for job in expired:
+            # One by one: a job whose files cannot be deleted now must not hold up every job behind it.
+            try:
                 self.storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
                 self.store.delete(job.id)
                 log.info("job %s expired: record and files deleted", job.id)
-        except Exception:
-            log.exception("housekeeping (reap, expiry) failed")
+            except Exception as exc:
+                log.warning("job %s expired, but deleting it failed (tried again next round): %s", job.id, exc)
 
     # ---- one job -----------------------------------------------------------------------------------------
 
@@ -326,6 +339,20 @@ class Worker:
                 log.warning("job store unreachable while %s; trying again: %s", what, exc)
                 time.sleep(STORE_RETRY_INTERVAL_S)
 
+    def _storage_call(self, what: str, call: Callable[[], T]) -> T:
+        """A storage call a job's end depends on (its upload, removing its files), retried while the storage
+        cannot be reached, as store writes are: a blip of S3 must not throw away a finished video, nor leave the
+        files of a cancelled or deleted job behind."""
+        deadline = time.monotonic() + STORE_OUTAGE_WAIT_S
+        while True:
+            try:
+                return call()
+            except StorageUnavailable as exc:
+                if time.monotonic() >= deadline or self._drain_deadline_passed():
+                    raise
+                log.warning("result storage unreachable while %s; trying again: %s", what, exc)
+                time.sleep(STORE_RETRY_INTERVAL_S)
+
     def _drain_deadline_passed(self) -> bool:
         return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
 
@@ -409,8 +436,9 @@ class Worker:
             return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
         try:
             # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
-            self.storage.put_file(key_for(job.id, VIDEO), result.video_path, CONTENT_TYPES[VIDEO])
-            self.storage.put_file(key_for(job.id, THUMBNAIL), result.thumbnail_path, CONTENT_TYPES[THUMBNAIL])
+            for name, path in ((VIDEO, result.video_path), (THUMBNAIL, result.thumbnail_path)):
+                put = functools.partial(self.storage.put_file, key_for(job.id, name), path, CONTENT_TYPES[name])
+                self._storage_call(f"storing its {name}", put)
         except Exception as exc:
             # Generating again would not help while the storage refuses it; the worker itself keeps serving.
             log.exception("job %s: storing the video failed", job.id)
@@ -484,11 +512,12 @@ class Worker:
         try:
             current = self._store_write("reading it", lambda _op: self.store.get(job.id))
         except JobNotFound:  # DELETE while it ran: the record is gone already, the files go now
-            self.storage.delete_prefix(job.id)
+            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
             log.info("job %s deleted while running (%s): files removed", job.id, what)
             return "cancelled"
         if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
-            self.storage.delete_prefix(job.id)  # files first: once it reads cancelled, nothing of it is left
+            # Files first: once it reads cancelled, nothing of it is left.
+            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
             ttl = self.settings.result_ttl
             if self._store_write(
                 "cancelling it", lambda op: self.store.mark_cancelled(job.id, self.worker_id, ttl, op)
@@ -500,7 +529,7 @@ class Worker:
         if current.status in (JobStatus.FAILED, JobStatus.CANCELLED) and current.worker_id == self.worker_id:
             # Ended while this worker's engine call was stuck (see _heartbeat), or reaped as cancelled: what it
             # may have stored meanwhile belongs to no one.
-            self.storage.delete_prefix(job.id)
+            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
         self._after_lost(job)
         return "lost"
 

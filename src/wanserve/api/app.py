@@ -100,7 +100,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         code = "store_unavailable" if isinstance(exc, StoreUnavailable) else "storage_unavailable"
-        return _error_response(request, 503, code, str(exc), headers={"Retry-After": "5"})
+        message = f"{getattr(exc, 'public', code)}; try again shortly"
+        return _error_response(request, 503, code, message, headers={"Retry-After": "5"})
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

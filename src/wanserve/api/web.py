@@ -158,7 +158,8 @@ def content_response(
     filename: str,
 ) -> Response:
     """The stored object, whole or in part. Missing objects (expired, deleted) raise FileNotFoundError."""
-    if settings.storage_redirect:
+    # GET only: a presigned URL is signed for one method, and a HEAD is answered from `stat` as cheaply.
+    if settings.storage_redirect and request.method == "GET":
         url = storage.presigned_url(key)
         if url:
             return RedirectResponse(url, status_code=302)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -19,13 +20,40 @@ from wanserve.storage.base import ObjectInfo
 ENDPOINT_ENV_VARS = ("WANSERVE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+# Answers that say the storage cannot serve now, or is set up wrong: not that this one request was wrong.
+_UNAVAILABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+}
+
+
+def _cannot_serve(exc: BaseException) -> bool:
+    """A 5xx (an S3 down, or a proxy in front of it: 502, 503), throttling, or credentials or a bucket that do
+    not work: the API answers 503 storage_unavailable and the worker waits, instead of a 500."""
+    if isinstance(exc, ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = str(exc.response.get("Error", {}).get("Code"))
+        return status >= 500 or status in (401, 403) or code in _UNAVAILABLE_CODES
+    return True  # BotoCoreError (connection, timeout) and S3UploadFailedError (an upload that gave up)
 
 
 def endpoint_from_env() -> str | None:
     return next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
 
 
-@unavailable_on((BotoCoreError,), StorageUnavailable, "the result storage (S3)")
+@unavailable_on(
+    (BotoCoreError, ClientError, S3UploadFailedError), StorageUnavailable, "the result storage (S3)", when=_cannot_serve
+)
 class S3Storage:
     def __init__(
         self,
@@ -39,16 +67,21 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url or endpoint_from_env()
         self.client = client or self._make_client(region)
+        # Health checks want a quick "no": one try, two seconds, not the 3 × 30 s an upload may need.
+        self._probe = client or self._make_client(region, timeout=2, attempts=1)
 
-    def _make_client(self, region: str | None) -> Any:
+    def _make_client(self, region: str | None, timeout: float = 30, attempts: int = 3) -> Any:
         config = Config(
             # MinIO and most self-hosted servers have no per-bucket DNS names.
             s3={"addressing_style": "path"} if self.endpoint_url else {},
             # MinIO and newer AWS regions accept only SigV4, presigned URLs included.
             signature_version="s3v4",
-            # A health check against an unreachable endpoint should fail in seconds, not minutes.
-            connect_timeout=5,
-            retries={"max_attempts": 3, "mode": "standard"},
+            # An endpoint that stops answering (a black hole, not a refusal) must fail in seconds, not the
+            # minutes of botocore's 60 s read timeout times its retries: downloads, /ready and the expiry
+            # sweep would hang as long.
+            connect_timeout=min(timeout, 5),
+            read_timeout=timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
         )
         region = region or os.environ.get("AWS_REGION")  # boto3 itself only reads AWS_DEFAULT_REGION
         # A session per storage: boto3's default session is not safe to create clients from across threads.
@@ -66,9 +99,8 @@ class S3Storage:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as error:
-            if _is_missing(error):
-                return None
-            raise
+            self._missing_or_raise(error)
+            return None
         return ObjectInfo(size=head["ContentLength"], content_type=head.get("ContentType", "application/octet-stream"))
 
     def open_range(self, key: str, start: int, end: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -80,10 +112,23 @@ class S3Storage:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
         except ClientError as error:
-            if _is_missing(error):
-                raise FileNotFoundError(key) from error
-            raise
+            self._missing_or_raise(error)
+            raise FileNotFoundError(key) from error
         return _stream(response["Body"], chunk_size)
+
+    def _missing_or_raise(self, error: ClientError) -> None:
+        """Return when `error` means the object is missing; a missing bucket answers the same 404, and is the
+        storage set up wrong, not a result that expired."""
+        if not _is_missing(error):
+            raise error
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as bucket_error:
+            if _is_missing(bucket_error):
+                raise StorageUnavailable(
+                    f"the result storage (S3) cannot be reached: bucket {self.bucket!r} does not exist"
+                ) from bucket_error
+            raise
 
     def delete_prefix(self, prefix: str) -> None:
         prefix = prefix.strip("/")
@@ -110,7 +155,7 @@ class S3Storage:
 
     def ping(self) -> bool:
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._probe.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError):
             return False
         return True
