@@ -192,3 +192,20 @@ def test_sigterm_to_torchrun_drains_the_group(tmp_path: Path, tiny_cache: Path, 
     finally:
         group.stop()
         api.stop()
+
+
+def test_a_group_whose_rank_0_cannot_start_ends_at_once(tmp_path: Path, tiny_cache: Path, redis_url: str) -> None:
+    """Rank 0 refuses to start (its ops port is taken): the followers, still joining the group, must go with it
+    at torchrun's SIGTERM, not wait for a "stop" that will never come until torchrun SIGKILLs them."""
+    import socket
+
+    env = base_env(tiny_cache, WANSERVE_STORE=redis_url, WANSERVE_STORAGE=f"file://{tmp_path / 'videos'}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = [*TORCHRUN, "-m", "wanserve", "worker", "--model", "tiny-t2v", "--ulysses", "2"]
+        args += ["--ops-port", str(taken.getsockname()[1])]
+        done = subprocess.run(args, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--ops-port: could not listen" in done.stderr, done.stderr[-3000:]
+    assert "forcefully exiting via" not in done.stderr, done.stderr[-3000:]

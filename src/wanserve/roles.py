@@ -66,7 +66,13 @@ def _check_listen(settings: Settings, port_key: str) -> None:
         raise BadSetting(f"{settings.host!r} is not an address to listen on: {exc.strerror}", "host") from None
     for family, kind, proto, _, address in dict.fromkeys(addresses):
         try:
-            with socket.socket(family, kind, proto) as probe:
+            probe = socket.socket(family, kind, proto)
+        except OSError as exc:
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                continue  # a family this machine lacks (IPv6 turned off): uvicorn skips it too
+            raise BadSetting(f"cannot listen on {settings.host!r}: {exc.strerror}", "host") from None
+        try:
+            with probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is free
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -274,18 +280,50 @@ def _follow(model: str, settings: Settings) -> None:
     from wanserve.engine.engine import Engine
     from wanserve.engine.parallel import follow
 
-    # torchrun forwards SIGTERM (Kubernetes' stop) to every rank. Rank 0 drains: it finishes or hands back the
-    # job, then tells the others to stop. A follower that died at the signal would leave rank 0 mid-collective
-    # (FATAL, the job cut off), so followers wait for that word instead.
-    def wait_for_rank_0(signum: int, _frame: Any) -> None:
-        log.info(
-            "rank %s: signal %d: rank 0 drains the group; this rank stops when it says so", os.environ["RANK"], signum
-        )
+    engine = Engine.load(model, settings)
+    # torchrun forwards SIGTERM (Kubernetes' stop) to the ranks of its node. Rank 0 drains: it finishes or hands
+    # back the job, then tells the others to stop; a follower that died at the signal would cut rank 0 off
+    # mid-collective (FATAL, the job lost). So, once the group exists (rank 0 has passed its own start-up), a
+    # follower waits for that word; passes the drain on to rank 0's ops port, in case the signal reached only
+    # this node; and leaves on its own if no word comes, rank 0 being gone.
+    signalled = threading.Event()
+
+    def drain_through_rank_0(signum: int, _frame: Any) -> None:
+        log.info("rank %s: signal %d: rank 0 drains the group; this rank stops when it says so", _rank(), signum)
+        if signalled.is_set():
+            return
+        signalled.set()
+        threading.Thread(target=_ask_rank_0_to_drain, args=(settings,), daemon=True).start()
+        patience = settings.shutdown_grace + 90  # the grace, then the job's hand-back or its last upload
+        timer = threading.Timer(patience, _leave, args=(f"no word from rank 0 {patience:.0f} s after the signal",))
+        timer.daemon = True
+        timer.start()
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, wait_for_rank_0)
-        signal.signal(signal.SIGINT, wait_for_rank_0)
-    follow(Engine.load(model, settings))
+        signal.signal(signal.SIGTERM, drain_through_rank_0)
+        signal.signal(signal.SIGINT, drain_through_rank_0)
+    follow(engine)
+
+
+def _rank() -> str:
+    return os.environ.get("RANK", "?")
+
+
+def _ask_rank_0_to_drain(settings: Settings) -> None:
+    import urllib.request
+
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    url = f"http://{host}:{settings.ops_port}/drain"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).close()
+        log.info("rank %s: asked rank 0 to drain (%s)", _rank(), url)
+    except OSError as exc:  # rank 0 got the signal too (one node), or its ops port listens on another address
+        log.info("rank %s: could not ask rank 0 to drain at %s: %s", _rank(), url, exc)
+
+
+def _leave(why: str) -> None:
+    log.error("rank %s: %s; exiting", _rank(), why)
+    os._exit(1)
 
 
 def ops_app(worker: Any, metrics: Any, store: Any) -> Any:

@@ -575,10 +575,14 @@ class Worker:
         job, ttl, op = running.job, self.settings.result_ttl, running.end_op
         elapsed = time.monotonic() - running.started
         try:
+            current = self.store.get(job.id)
+            if current.worker_id != self.worker_id or current.attempts != job.attempts:
+                return True  # reaped, and maybe claimed again (by this very worker, too): not this run any more
+            if current.status != JobStatus.IN_PROGRESS and running.end_write is None:
+                return True
+            # In progress: end it. Already ended, after a try whose reply was lost: the same write, under the same
+            # token, answers as it did then (True if it was this one that ended it).
             if running.end_write is None:
-                current = self.store.get(job.id)
-                if current.status != JobStatus.IN_PROGRESS or current.worker_id != self.worker_id:
-                    return True
                 if why == "timeout":
                     message = (
                         f"took longer than task_timeout ({self.settings.task_timeout:g} s) and did not stop "
