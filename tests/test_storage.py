@@ -318,16 +318,19 @@ def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None,
 
 class _AlwaysBusy:
     """An S3 endpoint behind a proxy that answers every request 503 (an ingress whose MinIO is down, AWS
-    SlowDown), on 127.0.0.1: a real HTTP server, answering as S3 does."""
+    SlowDown), or another error, on 127.0.0.1: a real HTTP server, answering as S3 does."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 503, code: str = "ServiceUnavailable") -> None:
         import http.server
         import threading
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _busy(self) -> None:
-                body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
-                self.send_response(503)
+                body = f"<Error><Code>{code}</Code><Message>no</Message></Error>".encode()
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -387,3 +390,21 @@ def test_s3_answering_5xx_or_without_its_bucket_is_unavailable_not_an_error(
             assert error["code"] == "storage_unavailable" and "127.0.0.1" not in error["message"], error
     finally:
         busy.close()
+
+
+def test_s3_refusing_one_object_is_not_an_outage(s3_env: None, tmp_path: Path) -> None:
+    """A 4xx for one upload (EntityTooLarge from S3, or a 413 from a proxy) refuses that object: the worker
+    fails the job at once (`storage_failed`) instead of waiting out a minute of retries."""
+    from botocore.exceptions import ClientError
+
+    from wanserve.errors import StorageUnavailable
+
+    refusing = _AlwaysBusy(400, "EntityTooLarge")
+    try:
+        storage = S3Storage("wanserve-test", endpoint_url=refusing.endpoint)
+        with pytest.raises(Exception) as error:
+            storage.put_file("video_x/video.mp4", write(tmp_path, b"frames"), "video/mp4")
+        assert not isinstance(error.value, StorageUnavailable)
+        assert isinstance(error.value.__context__, ClientError) or isinstance(error.value, ClientError)
+    finally:
+        refusing.close()

@@ -303,6 +303,35 @@ def test_a_storage_blip_during_the_upload_does_not_lose_the_video(tmp_path: Path
     assert (tmp_path / "videos" / job.id / "video.mp4").exists()
 
 
+class UndeletableStorage(LocalStorage):
+    """Storage that cannot delete (an S3 whose DeleteObjects keeps failing): cleanup fails, uploads work."""
+
+    def delete_prefix(self, prefix: str) -> None:
+        from wanserve.errors import StorageUnavailable
+
+        raise StorageUnavailable("the result storage (S3) cannot be reached: InternalError")
+
+
+def test_files_that_cannot_be_removed_never_stop_the_worker(
+    tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel whose cleanup the storage refuses, past its retries: the job still ends cancelled and the
+    worker takes the next job (the error used to end the worker thread, and with it `serve`)."""
+    import wanserve.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "STORE_OUTAGE_WAIT_S", 0.5)
+    h = Harness(tmp_path, engine, storage=UndeletableStorage(tmp_path / "videos"))
+    try:
+        job_id = h.submit(num_inference_steps=200, width=128, height=128, num_frames=17)
+        wait_for(lambda: h.store.get(job_id).stage == "denoise", 30, "denoising")
+        h.store.request_cancel(job_id, ttl=60)
+        assert h.finished(job_id).status is JobStatus.CANCELLED
+        assert h.finished(h.submit(num_inference_steps=2, seed=2)).status is JobStatus.COMPLETED
+        assert h.thread.is_alive()
+    finally:
+        h.stop()
+
+
 # ---- overlap: the next job starts while the previous one is stored; its prompt is encoded ahead -------------
 
 

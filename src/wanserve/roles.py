@@ -284,20 +284,16 @@ def _follow(model: str, settings: Settings) -> None:
     # torchrun forwards SIGTERM (Kubernetes' stop) to the ranks of its node. Rank 0 drains: it finishes or hands
     # back the job, then tells the others to stop; a follower that died at the signal would cut rank 0 off
     # mid-collective (FATAL, the job lost). So, once the group exists (rank 0 has passed its own start-up), a
-    # follower waits for that word; passes the drain on to rank 0's ops port, in case the signal reached only
-    # this node; and leaves on its own if no word comes, rank 0 being gone.
+    # follower waits for that word, and passes the drain on to rank 0's ops port in case the signal reached
+    # only this node. (Python runs the handler when the follower's collective returns: within the leader's
+    # idle beat, 10 s at most. Were rank 0 gone, the collective timeout ends this rank, as it would anyway.)
     signalled = threading.Event()
 
     def drain_through_rank_0(signum: int, _frame: Any) -> None:
         log.info("rank %s: signal %d: rank 0 drains the group; this rank stops when it says so", _rank(), signum)
-        if signalled.is_set():
-            return
-        signalled.set()
-        threading.Thread(target=_ask_rank_0_to_drain, args=(settings,), daemon=True).start()
-        patience = settings.shutdown_grace + 90  # the grace, then the job's hand-back or its last upload
-        timer = threading.Timer(patience, _leave, args=(f"no word from rank 0 {patience:.0f} s after the signal",))
-        timer.daemon = True
-        timer.start()
+        if not signalled.is_set():
+            signalled.set()
+            threading.Thread(target=_ask_rank_0_to_drain, args=(settings,), daemon=True).start()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, drain_through_rank_0)
@@ -319,11 +315,6 @@ def _ask_rank_0_to_drain(settings: Settings) -> None:
         log.info("rank %s: asked rank 0 to drain (%s)", _rank(), url)
     except OSError as exc:  # rank 0 got the signal too (one node), or its ops port listens on another address
         log.info("rank %s: could not ask rank 0 to drain at %s: %s", _rank(), url, exc)
-
-
-def _leave(why: str) -> None:
-    log.error("rank %s: %s; exiting", _rank(), why)
-    os._exit(1)
 
 
 def ops_app(worker: Any, metrics: Any, store: Any) -> Any:

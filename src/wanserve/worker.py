@@ -247,6 +247,9 @@ class Worker:
                 self.storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
                 self.store.delete(job.id)
                 log.info("job %s expired: record and files deleted", job.id)
+            except (StorageUnavailable, StoreUnavailable) as exc:  # the next job would wait out the same outage
+                log.warning("expiry paused until the next round: %s", exc)
+                return
             except Exception as exc:
                 log.warning("job %s expired, but deleting it failed (tried again next round): %s", job.id, exc)
 
@@ -339,16 +342,17 @@ class Worker:
                 log.warning("job store unreachable while %s; trying again: %s", what, exc)
                 time.sleep(STORE_RETRY_INTERVAL_S)
 
-    def _storage_call(self, what: str, call: Callable[[], T]) -> T:
+    def _storage_call(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
         """A storage call a job's end depends on (its upload, removing its files), retried while the storage
         cannot be reached, as store writes are: a blip of S3 must not throw away a finished video, nor leave the
-        files of a cancelled or deleted job behind."""
-        deadline = time.monotonic() + STORE_OUTAGE_WAIT_S
+        files of a cancelled or deleted job behind. Tries start until `deadline` (default: a minute from now);
+        a drain waits for them, as it waits for any decoded video to be stored."""
+        deadline = time.monotonic() + STORE_OUTAGE_WAIT_S if deadline is None else deadline
         while True:
             try:
                 return call()
             except StorageUnavailable as exc:
-                if time.monotonic() >= deadline or self._drain_deadline_passed():
+                if time.monotonic() >= deadline:
                     raise
                 log.warning("result storage unreachable while %s; trying again: %s", what, exc)
                 time.sleep(STORE_RETRY_INTERVAL_S)
@@ -436,9 +440,10 @@ class Worker:
             return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
         try:
             # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
+            deadline = time.monotonic() + STORE_OUTAGE_WAIT_S  # one minute for both files, not one each
             for name, path in ((VIDEO, result.video_path), (THUMBNAIL, result.thumbnail_path)):
                 put = functools.partial(self.storage.put_file, key_for(job.id, name), path, CONTENT_TYPES[name])
-                self._storage_call(f"storing its {name}", put)
+                self._storage_call(f"storing its {name}", put, deadline)
         except Exception as exc:
             # Generating again would not help while the storage refuses it; the worker itself keeps serving.
             log.exception("job %s: storing the video failed", job.id)
@@ -512,12 +517,12 @@ class Worker:
         try:
             current = self._store_write("reading it", lambda _op: self.store.get(job.id))
         except JobNotFound:  # DELETE while it ran: the record is gone already, the files go now
-            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
+            self._remove_files(job)
             log.info("job %s deleted while running (%s): files removed", job.id, what)
             return "cancelled"
         if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
             # Files first: once it reads cancelled, nothing of it is left.
-            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
+            self._remove_files(job)
             ttl = self.settings.result_ttl
             if self._store_write(
                 "cancelling it", lambda op: self.store.mark_cancelled(job.id, self.worker_id, ttl, op)
@@ -529,9 +534,17 @@ class Worker:
         if current.status in (JobStatus.FAILED, JobStatus.CANCELLED) and current.worker_id == self.worker_id:
             # Ended while this worker's engine call was stuck (see _heartbeat), or reaped as cancelled: what it
             # may have stored meanwhile belongs to no one.
-            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
+            self._remove_files(job)
         self._after_lost(job)
         return "lost"
+
+    def _remove_files(self, job: Job) -> None:
+        """Remove what a job that will not complete may have stored; a storage that still refuses after its
+        retries costs the files (logged), never the worker: it goes on to the next job."""
+        try:
+            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
+        except Exception as exc:
+            log.error("job %s: its files could not be removed and may stay in the storage: %s", job.id, exc)
 
     def _after_lost(self, job: Job) -> None:
         log.warning("job %s is no longer held by this worker (lease lost or deleted); result dropped", job.id)

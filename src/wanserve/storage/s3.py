@@ -40,11 +40,13 @@ _UNAVAILABLE_CODES = {
 def _cannot_serve(exc: BaseException) -> bool:
     """A 5xx (an S3 down, or a proxy in front of it: 502, 503), throttling, or credentials or a bucket that do
     not work: the API answers 503 storage_unavailable and the worker waits, instead of a 500."""
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+        exc = exc.__context__  # boto3 wraps the upload's own answer: judge that (a 4xx refuses this one object)
     if isinstance(exc, ClientError):
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         code = str(exc.response.get("Error", {}).get("Code"))
-        return status >= 500 or status in (401, 403) or code in _UNAVAILABLE_CODES
-    return True  # BotoCoreError (connection, timeout) and S3UploadFailedError (an upload that gave up)
+        return status >= 500 or code in _UNAVAILABLE_CODES  # a per-object 403 (InvalidObjectState) is not
+    return True  # BotoCoreError (connection, timeout), and an upload that gave up without an answer
 
 
 def endpoint_from_env() -> str | None:
@@ -146,7 +148,10 @@ class S3Storage:
             result = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
             if result.get("Errors"):
                 first = result["Errors"][0]
-                raise OSError(f"S3 could not delete {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}")
+                problem = f"S3 could not delete {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                if str(first.get("Code")) in _UNAVAILABLE_CODES:  # InternalError, SlowDown: try again later
+                    raise StorageUnavailable(f"the result storage (S3) cannot be reached: {problem}")
+                raise OSError(problem)
 
     def presigned_url(self, key: str, expires: int = 3600) -> str | None:
         return self.client.generate_presigned_url(
