@@ -55,6 +55,11 @@ class ModelSpec:
         return self.max_side_patches * self.spatial_multiple
 
     @property
+    def rope_max_frames(self) -> int:
+        """The longest video (stride·k + 1 frames) whose latent frames the rotary table covers."""
+        return (self.max_side_patches - 1) * self.temporal_stride + 1
+
+    @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
 
@@ -349,16 +354,13 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
         if merged.boundary_ratio is not None and merged.guidance_scale_2 is None:
             merged = replace(merged, guidance_scale_2=merged.guidance_scale)
         return merged
-    # Wan 2.1's 480p defaults, within what this transformer's position table reaches (a small model's may not).
-    side = int(structural["max_side_patches"]) * int(structural["vae_stride"]) * int(structural["patch"])
-    stride = int(structural["temporal_stride"])
-    return ModelSpec(
+    spec = ModelSpec(
         name=str(path),
         description=f"local {pipeline_class} at {path}",
         repo_id=None,
-        width=min(832, side),
-        height=min(480, side),
-        num_frames=min(81, (int(structural["max_side_patches"]) - 1) * stride + 1),
+        width=832,
+        height=480,
+        num_frames=81,
         fps=16,
         num_inference_steps=50,
         guidance_scale=5.0,
@@ -366,4 +368,11 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
         flow_shift=float(scheduler.get("flow_shift") or scheduler.get("shift") or 3.0),
         max_pixels=1280 * 720,
         **structural,  # type: ignore[arg-type]
+    )
+    # Wan 2.1's 480p defaults, within what this transformer's position table reaches (a small model's may not).
+    return replace(
+        spec,
+        width=min(spec.width, spec.max_side),
+        height=min(spec.height, spec.max_side),
+        num_frames=min(spec.num_frames, spec.rope_max_frames),
     )

@@ -204,9 +204,8 @@ def resolve(
             "num_frames",
             f"must be {stride}k+1 (1, 5, 9, …, 81, …) for the VAE's time stride, got {num_frames}",
         )
-    if (num_frames - 1) // stride + 1 > spec.max_side_patches:
-        longest = (spec.max_side_patches - 1) * stride + 1
-        raise InvalidRequest("num_frames", f"must be at most {longest} for {spec.name}, got {num_frames}")
+    if num_frames > spec.rope_max_frames:
+        raise InvalidRequest("num_frames", f"must be at most {spec.rope_max_frames} for {spec.name}, got {num_frames}")
 
     fps = _int("fps", request.fps if request.fps is not None else spec.fps)
     if not 1 <= fps <= 60:

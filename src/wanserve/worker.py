@@ -331,30 +331,34 @@ class Worker:
         """A store write that ends a job, retried while the store cannot be reached (see STORE_OUTAGE_WAIT_S). Every
         try passes the same token (`op`): a write that went through although its reply was lost answers the
         retry as it answered the first time, instead of "no change", which would drop a stored result."""
-        deadline = time.monotonic() + STORE_OUTAGE_WAIT_S
         op = uuid.uuid4().hex
-        while True:
-            try:
-                return write(op)
-            except StoreUnavailable as exc:
-                if time.monotonic() >= deadline or self._drain_deadline_passed():
-                    raise
-                log.warning("job store unreachable while %s; trying again: %s", what, exc)
-                time.sleep(STORE_RETRY_INTERVAL_S)
+        return self._wait_out(StoreUnavailable, f"job store unreachable while {what}", lambda: write(op), drain=True)
 
     def _storage_call(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
         """A storage call a job's end depends on (its upload, removing its files), retried while the storage
         cannot be reached, as store writes are: a blip of S3 must not throw away a finished video, nor leave the
         files of a cancelled or deleted job behind. Tries start until `deadline` (default: a minute from now);
         a drain waits for them, as it waits for any decoded video to be stored."""
+        return self._wait_out(StorageUnavailable, f"result storage unreachable while {what}", call, deadline)
+
+    def _wait_out(
+        self,
+        unavailable: type[Exception],
+        what: str,
+        call: Callable[[], T],
+        deadline: float | None = None,
+        drain: bool = False,
+    ) -> T:
+        """`call`, tried again every STORE_RETRY_INTERVAL_S while it raises `unavailable`, until `deadline`
+        (default: STORE_OUTAGE_WAIT_S from now) or, with `drain`, a drain's deadline passes."""
         deadline = time.monotonic() + STORE_OUTAGE_WAIT_S if deadline is None else deadline
         while True:
             try:
                 return call()
-            except StorageUnavailable as exc:
-                if time.monotonic() >= deadline:
+            except unavailable as exc:
+                if time.monotonic() >= deadline or (drain and self._drain_deadline_passed()):
                     raise
-                log.warning("result storage unreachable while %s; trying again: %s", what, exc)
+                log.warning("%s; trying again: %s", what, exc)
                 time.sleep(STORE_RETRY_INTERVAL_S)
 
     def _drain_deadline_passed(self) -> bool:

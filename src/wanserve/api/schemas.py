@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from wanserve.request import MAX_PROMPT_CHARS
+from wanserve.request import MAX_PROMPT_CHARS, MAX_SEED
+
+from .submit import MAX_PRIORITY, MIN_PRIORITY
 
 
 class _Strict(BaseModel):
@@ -27,13 +29,13 @@ class WanFields(_Strict):
     guidance_scale_2: float | None = Field(None, ge=0, le=30, description="two-expert (A14B) models only")
     boundary_ratio: float | None = Field(None, gt=0, lt=1, description="two-expert (A14B) models only")
     flow_shift: float | None = Field(None, gt=0, le=100)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="drawn and reported when omitted")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn and reported when omitted")
     fps: int | None = Field(None, ge=1, le=60)
     num_frames: int | None = Field(None, description="4k+1; wins over seconds; limits in GET /v1/models")
     width: int | None = Field(None, description="wins over size; multiple and limits in GET /v1/models")
     height: int | None = Field(None, description="wins over size")
     preset: Literal["exact", "fast", "fastest"] | None = Field(None, description="omitted: the workers' own")
-    priority: int | None = Field(None, ge=-1000, le=1000, description="higher runs first")
+    priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY, description="higher runs first")
 
 
 class VideoCreate(WanFields):
@@ -72,10 +74,8 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 def json_or_form_body(model: type[BaseModel]) -> dict[str, Any]:
     """JSON, or the multipart form the openai SDK sends, where the image may be a file."""
-    form = model.model_json_schema()
-    form["properties"] = {
-        **form["properties"],
-        "input_reference": {"type": "string", "format": "binary", "description": "the first frame, as a file"},
-    }
-    content = {"application/json": {"schema": model.model_json_schema()}, "multipart/form-data": {"schema": form}}
+    schema = model.model_json_schema()
+    file = {"type": "string", "format": "binary", "description": "the first frame, as a file"}
+    form = {**schema, "properties": {**schema["properties"], "input_reference": file}}
+    content = {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}
     return {"requestBody": {"required": True, "content": content}}
