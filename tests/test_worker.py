@@ -258,12 +258,17 @@ class LosesOneReply:
         return done
 
 
-def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, engine: Engine, redis_url: str) -> None:
+def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, engine: Engine) -> None:
     """The retry carries the first try's token, so it hears "completed" again: the result is kept and counted
     once, not logged as lost (the retry used to get "no change", the job being completed already)."""
     from wanserve.metrics import Metrics
 
-    h = Harness(tmp_path, engine, start=False, store=redis_url)
+    from conftest import free_tcp_port, start_redis, stop_redis
+
+    # A Redis of its own: on the session's shared one, a worker of another test could claim this job first.
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
     h.worker.store = LosesOneReply(h.store)  # type: ignore[assignment]
     metrics = Metrics()
     h.worker.metrics = metrics
@@ -273,6 +278,7 @@ def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, 
         assert h.worker.store.lost  # type: ignore[attr-defined]
     finally:
         h.stop()
+        stop_redis(server)
     assert job.status is JobStatus.COMPLETED and (tmp_path / "videos" / job.id / "video.mp4").exists()
     labels = {"model": "tiny-t2v", "status": "completed"}
     assert metrics.registry.get_sample_value("wanserve_jobs_finished_total", labels) == 1
