@@ -256,8 +256,8 @@ def test_mark_cancelled_by_the_holder_once(store: JobStore) -> None:
 
 def test_request_cancel_on_a_queued_job_cancels_it_at_once(store: JobStore) -> None:
     job, later = store.enqueue(make_job()), store.enqueue(make_job())
-    cancelled = store.request_cancel(job.id, TTL)
-    assert cancelled.status is JobStatus.CANCELLED
+    cancelled, ended = store.request_cancel(job.id, TTL)
+    assert cancelled.status is JobStatus.CANCELLED and ended
     assert cancelled.completed_at is not None and cancelled.expires_at == pytest.approx(cancelled.completed_at + TTL)
     assert store.get(job.id).status is JobStatus.CANCELLED
     assert store.queue_depth("tiny-t2v") == 1 and store.queue_position(job.id) is None
@@ -265,11 +265,12 @@ def test_request_cancel_on_a_queued_job_cancels_it_at_once(store: JobStore) -> N
     assert store.claim("tiny-t2v", "w1", LEASE) is None
 
 
-def test_only_the_cancel_that_ended_a_queued_job_finds_its_own_time(store: JobStore) -> None:
-    """How the API counts a queued job cancelled by several racing requests once: by `completed_at`."""
+def test_only_the_cancel_that_ended_a_queued_job_says_so(store: JobStore) -> None:
+    """How the API counts a queued job cancelled by several racing requests once."""
     job = store.enqueue(make_job())
-    first = store.request_cancel(job.id, TTL, now=T0 + 1)
-    again = store.request_cancel(job.id, TTL, now=T0 + 2)
+    first, first_ended = store.request_cancel(job.id, TTL, now=T0 + 1)
+    again, again_ended = store.request_cancel(job.id, TTL, now=T0 + 2)
+    assert first_ended and not again_ended
     assert first.completed_at == T0 + 1 and again.completed_at == T0 + 1
     assert again.status is JobStatus.CANCELLED
 
@@ -277,10 +278,10 @@ def test_only_the_cancel_that_ended_a_queued_job_finds_its_own_time(store: JobSt
 def test_request_cancel_on_a_running_job_only_flags_it(store: JobStore) -> None:
     job = store.enqueue(make_job())
     claim(store, "w1")
-    flagged = store.request_cancel(job.id, TTL)
-    assert flagged.status is JobStatus.IN_PROGRESS and flagged.cancel_requested
+    flagged, ended = store.request_cancel(job.id, TTL)
+    assert flagged.status is JobStatus.IN_PROGRESS and flagged.cancel_requested and not ended
     assert store.get(job.id).cancel_requested
-    assert store.request_cancel(job.id, TTL).cancel_requested  # asking twice changes nothing
+    assert store.request_cancel(job.id, TTL)[0].cancel_requested  # asking twice changes nothing
 
 
 def test_request_cancel_on_a_finished_job_returns_it_unchanged(store: JobStore) -> None:
@@ -288,7 +289,7 @@ def test_request_cancel_on_a_finished_job_returns_it_unchanged(store: JobStore) 
     claim(store, "w1")
     store.complete(job.id, "w1", {"seed": 1}, TTL)
     done = store.get(job.id)
-    assert store.request_cancel(job.id, TTL).to_dict() == done.to_dict()
+    assert store.request_cancel(job.id, TTL) == (done, False)
     assert store.get(job.id).to_dict() == done.to_dict()
     with pytest.raises(JobNotFound):
         store.request_cancel("video_missing", TTL)
@@ -672,8 +673,6 @@ def test_redis_retried_state_change_replays_its_first_reply(redis_url: str) -> N
 def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hosts whose clocks disagree by more than a lease: the one running ahead must not reap the other's
     live job (it used to, at once, and the job ran twice)."""
-    import wanserve.jobs.redis_store as redis_store
-
     store = RedisJobStore(redis_url)
     job = store.enqueue(make_job())
     claimed = store.claim("tiny-t2v", "w1", 5.0)
@@ -682,16 +681,39 @@ def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytes
 
     real_time = time.time
     skewed = real_time() + 120.0
-    monkeypatch.setattr(redis_store.time, "time", lambda: skewed)
+    monkeypatch.setattr(time, "time", lambda: skewed)
     assert store.reap(max_attempts=3, ttl=TTL) == []
     assert store.renew(job.id, "w1", 5.0)
     assert store.get(job.id).status is JobStatus.IN_PROGRESS and store.get(job.id).worker_id == "w1"
 
     # Nor does it delete results early: expiry is on the server's clock too.
-    monkeypatch.setattr(redis_store.time, "time", real_time)
+    monkeypatch.setattr(time, "time", real_time)
     assert store.complete(job.id, "w1", {"seed": 1}, ttl=60.0)
-    monkeypatch.setattr(redis_store.time, "time", lambda: skewed)
+    monkeypatch.setattr(time, "time", lambda: skewed)
     assert store.expired() == []
+    store.close()
+
+
+def test_redis_cancels_and_progress_are_dated_by_the_server_clock(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API host whose clock runs a day ahead cancels a queued job: its result used to be dated (and set to
+    expire) by that host's clock, so the job read as finished tomorrow and outlived its TTL by a day."""
+    store = RedisJobStore(redis_url)
+    running, queued = store.enqueue(make_job()), store.enqueue(make_job())
+    assert claim(store, "w1").id == running.id
+    monkeypatch.setattr(time, "time", lambda: 1e10)  # every host-side reading is far off
+
+    seconds, micros = store._redis.time()
+    server_now = seconds + micros / 1e6
+    cancelled, ended = store.request_cancel(queued.id, ttl=60.0)
+    assert ended and cancelled.completed_at is not None and abs(cancelled.completed_at - server_now) < 60
+    assert cancelled.expires_at == pytest.approx(cancelled.completed_at + 60.0)
+
+    assert store.set_progress(running.id, "w1", 0.5)
+    assert abs(store.get(running.id).updated_at - server_now) < 60
+    flagged, ended = store.request_cancel(running.id, ttl=60.0)
+    assert not ended and abs(flagged.updated_at - server_now) < 60
     store.close()
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
 from wanserve.errors import InvalidRequest
-from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
+from wanserve.jobs.model import Job, JobStore, new_job_id
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, resolve
 
@@ -261,10 +260,7 @@ def submit(
 def cancel(store: JobStore, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:
     """Ask for a job's cancel (every surface's cancel and delete). A queued job ends here, so it is counted
     here; a running one is counted by the worker that stops it."""
-    now = time.time()
-    job = store.request_cancel(job_id, settings.result_ttl, now=now)
-    # Of several cancels racing for one queued job, only the one whose call ended it finds its own `now`
-    # as the finish time: the others read an already cancelled job, and it is counted once.
-    if metrics is not None and job.status is JobStatus.CANCELLED and job.completed_at == now:
+    job, ended = store.request_cancel(job_id, settings.result_ttl)
+    if metrics is not None and ended:
         metrics.job_ended_unrun(job.model, "cancelled")
     return job

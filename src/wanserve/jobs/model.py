@@ -125,9 +125,11 @@ class JobStore(Protocol):
         and original arrival. The attempt is not counted against max_attempts."""
         ...
 
-    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> Job:
+    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> tuple[Job, bool]:
         """A queued job becomes cancelled at once, with `completed_at` = `now`; a running one gets
-        cancel_requested (the worker stops at its next step). Finished jobs are returned unchanged."""
+        cancel_requested (the worker stops at its next step). Finished jobs are returned unchanged.
+        Returns the job and whether this call ended it: of several cancels racing for one queued job, exactly
+        one says so (the API counts the cancel there)."""
         ...
 
     def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:

@@ -21,7 +21,6 @@ never decodes the request/result JSON: Redis's cjson would turn an empty list in
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -177,11 +176,11 @@ if cancel_requested(id) then return 0 end
 return 1
 """
 
-# ARGV: prefix, id, worker, progress, now, '1' if a stage is given else '0', stage
+# ARGV: prefix, id, worker, progress, now ('' for the server's clock), '1' if a stage is given else '0', stage
 _SET_PROGRESS = """
 local id = ARGV[2]
 if not held(id, ARGV[3]) then return 0 end
-redis.call('HSET', k('job', id), 'progress', ARGV[4], 'updated_at', ARGV[5])
+redis.call('HSET', k('job', id), 'progress', ARGV[4], 'updated_at', clock(ARGV[5]))
 if ARGV[6] == '1' then redis.call('HSET', k('job', id), 'stage', ARGV[7]) end
 publish(id)
 if cancel_requested(id) then return 0 end
@@ -220,31 +219,34 @@ return once(function()
 end)
 """
 
-# ARGV: prefix, id, worker, now, op ttl
+# ARGV: prefix, id, worker, now ('' for the server's clock), op ttl
 _RELEASE = """
 return once(function()
   local id = ARGV[2]
   -- A job the user cancelled must not run again: the worker marks it cancelled (or reap does).
   if not held(id, ARGV[3]) or cancel_requested(id) then return false end
   redis.call('HINCRBY', k('job', id), 'attempts', -1)
-  requeue(id, ARGV[4])
+  requeue(id, clock(ARGV[4]))
   return true
 end)
 """
 
-# ARGV: prefix, id, now, expires. Idempotent as it stands: a second run finds the job already changed.
+# ARGV: prefix, id, now ('' for the server's clock), result ttl. Replies {1 if this call ended the job else 0,
+# the job}. Idempotent as it stands: a second run finds the job already changed, and says it did not end it.
 _REQUEST_CANCEL = """
 local id = ARGV[2]
 local jk = k('job', id)
 local status = redis.call('HGET', jk, 'status')
 if not status then return false end
+local now, ended = clock(ARGV[3]), 0
 if status == 'queued' then
-  finish(id, 'cancelled', ARGV[3], ARGV[4])
+  finish(id, 'cancelled', now, later(now, ARGV[4]))
+  ended = 1
 elseif status == 'in_progress' and not cancel_requested(id) then
-  redis.call('HSET', jk, 'cancel_requested', '1', 'updated_at', ARGV[3])
+  redis.call('HSET', jk, 'cancel_requested', '1', 'updated_at', now)
   publish(id)
 end
-return redis.call('HGETALL', jk)
+return {ended, redis.call('HGETALL', jk)}
 """
 
 # ARGV: prefix, now ('' for the server's clock), result ttl, max_attempts, worker-lost message template. A retry
@@ -435,7 +437,7 @@ class RedisJobStore:
 
     def set_progress(self, job_id: str, worker_id: str, progress: float, stage: str | None = None) -> bool:
         progress = min(max(float(progress), 0.0), 1.0)
-        args = [self.prefix, job_id, worker_id, repr(progress), repr(time.time()), "0" if stage is None else "1"]
+        args = [self.prefix, job_id, worker_id, repr(progress), "", "0" if stage is None else "1"]
         return bool(self._set_progress(args=[*args, stage or ""]))
 
     # Finish times and expiry, like leases, are on the server's clock: a worker whose clock ran ahead would
@@ -451,14 +453,14 @@ class RedisJobStore:
         return bool(self._once(self._mark_cancelled, job_id, worker_id, "", repr(float(ttl)), op=op))
 
     def release(self, job_id: str, worker_id: str) -> bool:
-        return bool(self._once(self._release, job_id, worker_id, repr(time.time())))
+        return bool(self._once(self._release, job_id, worker_id, ""))
 
-    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> Job:
-        now = time.time() if now is None else now
-        flat = self._request_cancel(args=[self.prefix, job_id, repr(now), repr(now + ttl)])
-        if flat is None:
+    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> tuple[Job, bool]:
+        reply = self._request_cancel(args=[self.prefix, job_id, _clock(now), repr(float(ttl))])
+        if reply is None:
             raise JobNotFound(job_id)
-        return _from_flat(flat)
+        ended, flat = reply
+        return _from_flat(flat), bool(ended)
 
     def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
         args = [self.prefix, _clock(now), repr(float(ttl)), max_attempts, WORKER_LOST_MESSAGE]

@@ -265,18 +265,19 @@ class SQLiteJobStore:
             self._save(conn, job)
             return True
 
-    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> Job:
+    def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> tuple[Job, bool]:
         now = time.time() if now is None else now
         with self._tx() as conn:
             job = self._load(conn, job_id)
-            if job.status == JobStatus.QUEUED:
+            ended = job.status == JobStatus.QUEUED
+            if ended:
                 self._finish(job, JobStatus.CANCELLED, ttl, now)
                 self._save(conn, job)
             elif job.status == JobStatus.IN_PROGRESS and not job.cancel_requested:
                 job.cancel_requested = True
                 job.updated_at = now
                 self._save(conn, job)
-        return job
+        return job, ended
 
     def reap(self, max_attempts: int, ttl: float, now: float | None = None) -> list[Job]:
         now = time.time() if now is None else now
