@@ -238,6 +238,29 @@ def test_a_job_whose_engine_call_hangs_still_ends_and_the_worker_says_it_is_stuc
     assert counted == 1
 
 
+def test_a_stuck_run_does_not_end_the_run_that_took_its_job_over(tmp_path: Path, engine: Engine) -> None:
+    """The hung call's lease ran out (a store outage kept it from being renewed), the job was requeued and
+    claimed again, here by the same worker id (a worker that restarted under its pod name): the stale run's
+    heartbeat must see the new attempt and leave it be, not fail the run that took over for its own hang."""
+    hung = HungEngine(engine)
+    h = Harness(tmp_path, engine, start=False, task_timeout=1.0, stuck_after=1.0, overlap_jobs=False, lease_seconds=3)
+    h.worker.engine = hung  # type: ignore[assignment]
+    h.thread.start()
+    try:
+        job_id = h.submit(num_inference_steps=2)
+        assert hung.entered.wait(60)
+        assert [j.id for j in h.store.reap(max_attempts=3, ttl=60, now=time.time() + 3600)] == [job_id]
+        again = h.store.claim("tiny-t2v", h.worker.worker_id, 3600)
+        assert again is not None and again.id == job_id and again.attempts == 2
+        wait_for(lambda: h.worker.stuck is not None, 30, "the hung call to be reported stuck")
+        time.sleep(1.5)  # a beat more: the heartbeat that saw the hang has had its chance to end the job
+        job = h.store.get(job_id)
+        assert job.status is JobStatus.IN_PROGRESS and job.attempts == 2 and job.error_code is None
+    finally:
+        hung.release.set()
+        h.stop()
+
+
 class LosesOneReply:
     """A store whose first `complete` goes through but whose reply is lost (the connection broke after Redis ran
     the script, and redis-py's own retries ran out): the worker retries the write after the outage."""
