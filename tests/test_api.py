@@ -376,6 +376,46 @@ def _bomb_png(side: int = 30_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def test_damaged_or_unsupported_images_are_refused_at_submit(api: Api) -> None:
+    """Images that pass a header check but cannot be decoded (a cut-off upload) were queued, and failed on the
+    worker; some crafted ones answered 500. Each is a 400 naming the field, and nothing is queued."""
+    import struct
+
+    from PIL import Image
+
+    def encoded(kind: str, size: tuple[int, int] = (64, 48)) -> bytes:
+        out = io.BytesIO()
+        noise = Image.effect_noise(size, 60).convert("RGB")  # noise: a cut keeps the header, loses pixels
+        noise.save(out, format=kind)
+        return out.getvalue()
+
+    jpeg, png = encoded("JPEG"), encoded("PNG")
+    damaged = {
+        "a JPEG cut in half": jpeg[: len(jpeg) // 2],
+        "a PNG cut short": png[: len(png) - 200],
+        "a BMP (not a format taken)": encoded("BMP"),
+        "a crafted DDS header": b"DDS " + struct.pack("<I", 124) + b"\x00" * 120,
+    }
+    before = len(api.client.get("/v1/videos", params={"limit": 100}).json()["data"])
+    for what, image in damaged.items():
+        answer = openai_error(
+            api.client.post(
+                "/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files={"input_reference": ("i.png", image)}
+            ),
+            400,
+        )
+        assert answer["param"] == "input_reference" and "could not be decoded" in answer["message"], (what, answer)
+        legacy = api.client.post(
+            "/video/submit", json={"prompt": "p", "model": "tiny-i2v", "image_url": data_url(image)}
+        )
+        assert problem(legacy, 400)["field"] == "image_url", what
+        task = api.client.post(
+            "/api/v1/generate", json={"prompt": "p", "task_type": "i2v", "image_url": data_url(image)}
+        )
+        assert problem(task, 400)["field"] == "image_url", (what, task.json())
+    assert len(api.client.get("/v1/videos", params={"limit": 100}).json()["data"]) == before
+
+
 def test_hostile_bodies_answer_400_and_queue_nothing(api: Api) -> None:
     """Bodies a client can send by mistake or on purpose: each is a 400 naming the field, never a 500, and
     nothing is queued (a lone surrogate once queued a job whose record then broke every list)."""

@@ -15,6 +15,10 @@ from wanserve.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 20_000
+# An 8K photo is 33 Mpx; past this the decode alone costs the API hundreds of MB for a frame the model
+# sees at a few hundred thousand pixels.
+MAX_IMAGE_PIXELS = 40_000_000
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Wan's official default negative prompt (from the reference generate.py); used for real checkpoints.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -119,24 +123,29 @@ def parse_size(text: str, field: str = "size") -> tuple[int, int]:
 
 
 def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
-    """Decode enough of the image to know it is one; returns its (width, height)."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode the whole image, as the worker will: a file that is cut short or damaged past its header is
+    refused here, not accepted and failed minutes later. Returns its (width, height)."""
+    from PIL import Image
 
     if not isinstance(data, bytes | bytearray | memoryview):
         kind = type(data).__name__
         raise InvalidRequest(field, f"must be the image file's bytes (PNG, JPEG or WebP), got {kind}")
-
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidRequest(
+                    field, f"has too many pixels ({width}x{height}; at most {MAX_IMAGE_PIXELS:,}): scale it down"
+                )
+            img.load()
+            return width, height
+    except InvalidRequest:
+        raise
     except Image.DecompressionBombError as exc:
         raise InvalidRequest(field, f"has too many pixels to decode safely: {exc}") from None
-    except UnidentifiedImageError:  # PIL's text names the BytesIO object, which tells the user nothing
-        raise InvalidRequest(field, "could not be decoded as an image (PNG, JPEG or WebP)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP): {exc}") from None
+    except Exception as exc:  # Pillow's decoders raise much besides OSError (NotImplementedError, struct.error…)
+        reason = "" if isinstance(exc, Image.UnidentifiedImageError) else f": {exc}"  # names the BytesIO: noise
+        raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP){reason}") from None
 
 
 def resolve(
