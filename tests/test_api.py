@@ -876,6 +876,11 @@ def test_metrics_without_a_given_metrics_object(tmp_path: Path) -> None:
     store = SQLiteJobStore(tmp_path / "jobs.db")
     app = create_app(settings, store, LocalStorage(tmp_path / "v"), {"tiny-t2v": _spec("tiny-t2v")})
     with TestClient(app) as client:
+        # Every series exists at zero before the first job: a series born at 1 hides that job from increase().
+        fresh = client.get("/metrics").text
+        for status in ("completed", "failed", "cancelled"):
+            assert f'wanserve_jobs_finished_total{{model="tiny-t2v",status="{status}"}} 0.0' in fresh, status
+        assert 'wanserve_jobs_submitted_total{model="tiny-t2v"} 0.0' in fresh
         client.post("/v1/videos", json={"prompt": "p"})
         assert 'wanserve_queue_depth{model="tiny-t2v"} 1.0' in client.get("/metrics").text
     store.close()

@@ -360,6 +360,10 @@ def test_kill_9_of_a_worker_mid_job_on_one_sqlite_file_shared_by_processes(tmp_p
         cluster.worker("worker-1")
         cluster.worker("worker-2")
         cluster.wait_ready()
+        # A standalone worker's own series exist at zero from the start too (it counts what it runs).
+        scrape = httpx.get(f"{cluster.workers[0].ops_url}/metrics", timeout=10).text
+        for status in ("completed", "failed", "cancelled"):
+            assert f'wanserve_jobs_finished_total{{model="{MODEL}",status="{status}"}} 0.0' in scrape, status
         kill_a_worker_mid_job(cluster, 8, events=None)
 
 

@@ -57,8 +57,13 @@ class _StoreCollector(Collector):
         yield running
 
 
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, models: Sequence[str] = ()) -> None:
+        """`models`: those served here, whose series exist from the start, at zero: rate(), increase() and
+        absence alerts then see the first job (a series born at 1 looks like no change)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_collector: _StoreCollector | None = None
         self.jobs_submitted = Counter(
@@ -98,6 +103,13 @@ class Metrics:
             buckets=_HTTP_BUCKETS,
             registry=self.registry,
         )
+        for model in models:
+            self.jobs_submitted.labels(model=model)
+            for status in FINAL_STATUSES:
+                self.jobs_finished.labels(model=model, status=status)
+            self.queue_wait.labels(model=model)
+            self.job_duration.labels(model=model)
+            self.denoise_step_seconds.labels(model=model)
 
     @property
     def watching_store(self) -> bool:
@@ -109,12 +121,6 @@ class Metrics:
             self.registry.unregister(self._store_collector)
         self._store_collector = _StoreCollector(store, models)
         self.registry.register(self._store_collector)
-        # Series that exist from the start (at zero) make rate() and absence alerts work before the first job.
-        for model in models:
-            self.jobs_submitted.labels(model=model)
-            self.queue_wait.labels(model=model)
-            self.job_duration.labels(model=model)
-            self.denoise_step_seconds.labels(model=model)
 
     def job_submitted(self, model: str) -> None:
         self.jobs_submitted.labels(model=model).inc()

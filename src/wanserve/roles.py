@@ -124,7 +124,7 @@ def run_serve(settings: Settings) -> None:
     _check_device(settings)
     _check_listen(settings, "port")
     store, storage = _backends(settings)
-    metrics = Metrics()
+    metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     start_together = threading.Barrier(len(specs))
     workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
@@ -202,7 +202,7 @@ def run_api(settings: Settings) -> None:
     specs = served_specs(settings)
     _check_listen(settings, "port")
     store, storage = _backends(settings)
-    metrics = Metrics()
+    metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
     try:
@@ -231,7 +231,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         return
     _check_listen(settings, "ops_port")
     store, storage = _backends(settings)
-    metrics = Metrics()
+    metrics = Metrics([model])
     worker = Worker(model, settings, store, storage, metrics, engine=engine)
 
     # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load. A worker

@@ -158,7 +158,7 @@ def create_app(
         raise ValueError("create_app needs at least one served model")
     if metrics is None:
         # Callers that pass their own Metrics have already pointed it at the store (see roles.py).
-        metrics = Metrics()
+        metrics = Metrics(list(specs))
         metrics.watch_store(store, list(specs))
 
     app = FastAPI(
