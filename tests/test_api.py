@@ -718,6 +718,16 @@ def test_video_submit_status_and_download(api: Api) -> None:
 def test_video_surface_errors_are_problem_json(api: Api) -> None:
     assert problem(api.client.post("/video/status", json={}), 400)["field"] == "requestId"
     assert problem(api.client.post("/video/status", json={"requestId": "video_x"}), 404)["code"] == "not_found"
+    # A misspelt or extra field is refused, not ignored: a cancel must not "succeed" on a body it half read.
+    queued = api.client.post("/video/submit", json={"prompt": "p"}).json()["requestId"]
+    for route, body in (
+        ("/video/status", {"requestid": queued}),
+        ("/video/status", {"requestId": queued, "force": True}),
+        ("/video/cancel", {"requestId": queued, "ulysses_size": 4}),
+    ):
+        answer = problem(api.client.post(route, json=body), 400)
+        assert answer["field"] == next(k for k in body if k != "requestId") and answer["code"] == "unknown_parameter"
+    assert api.store.get(queued).status.value == "queued"
     body = problem(api.client.post("/video/submit", json={"prompt": "p", "model": "tiny-i2v"}), 400)
     assert body["field"] == "image_url"
     body = problem(api.client.post("/video/submit", json={"prompt": "p", "sp_size": 4}), 400)

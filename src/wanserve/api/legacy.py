@@ -160,6 +160,7 @@ def router(
         return submit(store, specs, settings, metrics, request, spec.name, body.get("priority"), source, names)
 
     def request_id(body: Mapping[str, Any]) -> str:
+        check_fields(body, ("requestId",))  # `requestid` or `id` must not pass as a request without one
         value = body.get("requestId")
         if not isinstance(value, str) or not value:
             raise InvalidRequest("requestId", "is required (the id /video/submit returned)")
