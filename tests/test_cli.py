@@ -191,6 +191,18 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
         (["serve", "--store", "bogus://x"], {}, "--store: unsupported job store URL 'bogus://x'"),
         (["api"], {"WANSERVE_STORAGE": "ftp://x"}, "WANSERVE_STORAGE: "),
         (["worker"], {"WANSERVE_DEVICE": "cuda:99"}, "WANSERVE_DEVICE: cuda:99 was asked for"),
+        # A multi-GPU layout outside torchrun, or with offload; a cache folder that cannot exist (was exit 1,
+        # blamed on --out, or a traceback).
+        (["generate", "--prompt", "a fox", "--out", out, "--ulysses", "2"], {}, "--ulysses: the layout needs"),
+        (
+            ["generate", "--prompt", "a fox", "--out", out, "--cpu-offload", "--cfg-parallel", "2"],
+            {},
+            "--cpu-offload: moves whole models",
+        ),
+        (["worker"], {"WANSERVE_CFG_PARALLEL": "2"}, "WANSERVE_CFG_PARALLEL: the layout needs"),
+        (["serve"], {"WANSERVE_RING": "2"}, "WANSERVE_RING: the layout needs"),
+        (["generate", "--prompt", "a fox", "--out", out, "--cache-dir", "/proc/nope"], {}, "--cache-dir: /proc/nope"),
+        (["worker"], {"WANSERVE_CACHE_DIR": "/proc/nope"}, "WANSERVE_CACHE_DIR: /proc/nope cannot be created"),
     ]
     for args, env, needle in cases:
         env = {"WANSERVE_DATA_DIR": str(tmp_path / "data"), **env}

@@ -188,10 +188,16 @@ def generate(
         if lookup(model) is not None or spec.local_path:
             resolve(request, spec)
 
+        from wanserve.roles import check_engine_settings
+
+        check_engine_settings(settings)
         with console.status(f"loading {escape(model)}…"):
             from wanserve.engine.engine import Engine
 
-            engine = Engine.load(model, settings)
+            try:
+                engine = Engine.load(model, settings)
+            except OSError as exc:  # not the output's fault: the handler below is for writing it
+                fail(f"could not load {model}: {type(exc).__name__}: {exc}")
 
         def describe(event: Any) -> str:
             expert = f" expert {event.expert + 1}" if engine.spec.two_experts else ""
@@ -303,6 +309,8 @@ def _run_role(role: str, **overrides: Any) -> None:
         fail_setting(exc, overrides)
     except (WanserveError, ValueError) as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a folder it may not read: one line, not a traceback
+        fail(f"{type(exc).__name__}: {exc}")
 
 
 @app.command()

@@ -48,11 +48,21 @@ def _backends(settings: Settings) -> tuple[Any, Any]:
         raise BadSetting(str(exc), "storage") from None
 
 
-def _check_device(settings: Settings) -> None:
-    """Before any model loads (minutes) or any port opens: a device this machine lacks is a wrong setting."""
+def check_engine_settings(settings: Settings) -> None:
+    """Before any model loads (minutes) or any port opens: a device this machine lacks, a multi-GPU layout
+    that does not fit the process group, a cache folder that cannot exist are wrong settings."""
     from wanserve.engine.engine import pick_device
+    from wanserve.engine.parallel import check_layout, world_size_from_env
 
     pick_device(settings.device)
+    world_size = world_size_from_env()
+    if world_size > 1 or settings.world_layout > 1:
+        check_layout(settings, world_size)
+    cache = settings.cache_dir.expanduser()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)  # tiny models are built, and kernels compiled, into it
+    except OSError as exc:
+        raise BadSetting(f"{cache} cannot be created: {exc.strerror}", "cache_dir") from None
 
 
 def _check_listen(settings: Settings, port_key: str) -> None:
@@ -121,7 +131,7 @@ def run_serve(settings: Settings) -> None:
     from wanserve.worker import Worker
 
     specs = served_specs(settings)
-    _check_device(settings)
+    check_engine_settings(settings)
     _check_listen(settings, "port")
     store, storage = _backends(settings)
     metrics = Metrics(list(specs))
@@ -225,7 +235,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         raise BadSetting("a worker serves exactly one model; start one worker per model", "model")
     (model,) = specs
     if engine is None:
-        _check_device(settings)
+        check_engine_settings(settings)
     if engine is None and int(os.environ.get("RANK", "0")) != 0:
         _follow(model, settings)  # ranks > 0 of a torchrun group: no store, no ops port, only the engine
         return

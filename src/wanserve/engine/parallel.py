@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from wanserve.config import Settings
-from wanserve.errors import Cancelled, WanserveError
+from wanserve.errors import BadSetting, Cancelled
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -52,8 +52,9 @@ MESH_DIMS = ("replica", "cfg", "ring", "ulysses")
 WATCHDOG_EXIT_CODE = 3
 
 
-class LayoutError(WanserveError, ValueError):
-    """The layout settings do not fit the process group or the model."""
+class LayoutError(BadSetting):
+    """The layout settings do not fit the process group or the model: a wrong setting (exit 2 on the command
+    line, named as the user set it)."""
 
 
 # ---- watchdog ----------------------------------------------------------------------------------------------
@@ -176,16 +177,20 @@ def check_layout(settings: Settings, world_size: int) -> None:
     """Raise a `LayoutError` naming the settings when the layout needs another number of processes, or
     another setting rules it out."""
     layout = settings.world_layout
-    if settings.cpu_offload:
-        raise LayoutError("cpu_offload moves whole models in and out of one GPU: it cannot be combined with a layout")
+    if settings.cpu_offload and (layout > 1 or world_size > 1):
+        raise LayoutError(
+            "moves whole models in and out of one GPU: it cannot be combined with a multi-GPU layout", "cpu_offload"
+        )
     if world_size == layout or (settings.fsdp and layout == 1 and world_size > 1):
         return
+    # Named after the first layout setting that asks for more than one process (ulysses when none does).
+    named = next((key for key in ("ulysses", "ring", "cfg_parallel") if getattr(settings, key) > 1), "ulysses")
     raise LayoutError(
         f"the layout needs ulysses × ring × cfg_parallel = {settings.ulysses} × {settings.ring} × "
-        f"{settings.cfg_parallel} = {layout} processes, but WORLD_SIZE is {world_size}. Launch it with "
-        f"`torchrun --nproc-per-node {layout} -m wanserve ...`, or change --ulysses / --ring / --cfg-parallel "
-        "(WANSERVE_ULYSSES / WANSERVE_RING / WANSERVE_CFG_PARALLEL)"
-        + ("; --fsdp alone may use any number of processes" if layout == 1 else "")
+        f"{settings.cfg_parallel} = {layout} processes, but WORLD_SIZE is {world_size}. Launch `wanserve "
+        f"worker` or `wanserve generate` with `torchrun --nproc-per-node {layout}`, or change the layout "
+        "(ulysses, ring, cfg_parallel)" + ("; fsdp alone may use any number of processes" if layout == 1 else ""),
+        named,
     )
 
 
@@ -293,8 +298,9 @@ def _check_heads(heads: int, ctx: ParallelContext) -> None:
         if pad < (heads + pad) // ctx.ulysses:
             return
     raise LayoutError(
-        f"--ulysses {ctx.ulysses} splits attention heads, and this model's {heads} heads do not divide by it: "
-        "choose a --ulysses that divides the head count and put the rest of the ranks in --ring"
+        f"{ctx.ulysses} splits attention heads, and this model's {heads} heads do not divide by it: choose a "
+        "ulysses degree that divides the head count and put the rest of the ranks in ring",
+        "ulysses",
     )
 
 
