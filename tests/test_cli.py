@@ -147,6 +147,43 @@ def test_help_names_the_environment_variable_of_every_setting(tmp_path: Path) ->
             assert f"[env WANSERVE_{key.upper()}]" in shown.stdout, (command, key)
 
 
+def test_a_misspelt_variable_is_named_not_silently_ignored(tmp_path: Path) -> None:
+    env = {
+        "WANSERVE_DEVIC": "cuda",
+        "WANSERVE_SERVICE_HOST": "10.0.0.7",  # Kubernetes' service links for a Service named wanserve: not typos
+        "WANSERVE_PORT_8088_TCP_ADDR": "10.0.0.7",
+    }
+    done = run(["generate", "--prompt", "a fox", "--steps", "500"], tmp_path, COLUMNS="300", **env)
+    assert done.returncode == 2 and "--steps: must be between" in done.stderr
+    assert "WANSERVE_DEVIC is not a wanserve setting; ignored (did you mean WANSERVE_DEVICE?)" in done.stderr
+    assert "SERVICE_HOST" not in done.stderr and "8088_TCP" not in done.stderr
+
+
+def test_an_api_replica_takes_its_workers_preset_and_layout_as_flags(tiny_cache: Path, tmp_path: Path) -> None:
+    """The API checks a request's preset against what the workers can run; `wanserve api` had no flag to say
+    what that is (docs said to give it the workers' values), so it accepted requests they then failed."""
+    import httpx
+
+    from service import Process, base_env, free_port, wait_ready
+
+    env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+    for flags, per_request, refused in (
+        (["--preset", "fastest"], ["fastest"], "exact"),  # FP8 workers serve fastest only
+        (["--ulysses", "2"], ["exact"], "fast"),  # Ulysses workers run no step cache
+    ):
+        port = free_port()
+        api = Process(["api", "--port", str(port), *flags], env, tmp_path / "api.log")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, api, timeout=60)
+            (model,) = httpx.get(f"{url}/v1/models").json()["data"]
+            assert model["presets"]["per_request"] == per_request, (flags, model)
+            answer = httpx.post(f"{url}/v1/videos", json={"prompt": "p", "preset": refused})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "preset", answer.text
+        finally:
+            api.stop()
+
+
 def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Path) -> None:
     """Every wrong input on the command line: exit 2, one line naming the flag (or variable) and the rule, no
     traceback, no file written. None of these loads a model, so each answers in about a second."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -32,8 +34,27 @@ def where_set(key: str, overrides: dict[str, Any]) -> str:
     return f"--{key.replace('_', '-')}" if key in _given(overrides) else f"WANSERVE_{key.upper()}"
 
 
+# Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_8088_TCP…` for a Service named wanserve: not
+# the user's typos.
+_SERVICE_LINK = re.compile(r"WANSERVE_(SERVICE_(HOST|PORT)\w*|PORT_\d+_\w+)")
+
+
+def warn_unknown_variables() -> None:
+    """A misspelt WANSERVE_ variable would be ignored without a word (pydantic-settings skips unknown names):
+    say so, with the setting it may have meant."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 says it once
+        return
+    known = {f"WANSERVE_{key.upper()}" for key in Settings.model_fields}
+    for name in sorted(os.environ):
+        if name.startswith("WANSERVE_") and name not in known and not _SERVICE_LINK.fullmatch(name):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            console.print(f"[yellow]warning:[/yellow] {escape(name)} is not a wanserve setting; ignored{hint}")
+
+
 def settings_from(**overrides: Any) -> Settings:
     """Settings from env, with the flags the user actually gave on top."""
+    warn_unknown_variables()
     try:
         return Settings(**_given(overrides))
     except ValidationError as exc:
@@ -337,6 +358,16 @@ def serve(
     _run_role("serve", **locals())  # every parameter is a Settings key
 
 
+# The API runs no engine, but checks each request's `preset` against what its workers can serve: it takes
+# their preset and layout, worded for that.
+FleetPresetOpt = Annotated[
+    str | None, setting("the workers' preset (exact, fast or fastest): requests are checked against it", "preset")
+]
+FleetUlyssesOpt = Annotated[int | None, setting("the workers' Ulysses degree (no step cache above 1)", "ulysses")]
+FleetRingOpt = Annotated[int | None, setting("the workers' ring degree (no step cache above 1)", "ring")]
+FleetFsdpOpt = Annotated[bool | None, setting("the workers shard weights (no step cache)", "fsdp", "--fsdp/--no-fsdp")]
+
+
 @app.command()
 def api(
     model: ModelsOpt = None,
@@ -345,8 +376,13 @@ def api(
     storage: StorageOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    preset: FleetPresetOpt = None,
+    ulysses: FleetUlyssesOpt = None,
+    ring: FleetRingOpt = None,
+    fsdp: FleetFsdpOpt = None,
 ) -> None:
-    """A stateless API replica (no torch): run any number against one Redis store and shared storage."""
+    """A stateless API replica (no torch): run any number against one Redis store and shared storage. Give it
+    the workers' --preset and layout, so that it refuses at submit what they could not run."""
     _run_role("api", **locals())  # every parameter is a Settings key
 
 

@@ -236,7 +236,7 @@ def configure_transformers(
     want_compile = cuda if compile is None else compile
     if not want_compile:
         _uncompile_blocks(transformers)
-        info.skip("compile", "CPU: regional compilation is applied on CUDA only" if not cuda else "turned off")
+        info.skip("compile", "turned off" if compile is False else "CPU: regional compilation is applied on CUDA only")
     elif layout:
         info.skip("compile", layout)
     elif cpu_offload:
