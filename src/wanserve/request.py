@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 import secrets
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -110,16 +111,16 @@ def _float(field: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+# ASCII digits only: int() also takes `6_4` and full-width digits, which no client means as a size.
+_SIZE = re.compile(r"\s*(\d+)\s*[xX*×]\s*(\d+)\s*", re.ASCII)
+
+
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
-    """`832x480`, `832*480` or `832X480` -> (width, height)."""
-    for sep in ("x", "X", "*", "×"):
-        if sep in text:
-            w, _, h = text.partition(sep)
-            try:
-                return int(w.strip()), int(h.strip())
-            except ValueError:
-                break
-    raise InvalidRequest(field, f"must look like WIDTHxHEIGHT (for example 832x480), got {text!r}")
+    """`832x480`, `832*480`, `832X480` or `832×480` -> (width, height)."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidRequest(field, f"must look like WIDTHxHEIGHT (for example 832x480), got {text!r}")
+    return int(match[1]), int(match[2])
 
 
 def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
