@@ -18,8 +18,25 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def diffusers_latents(pipe, req, image: bytes | None):  # type: ignore[no-untyped-def]
-    """The latents plain diffusers produces for a resolved request: the reference our loop must match."""
+def wan22_fitted(image: bytes, width: int, height: int):  # type: ignore[no-untyped-def]
+    """The input image as Wan 2.2's reference pipeline fits it to the video: scaled (Lanczos) to cover
+    width x height, then the middle cut out. One of the video's own shape is left whole."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(image)).convert("RGB")
+    if picture.width * height == picture.height * width:
+        return picture
+    scale = max(width / picture.width, height / picture.height)
+    cover = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.Resampling.LANCZOS)
+    left, top = (cover.width - width) // 2, (cover.height - height) // 2
+    return cover.crop((left, top, left + width, top + height))
+
+
+def diffusers_latents(pipe, req, image: bytes | None, fit: bool = True):  # type: ignore[no-untyped-def]
+    """The latents plain diffusers produces for a resolved request: the reference our loop must match. Its
+    image is first fitted as Wan 2.2 does (`fit`; diffusers itself would stretch it to the video's shape)."""
     import io
 
     import torch
@@ -39,5 +56,6 @@ def diffusers_latents(pipe, req, image: bytes | None):  # type: ignore[no-untype
     if req.guidance_scale_2 is not None:
         kwargs["guidance_scale_2"] = req.guidance_scale_2
     if image is not None:
-        kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
+        raw = Image.open(io.BytesIO(image)).convert("RGB")
+        kwargs["image"] = wan22_fitted(image, req.width, req.height) if fit else raw
     return pipe(**kwargs).frames

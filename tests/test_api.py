@@ -379,6 +379,17 @@ def _bomb_png(side: int = 30_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def test_an_image_request_without_a_size_is_shaped_like_its_image(api: Api) -> None:
+    portrait = png_bytes((10, 20, 30), size=(64, 96))
+    created = api.client.post(
+        "/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files={"input_reference": ("p.png", portrait)}
+    )
+    assert created.status_code == 200, created.text
+    assert created.json()["size"] == "48x64"  # tiny-i2v's 64x64 area at the photo's 2:3, not a square
+    sized = api.client.post("/video/submit", json={"prompt": "p", "image_url": data_url(portrait), "size": "64x64"})
+    assert api.store.get(sized.json()["requestId"]).request["width"] == 64  # a size given is kept
+
+
 def test_damaged_or_unsupported_images_are_refused_at_submit(api: Api) -> None:
     """Images that pass a header check but cannot be decoded (a cut-off upload) were queued, and failed on the
     worker; some crafted ones answered 500. Each is a 400 naming the field, and nothing is queued."""

@@ -245,6 +245,47 @@ def test_loop_matches_diffusers_pipeline(engines: dict[str, Engine], name: str) 
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_an_image_of_another_shape_is_cropped_to_the_video_not_stretched(engines: dict[str, Engine]) -> None:
+    """A 3:1 panorama for a square video used to be squeezed into it (diffusers resizes to the size asked).
+    Now it is fitted as Wan 2.2's own pipeline does, scaled to cover and the middle cut out: the latents are
+    diffusers' for that middle, and not those of the squeezed image."""
+    engine = engines["tiny-i2v"]
+    panorama = png_bytes((30, 160, 60), size=(192, 64))
+    shift = engine.i2v_pipe.scheduler.config.flow_shift
+    request = GenerationRequest(
+        prompt="a field", image=panorama, width=64, height=64, num_inference_steps=2, seed=5, flow_shift=shift
+    )
+    req = resolve(request, engine.spec)
+    ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
+    torch.testing.assert_close(ours, diffusers_latents(engine.i2v_pipe, req, panorama), rtol=1e-5, atol=1e-5)
+    squeezed = diffusers_latents(engine.i2v_pipe, req, panorama, fit=False)
+    assert (ours - squeezed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("image", "asked", "video"),
+    [
+        ((96, 64), {}, (64, 48)),  # landscape 3:2 over the default 64x64 area, in multiples of 16
+        ((64, 96), {}, (48, 64)),  # portrait: no longer a square
+        ((64, 64), {}, (64, 64)),
+        ((96, 64), {"width": 96}, (96, 64)),  # one side given: the other follows the image
+        ((64, 128), {"height": 64}, (32, 64)),
+        ((96, 64), {"width": 48, "height": 48}, (48, 48)),  # both given: as asked (the image is cropped)
+    ],
+)
+def test_an_image_request_without_a_size_takes_the_image_shape(
+    image: tuple[int, int], asked: dict[str, int], video: tuple[int, int]
+) -> None:
+    """Wan's own generate.py sizes an image-to-video request from the image's aspect ratio; a portrait photo
+    came out a square (the model's default size) before."""
+    from wanserve.catalog import lookup
+
+    spec = lookup("tiny-i2v")
+    assert spec is not None and (spec.width, spec.height) == (64, 64)
+    req = resolve(GenerationRequest(prompt="p", image=png_bytes((1, 2, 3), size=image), **asked), spec)
+    assert (req.width, req.height) == video
+
+
 @pytest.mark.parametrize(("first", "second"), [(4.0, 0.0), (4.0, 0.5), (1.0, 5.0), (0.0, 3.0)])
 def test_two_expert_guidance_follows_diffusers_at_any_scales(
     engines: dict[str, Engine], first: float, second: float

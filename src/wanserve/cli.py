@@ -129,7 +129,9 @@ def generate(
     ] = None,
     image: Annotated[Path | None, typer.Option(help="input image for image-to-video")] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="what to avoid")] = None,
-    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 832x480")] = None,
+    size: Annotated[
+        str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 832x480; with --image, by default the image's shape")
+    ] = None,
     frames: Annotated[int | None, typer.Option(help="number of frames, 4k+1")] = None,
     fps: Annotated[int | None, typer.Option(help="frames per second of the MP4")] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,

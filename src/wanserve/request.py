@@ -149,6 +149,42 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP){reason}") from None
 
 
+def image_shaped_size(
+    image: tuple[int, int], spec: ModelSpec, width: int | None = None, height: int | None = None
+) -> tuple[int, int]:
+    """The video size for an input image of size `image` when the request leaves one or both sides open: the
+    image's aspect ratio over the model's default area (what Wan's own generate.py and diffusers' examples do),
+    or over the side that was given; each side a multiple of the model's stride, at most its `max_side`."""
+    multiple = spec.spatial_multiple
+    aspect = image[1] / image[0]  # height / width
+
+    def side(value: float) -> int:
+        return min(max(multiple, round(value) // multiple * multiple), spec.max_side // multiple * multiple)
+
+    if width is None and height is None:
+        area = spec.width * spec.height
+        return side(math.sqrt(area / aspect)), side(math.sqrt(area * aspect))
+    if height is None:
+        assert width is not None
+        return width, side(width * aspect + multiple / 2)  # to the nearest multiple, not down
+    return side(height / aspect + multiple / 2), height
+
+
+def cover_crop(image: Any, width: int, height: int) -> Any:
+    """The input image fitted to the video's `width` x `height` without distortion, as Wan 2.2's own pipeline
+    does: scaled to cover it, then the middle cut out. An image of the video's shape is left for diffusers'
+    resize, so it goes through exactly the same path as in diffusers."""
+    from PIL import Image
+
+    if image.width * height == image.height * width:
+        return image
+    scale = max(width / image.width, height / image.height)
+    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(scaled, Image.Resampling.LANCZOS)
+    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def resolve(
     request: GenerationRequest, spec: ModelSpec, serving: str | None = None, step_cache: bool = True
 ) -> GenerationRequest:
@@ -171,19 +207,24 @@ def resolve(
         raise InvalidRequest("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
 
     # Task: the image decides between text-to-video and image-to-video.
+    image_size: tuple[int, int] | None = None
     if request.image is not None:
         if "i2v" not in spec.tasks:
             raise InvalidRequest(
                 "image",
                 f"{spec.name} is a text-to-video model and takes no input image (tasks: {spec.task_label})",
             )
-        check_image(request.image)
+        image_size = check_image(request.image)
     elif "t2v" not in spec.tasks:
         raise InvalidRequest("image", f"{spec.name} is an image-to-video model: an input image is required")
 
-    width = _int("width", request.width if request.width is not None else spec.width)
-    height = _int("height", request.height if request.height is not None else spec.height)
     multiple = spec.spatial_multiple
+    width = None if request.width is None else _int("width", request.width)
+    height = None if request.height is None else _int("height", request.height)
+    if image_size is not None and (width is None or height is None):
+        width, height = image_shaped_size(image_size, spec, width, height)
+    width = spec.width if width is None else width
+    height = spec.height if height is None else height
     for name, value in (("width", width), ("height", height)):
         if value <= 0:
             raise InvalidRequest(name, f"must be positive, got {value}")

@@ -43,7 +43,7 @@ from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import check_output_path, thumbnail_path_for, write_mp4, write_thumbnail
 from wanserve.errors import Cancelled, DeviceUnavailable, InvalidRequest
 from wanserve.progress import ProgressEvent
-from wanserve.request import GenerationRequest, resolve
+from wanserve.request import GenerationRequest, cover_crop, resolve
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ class Engine:
         from PIL import Image
 
         i2v = self.i2v_pipe
-        image = Image.open(io.BytesIO(req.image)).convert("RGB")
+        image = cover_crop(Image.open(io.BytesIO(req.image)).convert("RGB"), req.width, req.height)
         image_embeds = None
         if self.transformers[0].config.image_dim is not None:
             image_embeds = i2v.encode_image(image, self.device).to(self.dtype)
