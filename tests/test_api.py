@@ -804,7 +804,7 @@ def test_submit_and_status_at_the_root(api: Api) -> None:
         ({"task_type": "i2v", "model": "tiny-t2v"}, "task_type", "does not do i2v"),
         ({"task_type": "i2v"}, "image_url", "needs an input image"),
         ({"task_type": "t2v", "image_url": "IMAGE"}, "image_url", "takes no input image"),
-        ({"task_type": "ti2v"}, "task_type", "does not do ti2v"),
+        ({"task_type": "ti2v"}, "task_type", "no model served here does ti2v; served: tiny-t2v (t2v), tiny-i2v (i2v)"),
         ({"task_type": "v2v"}, "task_type", "must be one of"),
         ({"task_type": ["t2v"]}, "task_type", "must be one of"),
         ({"task_type": {}}, "task_type", "must be one of"),

@@ -111,11 +111,18 @@ def _task_type(body: Mapping[str, Any]) -> str | None:
     return task_type
 
 
-def _check_task(task_type: str | None, spec: ModelSpec, has_image: bool) -> None:
+def _check_task(
+    task_type: str | None, spec: ModelSpec, has_image: bool, served: Mapping[str, ModelSpec] | None = None
+) -> None:
+    """`served`: every served model, when the request named none (the refusal then speaks of them all, not
+    of the model picked for want of one that fits)."""
     if task_type is None:
         return
     tasks, image_rule = TASK_TYPES[task_type]
     if not tasks <= spec.tasks:
+        if served is not None:
+            listed = ", ".join(f"{s.name} ({s.task_label})" for s in served.values())
+            raise InvalidRequest("task_type", f"no model served here does {task_type}; served: {listed}")
         raise InvalidRequest(
             "task_type", f"{spec.name} does not do {task_type} (its tasks: {spec.task_label}); choose another model"
         )
@@ -155,7 +162,8 @@ def router(
         if not needs:
             needs = frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"})
         spec = served_spec(specs, body.get("model"), needs)
-        _check_task(task_type, spec, request.image is not None)
+        unnamed = body.get("model") in (None, "")
+        _check_task(task_type, spec, request.image is not None, specs if unnamed else None)
         names = {**image_names, **size_field_names(body, "resolution")}
         return submit(store, specs, settings, metrics, request, spec.name, body.get("priority"), source, names)
 
