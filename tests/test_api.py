@@ -894,6 +894,11 @@ def test_metrics_lists_every_metric(api: Api) -> None:
     assert 'wanserve_queue_depth{model="tiny-t2v"} 1.0' in text
     # Labelled by route template, not by the raw path with its id.
     assert 'route="/v1/videos/{video_id}"' in text and video_id not in text
+    # Nor by any method a client invents: each would be a new series for good.
+    for verb in ("FROB", "XYZZY"):
+        api.client.request(verb, "/v1/videos")
+    text = api.client.get("/metrics").text
+    assert "FROB" not in text and 'method="other"' in text
 
 
 def test_metrics_without_a_given_metrics_object(tmp_path: Path) -> None:

@@ -117,6 +117,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+# Methods labelled by name in the metrics; the HTTP parser takes any token, which would grow a series per verb.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class HttpMetricsMiddleware:
     """Times each request into `wanserve_http_request_duration_seconds`, labelled by the route template
     (`/v1/videos/{video_id}`), never the raw path, so ids do not explode the label set."""
@@ -143,7 +147,8 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_request(scope["method"], template, status, time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.http_request(method, template, status, time.perf_counter() - started)
 
 
 def create_app(
