@@ -262,6 +262,30 @@ def test_an_image_of_another_shape_is_cropped_to_the_video_not_stretched(engines
     assert (ours - squeezed).abs().max() > 1e-3
 
 
+def test_a_phone_photo_is_turned_upright_as_its_exif_says(engines: dict[str, Engine]) -> None:
+    """Phones store a portrait photo as landscape pixels plus an EXIF orientation; every viewer (and diffusers'
+    `load_image`) turns it upright. It used to reach the model sideways, and sized as a landscape video."""
+    import io
+
+    from PIL import Image
+
+    engine = engines["tiny-i2v"]
+    upright = Image.open(io.BytesIO(png_bytes((200, 40, 90), size=(64, 96))))  # portrait, as the user sees it
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 96x64 pixels, as the phone stores them
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    photo = io.BytesIO()
+    stored.save(photo, format="JPEG", quality=95, exif=exif.tobytes())
+    shift = engine.i2v_pipe.scheduler.config.flow_shift
+    request = GenerationRequest(prompt="p", image=photo.getvalue(), num_inference_steps=2, seed=3, flow_shift=shift)
+    req = resolve(request, engine.spec)
+    assert (req.width, req.height) == (48, 64)  # portrait
+    ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
+    as_seen = io.BytesIO()
+    Image.open(photo).transpose(Image.Transpose.ROTATE_270).save(as_seen, format="PNG")  # what a viewer shows
+    torch.testing.assert_close(ours, diffusers_latents(engine.i2v_pipe, req, as_seen.getvalue()), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("image", "asked", "video"),
     [

@@ -123,10 +123,11 @@ def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
-    """Decode the whole image, as the worker will: a file that is cut short or damaged past its header is
-    refused here, not accepted and failed minutes later. Returns its (width, height)."""
-    from PIL import Image
+def decode_image(data: bytes, field: str = "image") -> Any:
+    """The input image as the model gets it, RGB and upright: decoded in full (a file cut short or damaged
+    past its header is refused here, at submit, not failed minutes later on a worker) and turned as its EXIF
+    orientation says, as a browser shows it and diffusers' `load_image` does (phone photos are stored sideways)."""
+    from PIL import Image, ImageOps
 
     if not isinstance(data, bytes | bytearray | memoryview):
         kind = type(data).__name__
@@ -139,7 +140,7 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
                     field, f"has too many pixels ({width}x{height}; at most {MAX_IMAGE_PIXELS:,}): scale it down"
                 )
             img.load()
-            return width, height
+            return (ImageOps.exif_transpose(img) or img).convert("RGB")
     except InvalidRequest:
         raise
     except Image.DecompressionBombError as exc:
@@ -147,6 +148,11 @@ def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
     except Exception as exc:  # Pillow's decoders raise much besides OSError (NotImplementedError, struct.error…)
         reason = "" if isinstance(exc, Image.UnidentifiedImageError) else f": {exc}"  # names the BytesIO: noise
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP){reason}") from None
+
+
+def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
+    """The (width, height) of the input image as the model will see it, upright; see `decode_image`."""
+    return decode_image(data, field).size
 
 
 def image_shaped_size(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -43,7 +42,7 @@ from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import check_output_path, thumbnail_path_for, write_mp4, write_thumbnail
 from wanserve.errors import Cancelled, DeviceUnavailable, InvalidRequest
 from wanserve.progress import ProgressEvent
-from wanserve.request import GenerationRequest, cover_crop, resolve
+from wanserve.request import GenerationRequest, cover_crop, decode_image, resolve
 
 log = logging.getLogger(__name__)
 
@@ -404,10 +403,8 @@ class Engine:
             )
             return Conditioning(prompt_embeds, negative_embeds, None, latents, expand_timesteps=self.expand_timesteps)
 
-        from PIL import Image
-
         i2v = self.i2v_pipe
-        image = cover_crop(Image.open(io.BytesIO(req.image)).convert("RGB"), req.width, req.height)
+        image = cover_crop(decode_image(req.image), req.width, req.height)
         image_embeds = None
         if self.transformers[0].config.image_dim is not None:
             image_embeds = i2v.encode_image(image, self.device).to(self.dtype)
