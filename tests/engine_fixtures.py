@@ -19,8 +19,8 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def wan22_fitted(image: bytes, width: int, height: int):  # type: ignore[no-untyped-def]
-    """The input image as Wan 2.2's reference pipeline fits it to the video: scaled (Lanczos) to cover
-    width x height, then the middle cut out. One of the video's own shape is left whole."""
+    """The input image as Wan 2.2's reference pipeline fits it to the video: scaled to cover width x height,
+    the middle cut out. One of the video's own shape is left whole."""
     import io
 
     from PIL import Image
@@ -28,10 +28,14 @@ def wan22_fitted(image: bytes, width: int, height: int):  # type: ignore[no-unty
     picture = Image.open(io.BytesIO(image)).convert("RGB")
     if picture.width * height == picture.height * width:
         return picture
-    scale = max(width / picture.width, height / picture.height)
-    cover = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.Resampling.LANCZOS)
-    left, top = (cover.width - width) // 2, (cover.height - height) // 2
-    return cover.crop((left, top, left + width, top + height))
+    # The middle of the source with the frame's aspect ratio, scaled (Lanczos) to the frame.
+    if picture.width * height > picture.height * width:  # wider than the frame: the sides go
+        cut = picture.height * width / height
+        box = ((picture.width - cut) / 2, 0, (picture.width + cut) / 2, picture.height)
+    else:  # taller: the top and bottom go
+        cut = picture.width * height / width
+        box = (0, (picture.height - cut) / 2, picture.width, (picture.height + cut) / 2)
+    return picture.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def diffusers_latents(pipe, req, image: bytes | None, fit: bool = True):  # type: ignore[no-untyped-def]

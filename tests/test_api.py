@@ -302,6 +302,7 @@ def test_openai_http_image_url_is_refused_clearly(api: Api) -> None:
         ({"size": "6_4x6_4"}, "size", "must look like WIDTHxHEIGHT"),
         ({"size": "６４x６４"}, "size", "must look like WIDTHxHEIGHT"),
         ({"size": "+64x+64"}, "size", "must look like WIDTHxHEIGHT"),
+        ({"size": "9" * 5000 + "x64"}, "size", "must look like WIDTHxHEIGHT"),  # past int()'s digit limit
         ({"seconds": "soon"}, "seconds", "seconds"),
         ({"seconds": "soon", "num_frames": 9}, "seconds", "seconds"),
         ({"negative_prompt": "x" * 20_001}, "negative_prompt", "at most 20000 characters"),

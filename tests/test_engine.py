@@ -262,6 +262,37 @@ def test_an_image_of_another_shape_is_cropped_to_the_video_not_stretched(engines
     assert (ours - squeezed).abs().max() > 1e-3
 
 
+def test_a_thin_image_is_fitted_without_growing_it(engines: dict[str, Engine]) -> None:
+    """A 1 x 4,000,000 strip (4 Mpx, allowed; a few KB as a PNG) was scaled up to cover the frame before the
+    cut: 64 x 256,000,000 pixels, about 50 GB. Only the cut is scaled now."""
+    import io
+
+    from PIL import Image
+
+    engine = engines["tiny-i2v"]
+    strip = io.BytesIO()
+    Image.new("RGB", (1, 4_000_000), (90, 90, 200)).save(strip, format="PNG")
+    req = resolve(GenerationRequest(prompt="p", image=strip.getvalue(), num_inference_steps=1, seed=1), engine.spec)
+    assert req.width * req.height <= engine.spec.max_pixels
+    assert engine.prepare(req).latents is not None
+
+
+def test_sizes_chosen_for_any_image_fit_every_model() -> None:
+    """A size the server chose must never be one it then refuses: for every image-to-video model and images
+    from 1:40 to 40:1, the chosen size is a multiple of the model's stride, within its sides and its pixels."""
+    from wanserve.catalog import ALL_SPECS
+    from wanserve.request import image_shaped_size
+
+    shapes = [(w, h) for w in (1, 7, 285, 480, 889, 1080, 1920, 4000) for h in (1, 7, 285, 480, 889, 1080, 1920, 4000)]
+    for spec in (s for s in ALL_SPECS if "i2v" in s.tasks):
+        for shape in shapes:
+            for given in ({}, {"width": spec.width}, {"height": spec.height}):
+                width, height = image_shaped_size(shape, spec, **given)
+                assert width % spec.spatial_multiple == 0 and height % spec.spatial_multiple == 0, (spec.name, shape)
+                assert 0 < width <= spec.max_side and 0 < height <= spec.max_side, (spec.name, shape, given)
+                assert width * height <= spec.max_pixels, (spec.name, shape, given, width, height)
+
+
 def test_a_phone_photo_is_turned_upright_as_its_exif_says(engines: dict[str, Engine]) -> None:
     """Phones store a portrait photo as landscape pixels plus an EXIF orientation; every viewer (and diffusers'
     `load_image`) turns it upright. It used to reach the model sideways, and sized as a landscape video."""

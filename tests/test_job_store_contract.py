@@ -670,6 +670,18 @@ def test_redis_retried_state_change_replays_its_first_reply(redis_url: str) -> N
     store.close()
 
 
+def test_redis_retried_cancel_still_says_it_ended_the_job(redis_url: str) -> None:
+    """The cancel of a queued job whose reply was lost, resent by redis-py: the retry used to find the job
+    already cancelled and answer "not ended by this call", and the API never counted that cancel."""
+    store = RedisJobStore(redis_url)
+    job = store.enqueue(make_job())
+    args = [store.prefix, job.id, "", repr(TTL), 600]
+    replies = [store._request_cancel(keys=["wanserve:op:cancel-retried"], args=args) for _ in range(2)]
+    assert replies[0] == replies[1] and json.loads(replies[1])[0] == 1
+    assert store.get(job.id).status is JobStatus.CANCELLED
+    store.close()
+
+
 def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hosts whose clocks disagree by more than a lease: the one running ahead must not reap the other's
     live job (it used to, at once, and the job ran twice)."""

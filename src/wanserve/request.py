@@ -8,6 +8,7 @@ import io
 import math
 import re
 import secrets
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -20,6 +21,9 @@ MAX_PROMPT_CHARS = 20_000
 # sees at a few hundred thousand pixels.
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# A full decode holds up to ~4 bytes a pixel: an API replica's threads decoding big images at once would each
+# hold hundreds of MB. A few at a time keeps its memory bounded; the rest wait their turn.
+_DECODING = threading.BoundedSemaphore(4)
 # Wan's official default negative prompt (from the reference generate.py); used for real checkpoints.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -112,7 +116,7 @@ def _float(field: str, value: object) -> float:
 
 
 # ASCII digits only: int() also takes `6_4` and full-width digits, which no client means as a size.
-_SIZE = re.compile(r"\s*(\d+)\s*[xX*×]\s*(\d+)\s*", re.ASCII)
+_SIZE = re.compile(r"\s*(\d{1,9})\s*[xX*×]\s*(\d{1,9})\s*", re.ASCII)
 
 
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
@@ -139,8 +143,9 @@ def decode_image(data: bytes, field: str = "image") -> Any:
                 raise InvalidRequest(
                     field, f"has too many pixels ({width}x{height}; at most {MAX_IMAGE_PIXELS:,}): scale it down"
                 )
-            img.load()
-            return (ImageOps.exif_transpose(img) or img).convert("RGB")
+            with _DECODING:
+                img.load()
+                return (ImageOps.exif_transpose(img) or img).convert("RGB")
     except InvalidRequest:
         raise
     except Image.DecompressionBombError as exc:
@@ -159,36 +164,51 @@ def image_shaped_size(
     image: tuple[int, int], spec: ModelSpec, width: int | None = None, height: int | None = None
 ) -> tuple[int, int]:
     """The video size for an input image of size `image` when the request leaves one or both sides open: the
-    image's aspect ratio over the model's default area (what Wan's own generate.py and diffusers' examples do),
-    or over the side that was given; each side a multiple of the model's stride, at most its `max_side`."""
+    image's aspect ratio over the model's default area, rounded down to the model's stride as Wan's own
+    generate.py does, or over the side that was given (the other to the nearest stride); each side at most
+    `max_side`, and the chosen side made smaller until the frame fits `max_pixels`."""
     multiple = spec.spatial_multiple
     aspect = image[1] / image[0]  # height / width
+    longest = spec.max_side // multiple * multiple
 
     def side(value: float) -> int:
-        return min(max(multiple, round(value) // multiple * multiple), spec.max_side // multiple * multiple)
+        return min(max(multiple, math.floor(value) // multiple * multiple), longest)
 
     if width is None and height is None:
         area = spec.width * spec.height
-        return side(math.sqrt(area / aspect)), side(math.sqrt(area * aspect))
+        width, height = side(math.sqrt(area / aspect)), side(math.sqrt(area * aspect))
+        while width * height > spec.max_pixels and max(width, height) > multiple:  # clamped sides of a thin image
+            if width >= height:
+                width -= multiple
+            else:
+                height -= multiple
+        return width, height
     if height is None:
         assert width is not None
-        return width, side(width * aspect + multiple / 2)  # to the nearest multiple, not down
-    return side(height / aspect + multiple / 2), height
+        height = side(width * aspect + multiple / 2)  # to the nearest multiple, not down
+        while width * height > spec.max_pixels and height > multiple:
+            height -= multiple
+        return width, height
+    width = side(height / aspect + multiple / 2)
+    while width * height > spec.max_pixels and width > multiple:
+        width -= multiple
+    return width, height
 
 
 def cover_crop(image: Any, width: int, height: int) -> Any:
     """The input image fitted to the video's `width` x `height` without distortion, as Wan 2.2's own pipeline
-    does: scaled to cover it, then the middle cut out. An image of the video's shape is left for diffusers'
-    resize, so it goes through exactly the same path as in diffusers."""
+    does: scaled to cover it, then the middle cut out. The cut is taken from the source and only it is scaled,
+    so a very thin image never grows into a huge one on the way. An image of the video's shape is left for
+    diffusers' resize, so it goes through exactly the same path as in diffusers."""
     from PIL import Image
 
     if image.width * height == image.height * width:
         return image
     scale = max(width / image.width, height / image.height)
-    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(scaled, Image.Resampling.LANCZOS)
-    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    # The part of the source that covers the frame, centred, in source pixels (fractional, as PIL allows).
+    box_width, box_height = width / scale, height / scale
+    left, top = (image.width - box_width) / 2, (image.height - box_height) / 2
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + box_width, top + box_height))
 
 
 def resolve(

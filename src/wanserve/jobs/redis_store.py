@@ -231,22 +231,25 @@ return once(function()
 end)
 """
 
-# ARGV: prefix, id, now ('' for the server's clock), result ttl. Replies {1 if this call ended the job else 0,
-# the job}. Idempotent as it stands: a second run finds the job already changed, and says it did not end it.
+# ARGV: prefix, id, now ('' for the server's clock), result ttl, op ttl. Replies {1 if this call ended the job
+# else 0, the job}, or false for no such job. Under a token: a retry must say "ended" again, or the cancel of a
+# queued job whose first reply was lost would go uncounted.
 _REQUEST_CANCEL = """
-local id = ARGV[2]
-local jk = k('job', id)
-local status = redis.call('HGET', jk, 'status')
-if not status then return false end
-local now, ended = clock(ARGV[3]), 0
-if status == 'queued' then
-  finish(id, 'cancelled', now, later(now, ARGV[4]))
-  ended = 1
-elseif status == 'in_progress' and not cancel_requested(id) then
-  redis.call('HSET', jk, 'cancel_requested', '1', 'updated_at', now)
-  publish(id)
-end
-return {ended, redis.call('HGETALL', jk)}
+return once(function()
+  local id = ARGV[2]
+  local jk = k('job', id)
+  local status = redis.call('HGET', jk, 'status')
+  if not status then return false end
+  local now, ended = clock(ARGV[3]), 0
+  if status == 'queued' then
+    finish(id, 'cancelled', now, later(now, ARGV[4]))
+    ended = 1
+  elseif status == 'in_progress' and not cancel_requested(id) then
+    redis.call('HSET', jk, 'cancel_requested', '1', 'updated_at', now)
+    publish(id)
+  end
+  return {ended, redis.call('HGETALL', jk)}
+end)
 """
 
 # ARGV: prefix, now ('' for the server's clock), result ttl, max_attempts, worker-lost message template. A retry
@@ -456,8 +459,8 @@ class RedisJobStore:
         return bool(self._once(self._release, job_id, worker_id, ""))
 
     def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> tuple[Job, bool]:
-        reply = self._request_cancel(args=[self.prefix, job_id, _clock(now), repr(float(ttl))])
-        if reply is None:
+        reply = self._once(self._request_cancel, job_id, _clock(now), repr(float(ttl)))
+        if reply is False:
             raise JobNotFound(job_id)
         ended, flat = reply
         return _from_flat(flat), bool(ended)
