@@ -150,13 +150,21 @@ def test_help_names_the_environment_variable_of_every_setting(tmp_path: Path) ->
 def test_a_misspelt_variable_is_named_not_silently_ignored(tmp_path: Path) -> None:
     env = {
         "WANSERVE_DEVIC": "cuda",
-        "WANSERVE_SERVICE_HOST": "10.0.0.7",  # Kubernetes' service links for a Service named wanserve: not typos
+        "WANSERVE_S3_ENDPOINT_URL": "http://minio:9000",  # read outside the settings: no warning
+        # Kubernetes' service links for Services named wanserve and wanserve-api: not typos. WANSERVE_PORT is
+        # one too here, and would have stopped the command as a port that is no number.
+        "WANSERVE_SERVICE_HOST": "10.0.0.7",
+        "WANSERVE_PORT": "tcp://10.0.0.7:8088",
         "WANSERVE_PORT_8088_TCP_ADDR": "10.0.0.7",
+        "WANSERVE_API_SERVICE_HOST": "10.0.0.8",
+        "WANSERVE_API_PORT": "tcp://10.0.0.8:80",
     }
     done = run(["generate", "--prompt", "a fox", "--steps", "500"], tmp_path, COLUMNS="300", **env)
-    assert done.returncode == 2 and "--steps: must be between" in done.stderr
+    assert done.returncode == 2 and "--steps: must be between" in done.stderr, done.stderr
     assert "WANSERVE_DEVIC is not a wanserve setting; ignored (did you mean WANSERVE_DEVICE?)" in done.stderr
-    assert "SERVICE_HOST" not in done.stderr and "8088_TCP" not in done.stderr
+    assert "WANSERVE_PORT=tcp://10.0.0.7:8088 is the Kubernetes service link of the Service wanserve" in done.stderr
+    for quiet in ("S3_ENDPOINT", "SERVICE_HOST", "8088_TCP", "WANSERVE_API_PORT"):
+        assert quiet not in done.stderr, quiet
 
 
 def test_an_api_replica_takes_its_workers_preset_and_layout_as_flags(tiny_cache: Path, tmp_path: Path) -> None:
@@ -238,8 +246,13 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
         ),
         (["worker"], {"WANSERVE_CFG_PARALLEL": "2"}, "WANSERVE_CFG_PARALLEL: the layout needs"),
         (["serve"], {"WANSERVE_RING": "2"}, "WANSERVE_RING: the layout needs"),
-        (["generate", "--prompt", "a fox", "--out", out, "--cache-dir", "/proc/nope"], {}, "--cache-dir: /proc/nope"),
-        (["worker"], {"WANSERVE_CACHE_DIR": "/proc/nope"}, "WANSERVE_CACHE_DIR: /proc/nope cannot be created"),
+        (
+            ["generate", "--prompt", "a fox", "--out", out, "--cache-dir", "/proc/nope"],
+            {},
+            "--cache-dir: /proc/nope cannot hold the tiny model",
+        ),
+        (["worker"], {"WANSERVE_CACHE_DIR": "/proc/nope"}, "WANSERVE_CACHE_DIR: /proc/nope cannot hold the tiny"),
+        (["serve", "--cache-dir", "/proc/nope"], {}, "--cache-dir: /proc/nope cannot hold the tiny"),
     ]
     for args, env, needle in cases:
         env = {"WANSERVE_DATA_DIR": str(tmp_path / "data"), **env}

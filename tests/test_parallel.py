@@ -426,6 +426,10 @@ def test_layout_must_match_the_process_count() -> None:
     check_layout(Settings(fsdp=True), world_size=3)  # FSDP alone shards over any number of ranks
     with pytest.raises(LayoutError, match="cpu_offload"):
         check_layout(Settings(ulysses=2, cpu_offload=True), world_size=2)
+    # Under torchrun with no layout at all, no setting of the user's is blamed.
+    with pytest.raises(LayoutError, match=r"^WORLD_SIZE is 4 \(torchrun\), but the layout asks for one") as raised:
+        check_layout(Settings(), world_size=4)
+    assert raised.value.setting == ""
 
 
 # ---- the CLI under torchrun, and failures ----------------------------------------------------------------------

@@ -34,19 +34,44 @@ def where_set(key: str, overrides: dict[str, Any]) -> str:
     return f"--{key.replace('_', '-')}" if key in _given(overrides) else f"WANSERVE_{key.upper()}"
 
 
-# Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_8088_TCP…` for a Service named wanserve: not
-# the user's typos.
-_SERVICE_LINK = re.compile(r"WANSERVE_(SERVICE_(HOST|PORT)\w*|PORT_\d+_\w+)")
+# Variables wanserve reads itself, outside Settings.
+_OTHER_VARIABLES = frozenset({"WANSERVE_S3_ENDPOINT_URL"})
+# Kubernetes gives every pod `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT=tcp://ip:port`, `<SERVICE>_PORT_<n>_TCP…`
+# for each Service of its namespace: for Services named wanserve or wanserve-*, these start with WANSERVE_.
+_SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://[^/\s]+:\d+")
 
 
-def warn_unknown_variables() -> None:
-    """A misspelt WANSERVE_ variable would be ignored without a word (pydantic-settings skips unknown names):
-    say so, with the setting it may have meant."""
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 says it once
-        return
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def check_environment() -> None:
+    """Say what in the environment wanserve ignores: a misspelt WANSERVE_ variable (pydantic-settings skips
+    unknown names without a word), with the setting it may have meant; and a Kubernetes service link that would
+    pass for a setting (`WANSERVE_PORT=tcp://…`, from a Service named wanserve), which is removed so the
+    setting keeps its default."""
+    services = {name.removesuffix("_SERVICE_HOST") for name in os.environ if name.endswith("_SERVICE_HOST")}
     known = {f"WANSERVE_{key.upper()}" for key in Settings.model_fields}
+    quiet = _rank() != 0  # under torchrun, rank 0 says it once
     for name in sorted(os.environ):
-        if name.startswith("WANSERVE_") and name not in known and not _SERVICE_LINK.fullmatch(name):
+        if not name.startswith("WANSERVE_") or name in _OTHER_VARIABLES:
+            continue
+        value = os.environ[name]
+        service = next((s for s in services if name.startswith((f"{s}_PORT", f"{s}_SERVICE_"))), None)
+        if service is not None and (name not in known or _SERVICE_LINK_VALUE.fullmatch(value)):
+            if name in known:  # a Service named like a setting: WANSERVE_PORT=tcp://10.0.0.7:8088
+                del os.environ[name]
+                if not quiet:
+                    console.print(
+                        f"[yellow]warning:[/yellow] {name}={escape(value)} is the Kubernetes service link of the "
+                        f"Service {service.lower().replace('_', '-')}, not a setting: ignored (set "
+                        "enableServiceLinks: false on the pod to drop these)"
+                    )
+            continue
+        if name not in known and not quiet:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]}?)" if close else ""
             console.print(f"[yellow]warning:[/yellow] {escape(name)} is not a wanserve setting; ignored{hint}")
@@ -54,7 +79,7 @@ def warn_unknown_variables() -> None:
 
 def settings_from(**overrides: Any) -> Settings:
     """Settings from env, with the flags the user actually gave on top."""
-    warn_unknown_variables()
+    check_environment()
     try:
         return Settings(**_given(overrides))
     except ValidationError as exc:
@@ -182,7 +207,7 @@ def generate(
         fail(f"WANSERVE_MODEL: names {len(settings.model)} models; generate runs one: pass --model", code=2)
     model = settings.model[0]
     # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's.
-    console.quiet = int(os.environ.get("RANK", "0")) != 0
+    console.quiet = _rank() != 0
     check_output(out)
     try:
         width, height = parse_size(size, "--size") if size else (None, None)

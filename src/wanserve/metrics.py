@@ -62,7 +62,7 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 class Metrics:
     def __init__(self, models: Sequence[str] = ()) -> None:
-        """`models`: those served here, whose series exist from the start, at zero: rate(), increase() and
+        """`models`: those served here, whose job series exist from the start, at zero: rate(), increase() and
         absence alerts then see the first job (a series born at 1 looks like no change)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_collector: _StoreCollector | None = None
@@ -104,7 +104,6 @@ class Metrics:
             registry=self.registry,
         )
         for model in models:
-            self.jobs_submitted.labels(model=model)
             for status in FINAL_STATUSES:
                 self.jobs_finished.labels(model=model, status=status)
             self.queue_wait.labels(model=model)
@@ -121,6 +120,8 @@ class Metrics:
             self.registry.unregister(self._store_collector)
         self._store_collector = _StoreCollector(store, models)
         self.registry.register(self._store_collector)
+        for model in models:  # where jobs are submitted (the API), their count starts at zero too
+            self.jobs_submitted.labels(model=model)
 
     def job_submitted(self, model: str) -> None:
         self.jobs_submitted.labels(model=model).inc()

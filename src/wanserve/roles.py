@@ -49,8 +49,8 @@ def _backends(settings: Settings) -> tuple[Any, Any]:
 
 
 def check_engine_settings(settings: Settings) -> None:
-    """Before any model loads (minutes) or any port opens: a device this machine lacks, a multi-GPU layout
-    that does not fit the process group, a cache folder that cannot exist are wrong settings."""
+    """Before any model loads (minutes) or any port opens: a device this machine lacks, or a multi-GPU layout
+    that does not fit the process group, is a wrong setting."""
     from wanserve.engine.engine import pick_device
     from wanserve.engine.parallel import check_layout, world_size_from_env
 
@@ -58,11 +58,6 @@ def check_engine_settings(settings: Settings) -> None:
     world_size = world_size_from_env()
     if world_size > 1 or settings.world_layout > 1:
         check_layout(settings, world_size)
-    cache = settings.cache_dir.expanduser()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)  # tiny models are built, and kernels compiled, into it
-    except OSError as exc:
-        raise BadSetting(f"{cache} cannot be created: {exc.strerror}", "cache_dir") from None
 
 
 def _check_listen(settings: Settings, port_key: str) -> None:
@@ -141,12 +136,16 @@ def run_serve(settings: Settings) -> None:
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
     server = _uvicorn(app, settings.host, settings.port, on_signal=lambda: [w.drain() for w in workers])
     broken: list[str] = []
+    wrong_settings: list[BadSetting] = []
 
     def run_worker_thread(worker: Any) -> None:
         # A model that cannot be loaded (or a worker that dies) stops the whole process: an API that kept
         # taking jobs for it would queue work nobody runs.
         try:
             worker.run()
+        except BadSetting as exc:  # named as the user set it, exit 2, as when found before the start
+            wrong_settings.append(exc)
+            server.should_exit = True
         except WanserveError as exc:  # its message says what to fix; a traceback would only bury it
             broken.append(f"{worker.model}: {exc}")
             server.should_exit = True
@@ -193,6 +192,8 @@ def run_serve(settings: Settings) -> None:
     store.close()
     if port_error is not None:
         raise port_error
+    if wrong_settings:
+        raise wrong_settings[0]
     if broken:
         raise WanserveError("; ".join(broken))
 

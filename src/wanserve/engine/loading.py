@@ -12,7 +12,7 @@ from typing import Any
 
 from wanserve.catalog import ModelSpec, resolve_spec, spec_from_directory
 from wanserve.config import Settings
-from wanserve.errors import ModelUnavailable
+from wanserve.errors import BadSetting, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,11 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
         from wanserve.engine.tiny import tiny_model_dir
 
         with LOAD_LOCK:
-            path = tiny_model_dir(spec.name, settings.cache_dir)
+            try:
+                path = tiny_model_dir(spec.name, settings.cache_dir)
+            except OSError as exc:  # only tiny models need the folder: a real one may run from a read-only disk
+                rule = f"{settings.cache_dir} cannot hold the tiny model: {exc.strerror or exc}"
+                raise BadSetting(rule, "cache_dir") from None
         return spec_from_directory(path, base=spec), path
     if spec.local_path:
         return spec, Path(spec.local_path)

@@ -183,13 +183,19 @@ def check_layout(settings: Settings, world_size: int) -> None:
         )
     if world_size == layout or (settings.fsdp and layout == 1 and world_size > 1):
         return
-    # Named after the first layout setting that asks for more than one process (ulysses when none does).
-    named = next((key for key in ("ulysses", "ring", "cfg_parallel") if getattr(settings, key) > 1), "ulysses")
+    if layout == 1:  # launched under torchrun with no layout: no setting of the user's is at fault
+        raise LayoutError(
+            f"WORLD_SIZE is {world_size} (torchrun), but the layout asks for one process: set ulysses, ring and "
+            f"cfg_parallel so that their product is {world_size}, or fsdp to shard the weights over the ranks",
+            "",
+        )
+    # Named after the first layout setting that asks for more than one process.
+    named = next(key for key in ("ulysses", "ring", "cfg_parallel") if getattr(settings, key) > 1)
     raise LayoutError(
         f"the layout needs ulysses × ring × cfg_parallel = {settings.ulysses} × {settings.ring} × "
         f"{settings.cfg_parallel} = {layout} processes, but WORLD_SIZE is {world_size}. Launch `wanserve "
         f"worker` or `wanserve generate` with `torchrun --nproc-per-node {layout}`, or change the layout "
-        "(ulysses, ring, cfg_parallel)" + ("; fsdp alone may use any number of processes" if layout == 1 else ""),
+        "(ulysses, ring, cfg_parallel)",
         named,
     )
 
