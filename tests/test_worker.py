@@ -261,6 +261,56 @@ def test_a_stuck_run_does_not_end_the_run_that_took_its_job_over(tmp_path: Path,
         h.stop()
 
 
+class DownStore:
+    """The worker's store in an outage while `down` is set: renew and set_progress take `stall` seconds (the
+    client's own retries) and then fail. Counts the calls made from the thread that denoises."""
+
+    def __init__(self, store: Any, stall: float) -> None:
+        self.store, self.stall = store, stall
+        self.down = threading.Event()
+        self.calls_while_denoising = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def _maybe_down(self) -> None:
+        if self.down.is_set():
+            if not threading.current_thread().name.startswith("heartbeat"):
+                self.calls_while_denoising += 1
+            time.sleep(self.stall)
+            from wanserve.errors import StoreUnavailable
+
+            raise StoreUnavailable("the job store (test): down")
+
+    def renew(self, *args: Any, **kwargs: Any) -> bool:
+        self._maybe_down()
+        return bool(self.store.renew(*args, **kwargs))
+
+    def set_progress(self, *args: Any, **kwargs: Any) -> bool:
+        self._maybe_down()
+        return bool(self.store.set_progress(*args, **kwargs))
+
+
+def test_a_store_outage_does_not_hold_up_every_denoising_step(tmp_path: Path, engine: Engine) -> None:
+    """While the store is down, each per-step write waited out the client's retries (~9 s for Redis) before
+    the step went on: a job all but stopped. One write finds it down; the rest wait for the heartbeat to
+    reach the store again, and the job goes on at full speed and completes."""
+    h = Harness(tmp_path, engine, start=False, overlap_jobs=False, lease_seconds=3)
+    down = DownStore(h.store, stall=0.3)
+    h.worker.store = down  # type: ignore[assignment]
+    h.thread.start()
+    try:
+        down.down.set()
+        job_id = h.submit(num_inference_steps=40)
+        wait_for(lambda: down.calls_while_denoising > 0, 30, "a write to find the store down")
+        time.sleep(3.0)  # ten stalls' worth: one write per step would have made about ten more
+        assert down.calls_while_denoising <= 2, down.calls_while_denoising
+        down.down.clear()
+        assert h.finished(job_id).status is JobStatus.COMPLETED
+    finally:
+        h.stop()
+
+
 class LosesOneReply:
     """A store whose first `complete` goes through but whose reply is lost (the connection broke after Redis ran
     the script, and redis-py's own retries ran out): the worker retries the write after the outage."""

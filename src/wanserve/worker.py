@@ -91,6 +91,9 @@ class _Running:
     # same write (see JobStore.complete's `op`).
     end_write: tuple[str, Callable[[], bool]] | None = None
     end_op: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The store did not answer (after its own retries, ~9 s for Redis): per-step writes wait for the heartbeat
+    # to reach it again, instead of holding up every denoising step for those seconds.
+    store_down: bool = False
 
 
 class Worker:
@@ -238,6 +241,9 @@ class Worker:
                 if job.status.finished and self.metrics is not None:  # failed (worker_lost) or cancelled
                     self.metrics.job_ended_unrun(job.model, job.status.value)
             expired = self.store.expired()
+        except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
+            log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
+            return
         except Exception:
             log.exception("housekeeping (reap, expiry) failed")
             return
@@ -262,7 +268,9 @@ class Worker:
         running = _Running(job=job, started=time.monotonic(), queue_wait=max(time.time() - job.created_at, 0.0))
         self._running = running
         log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, running.queue_wait)
-        running.heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True)
+        running.heartbeat = threading.Thread(
+            target=self._heartbeat, args=(running,), name=f"heartbeat-{job.id}", daemon=True
+        )
         running.heartbeat.start()
         scratch = job_folder(job.id)
         status = "failed"
@@ -371,11 +379,15 @@ class Worker:
         last_write = 0.0
 
         def go_on(answer: Callable[[], bool]) -> bool:
-            """The store's answer to renew or set_progress; while it cannot be reached, go on: the lease decides."""
+            """The store's answer to renew or set_progress; while it cannot be reached, go on: the lease decides.
+            One write finds it down; the next ones wait until the heartbeat has reached it again."""
+            if running.store_down:
+                return True
             try:
                 return answer()
             except StoreUnavailable as exc:
-                log.warning("job %s: %s; generating on", job.id, exc)
+                running.store_down = True
+                log.warning("job %s: %s; generating on, without progress writes until it answers", job.id, exc)
                 return True
 
         def on_progress(event: ProgressEvent) -> None:
@@ -578,10 +590,16 @@ class Worker:
                     return
                 continue  # the store did not answer: try again at the next beat, without renewing
             try:
-                if not self.store.renew(running.job.id, self.worker_id, lease):
-                    running.keep_going = False
+                renewed = self.store.renew(running.job.id, self.worker_id, lease)
+            except StoreUnavailable as exc:  # an outage: one line a beat, not a traceback
+                running.store_down = True
+                log.warning("job %s: lease not renewed: %s", running.job.id, exc)
             except Exception:
                 log.exception("lease renewal failed for job %s", running.job.id)
+            else:
+                running.store_down = False
+                if not renewed:
+                    running.keep_going = False
             if not running.keep_going and stop_seen is None:
                 stop_seen = now
 
