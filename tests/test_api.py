@@ -680,6 +680,28 @@ def test_cancel_and_delete_running_and_queued_jobs(api: Api) -> None:
     assert 'wanserve_jobs_finished_total{model="tiny-t2v",status="cancelled"} 2.0' in metrics
 
 
+def test_a_job_deleted_while_a_list_reads_it_does_not_fail_the_list(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another client deletes a queued job between the list's read of the jobs and of their queue places:
+    the list answered 404 for that job. It shows what it read, without a place."""
+    from wanserve.errors import JobNotFound
+
+    first, second = api.create()["id"], api.create()["id"]
+    place = api.store.queue_position
+
+    def deleted_meanwhile(job_id: str) -> int | None:
+        if job_id == first:
+            raise JobNotFound(job_id)
+        return place(job_id)
+
+    monkeypatch.setattr(api.store, "queue_position", deleted_meanwhile)
+    listed = api.client.get("/v1/videos")
+    assert listed.status_code == 200, listed.text
+    places = {v["id"]: v["queue_position"] for v in listed.json()["data"]}
+    assert places == {first: None, second: 2}
+    legacy = api.client.post("/video/status", json={"requestId": first})
+    assert legacy.status_code == 200 and legacy.json()["queue_position"] is None
+
+
 def test_racing_cancels_of_a_queued_job_count_it_once(api: Api) -> None:
     ids = [api.create()["id"] for _ in range(3)]
     start = threading.Barrier(12)

@@ -682,6 +682,23 @@ def test_redis_retried_cancel_still_says_it_ended_the_job(redis_url: str) -> Non
     store.close()
 
 
+def test_redis_list_fills_a_page_past_jobs_deleted_while_it_reads(redis_url: str) -> None:
+    """A delete landing between the list's two reads (the index, then the records) left a page short, or
+    empty with has_more true and no cursor to go on from. Records gone from under the index are stepped over
+    and the page filled from further on."""
+    store = RedisJobStore(redis_url)
+    ids = [store.enqueue(make_job()).id for _ in range(6)]  # seq order: ids[0] oldest
+    for gone in (ids[5], ids[4], ids[2]):  # the record deleted, its index entry not yet
+        store._redis.delete(store._key("job", gone))
+    page, more = store.list(limit=2, order="desc")
+    assert [j.id for j in page] == [ids[3], ids[1]] and more
+    page, more = store.list(limit=2, order="desc", after=ids[1])
+    assert [j.id for j in page] == [ids[0]] and not more
+    page, more = store.list(limit=3, order="asc")
+    assert [j.id for j in page] == [ids[0], ids[1], ids[3]] and not more
+    store.close()
+
+
 def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hosts whose clocks disagree by more than a lease: the one running ahead must not reap the other's
     live job (it used to, at once, and the job ran twice)."""

@@ -34,6 +34,7 @@ from .submit import (
     decode_data_url,
     generation_values,
     optional_str,
+    queue_position,
     reject_parallel_layout,
     served_spec,
     size_field_names,
@@ -143,7 +144,7 @@ def router(
     image_names = {"image": "image_url"}
 
     def position(job: Job) -> int | None:
-        return store.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+        return queue_position(store, job)
 
     def submit_video(body: dict[str, Any]) -> Job:
         reject_parallel_layout(body)

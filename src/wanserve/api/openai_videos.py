@@ -38,6 +38,7 @@ from .submit import (
     decode_data_url,
     generation_values,
     optional_str,
+    queue_position,
     reject_parallel_layout,
     served_spec,
     size_field_names,
@@ -206,7 +207,7 @@ def router(
     api = APIRouter(prefix="/v1/videos", tags=["openai"])
 
     def answer(job: Job, status_code: int = 200) -> JSONResponse:
-        body = video_object(job, store.queue_position(job.id) if job.status == JobStatus.QUEUED else None)
+        body = video_object(job, queue_position(store, job))
         return JSONResponse(body, status_code=status_code, headers=poll_headers(job))
 
     def create(fields: dict[str, Any], upload: bytes | None, from_form: bool) -> JSONResponse:
@@ -241,7 +242,7 @@ def router(
         order: Literal["asc", "desc"] = "desc",
     ) -> dict[str, Any]:
         jobs, has_more = store.list(limit=limit, after=after, order=order)
-        data = [video_object(j, store.queue_position(j.id) if j.status == JobStatus.QUEUED else None) for j in jobs]
+        data = [video_object(j, queue_position(store, j)) for j in jobs]
         return {
             "object": "list",
             "data": data,

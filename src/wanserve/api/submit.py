@@ -15,8 +15,8 @@ from typing import Any
 
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest
-from wanserve.jobs.model import Job, JobStore, new_job_id
+from wanserve.errors import InvalidRequest, JobNotFound
+from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, resolve
 
@@ -255,6 +255,18 @@ def submit(
     if metrics is not None:
         metrics.job_submitted(spec.name)
     return job
+
+
+def queue_position(store: JobStore, job: Job) -> int | None:
+    """The place of a job just read, if it is waiting; None if it is not, or is gone since it was read (a
+    delete racing a list or a status call: the answer shows what was read, not a 404 for someone else's
+    delete)."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    try:
+        return store.queue_position(job.id)
+    except JobNotFound:
+        return None
 
 
 def cancel(store: JobStore, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:

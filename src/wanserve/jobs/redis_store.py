@@ -493,11 +493,21 @@ class RedisJobStore:
             if seq is None:
                 raise JobNotFound(after)
             bound = f"({int(seq)}"
-        if order == "desc":
-            ids = self._redis.zrevrangebyscore(all_key, bound, "-inf", start=0, num=limit + 1)
-        else:
-            ids = self._redis.zrangebyscore(all_key, bound, "+inf", start=0, num=limit + 1)
-        return self._jobs(ids[:limit]), len(ids) > limit
+        # Ids come from the index, records from their hashes: a job deleted between the two reads is skipped,
+        # and the page is filled up from further on, so it never comes back short while more follow.
+        jobs: list[Job] = []
+        while True:
+            wanted = limit + 1 - len(jobs)
+            if order == "desc":
+                batch = self._redis.zrevrangebyscore(all_key, bound, "-inf", start=0, num=wanted, withscores=True)
+            else:
+                batch = self._redis.zrangebyscore(all_key, bound, "+inf", start=0, num=wanted, withscores=True)
+            jobs.extend(self._jobs([job_id for job_id, _ in batch]))
+            if len(jobs) > limit:
+                return jobs[:limit], True
+            if len(batch) < wanted:
+                return jobs, False
+            bound = f"({int(batch[-1][1])}"
 
     def delete(self, job_id: str) -> Job:
         reply = self._once(self._delete, job_id, CURSOR_TTL_S)
