@@ -896,6 +896,35 @@ def test_ready_without_readiness_callback_checks_the_store(api: Api) -> None:
     assert response.status_code == 503 and response.json()["store"] == "unreachable"
 
 
+def test_health_answers_while_every_worker_thread_waits_on_the_store(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a store outage each request holds a pool thread through the client's retries; with the pool full,
+    /health (a liveness probe) waited behind them, and orchestrators restarted every replica."""
+    video_id = api.create()["id"]
+    outage_over = threading.Event()
+    get = api.store.get
+
+    def waiting_on_the_store(job_id: str) -> Any:
+        outage_over.wait(60)
+        return get(job_id)
+
+    monkeypatch.setattr(api.store, "get", waiting_on_the_store)
+    waiting = [
+        threading.Thread(target=api.client.get, args=(f"/v1/videos/{video_id}",), daemon=True) for _ in range(48)
+    ]
+    for thread in waiting:
+        thread.start()
+    time.sleep(1.0)  # let them take every thread of the pool (40)
+    answered: list[int] = []
+    probe = threading.Thread(target=lambda: answered.append(api.client.get("/health").status_code), daemon=True)
+    probe.start()
+    probe.join(20)
+    during_the_outage = list(answered)
+    outage_over.set()
+    for thread in waiting:
+        thread.join(30)
+    assert during_the_outage == [200]
+
+
 def test_metrics_lists_every_metric(api: Api) -> None:
     video_id = api.create()["id"]
     api.client.get(f"/v1/videos/{video_id}")

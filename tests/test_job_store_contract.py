@@ -757,6 +757,18 @@ def test_redis_retried_claim_of_the_last_job_replays_it(redis_url: str) -> None:
     store.close()
 
 
+def test_redis_ping_is_true_for_probes_that_overlap(redis_url: str) -> None:
+    """Readiness probes arriving together (a balancer and Kubernetes, probing every replica) were refused a
+    connection by the probe's small pool and reported the store unreachable while Redis was fine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = RedisJobStore(redis_url)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: store.ping(), range(64)))
+    assert answers == [True] * 64
+    store.close()
+
+
 def test_redis_ping_is_false_when_the_server_is_unreachable() -> None:
     store = RedisJobStore(f"redis://127.0.0.1:{free_tcp_port()}/0")
     started = time.monotonic()

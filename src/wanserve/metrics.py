@@ -28,6 +28,8 @@ class _CountingStore(Protocol):
 
     def running_count(self, model: str) -> int: ...
 
+    def ping(self) -> bool: ...
+
 
 class _StoreCollector(Collector):
     def __init__(self, store: _CountingStore, models: Sequence[str]) -> None:
@@ -44,6 +46,13 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("wanserve_queue_depth", "Jobs waiting, per model", labels=["model"])
         running = GaugeMetricFamily("wanserve_jobs_running", "Jobs being generated, per model", labels=["model"])
+        # A quick probe first: while the store is down, its client's retries (~9 s) would outlast the scrape's
+        # timeout and lose every other metric with it.
+        if not self._store.ping():
+            log.warning("queue counts left out of this scrape: the job store does not answer")
+            yield depth
+            yield running
+            return
         for model in self._models:
             try:
                 depth.add_metric([model], self._store.queue_depth(model))

@@ -336,8 +336,10 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
     app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None)
 
     @app.get("/health")
-    def health() -> JSONResponse:
+    async def health() -> JSONResponse:
         # Liveness: a worker whose engine call never came back (a hung GPU) is restarted by its orchestrator.
+        # On the event loop, not in the thread pool: threads held by calls waiting on a store outage must not
+        # make the process look dead.
         stuck = worker.stuck
         if stuck:
             return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)

@@ -85,9 +85,11 @@ def router(
     api = APIRouter(tags=["ops"])
 
     @api.get("/health")
-    def health() -> JSONResponse:
+    async def health() -> JSONResponse:
         # Liveness: a process that answers is alive, even while its models load; unless one of its workers is
-        # stuck in an engine call that never came back (a hung GPU), which only a restart cures.
+        # stuck in an engine call that never came back (a hung GPU), which only a restart cures. On the event
+        # loop, not in the thread pool: when a store outage holds every pool thread in its retries, liveness
+        # must still answer, or every replica is restarted on top of the outage.
         try:
             stuck = dict(readiness()).get("stuck") if readiness is not None else None
         except Exception:

@@ -371,10 +371,13 @@ class RedisJobStore:
             socket_timeout=30,
             socket_keepalive=True,
         )
-        # Health checks want a quick "no", not ten seconds of retries.
-        self._probe = redis.Redis.from_url(
-            url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=2, max_connections=2
+        # Health checks want a quick "no", not ten seconds of retries. Probes that overlap (a balancer and
+        # Kubernetes, each probing every replica) wait for one of its few connections, up to 2 s, instead of
+        # being refused one and reading that as "Redis is down".
+        probe_pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=4, timeout=2, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, socket_timeout=2
         )
+        self._probe = redis.Redis(connection_pool=probe_pool)
         register = self._redis.register_script
         self._enqueue = register(_LUA_COMMON + _ENQUEUE)
         self._claim = register(_LUA_COMMON + _CLAIM)
@@ -532,4 +535,5 @@ class RedisJobStore:
 
     def close(self) -> None:
         self._probe.close()
+        self._probe.connection_pool.disconnect()  # a pool passed in is not closed with its client
         self._redis.close()
