@@ -167,6 +167,38 @@ def test_a_misspelt_variable_is_named_not_silently_ignored(tmp_path: Path) -> No
         assert quiet not in done.stderr, quiet
 
 
+def test_a_store_password_is_never_printed(tmp_path: Path, redis_url: str) -> None:
+    """`serve` logged the store URL with its password in it, and so did doctor and a wrong-URL error."""
+    from service import free_port
+
+    with_password = f"redis://:S3cretPass@127.0.0.1:{free_port()}/0"
+    for args in (["doctor", "--store", with_password], ["serve", "--store", "bogus://:S3cretPass@host/0"]):
+        done = run(args, tmp_path, timeout=60, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+        assert "S3cretPass" not in done.stdout + done.stderr and ":***@" in done.stdout + done.stderr, args
+    # A serve that starts logs where its store is: without the password.
+    port, log = free_port(), tmp_path / "serve.log"
+    store = redis_url.replace("redis://", "redis://:S3cretPass@")  # a password this Redis does not ask for
+    env = {
+        **os.environ,
+        "WANSERVE_STORE": store,
+        "WANSERVE_DATA_DIR": str(tmp_path / "data"),
+        "WANSERVE_PORT": str(port),
+    }
+    env["WANSERVE_CACHE_DIR"] = str(tmp_path / "cache")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*WANSERVE, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "wanserve starting" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    text = log.read_text()
+    assert "wanserve starting" in text and "S3cretPass" not in text and ":***@127.0.0.1" in text, text[-2000:]
+
+
 def test_an_api_replica_takes_its_workers_preset_and_layout_as_flags(tiny_cache: Path, tmp_path: Path) -> None:
     """The API checks a request's preset against what the workers can run; `wanserve api` had no flag to say
     what that is (docs said to give it the workers' values), so it accepted requests they then failed."""

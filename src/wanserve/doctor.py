@@ -101,7 +101,7 @@ def _cache(settings: Settings) -> Iterator[Check]:
 
 
 def _store(settings: Settings) -> Iterator[Check]:
-    from wanserve.jobs import check_store_url
+    from wanserve.jobs import check_store_url, redacted
     from wanserve.storage import check_storage_url
 
     url = settings.store_url
@@ -115,17 +115,18 @@ def _store(settings: Settings) -> Iterator[Check]:
             yield _s3_check(settings.storage_url)
     except ValueError as exc:
         yield Check("storage", False, f"{exc}: fix WANSERVE_STORAGE / --storage")
+    shown = redacted(url)
     if backend != "redis":
-        yield Check("job store", True, url)
+        yield Check("job store", True, shown)
         return
     try:
         import redis
 
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         info = client.info("server")
-        yield Check("redis", True, f"{url} answers (redis {info.get('redis_version')})")
+        yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
     except Exception as exc:
-        yield Check("redis", False, f"{url} does not answer ({exc}): start redis-server or fix WANSERVE_STORE")
+        yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix WANSERVE_STORE")
 
 
 def _s3_check(url: str) -> Check:

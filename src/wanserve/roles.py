@@ -122,6 +122,7 @@ def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None) -> Any:
 def run_serve(settings: Settings) -> None:
     """One process: the API, an SQLite (or any) store, and one resident worker thread per model."""
     from wanserve.api.app import create_app
+    from wanserve.jobs import redacted
     from wanserve.metrics import Metrics
     from wanserve.worker import Worker
 
@@ -164,7 +165,7 @@ def run_serve(settings: Settings) -> None:
         ", ".join(specs),
         settings.host,
         settings.port,
-        settings.store_url,
+        redacted(settings.store_url),
     )
 
     # While uvicorn runs, its own handlers take SIGTERM/SIGINT (and drain, see _uvicorn); when it stops, it puts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 
@@ -35,17 +36,31 @@ WORKER_LOST_MESSAGE = (
 _SCHEMES = "sqlite:///<path> (four slashes for an absolute path), redis://, rediss:// or unix://"
 
 
+def redacted(url: str) -> str:
+    """`url` fit for a log or a message: a password in it (`redis://:secret@host`) shown as `***`."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user = parts.username or ""
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
 def check_store_url(url: str) -> str:
     """The backend `url` names ("sqlite" or "redis"), or ValueError saying what a store URL looks like."""
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if sep and scheme == "sqlite":
         if not url.lower().startswith("sqlite:///") or not url[len("sqlite:///") :]:
-            raise ValueError(f"job store URL {url!r} names no database file; expected {_SCHEMES}")
+            raise ValueError(f"job store URL {redacted(url)!r} names no database file; expected {_SCHEMES}")
         return "sqlite"
     if sep and scheme in ("redis", "rediss", "unix"):
         return "redis"
-    raise ValueError(f"unsupported job store URL {url!r}; expected {_SCHEMES}")
+    raise ValueError(f"unsupported job store URL {redacted(url)!r}; expected {_SCHEMES}")
 
 
 def open_store(url: str) -> JobStore:
