@@ -473,6 +473,14 @@ def test_hostile_bodies_answer_400_and_queue_nothing(api: Api) -> None:
     answer = openai_error(api.client.post("/v1/videos", content=b"prompt=p", headers=no_boundary), 400)
     assert answer["param"] == "body" and answer["code"] == "invalid_value", answer
 
+    # Millions of empty arrays: seconds and hundreds of MB to parse, on the event loop. Refused unparsed.
+    many = b'{"prompt": "p", "x": [' + b"[]," * 3_000_000 + b"[]]}"
+    answer = openai_error(api.client.post("/v1/videos", content=many, headers=json_type), 400)
+    assert answer["param"] == "body" and "too many values" in answer["message"]
+    # A refused value is quoted in the error, but not a megabyte of it.
+    answer = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "seed": "9" * 1_000_000}), 400)
+    assert answer["param"] == "seed" and len(answer["message"]) < 2500
+
     assert api.client.get("/v1/videos").json()["data"] == []
 
 

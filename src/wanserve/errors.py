@@ -13,13 +13,18 @@ class WanserveError(Exception):
     """Base of every error wanserve raises on purpose."""
 
 
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
 class InvalidRequest(WanserveError, ValueError):
-    """A request field breaks a rule. `field` and `rule` are shown to the user as they are."""
+    """A request field breaks a rule. `field` and `rule` are shown to the user, clipped: a rule quotes the
+    value it refused, and a 27 MB value (or field name) must not come back as a 27 MB error."""
 
     def __init__(self, field: str, rule: str) -> None:
-        self.field = field
-        self.rule = rule
-        super().__init__(f"{field}: {rule}")
+        self.field = _clipped(field, 200)
+        self.rule = _clipped(rule, 2000)
+        super().__init__(f"{self.field}: {self.rule}")
 
 
 class BadSetting(WanserveError, ValueError):

@@ -8,6 +8,7 @@ import json
 import re
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -63,8 +64,21 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+# More values than any request has (prompts of commas included): a body of millions of empty arrays would
+# take seconds and hundreds of MB to parse, for nothing.
+MAX_JSON_VALUES = 200_000
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object. Parsed off the event loop: a large body takes long enough to parse that
+    every other request, /health included, would wait for it."""
     raw = await request.body()
+    return await run_in_threadpool(parse_json_object, raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_JSON_VALUES:
+        raise InvalidRequest("body", f"holds too many values (more than {MAX_JSON_VALUES:,})")
     try:
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
