@@ -699,6 +699,28 @@ def test_redis_list_fills_a_page_past_jobs_deleted_while_it_reads(redis_url: str
     store.close()
 
 
+def test_redis_cancels_that_change_nothing_keep_nothing(redis_url: str) -> None:
+    """Each cancel kept a copy of the whole job under its one-off token for ten minutes, even of a job long
+    finished: a client repeating cancels filled Redis. Only the cancel that changes the job keeps one."""
+    store = RedisJobStore(redis_url)
+    job = store.enqueue(make_job())
+
+    def tokens() -> int:
+        return len(list(store._redis.scan_iter(match=f"{store.prefix}:op:*", count=1000)))
+
+    before = tokens()
+    assert store.request_cancel(job.id, TTL)[1]
+    assert tokens() == before + 1
+    for _ in range(20):
+        again, ended = store.request_cancel(job.id, TTL)
+        assert again.status is JobStatus.CANCELLED and not ended
+    assert tokens() == before + 1
+    with pytest.raises(JobNotFound):
+        store.request_cancel("video_missing", TTL)
+    assert tokens() == before + 1
+    store.close()
+
+
 def test_redis_leases_run_on_the_server_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hosts whose clocks disagree by more than a lease: the one running ahead must not reap the other's
     live job (it used to, at once, and the job ran twice)."""

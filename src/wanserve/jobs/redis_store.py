@@ -235,11 +235,18 @@ end)
 # else 0, the job}, or false for no such job. Under a token: a retry must say "ended" again, or the cancel of a
 # queued job whose first reply was lost would go uncounted.
 _REQUEST_CANCEL = """
+local cached = redis.call('GET', KEYS[1])
+if cached then return cached end
+local status = redis.call('HGET', k('job', ARGV[2]), 'status')
+-- Nothing to change (missing, finished, or asked already): nothing for a retry to replay, so no copy of the
+-- job is kept under the token. Cancels sent again and again cost no memory.
+if not status then return cjson.encode(false) end
+if status ~= 'queued' and (status ~= 'in_progress' or cancel_requested(ARGV[2])) then
+  return cjson.encode({0, redis.call('HGETALL', k('job', ARGV[2]))})
+end
 return once(function()
   local id = ARGV[2]
   local jk = k('job', id)
-  local status = redis.call('HGET', jk, 'status')
-  if not status then return false end
   local now, ended = clock(ARGV[3]), 0
   if status == 'queued' then
     finish(id, 'cancelled', now, later(now, ARGV[4]))
