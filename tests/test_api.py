@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -257,6 +258,40 @@ def test_openai_model_by_alias_and_default_model(api: Api) -> None:
     assert api.create()["model"] == "tiny-t2v"  # first served model
 
 
+def stored_image(api: Api, job_id: str) -> bytes | None:
+    """The input image a job will run with, read as its worker reads it."""
+    from wanserve.inputs import load_request
+
+    return load_request(api.store.get(job_id).request, api.storage).image
+
+
+def test_an_input_image_is_kept_in_the_storage_not_in_the_job_record(api: Api) -> None:
+    """Records are read whole by every status call and list page: a 20 MiB image in each made a list of image
+    jobs read gigabytes. The record names the image; a queued job cancelled takes it away with it."""
+    image = png_bytes((20, 120, 220), size=(640, 480))
+    created = [
+        api.client.post("/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files={"input_reference": image})
+        for _ in range(2)
+    ]
+    kept, cancelled = (c.json()["id"] for c in created)
+    record = api.store.get(kept).request
+    assert "image" not in record and record["image_key"] == f"{kept}/input"
+    assert len(json.dumps(record)) < 2000 and stored_image(api, kept) == image
+    api.client.post(f"/v1/videos/{cancelled}/cancel")
+    assert api.storage.stat(f"{cancelled}/input") is None  # its only file, gone with the cancel
+    assert api.storage.stat(f"{kept}/input") is not None
+
+
+def test_an_image_job_the_queue_refuses_leaves_no_image(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    with make_api(tmp_path, media, queue_limit=1) as api:
+        form = {"prompt": "p", "model": "tiny-i2v"}
+        image = {"input_reference": png_bytes((1, 2, 3))}
+        first = api.client.post("/v1/videos", data=form, files=image)
+        refused = api.client.post("/v1/videos", data=form, files=image)
+        assert first.status_code == 200 and refused.status_code == 429
+        assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [first.json()["id"]]
+
+
 def test_openai_multipart_upload_with_string_numbers(api: Api) -> None:
     image = png_bytes((20, 120, 220))
     response = api.client.post(
@@ -268,13 +303,13 @@ def test_openai_multipart_upload_with_string_numbers(api: Api) -> None:
     body = response.json()
     assert body["model"] == "tiny-i2v" and body["num_frames"] == 5 and body["seed"] == 7
     request = api.store.get(body["id"]).request
-    assert base64.b64decode(request["image"]) == image and request["guidance_scale"] == 4.5
+    assert stored_image(api, body["id"]) == image and request["guidance_scale"] == 4.5
 
 
 def test_openai_image_as_data_url_json_and_flattened_form(api: Api) -> None:
     image = png_bytes((200, 20, 20))
     body = api.create(model="tiny-i2v", input_reference={"image_url": data_url(image)})
-    assert base64.b64decode(api.store.get(body["id"]).request["image"]) == image
+    assert stored_image(api, body["id"]) == image
     # The SDK's multipart encoding of input_reference={"image_url": ...}.
     form = api.client.post("/v1/videos", data={"prompt": "p", "input_reference[image_url]": data_url(image)})
     assert form.status_code == 200, form.text

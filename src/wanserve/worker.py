@@ -34,6 +34,7 @@ from wanserve.errors import (
     StorageUnavailable,
     StoreUnavailable,
 )
+from wanserve.inputs import InputMissing, load_request
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest
@@ -135,6 +136,7 @@ class Worker:
         self._finishing: Future[None] | None = None
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefetch-{model}")
         self._prefetching: Future[None] | None = None
+        self._prefetched: str | None = None  # the last job whose prompt was encoded ahead
         self._last_peek = -PREFETCH_INTERVAL_S
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -420,7 +422,12 @@ class Worker:
             return False
 
         try:
-            request = GenerationRequest.from_dict(job.request)
+            request = self._storage_call("reading its input image", lambda: load_request(job.request, self.storage))
+        except InputMissing as exc:
+            return self._fail(job, "input_missing", str(exc))
+        except Exception as exc:  # still unreachable after the retries: as when the video cannot be stored
+            return self._fail(job, "storage_failed", f"the input image could not be read: {type(exc).__name__}: {exc}")
+        try:
             if self.settings.overlap_jobs:
                 return self.engine.generate(request, scratch / VIDEO, on_progress, should_cancel, write_async=True)
             return self.engine.generate(request, scratch / VIDEO, on_progress, should_cancel)
@@ -505,8 +512,11 @@ class Worker:
     def _prefetch_next(self, prefetch: Callable[[GenerationRequest], int]) -> None:
         try:
             for job in self.store.peek(self.model, 1):
-                if prefetch(GenerationRequest.from_dict(job.request)):
+                if job.id == self._prefetched:  # its prompt is encoded: no need to fetch its image again
+                    continue
+                if prefetch(load_request(job.request, self.storage)):
                     log.debug("job %s: prompt encoded ahead of its claim", job.id)
+                self._prefetched = job.id
         except Exception as exc:  # only a hint: the job reports any real problem when it runs
             log.debug("prompt prefetch skipped: %s: %s", type(exc).__name__, exc)
 

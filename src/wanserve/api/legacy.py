@@ -152,7 +152,9 @@ def router(
         request = _request(body, "size", settings.max_upload_bytes)
         # submit checks model and priority, whatever JSON type they arrived as.
         names = {**image_names, **size_field_names(body, "size")}
-        return submit(store, specs, settings, metrics, request, body.get("model"), body.get("priority"), "video", names)
+        return submit(
+            store, storage, specs, settings, metrics, request, body.get("model"), body.get("priority"), "video", names
+        )
 
     def submit_task(body: dict[str, Any], source: str) -> Job:
         reject_parallel_layout(body)
@@ -166,7 +168,7 @@ def router(
         unnamed = body.get("model") in (None, "")
         _check_task(task_type, spec, request.image is not None, specs if unnamed else None)
         names = {**image_names, **size_field_names(body, "resolution")}
-        return submit(store, specs, settings, metrics, request, spec.name, body.get("priority"), source, names)
+        return submit(store, storage, specs, settings, metrics, request, spec.name, body.get("priority"), source, names)
 
     def request_id(body: Mapping[str, Any]) -> str:
         check_fields(body, ("requestId",))  # `requestid` or `id` must not pass as a request without one
@@ -190,7 +192,7 @@ def router(
     @api.post("/video/cancel", openapi_extra=json_body(RequestId))
     async def video_cancel(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job = await run_in_threadpool(cancel, store, settings, metrics, request_id(body))
+        job = await run_in_threadpool(cancel, store, storage, settings, metrics, request_id(body))
         return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
 
     def task_routes(prefix: str, source: str) -> None:

@@ -219,6 +219,7 @@ def router(
         # submit checks priority, converting a form's string.
         job = submit(
             store,
+            storage,
             specs,
             settings,
             metrics,
@@ -257,12 +258,12 @@ def router(
 
     @api.post("/{video_id}/cancel")
     def cancel_video(video_id: str) -> JSONResponse:
-        return answer(cancel(store, settings, metrics, video_id))
+        return answer(cancel(store, storage, settings, metrics, video_id))
 
     @api.delete("/{video_id}")
     def delete_video(video_id: str) -> dict[str, Any]:
         if not store.get(video_id).status.finished:
-            cancel(store, settings, metrics, video_id)
+            cancel(store, storage, settings, metrics, video_id)
         # Files first: if the storage fails (503), the record stays and a retry finds it. A running job goes too:
         # its worker sees the record gone at its next step (or before it stores the video) and removes its files.
         storage.delete_prefix(video_id)

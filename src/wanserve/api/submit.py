@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,9 +17,13 @@ from typing import Any
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
 from wanserve.errors import InvalidRequest, JobNotFound
+from wanserve.inputs import store_request
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, resolve
+from wanserve.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 MIN_PRIORITY = -1000
 MAX_PRIORITY = 1000
@@ -228,6 +233,7 @@ def served_spec(specs: Mapping[str, ModelSpec], model: object, needs: frozenset[
 
 def submit(
     store: JobStore,
+    storage: Storage,
     specs: Mapping[str, ModelSpec],
     settings: Settings,
     metrics: Metrics | None,
@@ -250,8 +256,17 @@ def submit(
         if field_names and exc.field in field_names:
             raise InvalidRequest(field_names[exc.field], exc.rule) from None
         raise
-    job = Job(id=new_job_id(), model=spec.name, request=resolved.to_dict(), priority=priority, source=source)
-    job = store.enqueue(job, max_queued=settings.queue_limit)
+    job_id = new_job_id()
+    record = store_request(resolved, job_id, storage)  # an input image goes to the storage first
+    try:
+        job = store.enqueue(
+            Job(id=job_id, model=spec.name, request=record, priority=priority, source=source),
+            max_queued=settings.queue_limit,
+        )
+    except BaseException:
+        if "image_key" in record:  # not queued (full, store down): its image is no one's
+            _remove_input(storage, job_id)
+        raise
     if metrics is not None:
         metrics.job_submitted(spec.name)
     return job
@@ -269,10 +284,22 @@ def queue_position(store: JobStore, job: Job) -> int | None:
         return None
 
 
-def cancel(store: JobStore, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:
+def cancel(store: JobStore, storage: Storage, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:
     """Ask for a job's cancel (every surface's cancel and delete). A queued job ends here, so it is counted
-    here; a running one is counted by the worker that stops it."""
+    here, and its input image, the only file it has, goes now rather than when the job expires (submitting and
+    cancelling over and over must not fill the storage); a running one is counted by the worker that stops it."""
     job, ended = store.request_cancel(job_id, settings.result_ttl)
-    if metrics is not None and ended:
-        metrics.job_ended_unrun(job.model, "cancelled")
+    if ended:
+        if metrics is not None:
+            metrics.job_ended_unrun(job.model, "cancelled")
+        if "image_key" in job.request:
+            _remove_input(storage, job.id)
     return job
+
+
+def _remove_input(storage: Storage, job_id: str) -> None:
+    """Best effort: what is left goes with the job's other files when it expires."""
+    try:
+        storage.delete_prefix(job_id)
+    except Exception as exc:
+        log.warning("job %s: its input image could not be removed now (it goes when the job expires): %s", job_id, exc)

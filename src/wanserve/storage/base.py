@@ -1,8 +1,10 @@
 """Where results live. Keys are `<job_id>/video.mp4` and `<job_id>/thumbnail.webp`, so a re-run of a job
-overwrites its files instead of adding new ones. Backends are chosen by URL (`file:///dir`, `s3://bucket/prefix`)."""
+overwrites its files instead of adding new ones; `<job_id>/input` holds an image-to-video request's input image
+until the job expires. Backends are chosen by URL (`file:///dir`, `s3://bucket/prefix`)."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 VIDEO = "video.mp4"
 THUMBNAIL = "thumbnail.webp"
+INPUT = "input"
 CONTENT_TYPES = {VIDEO: "video/mp4", THUMBNAIL: "image/webp"}
 
 
@@ -42,3 +45,22 @@ class Storage(Protocol):
         ...
 
     def ping(self) -> bool: ...
+
+
+def put_bytes(storage: Storage, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    """Store `data` under `key` through the backend's one upload path (`put_file`)."""
+    with tempfile.NamedTemporaryFile(prefix="wanserve-upload-") as file:
+        file.write(data)
+        file.flush()
+        storage.put_file(key, Path(file.name), content_type)
+
+
+def read_bytes(storage: Storage, key: str) -> bytes | None:
+    """The whole object under `key`, or None if there is none."""
+    info = storage.stat(key)
+    if info is None:
+        return None
+    try:
+        return b"".join(storage.open_range(key, 0, info.size - 1)) if info.size else b""
+    except FileNotFoundError:  # removed between the two calls
+        return None
