@@ -293,6 +293,46 @@ def test_sizes_chosen_for_any_image_fit_every_model() -> None:
                 assert width * height <= spec.max_pixels, (spec.name, shape, given, width, height)
 
 
+def test_the_mp4_says_which_colours_it_holds(tmp_path: Path) -> None:
+    """Frames were converted with swscale's default BT.601 matrix and left untagged; players take an untagged
+    video of 720 lines or more for BT.709 (Chromium, mpv, VLC, QuickTime), so the 1280x720 defaults played
+    with every colour shifted. Now BT.709, tagged: what a player shows is what the model made."""
+    import av
+
+    from wanserve.engine.video import write_mp4
+
+    frames = np.zeros((3, 720, 1280, 3), np.uint8)
+    frames[..., 0] = 255  # pure red
+    write_mp4(frames, tmp_path / "red.mp4", fps=16)
+    with av.open(str(tmp_path / "red.mp4")) as container:
+        codec = container.streams.video[0].codec_context
+        assert (codec.colorspace, codec.color_primaries, codec.color_trc, codec.color_range) == (1, 1, 1, 1)
+        frame = next(container.decode(video=0))
+        y_plane = frame.to_ndarray(format="yuv420p")[:720]
+        assert abs(float(y_plane.mean()) - 63) < 2  # red's luma under BT.709 (BT.601 gives 81)
+    assert np.abs(decode_mp4(tmp_path / "red.mp4").frames[0].astype(int) - frames[0]).max() <= 3
+
+
+def test_a_16_bit_grey_png_reaches_the_model_as_it_looks(engines: dict[str, Engine]) -> None:
+    """Pillow turns a 16-bit grey PNG into RGB by clipping at 255: a gradient (a depth map, a scan) reached
+    the model all white. It gets the 8-bit picture a viewer shows."""
+    import io
+
+    from PIL import Image
+
+    engine = engines["tiny-i2v"]
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    deep, shallow = io.BytesIO(), io.BytesIO()
+    Image.fromarray(ramp).save(deep, format="PNG")
+    Image.fromarray((ramp // 256).astype(np.uint8)).convert("RGB").save(shallow, format="PNG")
+    shift = engine.i2v_pipe.scheduler.config.flow_shift
+    request = GenerationRequest(prompt="p", image=deep.getvalue(), num_inference_steps=2, seed=3, flow_shift=shift)
+    req = resolve(request, engine.spec)
+    ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
+    reference = diffusers_latents(engine.i2v_pipe, req, shallow.getvalue())
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_a_phone_photo_is_turned_upright_as_its_exif_says(engines: dict[str, Engine]) -> None:
     """Phones store a portrait photo as landscape pixels plus an EXIF orientation; every viewer (and diffusers'
     `load_image`) turns it upright. It used to reach the model sideways, and sized as a landscape video."""

@@ -145,7 +145,11 @@ def decode_image(data: bytes, field: str = "image") -> Any:
                 )
             with _DECODING:
                 img.load()
-                return (ImageOps.exif_transpose(img) or img).convert("RGB")
+                upright = ImageOps.exif_transpose(img) or img
+                if upright.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                    # 16-bit grey: Pillow's RGB conversion clips at 255, which turns the picture white.
+                    upright = upright.convert("I").point(lambda v: v / 256).convert("L")
+                return upright.convert("RGB")
     except InvalidRequest:
         raise
     except Image.DecompressionBombError as exc:

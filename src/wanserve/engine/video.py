@@ -13,6 +13,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import Colorspace
 from PIL import Image
 
 from wanserve.errors import InvalidRequest
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # x264's CPU flag for its AVX-512 code paths (x264.h, unchanged since build 152).
 _X264_CPU_AVX512 = 1 << 16
+# FFmpeg's AVCOL_SPC/PRI/TRC_BT709 and AVCOL_RANGE_MPEG.
+_BT709, _LIMITED_RANGE = 1, 1
 
 
 def thumbnail_path_for(video_path: Path) -> Path:
@@ -64,9 +67,17 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18) -> Path:
             stream.width = width
             stream.height = height
             stream.pix_fmt = "yuv420p"
+            # Converted with the BT.709 matrix and tagged so (limited range): untagged, players guess by size,
+            # and swscale's default BT.601 played back as BT.709 at 720p and up shifts every colour.
+            codec = stream.codec_context
+            codec.colorspace = codec.color_primaries = codec.color_trc = _BT709
+            codec.color_range = _LIMITED_RANGE
             stream.options = {"crf": str(crf), "preset": "medium", **_x264_options()}
             for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
+                    format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=_LIMITED_RANGE
+                )
+                for packet in stream.encode(yuv):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
