@@ -1052,7 +1052,71 @@ def test_api_imports_no_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_with_api_keys_set_every_job_route_asks_for_one(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """Without keys anyone who reaches the port reads, cancels and deletes everyone's jobs; with
+    WANSERVE_API_KEY each job route wants one of the keys (two: a new one rolls out before the old goes)."""
+    openai = pytest.importorskip("openai")
+    with make_api(tmp_path, media, api_key="old-key,new-key") as api:
+        refused = api.client.post("/v1/videos", json={"prompt": "p"})
+        error = openai_error(refused, 401)
+        assert error["code"] == "invalid_api_key" and refused.headers["www-authenticate"] == "Bearer"
+        wrong = api.client.get("/v1/videos", headers={"Authorization": "Bearer nope"})
+        assert openai_error(wrong, 401)["code"] == "invalid_api_key"
+        assert problem(api.client.post("/video/submit", json={"prompt": "p"}), 401)["code"] == "invalid_api_key"
+        assert problem(api.client.get("/api/v1/status/video_x"), 401)["code"] == "invalid_api_key"
+        assert api.client.get("/v1/models").status_code == 401
+        assert api.store.list()[0] == []  # nothing queued by the refused requests
+        # Probes and scrapers carry no keys.
+        for path in ("/health", "/ready", "/metrics"):
+            assert api.client.get(path).status_code in (200, 503), path
+        # The OpenAI SDK's api_key, and X-API-Key for the other clients.
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="new-key", http_client=api.client)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            video = client.videos.create(prompt="a lighthouse", model="tiny-t2v")
+        assert client.videos.retrieve(video.id).id == video.id
+        legacy = api.client.post("/video/status", json={"requestId": video.id}, headers={"X-API-Key": "old-key"})
+        assert legacy.status_code == 200
+
+
+def test_a_drain_is_not_taken_from_a_web_page_nor_without_a_key(tmp_path: Path, tiny_cache: Path) -> None:
+    """The worker ops port's POST /drain stops a GPU worker (a model load to undo). A page on the cluster
+    network could send it as a simple cross-site POST; with keys set, a caller on another host needs one. The
+    pod's own preStop hook, on loopback, does not."""
+    from wanserve.jobs import open_store
+    from wanserve.roles import ops_app
+    from wanserve.storage import open_storage
+    from wanserve.worker import Worker
+
+    settings = Settings(data_dir=tmp_path, api_key="k", cache_dir=tiny_cache)
+    store = open_store(settings.store_url)
+    worker = Worker("tiny-t2v", settings, store, open_storage(settings.storage_url), engine=object())  # type: ignore[arg-type]
+    app = ops_app(worker, Metrics(), store)
+    try:
+        with TestClient(app, client=("10.0.0.9", 40000)) as remote:
+            assert remote.post("/drain", headers={"Origin": "http://evil.example"}).status_code == 403
+            assert remote.post("/drain").status_code == 401 and not worker.draining
+            assert remote.get("/health").status_code == 200  # probes need no key
+        with TestClient(app, client=("127.0.0.1", 40000)) as local:
+            assert local.post("/drain", headers={"Origin": "http://evil.example"}).status_code == 403
+            assert not worker.draining
+            assert local.post("/drain").status_code == 200 and worker.draining
+    finally:
+        store.close()
+
+
 # ---- the official OpenAI SDK, unchanged ---------------------------------------------------------------------
+
+
+def test_answers_are_not_sniffed_and_job_states_not_cached(api: Api) -> None:
+    video_id = api.create()["id"]
+    for path in ("/v1/videos", f"/v1/videos/{video_id}", "/v1/videos/video_missing"):
+        answer = api.client.get(path)
+        assert answer.headers["cache-control"] == "no-store" and answer.headers["x-content-type-options"] == "nosniff"
+    api.complete(video_id)
+    content = api.client.get(f"/v1/videos/{video_id}/content")
+    assert content.status_code == 200 and content.headers["x-content-type-options"] == "nosniff"
+    assert content.headers.get("cache-control") != "no-store"  # a finished video may be cached
 
 
 def test_official_openai_sdk(api: Api) -> None:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Preset = Literal["exact", "fast", "fastest"]
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8088, ge=0, le=65535)
     ops_port: int = Field(default=8089, ge=0, le=65535)  # a standalone worker's /health, /metrics, /drain
     public_url: str | None = None  # base URL used in links handed to clients; default from the request
+    # Keys clients must send (`Authorization: Bearer <key>`, as the OpenAI SDK does, or `X-API-Key`); comma-
+    # separated, so a new key can be rolled out before the old one is dropped. None: no key is asked for.
+    api_key: SecretStr | None = None
 
     # Engine.
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -80,6 +83,12 @@ class Settings(BaseSettings):
     overlap_jobs: bool = True
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     storage_redirect: bool = False  # S3: redirect downloads to a presigned URL instead of streaming
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        if self.api_key is None:
+            return ()
+        return tuple(key.strip() for key in self.api_key.get_secret_value().split(",") if key.strip())
 
     @property
     def step_cache_possible(self) -> bool:

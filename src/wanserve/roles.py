@@ -11,6 +11,8 @@ import socket
 import threading
 from typing import Any
 
+from starlette.requests import Request  # at module level: FastAPI resolves the route's annotations here
+
 from wanserve.catalog import ModelSpec, resolve_spec
 from wanserve.config import Settings
 from wanserve.errors import BadSetting, WanserveError
@@ -322,8 +324,9 @@ def _ask_rank_0_to_drain(settings: Settings) -> None:
 
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     url = f"http://{host}:{settings.ops_port}/drain"
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).close()
+        urllib.request.urlopen(urllib.request.Request(url, method="POST", headers=headers), timeout=5).close()
         log.info("rank %s: asked rank 0 to drain (%s)", _rank(), url)
     except OSError as exc:  # rank 0 got the signal too (one node), or its ops port listens on another address
         log.info("rank %s: could not ask rank 0 to drain at %s: %s", _rank(), url, exc)
@@ -333,6 +336,8 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from wanserve.api.auth import key_matches, presented_key
 
     app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None)
 
@@ -361,8 +366,21 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/drain")
-    def drain() -> dict[str, Any]:
+    @app.post("/drain", response_model=None)
+    def drain(request: Request) -> dict[str, Any] | JSONResponse:
+        # Stopping a GPU worker costs a model load to undo. No browser has a reason to ask for it (a page on the
+        # cluster network could, with a "simple" cross-site POST); and with API keys set, only the pod itself
+        # (a preStop hook on loopback) or a caller with a key may.
+        if request.headers.get("origin") is not None:
+            return JSONResponse({"error": "a drain is not taken from a web page (Origin header)"}, status_code=403)
+        loopback = request.client is not None and request.client.host in ("127.0.0.1", "::1", "localhost")
+        keys = worker.settings.api_keys
+        if keys and not loopback and not key_matches(presented_key(request), keys):
+            return JSONResponse(
+                {"error": "a valid API key is required (Authorization: Bearer <key>)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         worker.drain()
         return {"draining": True, "busy": worker.busy}
 

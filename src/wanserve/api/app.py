@@ -14,7 +14,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -28,7 +28,8 @@ from wanserve.metrics import Metrics
 from wanserve.storage.base import Storage
 
 from . import legacy, openai_videos, ops
-from .web import BodyLimitMiddleware, body_limit
+from .auth import Unauthorized, require_key
+from .web import BodyLimitMiddleware, SafeHeadersMiddleware, body_limit
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = f"{getattr(exc, 'public', code)}; try again shortly"
         return _error_response(request, 503, code, message, headers={"Retry-After": "5"})
 
+    async def unauthorized(request: Request, exc: Exception) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"}
+        return _error_response(request, 401, "invalid_api_key", str(exc), headers=headers)
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error_response(request, 500, "internal_error", "internal server error")
@@ -114,6 +119,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StoreUnavailable, backend_unavailable)
     app.add_exception_handler(StorageUnavailable, backend_unavailable)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Unauthorized, unauthorized)
     app.add_exception_handler(Exception, unexpected)
 
 
@@ -179,8 +185,10 @@ def create_app(
 
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))
+    app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    app.include_router(openai_videos.router(settings, store, storage, specs, metrics))
-    app.include_router(legacy.router(settings, store, storage, specs, metrics))
-    app.include_router(ops.router(settings, store, storage, specs, metrics, readiness))
+    keyed = [Depends(require_key(settings))]
+    app.include_router(openai_videos.router(settings, store, storage, specs, metrics), dependencies=keyed)
+    app.include_router(legacy.router(settings, store, storage, specs, metrics), dependencies=keyed)
+    app.include_router(ops.router(settings, store, storage, specs, metrics, readiness, keyed))
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter
@@ -81,7 +81,10 @@ def router(
     specs: Mapping[str, ModelSpec],
     metrics: Metrics,
     readiness: Readiness | None,
+    keyed: Sequence[Any] = (),
 ) -> APIRouter:
+    """`keyed`: the API-key dependency, for the one route here that shows what is served (probes and scrapes
+    stay open)."""
     api = APIRouter(tags=["ops"])
 
     @api.get("/health")
@@ -133,7 +136,7 @@ def router(
     api.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")
     api.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False, name="ready_head")
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", dependencies=list(keyed))
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_entry(spec, store, settings) for spec in specs.values()]}
 

@@ -64,6 +64,33 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class SafeHeadersMiddleware:
+    """`X-Content-Type-Options: nosniff` on every answer, and `Cache-Control: no-store` on JSON ones: a job's
+    status changes from one second to the next, and a shared cache must not hand one client's answer (with
+    links built for its Host) to another."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                headers.append((b"x-content-type-options", b"nosniff"))
+                content_type = dict(headers).get(b"content-type", b"")
+                if b"json" in content_type and b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 # More values than any request has (prompts of commas included): a body of millions of empty arrays would
 # take seconds and hundreds of MB to parse, for nothing.
 MAX_JSON_VALUES = 200_000
