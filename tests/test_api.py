@@ -1077,6 +1077,24 @@ def test_with_api_keys_set_every_job_route_asks_for_one(tmp_path: Path, media: t
         assert client.videos.retrieve(video.id).id == video.id
         legacy = api.client.post("/video/status", json={"requestId": video.id}, headers={"X-API-Key": "old-key"})
         assert legacy.status_code == 200
+        # /docs can send one: the OpenAPI declares both ways.
+        schemes = api.client.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
+    # Set but empty (an empty secret) would mean "no key asked for": refused instead.
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="holds no key"):
+        Settings(api_key=" , ")
+
+
+def test_an_image_the_storage_cannot_take_is_a_503_and_queues_nothing(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    (tmp_path / "videos").write_text("not a folder")  # a storage that cannot take a file: a full disk, say
+    with make_api(tmp_path, media) as api:
+        answer = api.client.post(
+            "/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files={"input_reference": png_bytes((1, 2, 3))}
+        )
+        assert openai_error(answer, 503)["code"] == "storage_unavailable" and answer.headers["retry-after"] == "5"
+        assert api.store.list()[0] == []
 
 
 def test_a_drain_is_not_taken_from_a_web_page_nor_without_a_key(tmp_path: Path, tiny_cache: Path) -> None:

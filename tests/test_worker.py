@@ -22,7 +22,7 @@ from wanserve.storage.local import LocalStorage
 from wanserve.worker import Worker
 
 from service import wait_for
-from videos import decode_mp4
+from videos import decode_mp4, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -526,6 +526,58 @@ def test_an_upload_that_fails_fails_the_job_and_the_worker_goes_on(
     assert lost.error_message is not None and "storage unreachable" in lost.error_message
     assert not (tmp_path / "videos" / lost.id).exists()
     assert kept.status == JobStatus.COMPLETED
+
+
+class FailWriteRefused:
+    """The store, except that `fail` cannot be written for `seconds` from the first try (an outage just as
+    the failure is recorded)."""
+
+    def __init__(self, store: Any, seconds: float) -> None:
+        self.store, self.seconds = store, seconds
+        self.down_until: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def fail(self, *args: Any, **kwargs: Any) -> bool:
+        from wanserve.errors import StoreUnavailable
+
+        if self.down_until is None:
+            self.down_until = time.monotonic() + self.seconds
+        if time.monotonic() < self.down_until:
+            raise StoreUnavailable("the job store (test): down")
+        return bool(self.store.fail(*args, **kwargs))
+
+
+def test_a_job_whose_failure_could_not_be_written_keeps_its_input_image(
+    tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload failed, and so did writing the failure (the store was down too): the worker removed the job's
+    files all the same, its input image with them, and the run after the lease ran out failed input_missing."""
+    import wanserve.worker as worker_module
+    from wanserve.inputs import store_request
+
+    monkeypatch.setattr(worker_module, "STORE_OUTAGE_WAIT_S", 0.5)  # give up on the failure write at once
+    settings = Settings(data_dir=tmp_path, lease_seconds=2, poll_interval=0.05, progress_interval=0)
+    store = open_store(settings.store_url)
+    storage = SlowStorage(tmp_path / "videos")
+    i2v = Engine.load("tiny-i2v", Settings(cache_dir=tiny_cache))
+    spec = lookup("tiny-i2v")
+    assert spec is not None
+    job_id = new_job_id()
+    request = resolve(GenerationRequest(prompt="p", image=png_bytes((9, 9, 9)), num_inference_steps=2, seed=1), spec)
+    store.enqueue(Job(id=job_id, model="tiny-i2v", request=store_request(request, job_id, storage)))
+    storage.fail_next = True  # the video's upload is refused
+    worker = Worker("tiny-i2v", settings, FailWriteRefused(store, 5.0), storage, engine=i2v)  # type: ignore[arg-type]
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        job = wait_for(lambda: (j := store.get(job_id)).status.finished and j, 120, "the job to end")
+    finally:
+        worker.drain(grace=0)
+        thread.join(30)
+        store.close()
+    assert job.status is JobStatus.COMPLETED and job.attempts == 2, (job.status, job.error_code, job.error_message)
 
 
 def test_next_prompt_is_encoded_while_the_current_job_denoises(tmp_path: Path, engine: Engine) -> None:

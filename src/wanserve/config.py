@@ -96,6 +96,14 @@ class Settings(BaseSettings):
         or of the weights (FSDP), whose ranks would take different skip decisions and deadlock."""
         return self.ulysses * self.ring == 1 and not self.fsdp
 
+    @field_validator("api_key")
+    @classmethod
+    def _some_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set but empty (an empty Kubernetes secret, a stray comma) would quietly mean "no key asked for".
+        if value is not None and not any(part.strip() for part in value.get_secret_value().split(",")):
+            raise ValueError("is set but holds no key; unset it to run without keys")
+        return value
+
     @field_validator("model", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:

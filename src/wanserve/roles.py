@@ -373,7 +373,7 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
         # (a preStop hook on loopback) or a caller with a key may.
         if request.headers.get("origin") is not None:
             return JSONResponse({"error": "a drain is not taken from a web page (Origin header)"}, status_code=403)
-        loopback = request.client is not None and request.client.host in ("127.0.0.1", "::1", "localhost")
+        loopback = request.client is not None and _is_loopback(request.client.host)
         keys = worker.settings.api_keys
         if keys and not loopback and not key_matches(presented_key(request), keys):
             return JSONResponse(
@@ -385,3 +385,15 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
         return {"draining": True, "busy": worker.busy}
 
     return app
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, and IPv4 loopback as a dual-stack socket reports it (::ffff:127.0.0.1)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))

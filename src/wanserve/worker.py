@@ -470,11 +470,15 @@ class Worker:
         except Exception as exc:
             # Generating again would not help while the storage refuses it; the worker itself keeps serving.
             log.exception("job %s: storing the video failed", job.id)
-            try:
-                self.storage.delete_prefix(job.id)  # no half-stored job: the expiry sweep retries otherwise
-            except Exception as cleanup:
-                log.warning("job %s: removing its partial files failed too: %s", job.id, cleanup)
-            return self._fail(job, "storage_failed", f"the video could not be stored: {type(exc).__name__}: {exc}")
+            status = self._fail(job, "storage_failed", f"the video could not be stored: {type(exc).__name__}: {exc}")
+            # No half-stored job; but only once it has ended: a job still to run again (the failure could not be
+            # written, its lease will run out) needs its input image, and a rerun overwrites the rest.
+            if status == "failed":
+                try:
+                    self.storage.delete_prefix(job.id)
+                except Exception as cleanup:  # the expiry sweep tries again
+                    log.warning("job %s: removing its partial files failed too: %s", job.id, cleanup)
+            return status
         payload = {
             "seed": result.seed,
             "width": result.width,

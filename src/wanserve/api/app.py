@@ -110,7 +110,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _error_response(request, 500, "internal_error", "internal server error")
+        # Starlette answers this one outside every middleware: SafeHeadersMiddleware's headers are set here.
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        return _error_response(request, 500, "internal_error", "internal server error", headers=headers)
 
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -187,7 +189,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))
     app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    keyed = [Depends(require_key(settings))]
+    keyed = [Depends(require_key(settings))] if settings.api_keys else []
     app.include_router(openai_videos.router(settings, store, storage, specs, metrics), dependencies=keyed)
     app.include_router(legacy.router(settings, store, storage, specs, metrics), dependencies=keyed)
     app.include_router(ops.router(settings, store, storage, specs, metrics, readiness, keyed))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Sequence
 
+from fastapi import Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import Request
 
 from wanserve.config import Settings
@@ -35,12 +37,19 @@ def key_matches(presented: str | None, keys: Sequence[str]) -> bool:
     return any([hmac.compare_digest(given, key.encode()) for key in keys])
 
 
-def require_key(settings: Settings) -> Callable[[Request], None]:
-    """A FastAPI dependency that refuses requests without a valid key; does nothing when no key is set."""
+# Declared as security schemes, so /docs offers an "Authorize" button and the OpenAPI says what to send.
+_BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` (the OpenAI SDK's api_key)")
+_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key, for clients that cannot send a bearer")
+
+
+def require_key(settings: Settings) -> Callable[..., None]:
+    """A FastAPI dependency that refuses requests without one of the server's keys (wired only when some are set)."""
     keys = settings.api_keys
 
-    def check(request: Request) -> None:
-        if keys and not key_matches(presented_key(request), keys):
+    def check(
+        bearer: HTTPAuthorizationCredentials | None = Security(_BEARER), header: str | None = Security(_HEADER)
+    ) -> None:
+        if not key_matches(bearer.credentials if bearer is not None else header, keys):
             raise Unauthorized(
                 "a valid API key is required: send it as 'Authorization: Bearer <key>' (the OpenAI SDK's api_key) "
                 "or 'X-API-Key: <key>'"

@@ -16,8 +16,9 @@ from typing import Any
 
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, JobNotFound
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
 from wanserve.inputs import store_request
+from wanserve.jobs import QUEUE_FULL_RETRY_AFTER
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, resolve
@@ -256,6 +257,10 @@ def submit(
         if field_names and exc.field in field_names:
             raise InvalidRequest(field_names[exc.field], exc.rule) from None
         raise
+    limit = settings.queue_limit
+    if resolved.image is not None and limit is not None and store.queue_depth(spec.name) >= limit:
+        # Refused before the upload (up to 20 MiB stored and removed again); enqueue checks again, atomically.
+        raise QueueFull(spec.name, limit, QUEUE_FULL_RETRY_AFTER)
     job_id = new_job_id()
     record = store_request(resolved, job_id, storage)  # an input image goes to the storage first
     try:

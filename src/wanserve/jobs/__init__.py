@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 
@@ -43,11 +43,12 @@ def redacted(url: str) -> str:
         password = parts.password
     except ValueError:
         return url
-    if not password:
-        return url
-    user = parts.username or ""
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if password:
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rsplit('@', 1)[1]}")
+    if "password=" in parts.query:  # redis://host/0?password=…, which redis-py reads too
+        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def check_store_url(url: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from wanserve.errors import StorageUnavailable
 from wanserve.storage.base import CONTENT_TYPES, ObjectInfo
 
 _COPY_CHUNK = 1 << 20
@@ -33,21 +34,10 @@ class LocalStorage:
     def put_file(self, key: str, path: Path, content_type: str) -> None:
         # content_type is not stored: stat derives it from the name, and result names are fixed (base.py).
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Copy to a temp name in the same directory, then rename over the key: the rename is atomic, so a
-        # reader (or a re-run overwriting the key) never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as dst, Path(path).open("rb") as src:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())  # the data is on disk before the name points at it
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may run as another user
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            _write_atomically(target, Path(path))
+        except OSError as exc:  # a full disk, a folder gone read-only or missing: it cannot take files now
+            raise StorageUnavailable(f"the result storage cannot write {key}: {exc}") from exc
 
     def stat(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -97,3 +87,21 @@ def _read_span(file: BinaryIO, remaining: int, chunk_size: int) -> Iterator[byte
                 return
             remaining -= len(chunk)
             yield chunk
+
+
+def _write_atomically(target: Path, source: Path) -> None:
+    """Copy to a temp name in the target's folder, then rename over it: the rename is atomic, so a reader (or
+    a re-run overwriting the key) never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as dst, source.open("rb") as src:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())  # the data is on disk before the name points at it
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may run as another user
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
