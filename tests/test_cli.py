@@ -202,6 +202,7 @@ def test_a_store_password_is_never_printed(tmp_path: Path, redis_url: str) -> No
         proc.wait(10)
     text = log.read_text()
     assert "wanserve starting" in text and "S3cretPass" not in text and ":***@127.0.0.1" in text, text[-2000:]
+    assert "no API key required" in text  # says so, where an operator looks first
 
 
 def test_an_api_replica_takes_its_workers_preset_and_layout_as_flags(tiny_cache: Path, tmp_path: Path) -> None:

@@ -163,11 +163,12 @@ def run_serve(settings: Settings) -> None:
     for thread in threads:
         thread.start()
     log.info(
-        "wanserve starting: %s on http://%s:%d (store %s)",
+        "wanserve starting: %s on http://%s:%d (store %s; %s)",
         ", ".join(specs),
         settings.host,
         settings.port,
         redacted(settings.store_url),
+        _keys_state(settings),
     )
 
     # While uvicorn runs, its own handlers take SIGTERM/SIGINT (and drain, see _uvicorn); when it stops, it puts
@@ -220,6 +221,13 @@ def run_api(settings: Settings) -> None:
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
     try:
+        log.info(
+            "wanserve api: %s on http://%s:%d (%s)",
+            ", ".join(specs),
+            settings.host,
+            settings.port,
+            _keys_state(settings),
+        )
         _listen(_uvicorn(app, settings.host, settings.port), settings, "port")
     finally:
         store.close()
@@ -397,3 +405,8 @@ def _is_loopback(host: str) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _keys_state(settings: Settings) -> str:
+    keys = len(settings.api_keys)
+    return f"API keys required ({keys} accepted)" if keys else "no API key required: anyone who reaches it may use it"
