@@ -396,15 +396,9 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
 
 
 def _is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1, and IPv4 loopback as a dual-stack socket reports it (::ffff:127.0.0.1)."""
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+    """127.0.0.1 or ::1 (also as a dual-stack socket reports it, ::ffff:127.0.0.1): not the rest of 127/8,
+    from which a service-mesh sidecar may forward every outside caller (Istio uses 127.0.0.6)."""
+    return host in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
 def _keys_state(settings: Settings) -> str:
