@@ -43,9 +43,12 @@ def redacted(url: str) -> str:
         password = parts.password
     except ValueError:
         return url
+    in_query = "password=" in parts.query  # redis://host/0?password=…, which redis-py reads too
+    if not password and not in_query:
+        return url  # as given: urlunsplit would rewrite `sqlite:///` as `sqlite:/`
     if password:
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rsplit('@', 1)[1]}")
-    if "password=" in parts.query:  # redis://host/0?password=…, which redis-py reads too
+    if in_query:
         query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
