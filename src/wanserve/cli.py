@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wanserve.config import Settings
+from wanserve.config import Settings, process_rank
 from wanserve.errors import BadSetting, InvalidRequest, WanserveError
+from wanserve.storage.base import ENDPOINT_ENV_VARS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
 # soft_wrap: a message is one line however narrow the output (a log is 80 columns), so that the command in it
@@ -35,17 +36,10 @@ def where_set(key: str, overrides: dict[str, Any]) -> str:
 
 
 # Variables wanserve reads itself, outside Settings.
-_OTHER_VARIABLES = frozenset({"WANSERVE_S3_ENDPOINT_URL"})
+_OTHER_VARIABLES = frozenset(name for name in ENDPOINT_ENV_VARS if name.startswith("WANSERVE_"))
 # Kubernetes gives every pod `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT=tcp://ip:port`, `<SERVICE>_PORT_<n>_TCP…`
 # for each Service of its namespace: for Services named wanserve or wanserve-*, these start with WANSERVE_.
 _SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://[^/\s]+:\d+")
-
-
-def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def check_environment() -> None:
@@ -55,7 +49,7 @@ def check_environment() -> None:
     setting keeps its default."""
     services = {name.removesuffix("_SERVICE_HOST") for name in os.environ if name.endswith("_SERVICE_HOST")}
     known = {f"WANSERVE_{key.upper()}" for key in Settings.model_fields}
-    quiet = _rank() != 0  # under torchrun, rank 0 says it once
+    quiet = process_rank() != 0  # under torchrun, rank 0 says it once
     for name in sorted(os.environ):
         if not name.startswith("WANSERVE_") or name in _OTHER_VARIABLES:
             continue
@@ -207,7 +201,7 @@ def generate(
         fail(f"WANSERVE_MODEL: names {len(settings.model)} models; generate runs one: pass --model", code=2)
     model = settings.model[0]
     # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's.
-    console.quiet = _rank() != 0
+    console.quiet = process_rank() != 0
     check_output(out)
     try:
         width, height = parse_size(size, "--size") if size else (None, None)

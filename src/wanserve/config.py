@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,8 +14,6 @@ Preset = Literal["exact", "fast", "fastest"]
 
 
 def _default_cache_dir() -> Path:
-    import os
-
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "wanserve"
 
@@ -139,3 +138,11 @@ class Settings(BaseSettings):
     def world_layout(self) -> int:
         """Processes one worker group needs for the configured layout."""
         return self.ulysses * self.ring * self.cfg_parallel
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (`RANK`), 0 outside it or when RANK is not a number."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0

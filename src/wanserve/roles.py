@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request  # at module level: FastAPI resolves the route's annotations here
 
 from wanserve.catalog import ModelSpec, resolve_spec
-from wanserve.config import Settings
+from wanserve.config import Settings, process_rank
 from wanserve.errors import BadSetting, WanserveError
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     (model,) = specs
     if engine is None:
         check_engine_settings(settings)
-    if engine is None and int(os.environ.get("RANK", "0")) != 0:
+    if engine is None and process_rank() != 0:
         _follow(model, settings)  # ranks > 0 of a torchrun group: no store, no ops port, only the engine
         return
     _check_listen(settings, "ops_port")
@@ -312,7 +312,7 @@ def _follow(model: str, settings: Settings) -> None:
     signalled = threading.Event()
 
     def drain_through_rank_0(signum: int, _frame: Any) -> None:
-        log.info("rank %s: signal %d: rank 0 drains the group; this rank stops when it says so", _rank(), signum)
+        log.info("rank %s: signal %d: rank 0 drains the group; this rank stops when it says so", process_rank(), signum)
         if not signalled.is_set():
             signalled.set()
             threading.Thread(target=_ask_rank_0_to_drain, args=(settings,), daemon=True).start()
@@ -323,10 +323,6 @@ def _follow(model: str, settings: Settings) -> None:
     follow(engine)
 
 
-def _rank() -> str:
-    return os.environ.get("RANK", "?")
-
-
 def _ask_rank_0_to_drain(settings: Settings) -> None:
     import urllib.request
 
@@ -335,9 +331,9 @@ def _ask_rank_0_to_drain(settings: Settings) -> None:
     headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="POST", headers=headers), timeout=5).close()
-        log.info("rank %s: asked rank 0 to drain (%s)", _rank(), url)
+        log.info("rank %s: asked rank 0 to drain (%s)", process_rank(), url)
     except OSError as exc:  # rank 0 got the signal too (one node), or its ops port listens on another address
-        log.info("rank %s: could not ask rank 0 to drain at %s: %s", _rank(), url, exc)
+        log.info("rank %s: could not ask rank 0 to drain at %s: %s", process_rank(), url, exc)
 
 
 def ops_app(worker: Any, metrics: Any, store: Any) -> Any:

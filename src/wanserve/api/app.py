@@ -29,7 +29,7 @@ from wanserve.storage.base import Storage
 
 from . import legacy, openai_videos, ops
 from .auth import Unauthorized, require_key
-from .web import BodyLimitMiddleware, SafeHeadersMiddleware, body_limit
+from .web import JSON_ANSWER_HEADERS, BodyLimitMiddleware, SafeHeadersMiddleware, body_limit
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         # Starlette answers this one outside every middleware: SafeHeadersMiddleware's headers are set here.
-        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-        return _error_response(request, 500, "internal_error", "internal server error", headers=headers)
+        return _error_response(request, 500, "internal_error", "internal server error", headers=JSON_ANSWER_HEADERS)
 
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -64,6 +64,11 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+# What SafeHeadersMiddleware gives a JSON answer; the 500 handler, which Starlette runs outside every
+# middleware, sets the same.
+JSON_ANSWER_HEADERS = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+
+
 class SafeHeadersMiddleware:
     """`X-Content-Type-Options: nosniff` on every answer, and `Cache-Control: no-store` on JSON ones: a job's
     status changes from one second to the next, and a shared cache must not hand one client's answer (with
@@ -81,10 +86,10 @@ class SafeHeadersMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
-                headers.append((b"x-content-type-options", b"nosniff"))
-                content_type = dict(headers).get(b"content-type", b"")
-                if b"json" in content_type and b"cache-control" not in names:
-                    headers.append((b"cache-control", b"no-store"))
+                json_answer = b"json" in dict(headers).get(b"content-type", b"")
+                for name, value in JSON_ANSWER_HEADERS.items():
+                    if name == "x-content-type-options" or (json_answer and name.encode() not in names):
+                        headers.append((name.encode(), value.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -13,6 +13,9 @@ from typing import Protocol, runtime_checkable
 VIDEO = "video.mp4"
 THUMBNAIL = "thumbnail.webp"
 INPUT = "input"
+# Where S3 storage finds its endpoint, first set wins. boto3 reads the AWS_* ones itself, but the value also
+# switches on path-style addressing.
+ENDPOINT_ENV_VARS = ("WANSERVE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CONTENT_TYPES = {VIDEO: "video/mp4", THUMBNAIL: "image/webp"}
 
 

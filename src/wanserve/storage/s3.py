@@ -14,10 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from wanserve.errors import StorageUnavailable, unavailable_on
-from wanserve.storage.base import ObjectInfo
-
-# First set wins. boto3 reads the AWS_* ones itself, but we need the value to switch on path-style addressing.
-ENDPOINT_ENV_VARS = ("WANSERVE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+from wanserve.storage.base import ENDPOINT_ENV_VARS, ObjectInfo
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 # Answers that say the storage cannot serve now, or is set up wrong: not that this one request was wrong.
