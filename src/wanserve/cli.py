@@ -339,6 +339,7 @@ StoreOpt = Annotated[
 StorageOpt = Annotated[str | None, setting("result storage URL: file:///dir or s3://bucket/prefix", "storage")]
 HostOpt = Annotated[str | None, setting("bind address (default 127.0.0.1)", "host")]
 PortOpt = Annotated[int | None, setting("HTTP port (default 8088)", "port")]
+WebOpt = Annotated[bool | None, setting("serve the web page at / (default on)", "web", "--web/--no-web")]
 
 
 def _run_role(role: str, **overrides: Any) -> None:
@@ -363,6 +364,7 @@ def serve(
     storage: StorageOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    web: WebOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     text_encoder_cpu: TextCpuOpt = None,
@@ -397,6 +399,7 @@ def api(
     storage: StorageOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    web: WebOpt = None,
     preset: FleetPresetOpt = None,
     ulysses: FleetUlyssesOpt = None,
     ring: FleetRingOpt = None,

@@ -27,7 +27,7 @@ from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
 from wanserve.storage.base import Storage
 
-from . import legacy, openai_videos, ops
+from . import legacy, openai_videos, ops, page
 from .auth import Unauthorized, require_key
 from .web import JSON_ANSWER_HEADERS, BodyLimitMiddleware, SafeHeadersMiddleware, body_limit
 
@@ -192,4 +192,6 @@ def create_app(
     app.include_router(openai_videos.router(settings, store, storage, specs, metrics), dependencies=keyed)
     app.include_router(legacy.router(settings, store, storage, specs, metrics), dependencies=keyed)
     app.include_router(ops.router(settings, store, storage, specs, metrics, readiness, keyed))
+    if settings.web:
+        page.install(app, settings)
     return app

@@ -1,0 +1,232 @@
+"""The web page at `/`: served with its files and a strict policy (always), and driven in a real headless
+Chromium against `wanserve serve` (where Chromium is installed): type a prompt, watch the video arrive and play
+it, see a wrong field named, cancel, delete, and the API-key prompt."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from wanserve.api.app import create_app
+from wanserve.catalog import lookup
+from wanserve.config import Settings
+from wanserve.jobs.sqlite import SQLiteJobStore
+from wanserve.storage.local import LocalStorage
+
+from service import Process, base_env, free_port, wait_for, wait_ready
+from videos import png_bytes
+
+
+def _client(tmp_path: Path, **settings: Any) -> TestClient:
+    config = Settings(data_dir=tmp_path, **settings)
+    spec = lookup("tiny-t2v")
+    assert spec is not None
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    return TestClient(create_app(config, store, LocalStorage(tmp_path / "videos"), {"tiny-t2v": spec}))
+
+
+def test_the_page_and_every_file_it_loads_are_served(tmp_path: Path) -> None:
+    with _client(tmp_path) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        policy = page.headers["content-security-policy"]
+        # No inline script can run, and no other site may frame the page (it has cancel and delete buttons).
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert page.headers["x-frame-options"] == "DENY"
+        assert client.head("/").status_code == 200
+        assert '<form id="create"' in page.text
+        files = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
+        assert sorted(files) == ["static/app.js", "static/style.css"]
+        types = {"js": "text/javascript", "css": "text/css"}
+        for name in files:
+            answer = client.get(f"/{name}")
+            assert answer.status_code == 200, name
+            assert answer.headers["content-type"].startswith(types[name.rsplit(".", 1)[1]])
+            assert answer.headers["x-content-type-options"] == "nosniff"
+        assert client.get("/static/nothing.js").status_code == 404
+        # The page is not part of the API's schema.
+        assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_page_needs_no_key_but_its_calls_do(tmp_path: Path) -> None:
+    with _client(tmp_path, api_key="k1") as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/static/app.js").status_code == 200
+        assert client.get("/v1/videos").status_code == 401
+
+
+def test_no_web_page_when_turned_off(tmp_path: Path) -> None:
+    with _client(tmp_path, web=False) as client:
+        assert client.get("/").status_code == 404
+        assert client.get("/static/app.js").status_code == 404
+        assert client.get("/v1/models").status_code == 200
+
+
+def test_redirected_downloads_may_play_from_the_bucket(tmp_path: Path) -> None:
+    with _client(tmp_path) as client:
+        assert "https:" not in client.get("/").headers["content-security-policy"]
+    with _client(tmp_path, storage_redirect=True) as client:
+        assert "media-src 'self' blob: https: http:" in client.get("/").headers["content-security-policy"]
+
+
+# In a browser ------------------------------------------------------------------------------------------------
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+browser_only = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium); the page's HTTP tests still ran"
+)
+# Slow enough that a second job waits in the queue behind it.
+SLOW = {"#num_frames": "17", "#num_inference_steps": "200"}
+
+
+class Site:
+    def __init__(self, tmp: Path, cache: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["serve", "--port", str(self.port), "--data-dir", str(tmp / "data")]
+        args += ["--model", "tiny-t2v", "--model", "tiny-i2v"]
+        self.process = Process(args, base_env(cache, **env), tmp / "serve.log")
+        wait_ready(self.url, self.process)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.skip("no Chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # The flags keep Chromium from calling home, which a machine without network refuses slowly.
+        flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+    assert not errors, f"the page's script failed: {errors}"
+
+
+def _card(page: Any, status: str) -> Any:
+    return page.locator(f".job[data-status={status}]")
+
+
+def _fill(page: Any, fields: dict[str, str]) -> None:
+    if any(name != "#prompt" for name in fields) and not page.locator("details").evaluate("d => d.open"):
+        page.click("details summary")
+    for selector, value in fields.items():
+        page.fill(selector, value)
+
+
+@browser_only
+@pytest.mark.slow
+def test_a_prompt_becomes_a_video_that_plays_in_the_page(
+    page: Any, tmp_path: Path, tiny_cache: Path, browser: Any
+) -> None:
+    site = Site(tmp_path, tiny_cache)
+    try:
+        page.goto(site.url)
+        page.wait_for_selector("#model option[value=tiny-i2v]", state="attached")
+        assert page.input_value("#model") == "tiny-t2v"
+
+        # A prompt with markup in it is shown as the text it is.
+        prompt = 'a red fox <img src=x onerror="document.title=1">'
+        _fill(page, {"#prompt": prompt, "#num_frames": "9", "#num_inference_steps": "2"})
+        page.click("#generate")
+        video = _card(page, "completed").locator("video")
+        video.wait_for()
+        page.wait_for_function("() => document.querySelector('.job video').duration > 0")
+        width, duration = video.evaluate("v => [v.videoWidth, v.duration]")
+        assert width == 64 and duration > 0  # the browser decoded the MP4
+        card = _card(page, "completed")
+        assert card.locator(".prompt").text_content() == prompt and card.locator("img").count() == 0
+        assert "9 frames" in card.locator(".detail").text_content()
+        job_id = card.get_attribute("data-id")
+        download = card.locator("a[download]")
+        assert download.get_attribute("href") == f"{site.url}/v1/videos/{job_id}/content"
+
+        # A wrong field is named, and the control holding it marked.
+        _fill(page, {"#num_frames": "6"})
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelector('#create-error').textContent !== ''")
+        assert "num_frames" in page.text_content("#create-error")
+        assert page.get_attribute("#num_frames", "aria-invalid") == "true"
+
+        # Image-to-video: the model needs an image, and says so before sending anything.
+        page.select_option("#model", "tiny-i2v")
+        assert page.is_visible("#input_reference")
+        page.click("#generate")
+        assert "input_reference" in page.text_content("#create-error")
+        image = tmp_path / "ball.png"
+        image.write_bytes(png_bytes((200, 40, 40)))
+        page.set_input_files("#input_reference", str(image))
+        _fill(page, {"#num_frames": "5", "#num_inference_steps": "2"})
+        page.click("#generate")
+        wait_for(lambda: _card(page, "completed").count() == 2, 120, "the image-to-video job")
+
+        # A job waiting behind a slow one is cancelled from its card; the slow one then deleted.
+        page.select_option("#model", "tiny-t2v")
+        _fill(page, {"#prompt": "slow one", **SLOW})
+        page.click("#generate")
+        _fill(page, {"#prompt": "waiting one"})
+        page.click("#generate")
+        waiting = page.locator(".job", has_text="waiting one")
+        waiting.locator(".detail", has_text="in the queue").wait_for()
+        waiting.locator("button.cancel").click()
+        page.locator(".job[data-status=cancelled]", has_text="waiting one").wait_for()
+        slow = page.locator(".job", has_text="slow one")
+        slow_id = slow.get_attribute("data-id")
+        slow.locator("button.delete").click()
+        slow.wait_for(state="detached")
+        assert httpx.get(f"{site.url}/v1/videos/{slow_id}").status_code == 404
+    finally:
+        site.process.stop()
+
+
+@browser_only
+@pytest.mark.slow
+def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
+    page: Any, tmp_path: Path, tiny_cache: Path
+) -> None:
+    site = Site(tmp_path, tiny_cache, WANSERVE_API_KEY="right-key")
+    try:
+        page.goto(site.url)
+        page.locator("#key-form").wait_for()
+        assert page.is_hidden("#create")
+        page.fill("#key", "wrong-key")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_function("() => document.querySelector('#key-error').textContent !== ''")
+        page.fill("#key", "right-key")
+        page.click("#key-form button[type=submit]")
+        page.locator("#create").wait_for()
+        _fill(page, {"#prompt": "a fox", "#num_frames": "5", "#num_inference_steps": "2"})
+        page.click("#generate")
+        video = _card(page, "completed").locator("video")
+        video.wait_for()
+        # A media element cannot send the key: the page fetched the file with it and plays it from memory.
+        assert video.get_attribute("src").startswith("blob:")
+        page.wait_for_function("() => document.querySelector('.job video').duration > 0")
+        # The key is remembered across a reload, and can be forgotten.
+        page.reload()
+        _card(page, "completed").wait_for()
+        page.click("#forget-key")
+        page.locator("#key-form").wait_for()
+        assert page.locator(".job").count() == 0
+    finally:
+        site.process.stop()
