@@ -610,8 +610,10 @@ def test_content_before_completion_is_404(api: Api) -> None:
 
 def test_storage_redirect_uses_the_presigned_url(tmp_path: Path, media: tuple[Path, Path]) -> None:
     class PresigningStorage(LocalStorage):
-        def presigned_url(self, key: str, expires: int = 3600) -> str | None:
-            return f"https://bucket.example/{key}?sig=1"
+        def presigned_url(
+            self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+        ) -> str | None:
+            return f"https://bucket.example/{key}?sig={method}"
 
     storage = PresigningStorage(tmp_path / "signed")
     with make_api(tmp_path, media, storage=storage, storage_redirect=True) as api:
@@ -619,10 +621,11 @@ def test_storage_redirect_uses_the_presigned_url(tmp_path: Path, media: tuple[Pa
         api.complete(video_id)
         response = api.client.get(f"/v1/videos/{video_id}/content", follow_redirects=False)
         assert response.status_code == 302
-        assert response.headers["location"] == f"https://bucket.example/{video_id}/video.mp4?sig=1"
-        # A URL presigned for GET refuses a HEAD (SigV4 signs the method): HEAD is answered here.
+        assert response.headers["location"] == f"https://bucket.example/{video_id}/video.mp4?sig=GET"
+        # SigV4 signs the method: a HEAD gets a URL of its own.
         head = api.client.head(f"/v1/videos/{video_id}/content", follow_redirects=False)
-        assert head.status_code == 200 and int(head.headers["content-length"]) == api.media[0].stat().st_size
+        assert head.status_code == 302
+        assert head.headers["location"] == f"https://bucket.example/{video_id}/video.mp4?sig=HEAD"
 
 
 # ---- status words on every surface --------------------------------------------------------------------------

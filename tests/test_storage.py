@@ -316,6 +316,53 @@ def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None,
         assert client.get(f"/v1/videos/{job.id}").json()["status"] == "completed"
 
 
+def test_s3_redirected_downloads_agree_with_head_and_name_the_file(
+    s3_server: S3Server, s3_env: None, tmp_path: Path
+) -> None:
+    """With WANSERVE_STORAGE_REDIRECT, GET and HEAD both go to the bucket (HEAD answered here gave another ETag
+    than the bucket's, so a conditional GET never matched), the file keeps the job's name, and a missing object or
+    a bucket that is down is this API's JSON 404 or 503, not S3's XML or a redirect to nowhere."""
+    from fastapi.testclient import TestClient
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.config import Settings
+    from wanserve.jobs import Job, open_store
+
+    settings = Settings(data_dir=tmp_path, storage_redirect=True)
+    store = open_store(settings.store_url)
+    storage = S3Storage(s3_server.bucket, prefix=f"t-{uuid.uuid4().hex}", endpoint_url=s3_server.endpoint)
+    job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
+    assert store.claim("tiny-t2v", "w1", 30.0) is not None
+    storage.put_file(key_for(job.id, VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
+    spec = lookup("tiny-t2v")
+    assert spec is not None
+    path = f"/v1/videos/{job.id}/content"
+    with TestClient(create_app(settings, store, storage, {"tiny-t2v": spec})) as client:
+        redirect = client.get(path, follow_redirects=False)
+        assert redirect.status_code == 302 and redirect.headers["location"].startswith(s3_server.endpoint)
+        got = httpx.get(redirect.headers["location"])
+        assert got.content == DATA
+        assert got.headers["content-disposition"] == f'inline; filename="{job.id}.mp4"'
+        head = client.head(path, follow_redirects=False)
+        assert head.status_code == 302
+        headed = httpx.head(head.headers["location"])
+        assert headed.status_code == 200 and headed.headers["etag"] == got.headers["etag"]
+        fresh = httpx.get(redirect.headers["location"], headers={"If-None-Match": headed.headers["etag"]})
+        assert fresh.status_code == 304
+
+        storage.delete_prefix(job.id)
+        gone = client.get(path, follow_redirects=False)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+    down = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{free_tcp_port()}")  # nothing listens there
+    with TestClient(create_app(settings, store, down, {"tiny-t2v": spec})) as client:
+        for method in ("GET", "HEAD"):
+            answer = client.request(method, path, follow_redirects=False)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "5", method
+
+
 class _AlwaysBusy:
     """An S3 endpoint behind a proxy that answers every request 503 (an ingress whose MinIO is down, AWS
     SlowDown), or another error, on 127.0.0.1: a real HTTP server, answering as S3 does."""

@@ -204,14 +204,15 @@ def content_response(
     filename: str,
 ) -> Response:
     """The stored object, whole or in part. Missing objects (expired, deleted) raise FileNotFoundError."""
-    # GET only: a presigned URL is signed for one method, and a HEAD is answered from `stat` as cheaply.
-    if settings.storage_redirect and request.method == "GET":
-        url = storage.presigned_url(key)
-        if url:
-            return RedirectResponse(url, status_code=302)
     info = storage.stat(key)
     if info is None:
         raise FileNotFoundError(key)
+    if settings.storage_redirect:
+        # After the stat: a missing object is this API's 404 and a bucket that is down its 503, not S3's XML or
+        # a link to nowhere. HEAD goes to the bucket too, so that it gives the same ETag as the GET.
+        url = storage.presigned_url(key, method=request.method, filename=filename)
+        if url:
+            return RedirectResponse(url, status_code=302)
     size = info.size
     # A job's files are written once (a re-run writes the same bytes): key and size identify them.
     etag = '"' + hashlib.sha256(f"{key}\0{size}".encode()).hexdigest()[:32] + '"'

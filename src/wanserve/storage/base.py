@@ -43,8 +43,11 @@ class Storage(Protocol):
         """Delete every object under `<prefix>/` (a job's files)."""
         ...
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
-        """A URL the client can fetch directly, or None when the backend has none (local files)."""
+    def presigned_url(
+        self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+    ) -> str | None:
+        """A URL the client can fetch directly with `method` (GET or HEAD; a signature holds for one method),
+        whose answer names the file `filename`; None when the backend has none (local files)."""
         ...
 
     def ping(self) -> bool: ...

@@ -63,7 +63,9 @@ class LocalStorage:
             if path.is_dir():
                 shutil.rmtree(path)
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
+    def presigned_url(
+        self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+    ) -> str | None:
         return None
 
     def ping(self) -> bool:

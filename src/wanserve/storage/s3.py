@@ -150,10 +150,14 @@ class S3Storage:
                     raise StorageUnavailable(f"the result storage (S3) cannot be reached: {problem}")
                 raise OSError(problem)
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str | None:
-        return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
-        )
+    def presigned_url(
+        self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+    ) -> str | None:
+        operation = {"GET": "get_object", "HEAD": "head_object"}[method]
+        params = {"Bucket": self.bucket, "Key": self._key(key)}
+        if filename is not None:  # else a browser saves every video as "video.mp4"
+            params["ResponseContentDisposition"] = f'inline; filename="{filename}"'
+        return self.client.generate_presigned_url(operation, Params=params, ExpiresIn=expires)
 
     def ping(self) -> bool:
         try:
