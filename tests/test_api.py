@@ -348,6 +348,8 @@ def test_openai_http_image_url_is_refused_clearly(api: Api) -> None:
         ({"ulysses_size": 2}, "ulysses_size", "parallel layout is server configuration, fixed at start"),
         ({"ring_degree": 2}, "ring_degree", "parallel layout is server configuration"),
         ({"priority": "high"}, "priority", "integer"),
+        ({"guidance_scale": "5"}, "guidance_scale", "must be a finite number (a number, not a string), got '5'"),
+        ({"num_inference_steps": "4"}, "num_inference_steps", "must be an integer (a number, not a string)"),
         ({"prompt": ""}, "prompt", "non-empty"),
         ({"preset": "turbo"}, "preset", "must be one of exact, fast, fastest"),
         ({"preset": "fastest"}, "preset", "tiny-t2v runs preset 'exact', whose requests may ask for exact or fast"),
@@ -392,6 +394,15 @@ def test_multipart_conversion_errors_name_the_field(api: Api) -> None:
     blank = api.client.post("/v1/videos", data={"prompt": "p", "seed": "", "size": "", "num_frames": ""})
     assert blank.status_code == 200, blank.text
     assert blank.json()["size"] == "64x64" and isinstance(blank.json()["seed"], int)
+    # As is a file input left empty (a part with no file name); an empty file that was chosen is refused, not
+    # taken for "no image" (which would make a text-to-video job of it).
+    no_file = api.client.post("/v1/videos", data={"prompt": "p"}, files={"input_reference": ("", b"")})
+    assert no_file.status_code == 200, no_file.text
+    empty = api.client.post(
+        "/v1/videos", data={"prompt": "p"}, files={"input_reference": ("cat.png", b"", "image/png")}
+    )
+    error = openai_error(empty, 400)
+    assert error["param"] == "input_reference" and "'cat.png' is empty" in error["message"]
 
 
 def test_malformed_json_and_query_validation(api: Api) -> None:
@@ -672,7 +683,8 @@ def test_queue_positions_and_priority_overtaking(api: Api) -> None:
     positions = [api.client.get(f"/v1/videos/{i}").json()["queue_position"] for i in (first, second, third)]
     assert positions == [1, 2, 3]
 
-    urgent = api.client.post("/api/v1/generate", json={"prompt": "urgent", "priority": 5, "resolution": "64*64"})
+    # 5.0 is the integer 5, for priority as for every integer field.
+    urgent = api.client.post("/api/v1/generate", json={"prompt": "urgent", "priority": 5.0, "resolution": "64*64"})
     assert urgent.status_code == 202
     urgent_id = urgent.json()["task_id"]
     assert api.client.post("/video/status", json={"requestId": urgent_id}).json()["queue_position"] == 1
@@ -877,12 +889,12 @@ def test_submit_and_status_at_the_root(api: Api) -> None:
         ({"task_type": "v2v"}, "task_type", "must be one of"),
         ({"task_type": ["t2v"]}, "task_type", "must be one of"),
         ({"task_type": {}}, "task_type", "must be one of"),
-        ({"resolution": "big"}, "resolution", "WIDTHxHEIGHT"),
+        ({"resolution": "big"}, "resolution", "must look like WIDTH*HEIGHT (for example 1280*704)"),
         ({"resolution": "64*63"}, "resolution", "multiple of 16"),
         ({"resolution": "256*512"}, "resolution", "larger than tiny-t2v supports"),
         ({"width": 512, "height": 256}, "width", "larger than tiny-t2v supports"),
         ({"num_frames": 10}, "num_frames", "4k+1"),
-        ({"resolution": "6_4*6_4"}, "resolution", "must look like WIDTHxHEIGHT"),
+        ({"resolution": "6_4*6_4"}, "resolution", "must look like WIDTH*HEIGHT"),
         ({"tp_size": 2}, "tp_size", "parallel layout is server configuration"),
         ({"steps": 4}, "steps", "not a known field"),
         ({"model": "wan2.2-ti2v-5b"}, "model", "not served"),

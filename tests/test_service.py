@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -86,6 +86,27 @@ def test_openai_sdk_create_and_poll_then_download(server: Server, tmp_path: Path
     assert deleted.deleted
     with pytest.raises(openai.NotFoundError):
         client.videos.retrieve(video.id)
+
+
+def test_openai_sdk_calls_wanserve_does_not_offer_say_so(server: Server) -> None:
+    """Remix, edit, extend and characters are refused as such (400 `unsupported_operation`): not a 404 that reads
+    as "your video is gone", nor a 405 from the routes of a video id."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    video_id = server.submit(num_inference_steps=1)
+    clip = ("fox.mp4", b"not much of a video", "video/mp4")
+    calls: dict[str, Callable[[], object]] = {
+        "remixes": lambda: client.videos.remix(video_id, prompt="now at night"),
+        "video edits": lambda: client.videos.edit(prompt="at night", video=clip),
+        "video extensions": lambda: client.videos.extend(prompt="longer", seconds="8", video=clip),
+        "characters": lambda: client.videos.create_character(name="fox", video=clip),
+    }
+    calls["characters "] = lambda: client.videos.get_character("char_1")
+    for what, call in calls.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        assert refused.value.code == "unsupported_operation", what
+        assert f"{what.strip()} are not supported by wanserve" in refused.value.message
+    assert server.wait_finished(video_id)["status"] == "completed"  # the video itself is untouched
 
 
 def test_openai_sdk_image_to_video_upload(server: Server, tmp_path: Path) -> None:

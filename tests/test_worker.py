@@ -46,6 +46,17 @@ class SlowStorage(LocalStorage):
         super().put_file(key, path, content_type)
 
 
+class RefusingStorage(LocalStorage):
+    """Every upload fails with `failure`."""
+
+    def __init__(self, root: Path, failure: Exception) -> None:
+        super().__init__(root)
+        self.failure = failure
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        raise self.failure
+
+
 class Harness:
     def __init__(
         self, tmp: Path, engine: Engine, storage: LocalStorage | None = None, start: bool = True, **settings: object
@@ -501,6 +512,41 @@ def test_next_job_runs_while_the_previous_video_is_uploaded(tmp_path: Path, engi
         assert b.started_at >= a.completed_at
     for job in (a, b):
         assert decode_mp4(tmp_path / "videos" / job.id / "video.mp4").frames.shape[0] == 9
+
+
+def _unreachable_s3() -> Exception:
+    from wanserve.errors import StorageUnavailable
+
+    """As the S3 backend raises it (`unavailable_on`): the endpoint and key in the message, a public text beside."""
+    error = StorageUnavailable(
+        "the result storage (S3) cannot be reached: Could not connect to the endpoint URL: "
+        '"http://10.0.0.7:9000/private-bucket/video_x/video.mp4"'
+    )
+    error.public = "the result storage (S3) cannot be reached"
+    return error
+
+
+@pytest.mark.parametrize(
+    ("failure", "told"),
+    [
+        (_unreachable_s3(), "the result storage (S3) cannot be reached"),
+        (OSError(28, "No space left on device", "/srv/private/videos/x.mp4"), "OSError: No space left on device"),
+    ],
+)
+def test_a_failed_upload_tells_the_client_why_but_not_where(
+    tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch, failure: Exception, told: str
+) -> None:
+    """Any client may read a job's error: it says what went wrong, not the storage's address or a server path."""
+    import wanserve.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "STORE_OUTAGE_WAIT_S", 0.5)  # an outage outlasts the retries sooner
+    h = Harness(tmp_path, engine, storage=RefusingStorage(tmp_path / "videos", failure))
+    try:
+        failed = h.finished(h.submit(num_inference_steps=2))
+    finally:
+        h.stop()
+    assert failed.status == JobStatus.FAILED and failed.error_code == "storage_failed"
+    assert failed.error_message == f"the video could not be stored: {told}"
 
 
 def test_drain_waits_for_the_video_being_uploaded(tmp_path: Path, engine: Engine) -> None:

@@ -13,6 +13,11 @@ class WanserveError(Exception):
     """Base of every error wanserve raises on purpose."""
 
 
+class NotSupported(WanserveError):
+    """An operation of an API wanserve speaks that it does not offer (the OpenAI SDK's `videos.remix`, say):
+    a 400 that says so, rather than a 404 that reads as "your video is gone" or a 405."""
+
+
 def _clipped(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
@@ -90,6 +95,17 @@ class StorageUnavailable(WanserveError, ConnectionError):
     """The result storage cannot be reached (an S3 endpoint down), after the backend's own retries."""
 
     public = "the result storage cannot be reached"
+
+
+def public_reason(exc: BaseException) -> str:
+    """What a job's client may read of a storage error: neither the endpoint nor a server path (the worker's log
+    has the whole error). Unreachable: the backend's `public` text; a disk error: its errno text, no file name."""
+    public = getattr(exc, "public", None)
+    if public:
+        return str(public)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def unavailable_on(

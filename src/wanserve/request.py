@@ -101,17 +101,22 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _quoted_number(value: object) -> str:
+    """A hint for the commonest slip: a number sent as a JSON string ("5" for 5)."""
+    return " (a number, not a string)" if isinstance(value, str) else ""
+
+
 def _int(field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise InvalidRequest(field, f"must be an integer, got {value!r}")
+        raise InvalidRequest(field, f"must be an integer{_quoted_number(value)}, got {value!r}")
     return value
 
 
 def _float(field: str, value: object) -> float:
     if not _is_number(value):
-        raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+        raise InvalidRequest(field, f"must be a finite number{_quoted_number(value)}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -123,7 +128,11 @@ def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     """`832x480`, `832*480`, `832X480` or `832×480` -> (width, height)."""
     match = _SIZE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise InvalidRequest(field, f"must look like WIDTHxHEIGHT (for example 832x480), got {text!r}")
+        # Each field's own spelling: the task routes' `resolution` is documented as 1280*704.
+        example = (
+            "WIDTH*HEIGHT (for example 1280*704)" if field == "resolution" else "WIDTHxHEIGHT (for example 832x480)"
+        )
+        raise InvalidRequest(field, f"must look like {example}, got {text!r}")
     return int(match[1]), int(match[2])
 
 

@@ -33,6 +33,7 @@ from wanserve.errors import (
     ParallelGroupError,
     StorageUnavailable,
     StoreUnavailable,
+    public_reason,
 )
 from wanserve.inputs import InputMissing, load_request
 from wanserve.jobs.model import Job, JobStatus, JobStore
@@ -426,7 +427,8 @@ class Worker:
         except InputMissing as exc:
             return self._fail(job, "input_missing", str(exc))
         except Exception as exc:  # still unreachable after the retries: as when the video cannot be stored
-            return self._fail(job, "storage_failed", f"the input image could not be read: {type(exc).__name__}: {exc}")
+            log.warning("job %s: its input image could not be read: %s", job.id, exc)
+            return self._fail(job, "storage_failed", f"the input image could not be read: {public_reason(exc)}")
         try:
             if self.settings.overlap_jobs:
                 return self.engine.generate(request, scratch / VIDEO, on_progress, should_cancel, write_async=True)
@@ -470,7 +472,7 @@ class Worker:
         except Exception as exc:
             # Generating again would not help while the storage refuses it; the worker itself keeps serving.
             log.exception("job %s: storing the video failed", job.id)
-            status = self._fail(job, "storage_failed", f"the video could not be stored: {type(exc).__name__}: {exc}")
+            status = self._fail(job, "storage_failed", f"the video could not be stored: {public_reason(exc)}")
             # No half-stored job; but only once it has ended: a job still to run again (the failure could not be
             # written, its lease will run out) needs its input image, and a rerun overwrites the rest.
             if status == "failed":

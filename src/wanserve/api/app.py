@@ -22,7 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StorageUnavailable, StoreUnavailable
+from wanserve.errors import (
+    InvalidRequest,
+    JobNotFound,
+    NotSupported,
+    QueueFull,
+    StorageUnavailable,
+    StoreUnavailable,
+)
 from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
 from wanserve.storage.base import Storage
@@ -84,6 +91,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
         return _error_response(request, 422, "invalid_value", message, field=field)
 
+    async def not_supported(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(request, 400, "unsupported_operation", str(exc))
+
     async def job_not_found(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(request, 404, "not_found", str(exc))
 
@@ -116,6 +126,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(JobNotFound, job_not_found)
+    app.add_exception_handler(NotSupported, not_supported)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(StoreUnavailable, backend_unavailable)
     app.add_exception_handler(StorageUnavailable, backend_unavailable)

@@ -1,14 +1,15 @@
 """OpenAI's Videos API (`/v1/videos`), shaped so the official `openai` SDK works against it unchanged.
 
-The SDK always posts multipart (even without a file), flattening `input_reference={"image_url": ...}` into
-a form field `input_reference[image_url]` and sending `extra_body` values as strings; plain JSON bodies are
-accepted too. Wan's own parameters ride along under vLLM-Omni's names.
+The SDK posts multipart when it sends a file, sending `extra_body` values as strings; releases that take
+`input_reference={"image_url": ...}` flatten it into a form field `input_reference[image_url]` (3.x refuses the
+dict: clients send it in `extra_body`, as JSON). Plain JSON bodies are accepted too. Wan's own parameters ride
+along under vLLM-Omni's names.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest
+from wanserve.errors import InvalidRequest, NotSupported
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, parse_size
@@ -141,9 +142,11 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
                 if base_name(key) != "input_reference":
                     raise InvalidRequest(base_name(key), "only input_reference may be a file upload")
                 data = await _read_upload(value, settings)
-                if data:  # a browser form with no file chosen still sends an empty part
+                if data:
                     upload = data
                     fields["input_reference"] = None
+                elif value.filename:  # (a browser form with no file chosen sends an empty part with no name)
+                    raise InvalidRequest("input_reference", f"the uploaded file {value.filename!r} is empty")
             elif value != "" or key == "prompt":  # an HTML form sends the inputs left empty as ""
                 fields[key] = value
     finally:
@@ -197,6 +200,22 @@ def build_request(
     return GenerationRequest(prompt=fields.get("prompt"), image=image, **values)  # type: ignore[arg-type]
 
 
+UNSUPPORTED = (
+    ("/{video_id}/remix", "POST", "remixes"),
+    ("/edits", "POST", "video edits"),
+    ("/extensions", "POST", "video extensions"),
+    ("/characters", "POST", "characters"),
+    ("/characters/{character_id}", "GET", "characters"),
+)
+
+
+def _refusal(what: str) -> Callable[[], None]:
+    def refuse() -> None:
+        raise NotSupported(f"{what} are not supported by wanserve; create a new video (POST /v1/videos) instead")
+
+    return refuse
+
+
 def router(
     settings: Settings,
     store: JobStore,
@@ -230,6 +249,11 @@ def router(
             field_names={"image": "input_reference", **size_field_names(fields, "size")},
         )
         return answer(job)
+
+    # What the OpenAI SDK can also ask for (`videos.remix`, `edit`, `extend`, `create_character`,
+    # `get_character`): declared before the `/{video_id}` routes, which would take "edits" for an id.
+    for path, method, what in UNSUPPORTED:
+        api.add_api_route(path, _refusal(what), methods=[method], include_in_schema=False)
 
     @api.post("", openapi_extra=json_or_form_body(VideoCreate))
     async def create_video(request: Request) -> JSONResponse:

@@ -159,6 +159,8 @@ def parse_priority(value: object) -> int:
     if value is None:
         return 0
     value = form_int("priority", value)
+    if isinstance(value, float) and value.is_integer():  # 5.0, as every other integer field takes it
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest("priority", f"must be an integer, got {value!r}")
     if not MIN_PRIORITY <= value <= MAX_PRIORITY:
