@@ -1,9 +1,8 @@
 """OpenAI's Videos API (`/v1/videos`), shaped so the official `openai` SDK works against it unchanged.
 
-The SDK posts multipart when it sends a file, sending `extra_body` values as strings; releases that take
-`input_reference={"image_url": ...}` flatten it into a form field `input_reference[image_url]` (3.x refuses the
-dict: clients send it in `extra_body`, as JSON). Plain JSON bodies are accepted too. Wan's own parameters ride
-along under vLLM-Omni's names.
+The SDK always posts multipart (even without a file), sending `extra_body` values as strings and flattening
+`input_reference: {"image_url": ...}` into a form field `input_reference[image_url]` (3.x takes that dict only
+in `extra_body`). Plain JSON bodies are accepted too. Wan's own parameters ride along under vLLM-Omni's names.
 """
 
 from __future__ import annotations
