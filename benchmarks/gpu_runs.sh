@@ -10,8 +10,9 @@
 # no new phase after it; a run that would start with under 30 s left is skipped. Every run rewrites its results
 # file after each phase, straight into $OUT, so whatever finished before a timeout or a crash comes back. Each
 # run is its own process: a sticky CUDA error in one costs only that run.
-#   1  1.3B 480p forward + 10-step request vs diffusers, serving (overlap off/on); 14B I2V 480p CFG step (8 layers,
-#      scaled); 5B 1280x704x121 forward; A14B 720p CFG step with the 40-step projection; 14B 720p forward
+#   1  1.3B 480p forward + 10-step request vs diffusers, serving (overlap off/on); A14B 720p CFG step with the
+#      40-step projection (two forwards of the 14B 720p transformer: its ratio stands for that forward's); 14B I2V
+#      480p CFG step (8 layers, scaled); 5B 1280x704x121 forward
 #   2  what step 1 leaves: lossy presets on 1.3B; 5B on a 24 GB budget (text encoder on the CPU, VAE tiling);
 #      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request; cold start from local disk,
 #      with empty and with kept compile caches
@@ -27,6 +28,12 @@ started=$(date +%s)
 deadline=$((started + budget))
 
 if [ -z "$dry" ]; then
+    # The tree arrives without .git: the commit measured is in .whl/COMMIT ("<sha> <dirty 0|1>", written with
+    # the wheels), for each run's JSON.
+    if [ -f .whl/COMMIT ]; then
+        read -r BENCH_GIT_COMMIT BENCH_GIT_DIRTY <.whl/COMMIT
+        export BENCH_GIT_COMMIT BENCH_GIT_DIRTY
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.csv" 2>&1
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: see docs/performance.md" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -45,8 +52,13 @@ except Exception as exc:
     print('preflight: torchao unusable, fastest will skip fp8:', type(exc).__name__, exc)
 " 2>&1 | tee -a "$log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "preflight imports failed: see $log" >&2; exit 2; }
+    # The CLI (typer, click, rich from the image, not carried) parses before any model is built.
+    PYTHONPATH=/tmp/site:$PWD/src python3 -m wanserve bench --help >/dev/null 2>>"$log" \
+        || { echo "wanserve bench --help failed: see $log" >&2; exit 2; }
     # Earlier results of the same day, so that this step's runs merge into the same file.
-    for f in benchmarks/results/*.json; do
+    # Only today's (any other date is a file of its own, and $OUT returns at most 8 files).
+    for f in benchmarks/results/*-"$(date +%F)".json; do
+        [ -e "$f" ] || continue
         case $(basename "$f") in cpu-* | control-plane-*) ;; *) cp "$f" "$out/" ;; esac
     done
 fi
@@ -65,19 +77,20 @@ bench() { # SLICE_SECONDS BENCH_ARGS...
     [ "$slice" -gt "$left" ] && slice=$left
     echo "+ [$(($(date +%s) - started)) s] wanserve bench --time-budget $slice $*" | tee -a "$log"
     [ -n "$dry" ] && return 0
-    python3 -m wanserve bench --out "$out" --time-budget "$slice" "$@" 2>&1 | tee -a "$log"
+    # A hard stop per run: SIGINT makes the run record where it stopped and save; a hang costs this run only.
+    timeout --signal=INT --kill-after=20 $((slice + 90)) \
+        python3 -m wanserve bench --out "$out" --time-budget "$slice" "$@" 2>&1 | tee -a "$log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
 case $step in
     1)
         bench 150 --shape 1.3b-480p --presets exact --steps 10 --jobs 2 --repeats 3
-        bench 90 --shape 14b-i2v-480p --layers 8 --presets exact,fastest --repeats 3
+        # Two targets (exact and fastest projections) and, as two forwards of the 14B transformer at 75,600
+        # tokens, the 14B 720p forward ratio (forward_speedup_exact): no separate 14b-720p-8layers run.
+        bench 140 --shape a14b-720p --layers 8 --presets exact,fastest --repeats 2
+        bench 100 --shape 14b-i2v-480p --layers 8 --presets exact,fastest --repeats 2
         bench 50 --shape 5b-720p --no-request --presets exact --repeats 3
-        bench 90 --shape a14b-720p --layers 8 --presets exact,fastest --repeats 3
-        # The A14B step above is two forwards of this very transformer at these tokens: if this run is skipped,
-        # its ratio against diffusers is the 14B 720p forward's.
-        bench 50 --shape 14b-720p-8layers --presets exact --repeats 3
         ;;
     2)
         bench 150 --shape 1.3b-480p --presets fast,fastest --steps 10 --jobs 0 --repeats 3

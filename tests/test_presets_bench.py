@@ -29,6 +29,7 @@ from wanserve.bench import (
 from wanserve.bench import models as bench_models
 from wanserve.bench import run as bench_run
 from wanserve.bench.projection import check_targets
+from wanserve.catalog import lookup
 from wanserve.config import Settings
 from wanserve.engine import presets
 from wanserve.engine.engine import Engine
@@ -386,6 +387,18 @@ def test_time_budget_skips_the_phases_it_does_not_cover(tiny_cache: Path, tmp_pa
     assert bad.returncode == 2 and "--time-budget: must be a positive number" in bad.stdout + bad.stderr
 
 
+def test_a_preset_whose_compile_was_paid_for_is_always_timed(tmp_path: Path) -> None:
+    """The budget is checked when a phase starts: a preset's setup (FP8, a fresh compile: a minute on a GPU) may
+    start just inside it. Its timed forward must then still run, or the minute bought nothing."""
+    report: dict[str, object] = {"run": "budget-test"}
+    environment = {"device_type": "cpu", "device_name": "test", "date": "2026-11-30"}
+    run = bench_run._Run(report, environment, tmp_path, budget=0.0, device=None)
+    assert run.phase("fastest_apply", lambda: "applied") is None  # would start past the budget: skipped
+    assert run.phase("fastest_forward", lambda: "timed", finishes=True) == "timed"
+    assert run.phase("build", lambda: "built", required=True) == "built"
+    assert set(run.skipped) == {"fastest_apply"}
+
+
 # The random-weight shapes the GPU runs use, shrunk to toy widths and sizes: the same code builds them (UMT5,
 # the model's real VAE config, both A14B experts, the I2V image inputs), times them and projects them.
 TOY_UMT5 = dict(bench_models.UMT5_XXL, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=384)
@@ -426,7 +439,16 @@ def test_gpu_plan_shapes_run_end_to_end_at_toy_sizes(
     if shape.request:
         assert set(report["request"]) == {"diffusers", *options.presets}
         assert report["request"]["exact"]["identical_to_diffusers"] is True
+        # Timed at fewer steps than the model's: the ratio is also projected to its full step count, from
+        # the same stage breakdown as the engine's (diffusers' from its step callbacks).
+        full = SHAPES[name].model
+        full_steps = lookup(full).num_inference_steps  # type: ignore[union-attr]
+        assert report["request"]["exact"][f"projected_{full_steps}_step_speedup_vs_diffusers"] > 0
+        assert {"encode_prompt", "denoise", "vae_decode", "video_encode"} <= set(
+            report["request"]["diffusers"]["timings"]
+        )
         assert report["serving"]["jobs"] == 2 and report["serving"]["sequential"]["jobs"] == 2
+        assert 0 < report["serving"]["busy_fraction_to_last_frames"] <= 1
     else:
         assert "skipped" in report["request"] and "skipped" in report["serving"]
     if options.cold_start:  # the random pipeline, saved and loaded back by a fresh process, twice

@@ -37,8 +37,7 @@ def describe_environment(device: torch.device) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "device_type": device.type,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **_commit(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -70,6 +69,16 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def _commit() -> dict[str, Any]:
+    """The commit the numbers belong to: from git, or, on a machine handed the tree without .git (the device
+    tool's), what benchmarks/gpu_runs.sh read from .whl/COMMIT; unknown (None) otherwise, never "clean"."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is not None:
+        return {"git_commit": commit, "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    dirty = {"1": True, "0": False}.get(os.environ.get("BENCH_GIT_DIRTY", ""))
+    return {"git_commit": os.environ.get("BENCH_GIT_COMMIT") or None, "git_dirty": dirty}
 
 
 def _git(*args: str) -> str | None:

@@ -26,6 +26,7 @@ from wanserve.bench.requests import (
     compare_frames,
     engine_request,
     plain_pipeline_request,
+    projected_seconds,
     why_no_request,
 )
 from wanserve.bench.serving import measure_serving
@@ -144,10 +145,6 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
             measured = run.phase("diffusers_request", lambda: plain_pipeline_request(pipe, request, device, scratch))
             if measured is not None:
                 requests["diffusers"], frames["diffusers"] = measured
-        if shape.projection_steps:  # before the presets: the projection needs it more than a later preset
-            decode = run.phase("vae_decode", lambda: measure_vae_decode(shape, device, options.vae_tiling))
-            if decode is not None:
-                report["vae_decode"] = decode
 
         engine = None
         if pipe is not None and spec is not None:
@@ -160,7 +157,7 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
             info = run.phase(f"{preset}_apply", lambda: _apply(preset, engine, transformer, device, warm))  # noqa: B023
             if info is None:
                 continue
-            entry = run.phase(f"{preset}_forward", timed_unit)
+            entry = run.phase(f"{preset}_forward", timed_unit, finishes=True)
             if entry is not None:
                 baseline_ms = forward.get("diffusers", {}).get("ms")
                 entry["speedup_vs_diffusers"] = ratio(baseline_ms, entry["ms"])
@@ -168,7 +165,9 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
                 forward[preset] = entry
                 if info.active_threshold is not None:
                     args = (transformer, inputs, shape.unit, options.repeats, device, info, options.cfg_batch)
-                    cached = run.phase(f"{preset}_cached_step", functools.partial(time_cached_unit, *args))
+                    cached = run.phase(
+                        f"{preset}_cached_step", functools.partial(time_cached_unit, *args), finishes=True
+                    )
                     if cached is not None:
                         entry["cached"] = cached
             if request is None or engine is None:
@@ -178,11 +177,20 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
                 continue
             result, frames[preset] = measured
             result["speedup_vs_diffusers"] = ratio(requests.get("diffusers", {}).get("seconds"), result["seconds"])
+            full = int(spec.num_inference_steps)
+            if result.get("steps") and result["steps"] < full and "diffusers" in requests:
+                mine, theirs = projected_seconds(result, full), projected_seconds(requests["diffusers"], full)
+                result[f"projected_{full}_step_speedup_vs_diffusers"] = ratio(theirs, mine)
             requests[preset] = result
             if not serving and "serving" not in run.phases and jobs > 0:
                 served = run.phase("serving", lambda: measure_serving(engine, request, jobs, scratch))
                 if served:
                     serving.update(served, preset=preset)  # the first preset whose request ran
+
+        if shape.projection_steps:  # after the presets: a ~1 % term of the projection, not worth a preset
+            decode = run.phase("vae_decode", lambda: measure_vae_decode(shape, device, options.vae_tiling))
+            if decode is not None:
+                report["vae_decode"] = decode
 
         # The fresh process needs the device to itself: free this one's models first.
         engine = pipe = transformer = inputs = None  # the phases' closures hold these names, so no `del`
@@ -219,10 +227,11 @@ class _Run:
         self.skipped: dict[str, str] = report.setdefault("skipped_phases", {})
         self.derive: Callable[[], None] = lambda: None
 
-    def phase(self, name: str, fn: Callable[[], Any], *, required: bool = False) -> Any:
-        """fn's result, or None when it was skipped for the budget or failed (and not `required`)."""
+    def phase(self, name: str, fn: Callable[[], Any], *, required: bool = False, finishes: bool = False) -> Any:
+        """fn's result, or None when it was skipped for the budget or failed (and not `required`). A phase that
+        `finishes` what an earlier phase paid for (a preset's timed forward after its compile) is never skipped."""
         elapsed = time.perf_counter() - self.started
-        if not required and self.budget is not None and elapsed >= self.budget:
+        if not (required or finishes) and self.budget is not None and elapsed >= self.budget:
             self.skipped[name] = f"time budget spent ({elapsed:.0f} s of {self.budget:g} s)"
             log.warning("bench: skipping %s: %s", name, self.skipped[name])
             self.save()

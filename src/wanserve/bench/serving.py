@@ -102,6 +102,10 @@ def _serve_through_worker(engine: Any, req: Any, jobs: int, root: Path, overlap:
         round((b.started_at or 0.0) - _frames_ready_at(a), 4) for a, b in itertools.pairwise(ordered)
     ]
     result["encode_prompt_seconds"] = [round(_stage_seconds(j, ("encode_prompt",)), 4) for j in ordered]
+    # The last job's MP4 and upload come after the queue's GPU work is over: with K jobs they are 1/K of the
+    # tail, not idle time between jobs. Busy over first start -> last frames decoded leaves them out.
+    span = _frames_ready_at(ordered[-1]) - first
+    result["busy_fraction_to_last_frames"] = round(busy / span, 4) if span > 0 else None
     return result
 
 
