@@ -954,6 +954,41 @@ def test_ready_without_readiness_callback_checks_the_store(api: Api) -> None:
     assert response.status_code == 503 and response.json()["store"] == "unreachable"
 
 
+def test_ready_says_no_when_the_disk_under_the_store_and_storage_is_full(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk still answers reads and lets an empty file be made, so /ready said "ready" while every
+    submit failed. The free space is what tells; here the disk is "full" by raising the bar above it."""
+    import wanserve.disk
+
+    assert api.client.get("/ready").status_code == 200
+    monkeypatch.setattr(wanserve.disk, "MIN_FREE_BYTES", 1 << 62)
+    response = api.client.get("/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["store"] == body["storage"] == "unreachable"
+    assert "job store unreachable, or its disk full" in body["reasons"]
+
+
+def test_a_full_storage_disk_is_said_to_be_full_not_unreachable(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client retrying after "cannot be reached" looks for a network fault: the answer says the disk is full,
+    and names no server path."""
+    import errno
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(api.storage.root / "x"))
+
+    monkeypatch.setattr("wanserve.storage.local._write_atomically", full)
+    response = api.client.post(
+        "/v1/videos",
+        data={"prompt": "p", "model": "tiny-i2v"},
+        files={"input_reference": ("a.png", png_bytes((1, 2, 3)))},
+    )
+    error = openai_error(response, 503)
+    assert error["code"] == "storage_unavailable"
+    assert error["message"] == "the result storage cannot be written: No space left on device; try again shortly"
+
+
 def test_health_answers_while_every_worker_thread_waits_on_the_store(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a store outage each request holds a pool thread through the client's retries; with the pool full,
     /health (a liveness probe) waited behind them, and orchestrators restarted every replica."""

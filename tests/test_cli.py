@@ -107,6 +107,29 @@ def test_models_and_doctor(tiny_cache: Path) -> None:
     assert broken.returncode == 1 and "FIX  redis" in broken.stderr
 
 
+def test_a_damaged_job_store_is_named_at_start_and_by_doctor(tiny_cache: Path, tmp_path: Path) -> None:
+    """A jobs.db that is not a database (a disk fault, a file copied half-way) stopped `serve` with a 100-line
+    traceback naming no file, while doctor said the store was fine."""
+    from service import free_port
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.db").write_bytes(b"not an SQLite file\n" * 1000)
+    served = run(["serve", "--data-dir", str(data), "--port", str(free_port())], tiny_cache, timeout=120)
+    message = " ".join(served.stderr.split())
+    assert served.returncode == 1, served.stderr[-2000:]
+    assert f"the job store {data / 'jobs.db'} is damaged: the file is not an SQLite database" in message
+    assert "Traceback" not in served.stderr
+    doctor = run(["doctor", "--data-dir", str(data)], tiny_cache)
+    assert doctor.returncode == 1
+    assert f"FIX job store: {data / 'jobs.db'}: file is not a database: move it aside" in " ".join(
+        doctor.stderr.split()
+    )
+    fresh = run(["doctor", "--data-dir", str(tmp_path / "new")], tiny_cache)
+    assert "OK   job store" in fresh.stderr and "created at the first start" in fresh.stderr
+    assert not (tmp_path / "new" / "jobs.db").exists()  # a check creates nothing
+
+
 def test_compiled_kernels_are_kept_for_the_next_start(tiny_cache: Path, tmp_path: Path) -> None:
     """`--compile on` (inductor's C++ kernels on the CPU): the first process compiles the transformer blocks into
     <cache dir>/compile; a second one with the same cache dir loads those kernels, compiles nothing new, and

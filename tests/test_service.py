@@ -232,6 +232,40 @@ def test_ops_endpoints(server: Server) -> None:
     assert 'wanserve_jobs_finished_total{model="tiny-t2v",status="completed"}' in metrics
 
 
+def test_a_full_disk_under_the_job_store_is_a_503_and_the_job_goes_on_once_there_is_room(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """SQLite's "database or disk is full" (and its disk I/O errors) in the middle of a job stopped the whole
+    `serve` process, API included: now the API answers 503 and the worker waits, as for a Redis outage, and the
+    job completes once writes work again. The full disk is this process's file-size limit, lowered to 1 byte
+    (every write into a file fails, as on a full disk) and raised again."""
+    import resource
+
+    srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="full-disk")
+    assert srv.process.proc is not None
+    pid = srv.process.proc.pid
+    try:
+        job_id = srv.submit(**SLOW)
+        wait_for(lambda: srv.job(job_id)["progress"] > 5, 60, "the job to be denoising")
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+        try:
+            refused = srv.http.post("/v1/videos", json={"prompt": "one more", "num_inference_steps": 1})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "store_unavailable"
+            assert refused.json()["error"]["message"].startswith("the job store (SQLite) cannot be")
+            assert refused.headers["retry-after"] == "5"
+            time.sleep(2)  # the worker meets the failing writes
+            assert srv.http.get("/health").status_code == 200
+            assert srv.job(job_id)["status"] == "in_progress"  # reads still work
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert srv.wait_finished(job_id)["status"] == "completed"
+        assert srv.wait_finished(srv.submit(num_inference_steps=1))["status"] == "completed"
+        assert srv.process.proc.poll() is None, srv.process.log()
+    finally:
+        srv.process.stop()
+
+
 def test_kill_9_loses_no_acknowledged_job(tmp_path: Path, tiny_cache: Path) -> None:
     srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="durable")
     try:

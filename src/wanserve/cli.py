@@ -488,12 +488,13 @@ def models() -> None:
 def doctor(
     store: Annotated[str | None, setting("job store URL to check", "store")] = None,
     storage: Annotated[str | None, setting("result storage URL to check", "storage")] = None,
+    data_dir: DataDirOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Check this machine: each line is OK or a fix to try."""
     from wanserve.doctor import run_checks
 
-    settings = settings_from(store=store, storage=storage, cache_dir=cache_dir)
+    settings = settings_from(store=store, storage=storage, data_dir=data_dir, cache_dir=cache_dir)
     failed = 0
     for check in run_checks(settings):
         mark = "[green]OK[/green]  " if check.ok else "[red]FIX[/red] "

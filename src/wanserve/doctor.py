@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from wanserve.config import Settings
+from wanserve.disk import has_room
 
 
 @dataclass
@@ -117,7 +120,7 @@ def _store(settings: Settings) -> Iterator[Check]:
         yield Check("storage", False, f"{exc}: fix WANSERVE_STORAGE / --storage")
     shown = redacted(url)
     if backend != "redis":
-        yield Check("job store", True, shown)
+        yield _sqlite_check(Path(url[len("sqlite:///") :]))
         return
     try:
         import redis
@@ -127,6 +130,24 @@ def _store(settings: Settings) -> Iterator[Check]:
         yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
     except Exception as exc:
         yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix WANSERVE_STORE")
+
+
+def _sqlite_check(path: Path) -> Check:
+    """Opened read-only: a doctor run must not create the file, nor take a lock a running service waits on."""
+    import sqlite3
+
+    if not path.exists():
+        return Check("job store", True, f"{path} (created at the first start)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as conn:
+            problem = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as exc:
+        return Check("job store", False, f"{path}: {exc}: move it aside (jobs in it are lost) or restore a copy")
+    if problem != "ok":
+        return Check("job store", False, f"{path} is damaged ({problem}): move it aside or restore a copy")
+    if not has_room(path.parent):
+        return Check("job store", False, f"{path}: its disk is full: free some space")
+    return Check("job store", True, f"{path}")
 
 
 def _s3_check(url: str) -> Check:

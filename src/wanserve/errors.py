@@ -113,10 +113,12 @@ def unavailable_on(
     error: type[WanserveError],
     what: str,
     when: Callable[[BaseException], bool] = lambda _exc: True,
+    state: Callable[[BaseException], str] = lambda _exc: "cannot be reached",
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: every public method of a backend raises `error` when one of its client library's
     connection errors (`causes`, narrowed by `when`) gets through, so callers (the API's 503, a worker that waits
-    it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them."""
+    it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them.
+    `state` words what is wrong for clients ("cannot be reached", "cannot be written: the disk is full")."""
 
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
@@ -126,8 +128,9 @@ def unavailable_on(
             except causes as exc:
                 if not when(exc):
                     raise
-                unavailable = error(f"{what} cannot be reached: {exc}")
-                unavailable.public = f"{what} cannot be reached"  # for clients: no internal address or key
+                public = f"{what} {state(exc)}"
+                unavailable = error(public if str(exc) in public else f"{public}: {exc}")
+                unavailable.public = public  # for clients: no internal address or key
                 raise unavailable from exc
 
         return call

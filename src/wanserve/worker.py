@@ -343,14 +343,14 @@ class Worker:
         try passes the same token (`op`): a write that went through although its reply was lost answers the
         retry as it answered the first time, instead of "no change", which would drop a stored result."""
         op = uuid.uuid4().hex
-        return self._wait_out(StoreUnavailable, f"job store unreachable while {what}", lambda: write(op), drain=True)
+        return self._wait_out(StoreUnavailable, f"job store unavailable while {what}", lambda: write(op), drain=True)
 
     def _storage_call(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
         """A storage call a job's end depends on (its upload, removing its files), retried while the storage
         cannot be reached, as store writes are: a blip of S3 must not throw away a finished video, nor leave the
         files of a cancelled or deleted job behind. Tries start until `deadline` (default: a minute from now);
         a drain waits for them, as it waits for any decoded video to be stored."""
-        return self._wait_out(StorageUnavailable, f"result storage unreachable while {what}", call, deadline)
+        return self._wait_out(StorageUnavailable, f"result storage unavailable while {what}", call, deadline)
 
     def _wait_out(
         self,

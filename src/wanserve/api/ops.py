@@ -120,9 +120,9 @@ def router(
             waiting = {m: s for m, s in (state.get("models") or {}).items() if s != "ready"}
             reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")
         if not store_ok:
-            reasons.append("job store unreachable")
+            reasons.append("job store unreachable, or its disk full")
         if not storage_ok:
-            reasons.append("result storage unreachable")
+            reasons.append("result storage unreachable, or its disk full")
         body = {
             "status": "ready" if not reasons else "not_ready",
             "models": state.get("models", {}),

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wanserve.disk import has_room
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
 from wanserve.jobs import CURSOR_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
@@ -46,15 +47,34 @@ CREATE TABLE IF NOT EXISTS gone (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, gone
 _BUSY_TIMEOUT_S = 30.0
 
 
-def _busy(exc: BaseException) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds the lock past the timeout."""
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+# What an SQLite error code (its primary part) says of the store, for the errors that are the store being out
+# of order rather than a wrong call: a lock held past the busy timeout (another process stuck mid-transaction, a
+# disk that stalls), a full or read-only disk, a file that cannot be opened or is damaged. Like a Redis outage,
+# each is an answer of 503 from the API and a wait for a worker, which goes on once the disk has room again or
+# the file is put right; never a crash of the process, which would take the API down with it.
+_OUT_OF_ORDER = {
+    sqlite3.SQLITE_BUSY: "is locked by another process",
+    sqlite3.SQLITE_LOCKED: "is locked by another process",
+    sqlite3.SQLITE_FULL: "cannot be written: the disk is full",
+    sqlite3.SQLITE_READONLY: "cannot be written: the file or its folder is read-only",
+    sqlite3.SQLITE_CANTOPEN: "cannot be opened",
+    sqlite3.SQLITE_IOERR: "cannot be read or written: disk I/O error",
+    sqlite3.SQLITE_CORRUPT: "is damaged: the database file is malformed",
+    sqlite3.SQLITE_NOTADB: "is damaged: the file is not an SQLite database",
+}
 
 
-# A write lock held past the busy timeout (another process stuck mid-transaction, a disk that stalls) is the
-# store not answering, as a Redis outage is: the API answers 503, a worker waits and claims again. Any other
-# error (a broken schema, a read-only or full disk) stays what it is: waiting would not mend it.
-@unavailable_on((sqlite3.OperationalError,), StoreUnavailable, "the job store (SQLite)", when=_busy)
+def _code(exc: BaseException) -> int:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+
+
+@unavailable_on(
+    (sqlite3.DatabaseError,),
+    StoreUnavailable,
+    "the job store (SQLite)",
+    when=lambda exc: _code(exc) in _OUT_OF_ORDER,
+    state=lambda exc: _OUT_OF_ORDER[_code(exc)],
+)
 class SQLiteJobStore:
     def __init__(self, path: str | Path, busy_timeout: float = _BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
@@ -64,10 +84,17 @@ class SQLiteJobStore:
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._pid = os.getpid()
-        with self._tx() as conn:
-            # Statement by statement: executescript() would COMMIT behind our BEGIN IMMEDIATE.
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(statement)
+        try:
+            with self._tx() as conn:
+                # Statement by statement: executescript() would COMMIT behind our BEGIN IMMEDIATE.
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+        except sqlite3.DatabaseError as exc:  # at start, the operator is told which file
+            if _code(exc) not in _OUT_OF_ORDER:
+                raise
+            unavailable = StoreUnavailable(f"the job store {self.path} {_OUT_OF_ORDER[_code(exc)]}: {exc}")
+            unavailable.public = f"the job store (SQLite) {_OUT_OF_ORDER[_code(exc)]}"
+            raise unavailable from exc
 
     # ---- connections -------------------------------------------------------------------------------------
 
@@ -377,7 +404,7 @@ class SQLiteJobStore:
             self._conn().execute("SELECT 1").fetchone()
         except sqlite3.Error:
             return False
-        return True
+        return has_room(self.path.parent)  # reads still work on a full disk; the next submit would not
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from wanserve.disk import has_room
 from wanserve.errors import StorageUnavailable
 from wanserve.storage.base import CONTENT_TYPES, ObjectInfo
 
@@ -37,7 +38,10 @@ class LocalStorage:
         try:
             _write_atomically(target, Path(path))
         except OSError as exc:  # a full disk, a folder gone read-only or missing: it cannot take files now
-            raise StorageUnavailable(f"the result storage cannot write {key}: {exc}") from exc
+            unavailable = StorageUnavailable(f"the result storage cannot write {key}: {exc}")
+            # Clients are told why (the disk is full), not where (a server path).
+            unavailable.public = f"the result storage cannot be written: {exc.strerror or type(exc).__name__}"
+            raise unavailable from exc
 
     def stat(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -72,9 +76,10 @@ class LocalStorage:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.root):
-                return True
+                pass
         except OSError:
             return False
+        return has_room(self.root)  # a full disk still lets an empty file be made
 
 
 def _content_type(name: str) -> str:
