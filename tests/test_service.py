@@ -283,24 +283,25 @@ def test_kill_9_loses_no_acknowledged_job(tmp_path: Path, tiny_cache: Path) -> N
 
 
 def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_cache: Path) -> None:
-    """SIGTERM drains; an impatient second signal (Ctrl-C), once the HTTP server has stopped and the worker
-    finishes its job, changes nothing. It used to kill the process mid-job (SIGABRT), leaving the job
-    in_progress until its lease ran out."""
+    """SIGTERM drains: the API goes on answering while the job finishes (it closed its port at once, so every
+    client polling a status, and /health, got "connection refused" for up to the grace), then stops. An
+    impatient second signal (Ctrl-C) changes nothing; one used to kill the process mid-job (SIGABRT), leaving
+    the job in_progress until its lease ran out."""
     import signal
 
     srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="drain", WANSERVE_SHUTDOWN_GRACE="300")
     try:
-        job_id = srv.submit(**SLOW)
+        job_id = srv.submit(**{**SLOW, "num_frames": 33})
         wait_for(lambda: srv.job(job_id)["status"] == "in_progress", 30, "the job to run")
         process = srv.process.proc
         assert process is not None
         process.send_signal(signal.SIGTERM)
-        wait_for(
-            lambda: "Finished server process" in srv.process.log_path.read_text(errors="replace"),
-            30,
-            "the HTTP server to stop",
-        )
+        # New connections, as a new client's (a kept-alive one is served to its end either way).
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        assert httpx.get(f"{srv.url}/v1/videos/{job_id}").json()["status"] == "in_progress"
+        assert httpx.get(f"{srv.url}/ready").status_code == 503  # draining: balancers send new work elsewhere
         process.send_signal(signal.SIGINT)
+        assert httpx.get(f"{srv.url}/health").status_code == 200
         assert process.wait(300) == 0
         srv.restart()
         assert srv.job(job_id)["status"] == "completed"  # finished before the process exited

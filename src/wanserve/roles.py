@@ -105,12 +105,16 @@ def _listen(server: Any, settings: Settings, port_key: str) -> None:
         ) from None
 
 
-def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None) -> Any:
+def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving: bool = False) -> Any:
+    """A uvicorn server that calls `on_signal` on SIGTERM/SIGINT. With `keep_serving`, it goes on answering
+    (status polls, /health, cancels) until `on_signal`'s drain sets `should_exit`, rather than closing the port
+    at the signal."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
+            if not keep_serving:
+                super().handle_exit(sig, frame)
             # uvicorn re-raises the signal after its shutdown, which would end the process with -15
             # before the workers drain; wanserve finishes its own shutdown and exits 0 instead.
             self._captured_signals.clear()
@@ -137,7 +141,24 @@ def run_serve(settings: Settings) -> None:
     start_together = threading.Barrier(len(specs))
     workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
-    server = _uvicorn(app, settings.host, settings.port, on_signal=lambda: [w.drain() for w in workers])
+    draining = threading.Event()
+
+    def drain_then_stop() -> None:
+        # The API answers throughout the drain (a job's status, /health; /ready says no), and stops after it.
+        for worker in workers:
+            worker.drain()
+        if draining.is_set():
+            return
+        draining.set()
+
+        def stop_once_drained() -> None:
+            for worker in workers:
+                worker.wait_stopped(settings.shutdown_grace + 30)
+            server.should_exit = True
+
+        threading.Thread(target=stop_once_drained, name="drain", daemon=True).start()
+
+    server = _uvicorn(app, settings.host, settings.port, on_signal=drain_then_stop, keep_serving=True)
     broken: list[str] = []
     wrong_settings: list[BadSetting] = []
 
