@@ -701,6 +701,8 @@ def test_list_pagination(api: Api) -> None:
     page = api.client.get("/v1/videos", params={"limit": 2}).json()
     assert page["object"] == "list" and page["has_more"] is True
     assert [v["id"] for v in page["data"]] == ids[::-1][:2]
+    # An empty cursor (`?after=`) is the first page.
+    assert api.client.get("/v1/videos", params={"limit": 2, "after": ""}).json()["data"] == page["data"]
     assert page["first_id"] == ids[4] and page["last_id"] == ids[3]
     page = api.client.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
     assert [v["id"] for v in page["data"]] == [ids[2], ids[1]] and page["has_more"] is True

@@ -265,7 +265,8 @@ def router(
         limit: int = Query(20, ge=1, le=100),
         order: Literal["asc", "desc"] = "desc",
     ) -> dict[str, Any]:
-        jobs, has_more = store.list(limit=limit, after=after, order=order)
+        # `after=` (empty, as a form or a URL template leaves it) is the first page, not "no such video".
+        jobs, has_more = store.list(limit=limit, after=after or None, order=order)
         data = [video_object(j, queue_position(store, j)) for j in jobs]
         return {
             "object": "list",
