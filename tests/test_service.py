@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -264,6 +266,102 @@ def test_a_full_disk_under_the_job_store_is_a_503_and_the_job_goes_on_once_there
         assert srv.process.proc.poll() is None, srv.process.log()
     finally:
         srv.process.stop()
+
+
+# ---- `wanserve submit`: the command-line client of a running server ------------------------------------------
+
+
+def _submit(server_url: str, cache: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "wanserve", "submit", *args]
+    environment = base_env(cache, WANSERVE_URL=server_url, **env)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=env.get("CWD"))
+
+
+def test_submit_follows_the_job_and_downloads_the_video(server: Server, tiny_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clips" / "fox.mp4"
+    done = _submit(server.url, tiny_cache, "--prompt", "a fox", "--frames", "5", "--steps", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    assert decode_mp4(out).frames.shape == (5, 64, 64, 3)
+    assert out.with_suffix(".webp").read_bytes()[:4] == b"RIFF"
+    assert oct(out.stat().st_mode & 0o777) != "0o600"  # made as any file of the user's, not mkstemp's 0600
+    video_id = done.stderr.split(":", 1)[0]
+    assert f"{video_id}: tiny-t2v, 64x64, 5 frames, seed" in done.stderr
+    assert f"{video_id}: completed in" in done.stderr
+    assert server.job(video_id)["status"] == "completed"
+
+    image = tmp_path / "ball.png"
+    image.write_bytes(png_bytes((200, 40, 40)))
+    cwd = tmp_path / "here"
+    cwd.mkdir()
+    i2v = _submit(
+        server.url, tiny_cache, "--prompt", "it rolls", "--model", "tiny-i2v", "--image", str(image), CWD=str(cwd)
+    )
+    assert i2v.returncode == 0, i2v.stderr
+    (written,) = cwd.glob("video_*.mp4")  # by default the job's id, in the working directory
+    assert i2v.stdout.strip() == written.name and decode_mp4(written).height == 48  # the image's 3:2 shape
+
+
+def test_submit_names_the_flag_of_a_refused_field(server: Server, tiny_cache: Path, tmp_path: Path) -> None:
+    for args, message in (
+        (["--frames", "6"], "--frames: must be 4k+1"),
+        (["--model", "tiny-i2v"], "--image: tiny-i2v is an image-to-video model"),
+        (["--size", "64by64"], "--size: must look like WIDTHxHEIGHT"),
+        (["--priority", "5000"], "--priority: must be between -1000 and 1000"),
+        (["--out", str(tmp_path)], "--out:"),
+    ):
+        refused = _submit(server.url, tiny_cache, "--prompt", "x", *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert message in " ".join(refused.stderr.split()), (args, refused.stderr)
+    nobody = _submit(f"http://127.0.0.1:{free_port()}", tiny_cache, "--prompt", "x")
+    assert nobody.returncode == 1 and "does not answer" in nobody.stderr and "WANSERVE_URL" in nobody.stderr
+    assert _submit("ftp://x", tiny_cache, "--prompt", "x").returncode == 2
+
+
+def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server, tiny_cache: Path) -> None:
+    import signal
+
+    queued = _submit(server.url, tiny_cache, "--prompt", "later", "--steps", "1", "--no-wait")
+    assert queued.returncode == 0, queued.stderr
+    assert server.job(queued.stdout.strip())["id"] == queued.stdout.strip()
+
+    args = ["--prompt", "too slow", "--size", "128x128", "--frames", "17", "--steps", "200"]
+    command = [sys.executable, "-m", "wanserve", "submit", *args]
+    follower = subprocess.Popen(
+        command, env=base_env(tiny_cache, WANSERVE_URL=server.url), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        running = wait_for(
+            lambda: next((v for v in server.http.get("/v1/videos").json()["data"] if v["prompt"] == "too slow"), None),
+            60,
+            "the job to be sent",
+        )
+        wait_for(lambda: server.job(running["id"])["status"] == "in_progress", 60, "the job to run")
+        follower.send_signal(signal.SIGINT)
+        _, stderr = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 130, stderr
+    assert f"interrupted: {running['id']} cancelled" in stderr
+    final = server.wait_finished(running["id"])
+    assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
+
+
+def test_submit_sends_the_key_of_the_environment(tmp_path: Path, tiny_cache: Path) -> None:
+    """An API replica with keys (no worker needed to take a job): the key is WANSERVE_API_KEY, as on the server."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = base_env(tiny_cache, WANSERVE_API_KEY="right")
+    api = Process(["api", "--port", str(port), "--data-dir", str(tmp_path / "data")], env, tmp_path / "api.log")
+    try:
+        wait_ready(url, api)
+        refused = _submit(url, tiny_cache, "--prompt", "x", "--no-wait", WANSERVE_API_KEY="wrong")
+        assert refused.returncode == 2 and "WANSERVE_API_KEY: the server refused it" in refused.stderr
+        taken = _submit(url, tiny_cache, "--prompt", "x", "--no-wait", WANSERVE_API_KEY="right")
+        assert taken.returncode == 0, taken.stderr
+        assert taken.stdout.startswith("video_")
+    finally:
+        api.stop()
 
 
 def test_kill_9_loses_no_acknowledged_job(tmp_path: Path, tiny_cache: Path) -> None:

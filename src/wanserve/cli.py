@@ -137,28 +137,43 @@ OverlapOpt = Annotated[
 ]
 
 
+# The request's flags, shared by `generate` (runs it here) and `submit` (sends it to a server).
+PromptOpt = Annotated[str, typer.Option(help="what the video shows")]
+ImageOpt = Annotated[Path | None, typer.Option(help="input image for image-to-video")]
+NegativeOpt = Annotated[str | None, typer.Option(help="what to avoid")]
+SizeOpt = Annotated[
+    str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 832x480; with --image, by default the image's shape")
+]
+FramesOpt = Annotated[int | None, typer.Option(help="number of frames, 4k+1")]
+FpsOpt = Annotated[int | None, typer.Option(help="frames per second of the MP4")]
+StepsOpt = Annotated[int | None, typer.Option(help="denoising steps")]
+GuidanceOpt = Annotated[float | None, typer.Option(help="classifier-free guidance scale")]
+Guidance2Opt = Annotated[float | None, typer.Option(help="guidance of the second expert (A14B)")]
+BoundaryOpt = Annotated[float | None, typer.Option(help="expert switch point (A14B)")]
+ShiftOpt = Annotated[float | None, typer.Option(help="scheduler flow shift")]
+SeedOpt = Annotated[int | None, typer.Option(help="random seed; the same seed gives the same video")]
+
+
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Option(help="what the video shows")],
+    prompt: PromptOpt,
     out: Annotated[Path, typer.Option(help="MP4 to write; a WebP thumbnail is written beside it")] = Path(
         "wanserve.mp4"
     ),
     model: Annotated[
         str | None, setting("catalog name, alias, local directory or repo id (default tiny-t2v)", "model")
     ] = None,
-    image: Annotated[Path | None, typer.Option(help="input image for image-to-video")] = None,
-    negative_prompt: Annotated[str | None, typer.Option(help="what to avoid")] = None,
-    size: Annotated[
-        str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 832x480; with --image, by default the image's shape")
-    ] = None,
-    frames: Annotated[int | None, typer.Option(help="number of frames, 4k+1")] = None,
-    fps: Annotated[int | None, typer.Option(help="frames per second of the MP4")] = None,
-    steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale")] = None,
-    guidance_2: Annotated[float | None, typer.Option(help="guidance of the second expert (A14B)")] = None,
-    boundary_ratio: Annotated[float | None, typer.Option(help="expert switch point (A14B)")] = None,
-    flow_shift: Annotated[float | None, typer.Option(help="scheduler flow shift")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed; the same seed gives the same video")] = None,
+    image: ImageOpt = None,
+    negative_prompt: NegativeOpt = None,
+    size: SizeOpt = None,
+    frames: FramesOpt = None,
+    fps: FpsOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    guidance_2: Guidance2Opt = None,
+    boundary_ratio: BoundaryOpt = None,
+    flow_shift: ShiftOpt = None,
+    seed: SeedOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     text_encoder_cpu: TextCpuOpt = None,
@@ -328,6 +343,204 @@ def read_image(image: Path) -> bytes:
         return image.read_bytes()
     except OSError as exc:
         fail(f"--image: cannot read {image}: {exc.strerror or exc}", 2)
+
+
+# A server's names for request fields that `submit` sends under another flag than generate's table says.
+SUBMIT_FLAG_OF_FIELD = {
+    **FLAG_OF_FIELD,
+    "input_reference": "--image",
+    "model": "--model",
+    "priority": "--priority",
+    "preset": "--preset",
+}
+
+
+@app.command()
+def submit(
+    prompt: PromptOpt,
+    url: Annotated[
+        str | None, setting("the wanserve API to send the job to (default http://<host>:<port>)", "url")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="a model the server serves (default: its first)")] = None,
+    image: ImageOpt = None,
+    negative_prompt: NegativeOpt = None,
+    size: SizeOpt = None,
+    frames: FramesOpt = None,
+    fps: FpsOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    guidance_2: Guidance2Opt = None,
+    boundary_ratio: BoundaryOpt = None,
+    flow_shift: ShiftOpt = None,
+    seed: SeedOpt = None,
+    priority: Annotated[int | None, typer.Option(help="higher runs first, -1000 to 1000 (default 0)")] = None,
+    preset: Annotated[str | None, typer.Option(help="exact, fast or fastest (default: the workers')")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="MP4 to write, a WebP thumbnail beside it (default <video id>.mp4)")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="follow the job and download the video; --no-wait prints its id")
+    ] = True,
+) -> None:
+    """Send a job to a running wanserve (`serve` or `api`), follow its queue place and progress, and download
+    the MP4. Ctrl-C while it waits cancels the job. The key is WANSERVE_API_KEY, as on the server."""
+    import time
+
+    from wanserve.client import ApiError, Client, Unreachable
+    from wanserve.engine.video import thumbnail_path_for
+    from wanserve.request import parse_size
+
+    overrides: dict[str, Any] = dict(url=url)
+    settings = settings_from(**overrides)
+    base = settings.url or f"http://{_connect_host(settings.host)}:{settings.port}"
+    if not base.startswith(("http://", "https://")):
+        fail(f"{where_set('url', overrides)}: must start with http:// or https://, got {base!r}", 2)
+    # Before the job is sent: a video nobody can write is a GPU's time wasted. (The default name, the job's id,
+    # is known later; its folder is the working directory.)
+    check_output(out if out is not None else Path(".wanserve-submit.mp4"))
+    fields: dict[str, Any] = {
+        "prompt": prompt,
+        "model": model,
+        "negative_prompt": negative_prompt,
+        "num_frames": frames,
+        "fps": fps,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "guidance_scale_2": guidance_2,
+        "boundary_ratio": boundary_ratio,
+        "flow_shift": flow_shift,
+        "seed": seed,
+        "priority": priority,
+        "preset": preset,
+    }
+    if size is not None:
+        try:
+            width, height = parse_size(size, "--size")
+        except InvalidRequest as exc:
+            fail(f"--size: {exc.rule}", 2)
+        fields["size"] = f"{width}x{height}"
+    fields = {name: value for name, value in fields.items() if value is not None}
+    upload = (image.name, read_image(image)) if image is not None else None
+    client = Client(base, settings.api_keys[0] if settings.api_keys else None)
+    try:
+        try:
+            video = client.create(fields, upload)
+        except ApiError as exc:
+            _refused(exc)
+        except Unreachable as exc:
+            fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+        video_id = video["id"]
+        if not wait:
+            print(video_id)
+            return
+        console.print(
+            f"{video_id}: {video['model']}, {video['size']}, {video['num_frames']} frames, seed {video['seed']}"
+        )
+        try:
+            video = _follow(client, video, time.sleep)
+        except KeyboardInterrupt:
+            _cancel_on_interrupt(client, video_id)
+        if video["status"] != "completed":
+            error = video.get("error") or {}
+            if error.get("code") == "cancelled":
+                fail(f"{video_id} was cancelled")
+            fail(f"{video_id} failed: {error.get('code')}: {error.get('message')}")
+        target = out or Path(f"{video_id}.mp4")
+        try:
+            client.download(video_id, target)
+            client.download(video_id, thumbnail_path_for(target), "thumbnail")
+        except (ApiError, Unreachable) as exc:
+            fail(f"{video_id} is done, but its MP4 could not be downloaded: {exc}")
+        except OSError as exc:
+            fail(f"--out: could not write {target}: {exc.strerror or exc}")
+        timings = video.get("timings") or {}
+        took = f" in {timings['total']:.1f} s" if timings.get("total") is not None else ""
+        console.print(f"{video_id}: completed{took}")
+        print(target)
+    finally:
+        client.close()
+
+
+def _connect_host(host: str) -> str:
+    """Where a server bound to `host` is reached from this machine: a wildcard bind answers on loopback."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _refused(exc: Any) -> NoReturn:
+    """A refused job, worded as generate words its own checks: the flag, then the rule."""
+    if exc.status == 401:
+        fail(f"WANSERVE_API_KEY: the server refused it: {exc.message}", 2)
+    if exc.status in (400, 413, 422) and exc.param:
+        flag = SUBMIT_FLAG_OF_FIELD.get(exc.param, exc.param)
+        fail(f"{flag}: {exc.message.removeprefix(f'{exc.param}: ')}", 2)
+    retry = f" (try again in {exc.retry_after} s)" if exc.retry_after else ""
+    fail(f"the server refused the job: {exc.message}{retry}")
+
+
+def _follow(client: Any, video: dict[str, Any], sleep: Any) -> dict[str, Any]:
+    """Poll until the job ends, showing its queue place, stage and progress; through a server restart (the
+    job is durable), say so once and keep asking."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wanserve.client import ApiError, Unreachable
+
+    def describe(v: dict[str, Any]) -> str:
+        if v["status"] == "queued":
+            return f"queued, #{v['queue_position']}" if v.get("queue_position") else "queued"
+        return str(v.get("stage") or "starting").replace("_", " ")
+
+    delay = 0.0
+    unreachable_since: float | None = None
+    last = ""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(describe(video), total=100, completed=video["progress"])
+        while video["status"] in ("queued", "in_progress"):
+            sleep(delay)
+            try:
+                video, delay = client.retrieve(video["id"])
+            except Unreachable as exc:
+                if unreachable_since is None:
+                    console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; still trying (Ctrl-C cancels)")
+                    unreachable_since = 0.0
+                delay = 2.0
+                continue
+            except ApiError as exc:
+                if exc.status == 404:
+                    fail(f"{video['id']} is gone: it was deleted")
+                if exc.status == 401:
+                    fail(f"WANSERVE_API_KEY: the server refused it: {exc.message}", 2)
+                console.print(f"[yellow]warning:[/yellow] {escape(exc.message)}; still trying")
+                delay = 2.0
+                continue
+            if unreachable_since is not None:
+                console.print("the server answers again")
+                unreachable_since = None
+            bar.update(task, description=describe(video), completed=video["progress"])
+            # Logs (CI, containers, pipes) get a line per change instead of a redrawn bar.
+            line = f"{describe(video)} {video['progress']}%"
+            if not console.is_terminal and line != last and video["status"] in ("queued", "in_progress"):
+                console.print(line)
+                last = line
+    return video
+
+
+def _cancel_on_interrupt(client: Any, video_id: str) -> NoReturn:
+    from wanserve.client import ApiError, Unreachable
+
+    try:
+        client.cancel(video_id)
+    except (ApiError, Unreachable) as exc:
+        fail(f"interrupted; {video_id} could not be cancelled: {exc}", 130)
+    fail(f"interrupted: {video_id} cancelled", 130)
 
 
 ModelsOpt = Annotated[list[str] | None, setting("model to serve; repeat for several (env: a,b)", "model", "--model")]

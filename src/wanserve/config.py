@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     ops_port: int = Field(default=8089, ge=0, le=65535)  # a standalone worker's /health, /metrics, /drain
     public_url: str | None = None  # base URL used in links handed to clients; default from the request
     web: bool = True  # serve the web page at /
+    url: str | None = None  # the API `wanserve submit` sends jobs to; default http://<host>:<port>
     # Keys clients must send (`Authorization: Bearer <key>`, as the OpenAI SDK does, or `X-API-Key`); comma-
     # separated, so a new key can be rolled out before the old one is dropped. None: no key is asked for.
     api_key: SecretStr | None = None

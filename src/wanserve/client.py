@@ -1,0 +1,104 @@
+"""A small client of a running wanserve's `/v1/videos` routes, for `wanserve submit`. Torch-free: it runs on
+any machine that can reach the API."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from wanserve.errors import WanserveError
+
+# Between two status calls when the server gives no `openai-poll-after-ms`.
+DEFAULT_POLL_S = 1.0
+
+
+class ApiError(WanserveError):
+    """The server answered with an error (OpenAI's envelope): `param` names the request field at fault."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None, param: str | None, retry_after: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
+
+
+class Unreachable(WanserveError):
+    """No answer from the server (refused, timed out, a proxy's non-JSON error page)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Client:
+    def __init__(self, url: str, key: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unreachable(f"{self.url} does not answer: {type(exc).__name__}: {exc}") from None
+        if not response.is_success:
+            raise self._failure(response)
+        return response
+
+    def _failure(self, response: httpx.Response) -> Exception:
+        status = response.status_code
+        try:
+            error = response.json()["error"]
+            message, code, param = str(error["message"]), error.get("code"), error.get("param")
+        except (ValueError, KeyError, TypeError):
+            if status >= 500:  # a proxy's page while the service restarts
+                return Unreachable(f"{self.url} answered {status} {response.reason_phrase}")
+            message, code, param = f"{status} {response.reason_phrase}", None, None
+        return ApiError(status, message, code, param, response.headers.get("retry-after"))
+
+    def create(self, fields: Mapping[str, Any], image: tuple[str, bytes] | None = None) -> dict[str, Any]:
+        """Create a video: JSON, or a form with the image as `input_reference` (values as strings, as a form has)."""
+        if image is None:
+            return self._call("POST", "/v1/videos", json=dict(fields)).json()
+        form = {name: str(value) for name, value in fields.items()}
+        return self._call("POST", "/v1/videos", data=form, files={"input_reference": image}).json()
+
+    def retrieve(self, video_id: str) -> tuple[dict[str, Any], float]:
+        """The video object, and how long to wait before asking again."""
+        response = self._call("GET", f"/v1/videos/{video_id}")
+        after = response.headers.get("openai-poll-after-ms")
+        return response.json(), int(after) / 1000 if after and after.isdigit() else DEFAULT_POLL_S
+
+    def cancel(self, video_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/videos/{video_id}/cancel").json()
+
+    def download(self, video_id: str, out: Path, variant: str = "video") -> None:
+        """The MP4 (or the `thumbnail`) into `out`, whole or not at all: written beside it, then renamed."""
+        path = f"/v1/videos/{video_id}/content?variant={variant}"
+        try:
+            with self.http.stream("GET", path, follow_redirects=True) as response:
+                if not response.is_success:
+                    response.read()
+                    raise self._failure(response)
+                fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+                try:
+                    with os.fdopen(fd, "wb") as file:
+                        for chunk in response.iter_bytes():
+                            file.write(chunk)
+                    os.chmod(part, 0o666 & ~_umask())  # as any file the user makes (mkstemp's is 0600)
+                    os.replace(part, out)
+                except BaseException:
+                    Path(part).unlink(missing_ok=True)
+                    raise
+        except httpx.HTTPError as exc:
+            raise Unreachable(f"{self.url} stopped answering during the download: {exc}") from None
