@@ -581,7 +581,9 @@ def test_sqlite_locked_past_its_busy_timeout_is_the_store_unavailable(tmp_path: 
     holder = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
-        with pytest.raises(StoreUnavailable, match="the job store \\(SQLite\\) cannot be reached: database is locked"):
+        with pytest.raises(
+            StoreUnavailable, match="the job store \\(SQLite\\) is locked by another process: database is locked"
+        ):
             store.claim("tiny-t2v", "w1", LEASE)
         assert store.get(job.id).status is JobStatus.QUEUED  # readers go on under WAL
     finally:
