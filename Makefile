@@ -37,8 +37,9 @@ serve: install
 demo: install
 	$(BIN)/wanserve generate --model tiny-t2v --prompt "a red fox running through snow" --out data/demo.mp4
 
+# Into data/ (ignored), not benchmarks/results: a check of the harness must not rewrite the committed figures.
 bench-cpu: install
-	$(BIN)/wanserve bench --cpu-tiny
+	$(BIN)/wanserve bench --cpu-tiny --out data/bench
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

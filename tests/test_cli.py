@@ -81,6 +81,15 @@ def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path,
     assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in message
     assert "--model /models/wan2.1-t2v-1.3b" in message and "WANSERVE_MODELS_DIR" in message
     assert time.monotonic() - started < 60
+    # With a models dir given, the error says where the model was looked for, not to set what is set.
+    models = tmp_path / "models"
+    models.mkdir()
+    args = ["generate", "--model", "wan2.1-t2v-1.3b", "--prompt", "a fox", "--out", str(tmp_path / "x.mp4")]
+    done = run([*args, "--models-dir", str(models)], tiny_cache, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 1
+    assert f"not in the models dir: no model_index.json in {models / 'wan2.1-t2v-1.3b'}" in message
+    assert "set WANSERVE_MODELS_DIR" not in message
 
 
 def test_unknown_model_lists_the_catalog(tiny_cache: Path, tmp_path: Path) -> None:

@@ -356,7 +356,9 @@ def test_submit_sends_the_key_of_the_environment(tmp_path: Path, tiny_cache: Pat
     try:
         wait_ready(url, api)
         refused = _submit(url, tiny_cache, "--prompt", "x", "--no-wait", WANSERVE_API_KEY="wrong")
-        assert refused.returncode == 2 and "WANSERVE_API_KEY: the server refused it" in refused.stderr
+        assert refused.returncode == 2 and "WANSERVE_API_KEY: the server refused this key" in refused.stderr
+        keyless = _submit(url, tiny_cache, "--prompt", "x", "--no-wait")
+        assert keyless.returncode == 2 and "the server asks for an API key: set WANSERVE_API_KEY" in keyless.stderr
         taken = _submit(url, tiny_cache, "--prompt", "x", "--no-wait", WANSERVE_API_KEY="right")
         assert taken.returncode == 0, taken.stderr
         assert taken.stdout.startswith("video_")
@@ -397,7 +399,8 @@ def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_
         # New connections, as a new client's (a kept-alive one is served to its end either way).
         assert httpx.get(f"{srv.url}/health").status_code == 200
         assert httpx.get(f"{srv.url}/v1/videos/{job_id}").json()["status"] == "in_progress"
-        assert httpx.get(f"{srv.url}/ready").status_code == 503  # draining: balancers send new work elsewhere
+        draining = httpx.get(f"{srv.url}/ready")  # balancers send new work elsewhere
+        assert draining.status_code == 503 and draining.json()["reasons"] == ["draining (shutting down): tiny-t2v"]
         process.send_signal(signal.SIGINT)
         assert httpx.get(f"{srv.url}/health").status_code == 200
         assert process.wait(300) == 0

@@ -363,6 +363,25 @@ def test_s3_redirected_downloads_agree_with_head_and_name_the_file(
             assert answer.status_code == 503 and answer.headers["retry-after"] == "5", method
 
 
+def test_doctor_tells_a_missing_bucket_from_an_endpoint_that_does_not_answer(
+    s3_server: S3Server, s3_env: None, tmp_path: Path
+) -> None:
+    """All three used to read "does not answer … check the bucket, the endpoint and the credentials"."""
+    import os
+
+    def doctor(storage: str, endpoint: str) -> str:
+        env = dict(os.environ, WANSERVE_S3_ENDPOINT_URL=endpoint, WANSERVE_DATA_DIR=str(tmp_path))
+        command = [sys.executable, "-m", "wanserve", "doctor", "--storage", storage]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        return " ".join(done.stderr.split())
+
+    assert f"OK storage: s3://{s3_server.bucket}/p answers" in doctor(f"s3://{s3_server.bucket}/p", s3_server.endpoint)
+    missing = doctor("s3://no-such-bucket/p", s3_server.endpoint)
+    assert "FIX storage: s3://no-such-bucket/p at" in missing and "the bucket does not exist: create it" in missing
+    dead = doctor(f"s3://{s3_server.bucket}/p", f"http://127.0.0.1:{free_tcp_port()}")
+    assert "FIX storage:" in dead and "does not answer" in dead and "WANSERVE_S3_ENDPOINT_URL" in dead
+
+
 class _AlwaysBusy:
     """An S3 endpoint behind a proxy that answers every request 503 (an ingress whose MinIO is down, AWS
     SlowDown), or another error, on 127.0.0.1: a real HTTP server, answering as S3 does."""

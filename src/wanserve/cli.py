@@ -426,7 +426,7 @@ def submit(
         try:
             video = client.create(fields, upload)
         except ApiError as exc:
-            _refused(exc)
+            _refused(exc, client)
         except Unreachable as exc:
             fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
         video_id = video["id"]
@@ -468,10 +468,16 @@ def _connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _refused(exc: Any) -> NoReturn:
+def _key_refused(client: Any) -> NoReturn:
+    if client.key is None:
+        fail("the server asks for an API key: set WANSERVE_API_KEY to one of its keys", 2)
+    fail("WANSERVE_API_KEY: the server refused this key (not one of its WANSERVE_API_KEY keys)", 2)
+
+
+def _refused(exc: Any, client: Any) -> NoReturn:
     """A refused job, worded as generate words its own checks: the flag, then the rule."""
     if exc.status == 401:
-        fail(f"WANSERVE_API_KEY: the server refused it: {exc.message}", 2)
+        _key_refused(client)
     if exc.status in (400, 413, 422) and exc.param:
         flag = SUBMIT_FLAG_OF_FIELD.get(exc.param, exc.param)
         fail(f"{flag}: {exc.message.removeprefix(f'{exc.param}: ')}", 2)
@@ -517,7 +523,7 @@ def _follow(client: Any, video: dict[str, Any], sleep: Any) -> dict[str, Any]:
                 if exc.status == 404:
                     fail(f"{video['id']} is gone: it was deleted")
                 if exc.status == 401:
-                    fail(f"WANSERVE_API_KEY: the server refused it: {exc.message}", 2)
+                    _key_refused(client)
                 console.print(f"[yellow]warning:[/yellow] {escape(exc.message)}; still trying")
                 delay = 2.0
                 continue
@@ -703,11 +709,15 @@ def doctor(
     storage: Annotated[str | None, setting("result storage URL to check", "storage")] = None,
     data_dir: DataDirOpt = None,
     cache_dir: CacheOpt = None,
+    models_dir: ModelsDirOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Check this machine: each line is OK or a fix to try."""
     from wanserve.doctor import run_checks
 
-    settings = settings_from(store=store, storage=storage, data_dir=data_dir, cache_dir=cache_dir)
+    settings = settings_from(
+        store=store, storage=storage, data_dir=data_dir, cache_dir=cache_dir, models_dir=models_dir, device=device
+    )
     failed = 0
     for check in run_checks(settings):
         mark = "[green]OK[/green]  " if check.ok else "[red]FIX[/red] "
@@ -734,7 +744,7 @@ def bench(
     layers: Annotated[
         int | None, typer.Option(min=1, help="layers of a random-weight transformer (step projected)")
     ] = None,
-    cfg_batch: Annotated[bool, typer.Option("--cfg-batch", help="the engine runs CFG as one batch of 2")] = False,
+    cfg_batch: CfgBatchOpt = None,
     text_encoder_cpu: TextCpuOpt = None,
     vae_tiling: TilingOpt = None,
     request: Annotated[
@@ -777,7 +787,11 @@ def bench(
         fail(f"--time-budget: must be a positive number of seconds, got {time_budget:g}", code=2)
     # The engine settings a bench run gives its engine come from the environment too, as for every command.
     settings = settings_from(
-        device=device, text_encoder_cpu=text_encoder_cpu, vae_tiling=vae_tiling, cache_dir=cache_dir
+        device=device,
+        text_encoder_cpu=text_encoder_cpu,
+        vae_tiling=vae_tiling,
+        cache_dir=cache_dir,
+        cfg_batch=cfg_batch,
     )
     options = BenchOptions(
         shape=shape or "1.3b-480p",
@@ -789,7 +803,7 @@ def bench(
         out=out,
         jobs=jobs,
         layers=layers,
-        cfg_batch=cfg_batch,
+        cfg_batch=settings.cfg_batch,
         text_encoder_cpu=settings.text_encoder_cpu,
         vae_tiling=settings.vae_tiling,
         request=request,

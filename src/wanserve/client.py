@@ -40,7 +40,7 @@ def _umask() -> int:
 class Client:
     def __init__(self, url: str, key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.url = url.rstrip("/")
+        self.url, self.key = url.rstrip("/"), key or None
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def close(self) -> None:

@@ -156,13 +156,13 @@ def _s3_check(url: str) -> Check:
 
     endpoint = endpoint_from_env() or "AWS"
     try:
-        answers = open_storage(url).ping()
-    except Exception as exc:  # no credentials at all, a malformed endpoint
-        return Check("storage", False, f"{url}: {type(exc).__name__}: {exc}")
-    if answers:
-        return Check("storage", True, f"{url} answers ({endpoint})")
-    return Check(
-        "storage",
-        False,
-        f"{url} does not answer at {endpoint}: check the bucket, WANSERVE_S3_ENDPOINT_URL and the AWS credentials",
-    )
+        problem = open_storage(url).bucket_problem()  # type: ignore[attr-defined]
+    except Exception as exc:  # no answer, no credentials at all, a malformed endpoint
+        return Check(
+            "storage",
+            False,
+            f"{url}: {endpoint} does not answer ({type(exc).__name__}: {exc}): check WANSERVE_S3_ENDPOINT_URL",
+        )
+    if problem is not None:
+        return Check("storage", False, f"{url} at {endpoint}: {problem}")
+    return Check("storage", True, f"{url} answers ({endpoint})")

@@ -81,7 +81,8 @@ class QueueFull(WanserveError):
         self.model = model
         self.limit = limit
         self.retry_after = retry_after
-        super().__init__(f"the queue for {model} is full ({limit} jobs waiting); retry in {retry_after} s")
+        jobs = "1 job" if limit == 1 else f"{limit} jobs"
+        super().__init__(f"the queue for {model} is full ({jobs} waiting); retry in {retry_after} s")
 
 
 class StoreUnavailable(WanserveError, ConnectionError):

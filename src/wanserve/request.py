@@ -55,7 +55,7 @@ def _check_preset(value: object, spec: ModelSpec, serving: str | None, step_cach
     if value in allowed:
         return
     if "fastest" in (value, serving):
-        why = "FP8 weights and 8-bit attention are chosen when a worker starts (wanserve worker --preset)"
+        why = "FP8 weights and 8-bit attention are chosen when a worker starts (its --preset or WANSERVE_PRESET)"
     else:
         why = "the step cache is off where ranks hold shards of one video (ulysses, ring, fsdp)"
     raise InvalidRequest(

@@ -226,8 +226,9 @@ def run_serve(settings: Settings) -> None:
 def _readiness(workers: list[Any]) -> dict[str, Any]:
     models = {w.model: ("ready" if w.loaded.is_set() else (w.load_error or "loading")) for w in workers}
     stuck = {w.model: w.stuck for w in workers if w.stuck}
-    ready = all(w.loaded.is_set() for w in workers) and not any(w.draining for w in workers) and not stuck
-    return {"ready": ready, "models": models, "stuck": stuck}
+    draining = [w.model for w in workers if w.draining]
+    ready = all(w.loaded.is_set() for w in workers) and not draining and not stuck
+    return {"ready": ready, "models": models, "stuck": stuck, "draining": draining}
 
 
 def run_api(settings: Settings) -> None:

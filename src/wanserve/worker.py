@@ -530,7 +530,9 @@ class Worker:
         job, store = running.job, self.store
         reason = running.stop_reason
         if reason == "timeout":
-            message = f"took longer than task_timeout ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
+            message = (
+                f"took longer than WANSERVE_TASK_TIMEOUT ({self.settings.task_timeout:g} s); stopped at step {exc.step}"
+            )
             return self._fail(job, "timeout", message)
         try:
             if reason == "drain" and store.release(job.id, self.worker_id):
@@ -636,7 +638,7 @@ class Worker:
             if running.end_write is None:
                 if why == "timeout":
                     message = (
-                        f"took longer than task_timeout ({self.settings.task_timeout:g} s) and did not stop "
+                        f"took longer than WANSERVE_TASK_TIMEOUT ({self.settings.task_timeout:g} s) and did not stop "
                         f"(stuck in {current.stage or 'start-up'})"
                     )
                     fail = functools.partial(self.store.fail, job.id, self.worker_id, "timeout", message, ttl, op)

@@ -199,6 +199,16 @@ def build_request(
     return GenerationRequest(prompt=fields.get("prompt"), image=image, **values)  # type: ignore[arg-type]
 
 
+# What the content route answers, for the OpenAPI description (FastAPI would declare a JSON 200).
+CONTENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the whole file", "content": {"video/mp4": {}, "image/webp": {}}},
+    206: {"description": "the byte range asked for (`Range`)", "content": {"video/mp4": {}, "image/webp": {}}},
+    302: {"description": "with WANSERVE_STORAGE_REDIRECT: to a presigned URL of the bucket"},
+    304: {"description": "`If-None-Match` names the current ETag"},
+    404: {"description": "no such video, not completed, or its file expired"},
+    416: {"description": "the `Range` lies outside the file"},
+}
+
 UNSUPPORTED = (
     ("/{video_id}/remix", "POST", "remixes"),
     ("/edits", "POST", "video edits"),
@@ -313,7 +323,13 @@ def router(
                 404, f"the {variant} of {video_id} is no longer stored (it expired or was deleted)"
             ) from None
 
-    api.add_api_route("/{video_id}/content", download_content, methods=["GET"])
+    api.add_api_route(
+        "/{video_id}/content",
+        download_content,
+        methods=["GET"],
+        response_class=Response,
+        responses=CONTENT_RESPONSES,
+    )
     # HEAD lets players learn the size before ranged GETs; kept out of the schema to avoid a twin operation.
     api.add_api_route(
         "/{video_id}/content", download_content, methods=["HEAD"], include_in_schema=False, name="head_content"

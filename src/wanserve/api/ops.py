@@ -116,6 +116,8 @@ def router(
             reasons.append(f"readiness check failed: {state['error']}")
         elif state.get("stuck"):
             reasons.append(f"stuck: {state['stuck']}")
+        elif state.get("draining"):
+            reasons.append(f"draining (shutting down): {', '.join(state['draining'])}")
         elif not state.get("ready", False):
             waiting = {m: s for m, s in (state.get("models") or {}).items() if s != "ready"}
             reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")

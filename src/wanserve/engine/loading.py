@@ -47,11 +47,11 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
             if (candidate / "model_index.json").exists():
                 return spec_from_directory(candidate, base=spec), candidate
     assert spec.repo_id is not None
-    path = download(spec.repo_id, spec.name)
+    path = download(spec.repo_id, spec.name, settings.models_dir)
     return spec_from_directory(path, base=spec if spec.repo_id != spec.name else None), path
 
 
-def download(repo_id: str, name: str) -> Path:
+def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
     """A local snapshot of `repo_id`: from the HF cache if complete, else downloaded with a progress bar."""
     from huggingface_hub import snapshot_download
 
@@ -60,7 +60,9 @@ def download(repo_id: str, name: str) -> Path:
     except Exception:
         pass  # not cached (or incomplete): try the Hub
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
-        raise ModelUnavailable(_how_to_fix(repo_id, name, "HF_HUB_OFFLINE is set and it is not in the HF cache"))
+        raise ModelUnavailable(
+            _how_to_fix(repo_id, name, "HF_HUB_OFFLINE is set and it is not in the HF cache", models_dir)
+        )
     try:
         # Fail fast when the Hub is unreachable instead of retrying for minutes.
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
@@ -68,15 +70,22 @@ def download(repo_id: str, name: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as exc:  # network errors, 401/404, disk full: all end the same way for the user
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise ModelUnavailable(_how_to_fix(repo_id, name, reason)) from exc
+        raise ModelUnavailable(_how_to_fix(repo_id, name, reason, models_dir)) from exc
 
 
-def _how_to_fix(repo_id: str, name: str, reason: str) -> str:
+def _how_to_fix(repo_id: str, name: str, reason: str, models_dir: Path | None) -> str:
+    download = f"could not download {repo_id} from the Hugging Face Hub ({reason})."
+    if models_dir is not None:  # the user has said where local copies are: say where this one was looked for
+        missing = "" if models_dir.is_dir() else f" ({models_dir} does not exist)"
+        return (
+            f"{name} is not in the models dir: no model_index.json in {models_dir / name} or "
+            f"{models_dir / repo_id.split('/')[-1]}{missing}; and {download} "
+            f"On a machine with network: `hf download {repo_id} --local-dir {models_dir / name}`, then copy it here."
+        )
     return (
-        f"could not download {repo_id} from the Hugging Face Hub ({reason}). "
-        f"On a machine with network: `hf download {repo_id} --local-dir /models/{name}`, "
+        f"{download} On a machine with network: `hf download {repo_id} --local-dir /models/{name}`, "
         f"then copy it here and pass `--model /models/{name}`, or set WANSERVE_MODELS_DIR=/models "
-        f"to keep serving it as {name}."
+        f"(--models-dir /models) to keep serving it as {name}."
     )
 
 

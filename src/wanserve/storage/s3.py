@@ -166,6 +166,21 @@ class S3Storage:
             return False
         return True
 
+    def bucket_problem(self) -> str | None:
+        """What is wrong with the bucket, said for a person (`wanserve doctor`), or None when it answers. An
+        endpoint that does not answer raises, as every call does."""
+        try:
+            self._probe.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:  # the endpoint answered: a HEAD has no body, so the status says it
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if status == "404" or code in _MISSING_CODES:
+                return "the bucket does not exist: create it (wanserve does not)"
+            if status == "403":
+                return "the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the role)"
+            return f"the endpoint answered {status} {code}".strip()
+        return None
+
 
 def _is_missing(error: ClientError) -> bool:
     return str(error.response.get("Error", {}).get("Code")) in _MISSING_CODES
