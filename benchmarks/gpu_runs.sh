@@ -77,8 +77,9 @@ bench() { # SLICE_SECONDS BENCH_ARGS...
     [ "$slice" -gt "$left" ] && slice=$left
     echo "+ [$(($(date +%s) - started)) s] wanserve bench --time-budget $slice $*" | tee -a "$log"
     [ -n "$dry" ] && return 0
-    # A hard stop per run: SIGINT makes the run record where it stopped and save; a hang costs this run only.
-    timeout --signal=INT --kill-after=20 $((slice + 90)) \
+    # A hard stop per run: SIGTERM makes the run record where it stopped and save (SIGINT may be ignored by a
+    # non-interactive parent, and Python keeps it so); a hang costs this run only.
+    timeout --signal=TERM --kill-after=20 $((slice + 90)) \
         python3 -m wanserve bench --out "$out" --time-budget "$slice" "$@" 2>&1 | tee -a "$log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }

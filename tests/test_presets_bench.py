@@ -362,6 +362,31 @@ def test_a_run_cut_short_keeps_what_it_measured(
     assert saved["errors"] == {"serving": "interrupted: KeyboardInterrupt"}
 
 
+def test_a_time_limits_sigterm_saves_where_the_run_stopped(tiny_cache: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_runs.sh ends an overrunning run with SIGTERM (a parent may ignore SIGINT, and Python then
+    keeps it ignored): the run records where it stopped, as for Ctrl-C, instead of dying mid-phase unsaved."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "wanserve", "bench", "--cpu-tiny", "--out", str(tmp_path), "--repeats", "1"]
+    command += ["--jobs", "2", "--cache-dir", str(tiny_cache), "--no-cold-start"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("cpu-*.json")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)  # the first phase has been saved
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, stderr[-3000:]
+    (path,) = tmp_path.glob("cpu-*.json")
+    saved = json.loads(path.read_text())["runs"]["tiny-no-cold-start"]
+    assert saved["complete"] is False and saved["phase_seconds"]
+    # The phase it stopped in says so (between two phases there is none to name).
+    assert all(error.startswith("interrupted: KeyboardInterrupt") for error in saved["errors"].values()), saved
+
+
 def test_time_budget_skips_the_phases_it_does_not_cover(tiny_cache: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "wanserve", "bench", "--cpu-tiny", "--out", str(tmp_path), "--repeats", "1"]
     command += ["--jobs", "0", "--cache-dir", str(tiny_cache), "--no-cold-start", "--time-budget", "0.001"]

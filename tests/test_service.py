@@ -410,6 +410,66 @@ def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_
         srv.process.stop()
 
 
+_HELD_OPEN = """
+import asyncio, sys, threading
+from starlette.applications import Starlette
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+from wanserve.roles import _uvicorn
+
+async def endless(request):
+    async def body():
+        while True:
+            yield b"x" * 10
+            await asyncio.sleep(0.2)
+    return StreamingResponse(body())
+
+def drained():  # as serve's drain: over at once, then the HTTP server is told to stop
+    threading.Timer(0.3, lambda: setattr(server, "should_exit", True)).start()
+
+server = _uvicorn(Starlette(routes=[Route("/endless", endless)]), "127.0.0.1", int(sys.argv[1]), drained, True)
+server.run()
+"""
+
+
+@pytest.mark.parametrize("second_signal", [True, False])
+def test_an_open_download_does_not_hold_serve_after_its_drain(tmp_path: Path, second_signal: bool) -> None:
+    """After the drain, uvicorn waits for responses still being sent (a stalled download, a player holding an
+    MP4): a second Ctrl-C ends that wait, as uvicorn's own does, and without one it ends after a bound."""
+    import signal
+    import threading
+
+    from wanserve.roles import SHUTDOWN_CONNECTIONS_S
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", _HELD_OPEN, str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/nothing").status_code == 404, 30, "the server")
+
+        def hold() -> None:
+            try:
+                with httpx.stream("GET", f"http://127.0.0.1:{port}/endless", timeout=60) as response:
+                    for _ in response.iter_bytes():
+                        pass
+            except httpx.HTTPError:
+                pass
+
+        threading.Thread(target=hold, daemon=True).start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        if second_signal:
+            time.sleep(1)
+            process.send_signal(signal.SIGINT)
+            process.wait(5)
+        else:
+            process.wait(SHUTDOWN_CONNECTIONS_S + 10)
+            assert time.monotonic() - started >= SHUTDOWN_CONNECTIONS_S - 1  # it did wait for the download
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_past_the_grace_hands_the_job_back(tmp_path: Path, tiny_cache: Path) -> None:
     srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="handback", WANSERVE_SHUTDOWN_GRACE="0")
     try:

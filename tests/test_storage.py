@@ -380,6 +380,10 @@ def test_doctor_tells_a_missing_bucket_from_an_endpoint_that_does_not_answer(
     assert "FIX storage: s3://no-such-bucket/p at" in missing and "the bucket does not exist: create it" in missing
     dead = doctor(f"s3://{s3_server.bucket}/p", f"http://127.0.0.1:{free_tcp_port()}")
     assert "FIX storage:" in dead and "does not answer" in dead and "WANSERVE_S3_ENDPOINT_URL" in dead
+    os.environ.pop("AWS_ACCESS_KEY_ID")  # (s3_env restores it)
+    os.environ.pop("AWS_SECRET_ACCESS_KEY")
+    keyless = doctor(f"s3://{s3_server.bucket}/p", s3_server.endpoint)
+    assert "FIX storage:" in keyless and "no AWS credentials found: set AWS_ACCESS_KEY_ID" in keyless
 
 
 class _AlwaysBusy:
@@ -463,7 +467,7 @@ def test_s3_refusing_one_object_is_not_an_outage(s3_env: None, tmp_path: Path) -
     fails the job at once (`storage_failed`) instead of waiting out a minute of retries."""
     from botocore.exceptions import ClientError
 
-    from wanserve.errors import StorageUnavailable
+    from wanserve.errors import StorageUnavailable, public_reason
 
     refusing = _AlwaysBusy(400, "EntityTooLarge")
     try:
@@ -472,5 +476,9 @@ def test_s3_refusing_one_object_is_not_an_outage(s3_env: None, tmp_path: Path) -
             storage.put_file("video_x/video.mp4", write(tmp_path, b"frames"), "video/mp4")
         assert not isinstance(error.value, StorageUnavailable)
         assert isinstance(error.value.__context__, ClientError) or isinstance(error.value, ClientError)
+        # boto3's message names the scratch file, the endpoint's bucket and the key: a job's client reads only
+        # the refusal's code.
+        assert refusing.endpoint.split("//")[1] not in public_reason(error.value)
+        assert public_reason(error.value).endswith(": EntityTooLarge")
     finally:
         refusing.close()

@@ -51,6 +51,7 @@ def test_the_page_and_every_file_it_loads_are_served(tmp_path: Path) -> None:
             assert answer.status_code == 200, name
             assert answer.headers["content-type"].startswith(types[name.rsplit(".", 1)[1]])
             assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["cache-control"] == "no-cache"  # an upgrade is picked up at the next load
         assert client.get("/static/nothing.js").status_code == 404
         # The page is not part of the API's schema.
         assert "/" not in client.get("/openapi.json").json()["paths"]
@@ -159,7 +160,7 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert "9 frames" in card.locator(".detail").text_content()
         job_id = card.get_attribute("data-id")
         download = card.locator("a[download]")
-        assert download.get_attribute("href") == f"{site.url}/v1/videos/{job_id}/content"
+        assert download.get_attribute("href") == f"v1/videos/{job_id}/content"  # streamed, seekable
 
         # A wrong field is named, and the control holding it marked.
         _fill(page, {"#num_frames": "6"})
@@ -180,6 +181,14 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         page.click("#generate")
         wait_for(lambda: _card(page, "completed").count() == 2, 120, "the image-to-video job")
 
+        # What a number input cannot read (`1e`, `7,5`) reads as empty: it is named, not silently dropped.
+        page.fill("#guidance_scale", "")
+        page.focus("#guidance_scale")
+        page.keyboard.type("1e")
+        page.click("#generate")
+        assert "guidance_scale: must be a number" in page.text_content("#create-error")
+        page.fill("#guidance_scale", "")
+
         # A job waiting behind a slow one is cancelled from its card; the slow one then deleted.
         page.select_option("#model", "tiny-t2v")
         _fill(page, {"#prompt": "slow one", **SLOW})
@@ -195,6 +204,11 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         slow.locator("button.delete").click()
         slow.wait_for(state="detached")
         assert httpx.get(f"{site.url}/v1/videos/{slow_id}").status_code == 404
+
+        # On a phone nothing runs off the screen, settings open.
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(200)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
     finally:
         site.process.stop()
 
@@ -209,17 +223,27 @@ def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
         page.goto(site.url)
         page.locator("#key-form").wait_for()
         assert page.is_hidden("#create")
+        page.fill("#key", "pasted\u200bkey")  # a zero-width space from a chat window could never be sent
+        page.click("#key-form button[type=submit]")
+        assert "printable ASCII" in page.text_content("#key-error")
         page.fill("#key", "wrong-key")
         page.click("#key-form button[type=submit]")
         page.wait_for_function("() => document.querySelector('#key-error').textContent !== ''")
+        # A key the server refused is not kept for the next visit.
+        assert page.evaluate("[localStorage.length, sessionStorage.length]") == [0, 0]
         page.fill("#key", "right-key")
         page.click("#key-form button[type=submit]")
         page.locator("#create").wait_for()
         _fill(page, {"#prompt": "a fox", "#num_frames": "5", "#num_inference_steps": "2"})
         page.click("#generate")
+        # A media element cannot send the key: the page fetches the thumbnail with it at once, and the MP4 (tens
+        # of MB on a real model) when asked, and plays it from memory.
+        play = _card(page, "completed").locator("button.play")
+        play.wait_for()
+        assert play.locator("img").get_attribute("src").startswith("blob:")
+        play.click()
         video = _card(page, "completed").locator("video")
         video.wait_for()
-        # A media element cannot send the key: the page fetched the file with it and plays it from memory.
         assert video.get_attribute("src").startswith("blob:")
         page.wait_for_function("() => document.querySelector('.job video').duration > 0")
         # The key is remembered across a reload, and can be forgotten.

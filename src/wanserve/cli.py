@@ -446,13 +446,14 @@ def submit(
                 fail(f"{video_id} was cancelled")
             fail(f"{video_id} failed: {error.get('code')}: {error.get('message')}")
         target = out or Path(f"{video_id}.mp4")
-        try:
-            client.download(video_id, target)
-            client.download(video_id, thumbnail_path_for(target), "thumbnail")
-        except (ApiError, Unreachable) as exc:
-            fail(f"{video_id} is done, but its MP4 could not be downloaded: {exc}")
-        except OSError as exc:
-            fail(f"--out: could not write {target}: {exc.strerror or exc}")
+        for variant, path in (("video", target), ("thumbnail", thumbnail_path_for(target))):
+            what = "MP4" if variant == "video" else "thumbnail"
+            try:
+                client.download(video_id, path, variant)
+            except (ApiError, Unreachable) as exc:
+                fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
+            except OSError as exc:
+                fail(f"--out: could not write {path}: {exc.strerror or exc}")
         timings = video.get("timings") or {}
         took = f" in {timings['total']:.1f} s" if timings.get("total") is not None else ""
         console.print(f"{video_id}: completed{took}")
@@ -812,6 +813,12 @@ def bench(
         cache_dir=settings.cache_dir,
         time_budget=time_budget,
     )
+    import signal
+
+    def stopped(signum: int, _frame: Any) -> None:  # a time limit's SIGTERM: the run saves where it stopped
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         path, report = run_bench(options)
     except (WanserveError, ValueError) as exc:

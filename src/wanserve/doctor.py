@@ -151,6 +151,8 @@ def _sqlite_check(path: Path) -> Check:
 
 
 def _s3_check(url: str) -> Check:
+    from botocore.exceptions import NoCredentialsError
+
     from wanserve.storage import open_storage
     from wanserve.storage.s3 import endpoint_from_env
 
@@ -158,6 +160,9 @@ def _s3_check(url: str) -> Check:
     try:
         problem = open_storage(url).bucket_problem()  # type: ignore[attr-defined]
     except Exception as exc:  # no answer, no credentials at all, a malformed endpoint
+        if isinstance(exc, NoCredentialsError) or isinstance(exc.__cause__, NoCredentialsError):
+            fix = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or role)"
+            return Check("storage", False, f"{url}: {fix}")
         return Check(
             "storage",
             False,

@@ -99,14 +99,19 @@ class StorageUnavailable(WanserveError, ConnectionError):
 
 
 def public_reason(exc: BaseException) -> str:
-    """What a job's client may read of a storage error: neither the endpoint nor a server path (the worker's log
-    has the whole error). Unreachable: the backend's `public` text; a disk error: its errno text, no file name."""
+    """What a job's client may read of a storage or disk error: neither the endpoint, the bucket nor a server
+    path (boto3's upload errors name all three; the worker's log has the whole error). Unreachable: the
+    backend's `public` text; a disk error: its errno text; an S3 refusal: its code; else the error's type."""
     public = getattr(exc, "public", None)
     if public:
         return str(public)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
+    for error in (exc, exc.__context__):
+        code = getattr(error, "response", {}).get("Error", {}).get("Code") if error is not None else None
+        if code:
+            return f"{type(exc).__name__}: {code}"
+    return type(exc).__name__
 
 
 def unavailable_on(

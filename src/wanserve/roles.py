@@ -105,6 +105,10 @@ def _listen(server: Any, settings: Settings, port_key: str) -> None:
         ) from None
 
 
+# Seconds uvicorn gives open connections once it stops (after a drain, for `serve`).
+SHUTDOWN_CONNECTIONS_S = 10
+
+
 def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving: bool = False) -> Any:
     """A uvicorn server that calls `on_signal` on SIGTERM/SIGINT. With `keep_serving`, it goes on answering
     (status polls, /health, cancels) until `on_signal`'s drain sets `should_exit`, rather than closing the port
@@ -113,7 +117,9 @@ def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not keep_serving:
+            # Once the drain is over and the server is stopping, a signal is uvicorn's again: a second Ctrl-C
+            # cuts short its wait for open connections (a download that stalls, a player that holds one).
+            if not keep_serving or self.should_exit:
                 super().handle_exit(sig, frame)
             # uvicorn re-raises the signal after its shutdown, which would end the process with -15
             # before the workers drain; wanserve finishes its own shutdown and exits 0 instead.
@@ -121,7 +127,16 @@ def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving
             if on_signal is not None:
                 on_signal()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        lifespan="on",
+        # After the signal (and a drain), what is still being sent gets this long, not forever.
+        timeout_graceful_shutdown=SHUTDOWN_CONNECTIONS_S,
+    )
     return Server(config)
 
 
@@ -141,24 +156,23 @@ def run_serve(settings: Settings) -> None:
     start_together = threading.Barrier(len(specs))
     workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
+    # The API answers throughout a drain (a job's status, /health; /ready says no), and stops after it. The
+    # thread that stops it waits from the start: none is started from inside a signal handler.
     draining = threading.Event()
 
     def drain_then_stop() -> None:
-        # The API answers throughout the drain (a job's status, /health; /ready says no), and stops after it.
         for worker in workers:
             worker.drain()
-        if draining.is_set():
-            return
         draining.set()
 
-        def stop_once_drained() -> None:
-            for worker in workers:
-                worker.wait_stopped(settings.shutdown_grace + 30)
-            server.should_exit = True
-
-        threading.Thread(target=stop_once_drained, name="drain", daemon=True).start()
+    def stop_once_drained() -> None:
+        draining.wait()
+        for worker in workers:
+            worker.wait_stopped(settings.shutdown_grace + 30)
+        server.should_exit = True
 
     server = _uvicorn(app, settings.host, settings.port, on_signal=drain_then_stop, keep_serving=True)
+    threading.Thread(target=stop_once_drained, name="drain", daemon=True).start()
     broken: list[str] = []
     wrong_settings: list[BadSetting] = []
 

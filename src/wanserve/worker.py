@@ -98,6 +98,12 @@ class _Running:
     store_down: bool = False
 
 
+def _generation_error(exc: BaseException) -> str:
+    """A failed generation as its client reads it: the model's own words (CUDA out of memory, say) help them;
+    a disk error's file name is a server path, so only its errno text is shown."""
+    return public_reason(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+
+
 class Worker:
     def __init__(
         self,
@@ -306,7 +312,7 @@ class Worker:
                 generated = result()
             except Exception as exc:
                 log.exception("job %s: writing the video failed", running.job.id)
-                status = self._fail(running.job, "generation_failed", f"{type(exc).__name__}: {exc}")
+                status = self._fail(running.job, "generation_failed", _generation_error(exc))
             else:
                 status = self._store_result(running, generated)
         except Exception:
@@ -444,7 +450,7 @@ class Worker:
                 # job that keeps doing this ends failed after max_attempts.
                 raise ParallelGroupError(f"job {job.id}: {type(exc).__name__}: {exc}") from exc
             log.exception("job %s failed", job.id)
-            return self._fail(job, "generation_failed", f"{type(exc).__name__}: {exc}")
+            return self._fail(job, "generation_failed", _generation_error(exc))
 
     def _store_result(self, running: _Running, result: Any) -> str:
         """Upload the video and thumbnail, then complete the job, unless it was cancelled or deleted meanwhile:

@@ -5,9 +5,10 @@ served without a key (it asks for one when the API does)."""
 from __future__ import annotations
 
 from importlib.resources import files
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from wanserve.config import Settings
@@ -43,4 +44,14 @@ def install(app: FastAPI, settings: Settings) -> None:
         return FileResponse(index, media_type="text/html; charset=utf-8", headers=headers)
 
     app.include_router(page)
-    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+    app.mount("/static", _Revalidated(directory=str(_STATIC)), name="static")
+
+
+class _Revalidated(StaticFiles):
+    """The page's files, revalidated on every load (a 304 while unchanged), as the page is: an upgraded server
+    must not run its new page with last week's script."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["cache-control"] = "no-cache"
+        return response

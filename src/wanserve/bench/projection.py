@@ -80,7 +80,9 @@ def check_targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
         value: float | None = None
         if key == "serving_busy_fraction":
             serving = report.get("serving", {})
-            value = serving.get("busy_fraction_to_last_frames", serving.get("busy_fraction"))
+            value = serving.get("busy_fraction_to_last_frames")
+            if value is None:
+                value = serving.get("busy_fraction")
         elif kind == "forward_speedup" and preset in forward:
             value = forward[preset].get("speedup_vs_diffusers")
         elif kind == "request_speedup" and preset in request:

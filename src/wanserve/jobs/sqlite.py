@@ -127,7 +127,8 @@ class SQLiteJobStore:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # a disk error may have made SQLite roll it back already
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 

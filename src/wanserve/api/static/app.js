@@ -22,56 +22,109 @@ const CONTROL_OF_FIELD = {
   image: "input_reference",
   image_url: "input_reference",
 };
+// An HTTP header carries Latin-1 only: a key pasted with a zero-width space or a curly quote could never be sent.
+const KEY_CHARACTERS = /^[\x21-\x7e]+$/;
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  key: localStorage.getItem(KEY_STORAGE) || "",
+  key: sessionStorage.getItem(KEY_STORAGE) || localStorage.getItem(KEY_STORAGE) || "",
+  keyChecked: false, // the server has taken the key at least once
+  rememberKey: Boolean(localStorage.getItem(KEY_STORAGE)),
   models: new Map(),
   limit: PAGE,
   cards: new Map(), // job id -> <li>
   blobUrls: new Map(), // job id -> object URLs made for it (only when a key is needed)
+  gone: new Set(), // ids deleted from this page: a list answer already on its way must not bring them back
+  epoch: 0, // bumped by every change made here; a list answer from an older epoch is dropped
+  polling: false,
   timer: null,
   modelsAt: 0,
 };
 
 class ApiError extends Error {
-  constructor(status, message, param, code, retryAfter) {
+  constructor(status, message, param, code) {
     super(message);
     this.status = status;
     this.param = param;
     this.code = code;
-    this.retryAfter = retryAfter;
   }
 }
 
+// Seeds run to 2^63 - 1, past what a JavaScript number holds exactly: keep the digits as sent.
+function parseJson(text) {
+  return JSON.parse(text, (key, value, context) =>
+    key === "seed" && typeof value === "number" && context && context.source ? context.source : value,
+  );
+}
+
 async function call(path, options = {}) {
-  const headers = new Headers(options.headers || {});
-  if (state.key) headers.set("Authorization", `Bearer ${state.key}`);
   let response;
   try {
+    const headers = new Headers(options.headers || {});
+    if (state.key) headers.set("Authorization", `Bearer ${state.key}`);
     response = await fetch(path, { ...options, headers });
   } catch (error) {
     throw new ApiError(0, `the server cannot be reached (${error.message})`);
   }
-  if (response.ok) return response;
+  if (response.ok) {
+    if (state.key && !state.keyChecked) keyAccepted();
+    return response;
+  }
   let error = {};
   try {
-    error = (await response.json()).error || {};
+    error = parseJson(await response.text()).error || {};
   } catch {
     // not JSON: a proxy's page; the status line says enough
   }
   const message = error.message || `${response.status} ${response.statusText}`;
-  const failure = new ApiError(response.status, message, error.param, error.code, response.headers.get("retry-after"));
-  if (response.status === 401) askForKey(message);
-  throw failure;
+  if (response.status === 401) askForKey(state.key ? "the server refused this key" : "");
+  throw new ApiError(response.status, message, error.param, error.code);
 }
 
+async function callJson(path, options) {
+  return parseJson(await (await call(path, options)).text());
+}
+
+// Keys ------------------------------------------------------------------------------------------------------
+
 function askForKey(message) {
+  if (state.key && !state.keyChecked) forgetKey(); // a key never accepted is not kept for the next visit
   $("key-form").hidden = false;
-  $("key-error").textContent = state.key ? message : "";
+  $("key-error").textContent = message;
   $("create").hidden = true;
+  $("jobs-section").hidden = true;
+  $("forget-key").hidden = !state.key;
+  showServerState("");
   $("key").focus();
+}
+
+function keyAccepted() {
+  state.keyChecked = true;
+  (state.rememberKey ? localStorage : sessionStorage).setItem(KEY_STORAGE, state.key);
+}
+
+function forgetKey() {
+  localStorage.removeItem(KEY_STORAGE);
+  sessionStorage.removeItem(KEY_STORAGE);
+  state.key = "";
+  state.keyChecked = false;
+}
+
+function useKey(event) {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  if (!KEY_CHARACTERS.test(key)) {
+    $("key-error").textContent = "an API key is printable ASCII without spaces: check what was pasted";
+    $("key").focus();
+    return;
+  }
+  forgetKey();
+  state.key = key;
+  state.rememberKey = $("remember-key").checked;
+  $("key").value = "";
+  state.modelsAt = 0;
+  schedule(0);
 }
 
 function showServerState(text, bad = false) {
@@ -80,10 +133,14 @@ function showServerState(text, bad = false) {
   node.classList.toggle("bad", bad);
 }
 
+function announce(text) {
+  $("announcer").textContent = text;
+}
+
 // Models ------------------------------------------------------------------------------------------------
 
 async function loadModels() {
-  const body = await (await call("v1/models")).json();
+  const body = await callJson("v1/models");
   state.modelsAt = Date.now();
   const select = $("model");
   const chosen = select.value;
@@ -96,6 +153,7 @@ async function loadModels() {
   showModelInfo();
   $("key-form").hidden = true;
   $("create").hidden = false;
+  $("jobs-section").hidden = false;
   $("forget-key").hidden = !state.key;
 }
 
@@ -115,6 +173,7 @@ function fitFormToModel() {
   const model = currentModel();
   if (!model) return;
   const d = model.defaults;
+  const limits = model.limits;
   const takesText = model.tasks.includes("t2v") || model.tasks.includes("ti2v");
   const takesImage = model.tasks.includes("i2v") || model.tasks.includes("ti2v");
   $("image-row").hidden = !takesImage;
@@ -122,17 +181,21 @@ function fitFormToModel() {
   $("image-hint").textContent = takesText ? "optional: the video starts from it" : "required: the video starts from it";
   if (!takesImage) $("input_reference").value = "";
 
+  // Any WIDTHxHEIGHT the model takes may be typed; its listed sizes are offered.
   const sizes = new Set([`${d.width}x${d.height}`, ...model.sizes]);
-  const auto = new Option(`default (${d.width}x${d.height}, or the image's shape)`, "");
-  $("size").replaceChildren(auto, ...[...sizes].map((size) => new Option(size, size)));
+  $("sizes").replaceChildren(...[...sizes].map((size) => new Option(size, size)));
+  $("size").placeholder = `${d.width}x${d.height}${takesImage ? ", or the image's shape" : ""}`;
+  $("size-hint").textContent =
+    `multiples of ${limits.size_multiple}, at most ${limits.max_side} a side and ` +
+    `${limits.max_pixels.toLocaleString()} pixels`;
 
   const frames = $("num_frames");
-  frames.step = model.limits.frame_stride;
-  frames.max = model.limits.max_frames;
+  frames.step = limits.frame_stride;
+  frames.max = limits.max_frames;
   frames.placeholder = `${d.num_frames} (${d.seconds} s at ${d.fps} fps)`;
   $("num_inference_steps").placeholder = d.num_inference_steps;
   $("guidance_scale").placeholder = d.guidance_scale;
-  for (const name of ["num_frames", "num_inference_steps", "guidance_scale"]) $(name).value = "";
+  for (const name of ["size", "num_frames", "num_inference_steps", "guidance_scale"]) $(name).value = "";
 }
 
 // Creating a video ------------------------------------------------------------------------------------------
@@ -143,23 +206,29 @@ function clearFieldErrors() {
 }
 
 function showCreateError(error) {
-  let message = error.message;
-  if (error.code === "queue_full" && error.retryAfter) message += ` (try again in ${error.retryAfter} s)`;
-  $("create-error").textContent = message;
+  $("create-error").textContent = error.message;
   const name = CONTROL_OF_FIELD[error.param] || error.param;
   const control = name && document.querySelector(`#create [name="${CSS.escape(name)}"]`);
   if (control) {
     control.setAttribute("aria-invalid", "true");
     if (control.closest("details")) control.closest("details").open = true;
     control.focus();
+  } else {
+    $("generate").focus();
   }
+}
+
+// A number input holding what is not a number (`7,5`) reads as empty: it would be dropped without a word.
+function unreadableNumber() {
+  return [...document.querySelectorAll("#create input[type=number]")].find((input) => input.validity.badInput);
 }
 
 async function createVideo(event) {
   event.preventDefault();
   clearFieldErrors();
   const form = $("create");
-  if (!$("prompt").value.trim()) {
+  const prompt = $("prompt").value;
+  if (!prompt.trim()) {
     showCreateError(new ApiError(0, "prompt: write what the video should show", "prompt"));
     return;
   }
@@ -167,21 +236,33 @@ async function createVideo(event) {
     showCreateError(new ApiError(0, "input_reference: this model starts from an image; choose one", "input_reference"));
     return;
   }
+  const bad = unreadableNumber();
+  if (bad) {
+    showCreateError(new ApiError(0, `${bad.name}: must be a number (use . for decimals)`, bad.name));
+    return;
+  }
   // Empty inputs count as not given (the server reads them so too); the file input only when a file is chosen.
   const body = new FormData();
   for (const [name, value] of new FormData(form)) {
     if (value instanceof File ? value.size > 0 || value.name : value.trim() !== "") body.append(name, value);
   }
+  // A form sends newlines as CR LF; the prompt the model reads has the user's newlines.
+  for (const name of ["prompt", "negative_prompt"]) {
+    if (body.has(name)) body.set(name, $(name).value.replace(/\r\n?/g, "\n"));
+  }
   const button = $("generate");
   button.disabled = true;
   try {
-    const video = await (await call("v1/videos", { method: "POST", body })).json();
+    const video = await callJson("v1/videos", { method: "POST", body });
+    state.epoch += 1;
     showJob(video, true);
+    announce(`video queued${video.queue_position ? `, number ${video.queue_position} in the queue` : ""}`);
     schedule(0);
   } catch (error) {
     if (error.status !== 401) showCreateError(error);
   } finally {
     button.disabled = false;
+    if (document.activeElement === document.body) button.focus();
   }
 }
 
@@ -214,38 +295,90 @@ function contentPath(id, variant) {
   return variant ? `${path}?variant=${variant}` : path;
 }
 
-// Without a key the browser streams the MP4 itself (ranges, seeking). A media element cannot send a key, so
-// with one the file is fetched with the key and played from memory.
-async function mediaUrl(id, variant) {
-  if (!state.key) return contentPath(id, variant);
+// With a key the files are fetched with it (a media element cannot send one) and shown from memory.
+async function blobUrl(id, variant) {
   const blob = await (await call(contentPath(id, variant))).blob();
+  if (!state.cards.has(id)) throw new ApiError(404, "deleted");
   const url = URL.createObjectURL(blob);
   state.blobUrls.set(id, [...(state.blobUrls.get(id) || []), url]);
   return url;
 }
 
-async function showMedia(card, video) {
+function mediaFailed(card, message) {
+  const retry = document.createElement("button");
+  retry.type = "button";
+  retry.textContent = "Try again";
+  retry.addEventListener("click", () => {
+    delete card.dataset.media;
+    card.querySelector(".media").replaceChildren();
+    showMedia(card);
+  });
+  const note = document.createElement("p");
+  note.className = "error";
+  note.textContent = `the video could not be loaded: ${message}`;
+  card.querySelector(".media").replaceChildren(note, retry);
+  card.dataset.media = "failed"; // tried again only when asked: no download loop
+}
+
+function player(card, src, poster) {
+  const video = document.createElement("video");
+  video.controls = true;
+  video.loop = true;
+  video.playsInline = true;
+  video.preload = "metadata";
+  video.setAttribute("aria-label", `video: ${card.querySelector(".prompt").textContent.slice(0, 80)}`);
+  if (poster) video.poster = poster;
+  video.addEventListener("error", () => mediaFailed(card, "the browser could not play it"));
+  video.src = src;
+  return video;
+}
+
+function downloadLink(id, href) {
+  const link = document.createElement("a");
+  link.href = href;
+  link.download = `${id}.mp4`;
+  link.textContent = "Download MP4";
+  return link;
+}
+
+// Without a key the browser streams the MP4 itself (ranges, seeking). With one, only the small thumbnail is
+// fetched at once; the MP4, which may be tens of MB, when the user asks for it.
+async function showMedia(card) {
   if (card.dataset.media) return;
   card.dataset.media = "loading";
+  const id = card.dataset.id;
   const media = card.querySelector(".media");
-  try {
-    const player = document.createElement("video");
-    player.controls = true;
-    player.loop = true;
-    player.playsInline = true;
-    player.preload = "metadata";
-    player.poster = await mediaUrl(video.id, "thumbnail");
-    player.src = await mediaUrl(video.id);
-    const link = document.createElement("a");
-    link.href = player.src;
-    link.download = `${video.id}.mp4`;
-    link.textContent = "Download MP4";
-    media.replaceChildren(player, link);
+  if (!state.key) {
+    media.replaceChildren(player(card, contentPath(id), contentPath(id, "thumbnail")), downloadLink(id, contentPath(id)));
     card.dataset.media = "shown";
-  } catch (error) {
-    delete card.dataset.media; // tried again at the next refresh
-    card.querySelector(".job-error").textContent = `the video could not be loaded: ${error.message}`;
+    return;
   }
+  const poster = await blobUrl(id, "thumbnail").catch(() => null); // a missing thumbnail must not hide the video
+  const play = document.createElement("button");
+  play.type = "button";
+  play.className = "play";
+  play.setAttribute("aria-label", `play video: ${card.querySelector(".prompt").textContent.slice(0, 80)}`);
+  if (poster) {
+    const image = document.createElement("img");
+    image.src = poster;
+    image.alt = "";
+    play.append(image);
+  }
+  play.append(document.createTextNode("▶ Play"));
+  play.addEventListener("click", async () => {
+    play.disabled = true;
+    try {
+      const src = await blobUrl(id);
+      const video = player(card, src, poster);
+      media.replaceChildren(video, downloadLink(id, src));
+      video.play().catch(() => {});
+      video.focus();
+    } catch (error) {
+      if (state.cards.has(id)) mediaFailed(card, error.message);
+    }
+  });
+  media.replaceChildren(play);
+  card.dataset.media = "shown";
 }
 
 function newCard(video) {
@@ -265,19 +398,26 @@ function showJob(video, first = false) {
     else $("jobs").append(card);
   }
   const word = statusWord(video);
+  if (card.dataset.status && card.dataset.status !== word.replace(" ", "_") && !unfinished(video)) {
+    announce(`video ${word}: ${video.prompt.slice(0, 80)}`);
+  }
   card.dataset.status = word.replace(" ", "_");
   card.querySelector(".status").textContent = word;
   card.querySelector(".model").textContent = video.model;
   card.querySelector(".size").textContent = video.size;
   card.querySelector(".prompt").textContent = video.prompt;
+  const label = video.prompt.slice(0, 80);
+  card.querySelector(".cancel").setAttribute("aria-label", `cancel video: ${label}`);
+  card.querySelector(".delete").setAttribute("aria-label", `delete video: ${label}`);
   const bar = card.querySelector("progress");
   bar.value = video.progress;
-  bar.hidden = !unfinished(video);
+  bar.hidden = video.status !== "in_progress";
+  bar.setAttribute("aria-label", `progress of: ${label}`);
   card.querySelector(".detail").textContent = detailOf(video);
   const failure = video.status === "failed" && word !== "cancelled" && video.error;
   card.querySelector(".job-error").textContent = failure ? `${video.error.code}: ${video.error.message}` : "";
   card.querySelector(".cancel").hidden = !unfinished(video);
-  if (video.status === "completed") showMedia(card, video);
+  if (video.status === "completed") showMedia(card);
   $("no-jobs").hidden = true;
   return card;
 }
@@ -294,31 +434,45 @@ function forget(id) {
 async function act(card, method, action) {
   const id = card.dataset.id;
   const path = `v1/videos/${encodeURIComponent(id)}${action ? `/${action}` : ""}`;
-  for (const button of card.querySelectorAll("button")) button.disabled = true;
+  const buttons = card.querySelectorAll(".actions button");
+  for (const button of buttons) button.disabled = true;
+  card.querySelector(".action-error").textContent = "";
   try {
-    const response = await call(path, { method });
-    if (method === "DELETE") forget(id);
-    else showJob(await response.json());
+    const answer = await callJson(path, { method });
+    state.epoch += 1;
+    if (method === "DELETE") {
+      state.gone.add(id);
+      const next = card.nextElementSibling || card.previousElementSibling;
+      forget(id);
+      announce("video deleted");
+      (next ? next.querySelector(".delete") : $("prompt")).focus();
+      return;
+    }
+    showJob(answer);
   } catch (error) {
     if (error.status === 404) forget(id);
-    else card.querySelector(".job-error").textContent = error.message;
+    else card.querySelector(".action-error").textContent = error.message; // kept until the next action
   } finally {
-    for (const button of card.querySelectorAll("button")) button.disabled = false;
+    for (const button of buttons) button.disabled = false;
   }
 }
 
 async function refresh() {
   if (Date.now() - state.modelsAt > MODELS_EVERY_MS) await loadModels();
-  const list = await (await call(`v1/videos?limit=${state.limit}&order=desc`)).json();
-  const seen = new Set(list.data.map((video) => video.id));
+  const epoch = state.epoch;
+  const list = await callJson(`v1/videos?limit=${state.limit}&order=desc`);
+  if (epoch !== state.epoch) return true; // changed here meanwhile: this answer is older than the page; ask again
+  const videos = list.data.filter((video) => !state.gone.has(video.id));
+  const seen = new Set(videos.map((video) => video.id));
   for (const id of [...state.cards.keys()]) if (!seen.has(id)) forget(id); // deleted or expired
   const ol = $("jobs");
-  list.data.forEach((video, i) => {
+  videos.forEach((video, i) => {
     const card = showJob(video);
     if (ol.children[i] !== card) ol.insertBefore(card, ol.children[i] || null); // the server's order
   });
   $("more").hidden = !list.has_more || state.limit >= MAX_PAGE;
-  return list.data.some(unfinished);
+  $("no-jobs").hidden = state.cards.size > 0;
+  return videos.some(unfinished);
 }
 
 function schedule(ms) {
@@ -328,6 +482,8 @@ function schedule(ms) {
 
 async function tick() {
   if (document.hidden) return; // resumed by visibilitychange
+  if (state.polling) return schedule(BUSY_POLL_MS); // one refresh at a time
+  state.polling = true;
   let busy = false;
   try {
     busy = await refresh();
@@ -335,6 +491,8 @@ async function tick() {
   } catch (error) {
     if (error.status === 401) return; // waits for a key
     showServerState(error.message, true);
+  } finally {
+    state.polling = false;
   }
   schedule(busy ? BUSY_POLL_MS : IDLE_POLL_MS);
 }
@@ -348,23 +506,16 @@ function start() {
     fitFormToModel();
     showModelInfo();
   });
-  $("key-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    state.key = $("key").value.trim();
-    localStorage.setItem(KEY_STORAGE, state.key);
-    $("key").value = "";
-    state.modelsAt = 0;
-    schedule(0);
-  });
+  $("key-form").addEventListener("submit", useKey);
   $("forget-key").addEventListener("click", () => {
-    localStorage.removeItem(KEY_STORAGE);
-    state.key = "";
+    forgetKey();
     for (const id of [...state.cards.keys()]) forget(id);
     askForKey("");
   });
   $("more").addEventListener("click", () => {
     state.limit = Math.min(state.limit + PAGE, MAX_PAGE);
     schedule(0);
+    $("more").focus();
   });
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) schedule(0);
