@@ -345,7 +345,7 @@ def test_doctor_flags_settings_that_would_fail_later(tmp_path: Path) -> None:
     aws = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
     s3 = run(["doctor", "--storage", "s3://videos/prod"], tmp_path, WANSERVE_S3_ENDPOINT_URL=endpoint, **aws)
     assert s3.returncode == 1
-    assert f"FIX  storage: s3://videos/prod does not answer at {endpoint}" in s3.stdout + s3.stderr
+    assert f"FIX  storage: s3://videos/prod: {endpoint} does not answer" in s3.stdout + s3.stderr
 
 
 def test_serve_stops_when_a_model_cannot_be_loaded(tmp_path: Path) -> None:

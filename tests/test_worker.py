@@ -125,7 +125,7 @@ def test_task_timeout_fails_the_job_with_a_reason(tmp_path: Path, engine: Engine
     finally:
         h.stop()
     assert job.status == JobStatus.FAILED and job.error_code == "timeout"
-    assert job.error_message is not None and "task_timeout" in job.error_message
+    assert job.error_message is not None and "longer than WANSERVE_TASK_TIMEOUT (0.3 s)" in job.error_message
 
 
 def test_expired_results_are_deleted_from_store_and_storage(tmp_path: Path, engine: Engine) -> None:
