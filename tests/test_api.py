@@ -1079,6 +1079,14 @@ def test_seconds_map_to_the_nearest_valid_frame_count() -> None:
     assert seconds_to_frames("0.01", 8, _spec("tiny-t2v")) == 1
 
 
+def test_seconds_are_counted_at_the_fps_asked_for_even_as_a_float(api: Api) -> None:
+    """`fps: 16.0` is taken as 16 fps, so `seconds` must be too: it was counted at the model's default (8 on the
+    tiny model), a clip of half the length asked for."""
+    as_int = api.create(seconds="2", fps=16)
+    as_float = api.create(seconds="2", fps=16.0)
+    assert as_int["num_frames"] == as_float["num_frames"] == 33 and as_float["fps"] == 16
+
+
 def test_openapi_describes_the_body_each_route_accepts(api: Api) -> None:
     """/docs shows every field a route takes and no other: the schemas are checked against the routes' own
     field lists, which are what the server enforces."""

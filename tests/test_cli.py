@@ -92,6 +92,18 @@ def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path,
     assert "set WANSERVE_MODELS_DIR" not in message
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(tiny_cache: Path, tmp_path: Path) -> None:
+    """The text encoder reads the first WANSERVE_MAX_SEQUENCE_LENGTH tokens and dropped the rest silently: two
+    prompts differing past it gave the same video, and nothing said why."""
+    prompt = "a red fox running through the snow at dawn, mountains behind"
+    args = ["generate", "--prompt", prompt, "--steps", "1", "--frames", "1", "--out", str(tmp_path / "x.mp4")]
+    done = run(args, tiny_cache, WANSERVE_MAX_SEQUENCE_LENGTH="16")
+    assert done.returncode == 0, done.stderr
+    assert "the text encoder reads the first 16 (WANSERVE_MAX_SEQUENCE_LENGTH)" in " ".join(done.stderr.split())
+    quiet = run(args, tiny_cache)  # 512 tokens hold it
+    assert "the text encoder reads the first" not in quiet.stderr
+
+
 def test_unknown_model_lists_the_catalog(tiny_cache: Path, tmp_path: Path) -> None:
     done = run(["generate", "--model", "wan9", "--prompt", "x", "--out", str(tmp_path / "x.mp4")], tiny_cache)
     assert done.returncode == 2 and "--model: unknown model 'wan9'" in done.stderr and "wan2.2-ti2v-5b" in done.stderr

@@ -185,7 +185,8 @@ def image_shaped_size(
     longest = spec.max_side // multiple * multiple
 
     def side(value: float) -> int:
-        return min(max(multiple, math.floor(value) // multiple * multiple), longest)
+        # round first: sqrt(832*480 * 480/832) is 479.99999999999994, which floor() would cut to 464
+        return min(max(multiple, math.floor(round(value, 6)) // multiple * multiple), longest)
 
     if width is None and height is None:
         area = spec.width * spec.height
@@ -326,6 +327,14 @@ def resolve(
         )
         if not 0 <= guidance_2 <= 30:
             raise InvalidRequest("guidance_scale_2", f"must be between 0 and 30, got {guidance_2}")
+        if request.guidance_scale_2 is not None and guidance_2 > 1 and guidance <= 1:
+            # diffusers' rule, kept so that `exact` matches it: guidance_scale alone turns guidance on, for both
+            # experts. Wan's own scripts guide the second expert by itself, so users coming from them ask this.
+            raise InvalidRequest(
+                "guidance_scale_2",
+                f"guides the second expert only when guidance_scale is above 1 (it is {guidance:g}): raise "
+                "guidance_scale, or leave guidance_scale_2 out",
+            )
         boundary = _float(
             "boundary_ratio",
             request.boundary_ratio if request.boundary_ratio is not None else spec.boundary_ratio,

@@ -193,6 +193,8 @@ def build_request(
     seconds = fields.get("seconds")
     if seconds is not None:
         fps = values.get("fps", spec.fps)
+        if isinstance(fps, float) and fps.is_integer():  # 16.0: resolve() takes it as 16, so must seconds
+            fps = int(fps)
         fps = fps if isinstance(fps, int) and not isinstance(fps, bool) and fps > 0 else spec.fps
         frames = seconds_to_frames(seconds, fps, spec)  # checked even when num_frames wins
         values.setdefault("num_frames", frames)

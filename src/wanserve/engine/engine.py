@@ -441,6 +441,7 @@ class Engine:
             if cached is not None:
                 self._text_cache.move_to_end(key)
                 return cached
+            self._warn_if_cut(text)
             with self._guard("prompt encoding"):
                 embeds, _ = self.pipe.encode_prompt(
                     prompt=text,
@@ -455,6 +456,20 @@ class Engine:
                 while len(self._text_cache) > self._text_cache_size:
                     self._text_cache.popitem(last=False)
             return embeds
+
+    def _warn_if_cut(self, text: str) -> None:
+        """The text encoder reads the first `max_sequence_length` tokens and drops the rest without a word (as
+        diffusers does): a long prompt's ending would change nothing, and nobody would know why."""
+        limit = self.settings.max_sequence_length
+        ids = self.pipe.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        if len(ids) > limit:
+            log.warning(
+                "a prompt of %d tokens: the text encoder reads the first %d (WANSERVE_MAX_SEQUENCE_LENGTH); "
+                "the rest, from %r on, changes nothing",
+                len(ids),
+                limit,
+                self.pipe.tokenizer.decode(ids[limit - 1 : limit + 7], skip_special_tokens=True),
+            )
 
     def prefetch(self, request: GenerationRequest) -> int:
         """Encode a request's prompt and negative prompt now, so that its `generate` finds them cached: the
