@@ -347,6 +347,34 @@ def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server,
     assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
 
 
+def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path) -> None:
+    """A full queue (429) or a store restarting (503) means the job was not taken: submit says so once and
+    tries again after Retry-After, where it used to exit 1 and a batch script lost the job."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = base_env(tiny_cache, WANSERVE_QUEUE_LIMIT="1")
+    api = Process(["api", "--port", str(port), "--data-dir", str(tmp_path / "data")], env, tmp_path / "api.log")
+    log = tmp_path / "submit.err"
+    try:
+        wait_ready(url, api)  # an API with no worker: what is queued stays queued
+        first = _submit(url, tiny_cache, "--prompt", "first", "--no-wait")
+        assert first.returncode == 0, first.stderr
+        command = [sys.executable, "-m", "wanserve", "submit", "--prompt", "second", "--no-wait"]
+        with open(log, "w") as err:
+            second = subprocess.Popen(
+                command, env=base_env(tiny_cache, WANSERVE_URL=url), stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        wait_for(lambda: "is full" in log.read_text(), 60, "submit to meet the full queue")
+        assert second.poll() is None  # still waiting, not failed
+        assert httpx.delete(f"{url}/v1/videos/{first.stdout.strip()}").status_code == 200
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 0, log.read_text()
+        assert out.startswith("video_") and log.read_text().count("warning:") == 1
+        assert "the server answers again" in log.read_text()
+    finally:
+        api.stop()
+
+
 def test_submit_sends_the_key_of_the_environment(tmp_path: Path, tiny_cache: Path) -> None:
     """An API replica with keys (no worker needed to take a job): the key is WANSERVE_API_KEY, as on the server."""
     port = free_port()

@@ -386,6 +386,55 @@ def test_doctor_tells_a_missing_bucket_from_an_endpoint_that_does_not_answer(
     assert "FIX storage:" in keyless and "no AWS credentials found: set AWS_ACCESS_KEY_ID" in keyless
 
 
+def test_a_download_from_an_s3_that_stops_answering_is_a_503_in_seconds(s3_env: None, tmp_path: Path) -> None:
+    """An endpoint that takes connections and never answers (a hung MinIO, a stopped process): a download's
+    HEAD waited 3 tries x 30 s, two minutes before its 503, with a request thread held all along. Reads now
+    give up after two tries of a few seconds."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.config import Settings
+    from wanserve.jobs import Job, open_store
+    from wanserve.storage.s3 import READ_TIMEOUT_S
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
+    held: list[socket.socket] = []
+
+    def take() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=take, daemon=True).start()
+    try:
+        settings = Settings(data_dir=tmp_path)
+        store = open_store(settings.store_url)
+        hung = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
+        assert store.claim("tiny-t2v", "w1", 30.0) is not None
+        assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
+        spec = lookup("tiny-t2v")
+        assert spec is not None
+        with TestClient(create_app(settings, store, hung, {"tiny-t2v": spec})) as client:
+            started = time.monotonic()
+            response = client.get(f"/v1/videos/{job.id}/content")
+            waited = time.monotonic() - started
+        assert response.status_code == 503 and response.json()["error"]["code"] == "storage_unavailable"
+        assert waited < 4 * READ_TIMEOUT_S + 5, f"{waited:.0f} s before the 503"  # (two minutes before)
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()
+
+
 class _AlwaysBusy:
     """An S3 endpoint behind a proxy that answers every request 503 (an ingress whose MinIO is down, AWS
     SlowDown), or another error, on 127.0.0.1: a real HTTP server, answering as S3 does."""

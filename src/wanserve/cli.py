@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -384,8 +385,6 @@ def submit(
 ) -> None:
     """Send a job to a running wanserve (`serve` or `api`), follow its queue place and progress, and download
     the MP4. Ctrl-C while it waits cancels the job. The key is WANSERVE_API_KEY, as on the server."""
-    import time
-
     from wanserve.client import ApiError, Client, Unreachable
     from wanserve.engine.video import thumbnail_path_for
     from wanserve.request import parse_size
@@ -422,13 +421,21 @@ def submit(
     fields = {name: value for name, value in fields.items() if value is not None}
     upload = (image.name, read_image(image)) if image is not None else None
     client = Client(base, settings.api_keys[0] if settings.api_keys else None)
+    outage = _Outage()
     try:
-        try:
-            video = client.create(fields, upload)
-        except ApiError as exc:
-            _refused(exc, client)
-        except Unreachable as exc:
-            fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+        while True:
+            try:
+                video = client.create(fields, upload)
+                break
+            except ApiError as exc:
+                if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
+                    _refused(exc, client)
+                outage.wait(exc.message, exc.retry_after)
+            except Unreachable as exc:  # before anything was taken: most likely the wrong URL, or no server
+                fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+            except KeyboardInterrupt:
+                fail("interrupted while sending the job: if the server took it, GET /v1/videos lists it", 130)
+        outage.over()
         video_id = video["id"]
         if not wait:
             print(video_id)
@@ -437,7 +444,7 @@ def submit(
             f"{video_id}: {video['model']}, {video['size']}, {video['num_frames']} frames, seed {video['seed']}"
         )
         try:
-            video = _follow(client, video, time.sleep)
+            video = _follow(client, video, outage)
         except KeyboardInterrupt:
             _cancel_on_interrupt(client, video_id)
         if video["status"] != "completed":
@@ -448,12 +455,19 @@ def submit(
         target = out or Path(f"{video_id}.mp4")
         for variant, path in (("video", target), ("thumbnail", thumbnail_path_for(target))):
             what = "MP4" if variant == "video" else "thumbnail"
-            try:
-                client.download(video_id, path, variant)
-            except (ApiError, Unreachable) as exc:
-                fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
-            except OSError as exc:
-                fail(f"--out: could not write {path}: {exc.strerror or exc}")
+            while True:
+                try:
+                    client.download(video_id, path, variant)
+                    break
+                except Unreachable as exc:  # the file is stored: a restart or an outage is waited out
+                    outage.wait(str(exc), None)
+                except ApiError as exc:
+                    if exc.status != 503:
+                        fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
+                    outage.wait(exc.message, exc.retry_after)
+                except OSError as exc:
+                    fail(f"--out: could not write {path}: {exc.strerror or exc}")
+            outage.over()
         timings = video.get("timings") or {}
         took = f" in {timings['total']:.1f} s" if timings.get("total") is not None else ""
         console.print(f"{video_id}: completed{took}")
@@ -486,9 +500,28 @@ def _refused(exc: Any, client: Any) -> NoReturn:
     fail(f"the server refused the job: {exc.message}{retry}")
 
 
-def _follow(client: Any, video: dict[str, Any], sleep: Any) -> dict[str, Any]:
+class _Outage:
+    """A server (or its store) that does not answer for a while, waited out: said once when it starts and once
+    when it ends, not at every try."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def wait(self, why: str, retry_after: str | None) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            console.print(f"[yellow]warning:[/yellow] {escape(why)}; still trying (Ctrl-C stops)")
+        time.sleep(int(retry_after) if retry_after and retry_after.isdigit() else 2)
+
+    def over(self) -> None:
+        if self.since is not None:
+            console.print("the server answers again")
+            self.since = None
+
+
+def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, Any]:
     """Poll until the job ends, showing its queue place, stage and progress; through a server restart (the
-    job is durable), say so once and keep asking."""
+    job is durable) or a store outage, say so once and keep asking."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from wanserve.client import ApiError, Unreachable
@@ -499,7 +532,6 @@ def _follow(client: Any, video: dict[str, Any], sleep: Any) -> dict[str, Any]:
         return str(v.get("stage") or "starting").replace("_", " ")
 
     delay = 0.0
-    unreachable_since: float | None = None
     last = ""
     with Progress(
         TextColumn("{task.description}"),
@@ -511,26 +543,21 @@ def _follow(client: Any, video: dict[str, Any], sleep: Any) -> dict[str, Any]:
     ) as bar:
         task = bar.add_task(describe(video), total=100, completed=video["progress"])
         while video["status"] in ("queued", "in_progress"):
-            sleep(delay)
+            time.sleep(delay)
+            delay = 0.0
             try:
                 video, delay = client.retrieve(video["id"])
             except Unreachable as exc:
-                if unreachable_since is None:
-                    console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; still trying (Ctrl-C cancels)")
-                    unreachable_since = 0.0
-                delay = 2.0
+                outage.wait(str(exc), None)
                 continue
             except ApiError as exc:
                 if exc.status == 404:
                     fail(f"{video['id']} is gone: it was deleted")
                 if exc.status == 401:
                     _key_refused(client)
-                console.print(f"[yellow]warning:[/yellow] {escape(exc.message)}; still trying")
-                delay = 2.0
+                outage.wait(exc.message, exc.retry_after)
                 continue
-            if unreachable_since is not None:
-                console.print("the server answers again")
-                unreachable_since = None
+            outage.over()
             bar.update(task, description=describe(video), completed=video["progress"])
             # Logs (CI, containers, pipes) get a line per change instead of a redrawn bar.
             line = f"{describe(video)} {video['progress']}%"

@@ -46,6 +46,10 @@ def _cannot_serve(exc: BaseException) -> bool:
     return True  # BotoCoreError (connection, timeout), and an upload that gave up without an answer
 
 
+# Seconds a read (HEAD, GET, each chunk of a body) may wait for S3 to answer; two tries.
+READ_TIMEOUT_S = 5
+
+
 def endpoint_from_env() -> str | None:
     return next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
 
@@ -66,7 +70,11 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url or endpoint_from_env()
         self.client = client or self._make_client(region)
-        # Health checks want a quick "no": one try, two seconds, not the 3 × 30 s an upload may need.
+        # Reads (a download's HEAD and GET, an input image) answer in well under a second when S3 is up; a
+        # client waiting on a download is told 503 in about 10 s of silence, not the 3 x 30 s an upload may
+        # need. Each chunk of a long download may take as long again.
+        self._reader = client or self._make_client(region, timeout=READ_TIMEOUT_S, attempts=2)
+        # Health checks want a quick "no": one try, two seconds.
         self._probe = client or self._make_client(region, timeout=2, attempts=1)
 
     def _make_client(self, region: str | None, timeout: float = 30, attempts: int = 3) -> Any:
@@ -96,7 +104,7 @@ class S3Storage:
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            head = self._reader.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as error:
             self._missing_or_raise(error)
             return None
@@ -109,7 +117,7 @@ class S3Storage:
         # Requested here rather than in the generator so a missing object raises at the call, before a
         # response has started.
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
+            response = self._reader.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
         except ClientError as error:
             self._missing_or_raise(error)
             raise FileNotFoundError(key) from error
@@ -121,7 +129,7 @@ class S3Storage:
         if not _is_missing(error):
             raise error
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._reader.head_bucket(Bucket=self.bucket)
         except ClientError as bucket_error:
             if _is_missing(bucket_error):
                 raise StorageUnavailable(
