@@ -247,7 +247,9 @@ def test_a_full_disk_under_the_job_store_is_a_503_and_the_job_goes_on_once_there
     assert srv.process.proc is not None
     pid = srv.process.proc.pid
     try:
-        job_id = srv.submit(**SLOW)
+        # Long enough (~25 s here) that the "full disk" comes and goes while it denoises: its MP4, written to the
+        # same disk at the end, would fail with it (the job then fails generation_failed, as it should).
+        job_id = srv.submit(**{**SLOW, "width": 256, "height": 256, "num_frames": 33})
         wait_for(lambda: srv.job(job_id)["progress"] > 5, 60, "the job to be denoising")
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
         try:
@@ -261,7 +263,8 @@ def test_a_full_disk_under_the_job_store_is_a_503_and_the_job_goes_on_once_there
             assert srv.job(job_id)["status"] == "in_progress"  # reads still work
         finally:
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        assert srv.wait_finished(job_id)["status"] == "completed"
+        finished = srv.wait_finished(job_id, timeout=300)
+        assert finished["status"] == "completed", finished["error"]
         assert srv.wait_finished(srv.submit(num_inference_steps=1))["status"] == "completed"
         assert srv.process.proc.poll() is None, srv.process.log()
     finally:
