@@ -274,10 +274,12 @@ def test_a_full_disk_under_the_job_store_is_a_503_and_the_job_goes_on_once_there
 # ---- `wanserve submit`: the command-line client of a running server ------------------------------------------
 
 
-def _submit(server_url: str, cache: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _submit(
+    server_url: str, cache: Path, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "wanserve", "submit", *args]
     environment = base_env(cache, WANSERVE_URL=server_url, **env)
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=env.get("CWD"))
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=cwd)
 
 
 def test_submit_follows_the_job_and_downloads_the_video(server: Server, tiny_cache: Path, tmp_path: Path) -> None:
@@ -297,9 +299,7 @@ def test_submit_follows_the_job_and_downloads_the_video(server: Server, tiny_cac
     image.write_bytes(png_bytes((200, 40, 40)))
     cwd = tmp_path / "here"
     cwd.mkdir()
-    i2v = _submit(
-        server.url, tiny_cache, "--prompt", "it rolls", "--model", "tiny-i2v", "--image", str(image), CWD=str(cwd)
-    )
+    i2v = _submit(server.url, tiny_cache, "--prompt", "it rolls", "--model", "tiny-i2v", "--image", str(image), cwd=cwd)
     assert i2v.returncode == 0, i2v.stderr
     (written,) = cwd.glob("video_*.mp4")  # by default the job's id, in the working directory
     assert i2v.stdout.strip() == written.name and decode_mp4(written).height == 48  # the image's 3:2 shape
