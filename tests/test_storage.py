@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx
@@ -289,9 +290,9 @@ def test_open_storage_rejects_other_urls(url: str) -> None:
     assert "file://" in message and "s3://" in message
 
 
-def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None, tmp_path: Path) -> None:
-    """The storage endpoint is down: downloads and DELETE say so with a 503 naming the storage, and a DELETE
-    that could not remove the files keeps the record, so that a retry finds the job and removes them."""
+def _completed_job(tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
+    """A job completed as a worker completes one (its video under the usual key), on an SQLite store in
+    `tmp_path`, and a function that opens the API over that store and a given storage."""
     from fastapi.testclient import TestClient
 
     from wanserve.api.app import create_app
@@ -299,15 +300,22 @@ def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None,
     from wanserve.config import Settings
     from wanserve.jobs import Job, open_store
 
-    settings = Settings(data_dir=tmp_path)
-    store = open_store(settings.store_url)
-    down = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{free_tcp_port()}")  # nothing listens there
+    config = Settings(data_dir=tmp_path, **settings)
+    store = open_store(config.store_url)
     job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
     assert store.claim("tiny-t2v", "w1", 30.0) is not None
     assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
     spec = lookup("tiny-t2v")
     assert spec is not None
-    with TestClient(create_app(settings, store, down, {"tiny-t2v": spec})) as client:
+    return job, lambda storage: TestClient(create_app(config, store, storage, {"tiny-t2v": spec}))
+
+
+def test_an_unreachable_s3_answers_503_and_delete_keeps_the_record(s3_env: None, tmp_path: Path) -> None:
+    """The storage endpoint is down: downloads and DELETE say so with a 503 naming the storage, and a DELETE
+    that could not remove the files keeps the record, so that a retry finds the job and removes them."""
+    job, api = _completed_job(tmp_path)
+    down = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{free_tcp_port()}")  # nothing listens there
+    with api(down) as client:
         for response in (client.get(f"/v1/videos/{job.id}/content"), client.delete(f"/v1/videos/{job.id}")):
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "storage_unavailable"
@@ -322,24 +330,11 @@ def test_s3_redirected_downloads_agree_with_head_and_name_the_file(
     """With WANSERVE_STORAGE_REDIRECT, GET and HEAD both go to the bucket (HEAD answered here gave another ETag
     than the bucket's, so a conditional GET never matched), the file keeps the job's name, and a missing object or
     a bucket that is down is this API's JSON 404 or 503, not S3's XML or a redirect to nowhere."""
-    from fastapi.testclient import TestClient
-
-    from wanserve.api.app import create_app
-    from wanserve.catalog import lookup
-    from wanserve.config import Settings
-    from wanserve.jobs import Job, open_store
-
-    settings = Settings(data_dir=tmp_path, storage_redirect=True)
-    store = open_store(settings.store_url)
+    job, api = _completed_job(tmp_path, storage_redirect=True)
     storage = S3Storage(s3_server.bucket, prefix=f"t-{uuid.uuid4().hex}", endpoint_url=s3_server.endpoint)
-    job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
-    assert store.claim("tiny-t2v", "w1", 30.0) is not None
     storage.put_file(key_for(job.id, VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
-    assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
-    spec = lookup("tiny-t2v")
-    assert spec is not None
     path = f"/v1/videos/{job.id}/content"
-    with TestClient(create_app(settings, store, storage, {"tiny-t2v": spec})) as client:
+    with api(storage) as client:
         redirect = client.get(path, follow_redirects=False)
         assert redirect.status_code == 302 and redirect.headers["location"].startswith(s3_server.endpoint)
         got = httpx.get(redirect.headers["location"])
@@ -357,7 +352,7 @@ def test_s3_redirected_downloads_agree_with_head_and_name_the_file(
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
     down = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{free_tcp_port()}")  # nothing listens there
-    with TestClient(create_app(settings, store, down, {"tiny-t2v": spec})) as client:
+    with api(down) as client:
         for method in ("GET", "HEAD"):
             answer = client.request(method, path, follow_redirects=False)
             assert answer.status_code == 503 and answer.headers["retry-after"] == "5", method
@@ -395,12 +390,6 @@ def test_a_download_from_an_s3_that_stops_answering_is_a_503_in_seconds(s3_env: 
     import threading
     import time
 
-    from fastapi.testclient import TestClient
-
-    from wanserve.api.app import create_app
-    from wanserve.catalog import lookup
-    from wanserve.config import Settings
-    from wanserve.jobs import Job, open_store
     from wanserve.storage.s3 import READ_TIMEOUT_S
 
     silent = socket.socket()
@@ -415,15 +404,9 @@ def test_a_download_from_an_s3_that_stops_answering_is_a_503_in_seconds(s3_env: 
 
     threading.Thread(target=take, daemon=True).start()
     try:
-        settings = Settings(data_dir=tmp_path)
-        store = open_store(settings.store_url)
+        job, api = _completed_job(tmp_path)
         hung = S3Storage("wanserve-test", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
-        job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
-        assert store.claim("tiny-t2v", "w1", 30.0) is not None
-        assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
-        spec = lookup("tiny-t2v")
-        assert spec is not None
-        with TestClient(create_app(settings, store, hung, {"tiny-t2v": spec})) as client:
+        with api(hung) as client:
             started = time.monotonic()
             response = client.get(f"/v1/videos/{job.id}/content")
             waited = time.monotonic() - started
@@ -475,13 +458,8 @@ def test_s3_answering_5xx_or_without_its_bucket_is_unavailable_not_an_error(
 ) -> None:
     """A 503 from the endpoint used to surface as a 500, and a missing bucket as "the video expired"; both are
     the storage being unavailable (the API's 503, a worker's wait), and the client is not told internal URLs."""
-    from fastapi.testclient import TestClient
 
-    from wanserve.api.app import create_app
-    from wanserve.catalog import lookup
-    from wanserve.config import Settings
     from wanserve.errors import StorageUnavailable
-    from wanserve.jobs import Job, open_store
 
     no_bucket = S3Storage("no-such-bucket", endpoint_url=s3_server.endpoint)
     with pytest.raises(StorageUnavailable, match="bucket 'no-such-bucket' does not exist"):
@@ -494,15 +472,9 @@ def test_s3_answering_5xx_or_without_its_bucket_is_unavailable_not_an_error(
         with pytest.raises(StorageUnavailable):
             proxied.put_file("video_x/video.mp4", write(tmp_path, b"frames"), "video/mp4")
 
-        settings = Settings(data_dir=tmp_path)
-        store = open_store(settings.store_url)
-        job = store.enqueue(Job(id="video_" + uuid.uuid4().hex, model="tiny-t2v", request={"prompt": "p"}))
-        assert store.claim("tiny-t2v", "w1", 30.0) is not None
-        assert store.complete(job.id, "w1", {"video_key": key_for(job.id, VIDEO)}, 60.0)
-        spec = lookup("tiny-t2v")
-        assert spec is not None
+        job, api = _completed_job(tmp_path)
         for storage in (proxied, no_bucket):
-            with TestClient(create_app(settings, store, storage, {"tiny-t2v": spec})) as client:
+            with api(storage) as client:
                 response = client.get(f"/v1/videos/{job.id}/content")
             assert response.status_code == 503, response.text
             error = response.json()["error"]
