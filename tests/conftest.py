@@ -98,3 +98,31 @@ def redis_url(redis_server: str) -> str:
     finally:
         client.close()
     return redis_server
+
+
+# ---- what a worker uploads -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real 9-frame 64x64 H.264 MP4 and a WebP thumbnail, like the worker uploads."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("media")
+    video = folder / "clip.mp4"
+    with av.open(str(video), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(9):
+            pixels = np.full((64, 64, 3), i * 25, dtype=np.uint8)
+            pixels[:, : 7 * i + 1, 0] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    thumbnail = folder / "thumb.webp"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(thumbnail, format="WEBP")
+    assert video.stat().st_size > 1000
+    return video, thumbnail

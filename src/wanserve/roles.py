@@ -127,6 +127,13 @@ def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving
             if on_signal is not None:
                 on_signal()
 
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Event streams last as long as their jobs: told first, they end now rather than at the timeout.
+            closing = getattr(getattr(app, "state", None), "closing", None)
+            if closing is not None:
+                closing.set()
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
         app,
         host=host,

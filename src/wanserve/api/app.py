@@ -8,6 +8,7 @@ envelope under `/v1/`, RFC 9457 problem details everywhere else.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -194,6 +195,8 @@ def create_app(
     app.state.storage = storage
     app.state.specs = specs
     app.state.metrics = metrics
+    # Set when the server stops, so that open event streams end instead of holding its shutdown.
+    app.state.closing = threading.Event()
 
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))

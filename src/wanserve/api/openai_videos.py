@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -26,7 +26,7 @@ from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, parse_size
 from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
 
-from . import status_words
+from . import events, status_words
 from .schemas import VideoCreate, json_or_form_body
 from .submit import (
     EXTENSION_FIELDS,
@@ -210,6 +210,13 @@ CONTENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such video, not completed, or its file expired"},
     416: {"description": "the `Range` lies outside the file"},
 }
+EVENT_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "server-sent events: the video object each time it changes, ending after a final status",
+        "content": {"text/event-stream": {}},
+    },
+    404: {"description": "no such video"},
+}
 
 UNSUPPORTED = (
     ("/{video_id}/remix", "POST", "remixes"),
@@ -291,6 +298,16 @@ def router(
     @api.get("/{video_id}")
     def retrieve_video(video_id: str) -> JSONResponse:
         return answer(store.get(video_id))
+
+    @api.get("/{video_id}/events", response_class=StreamingResponse, responses=EVENT_STREAM_RESPONSES)
+    def video_events(request: Request, video_id: str) -> StreamingResponse:
+        store.get(video_id)  # an unknown id is a 404 in the usual envelope, before the stream starts
+        stream = events.job_events(
+            lambda: store.get(video_id),
+            lambda job: video_object(job, queue_position(store, job)),
+            request.app.state.closing,
+        )
+        return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
 
     @api.post("/{video_id}/cancel")
     def cancel_video(video_id: str) -> JSONResponse:

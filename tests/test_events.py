@@ -1,0 +1,243 @@
+"""`GET /v1/videos/{id}/events`: a job's status as server-sent events, read as a client reads them."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from test_api import WORKER, Api, make_api
+from wanserve.errors import StoreUnavailable
+from wanserve.jobs.sqlite import SQLiteJobStore
+
+
+class EventReader:
+    """Parses an event stream the way an EventSource does: `field: value` lines, a blank line ends an event."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        self.response = response
+        self.lines = response.iter_lines()
+        self.comments: list[str] = []
+        self.retry: int | None = None
+
+    def next(self) -> dict[str, Any] | None:
+        """The next event with data, as {"event", "id", "data"}; None when the server ended the stream."""
+        event: dict[str, Any] = {"event": "message", "id": None, "data": None}
+        for line in self.lines:
+            if line == "":
+                if event["data"] is not None:
+                    return event
+                continue
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                event["data"] = json.loads(value)
+            elif name == "retry":
+                self.retry = int(value)
+            else:
+                event[name] = value
+        return None
+
+
+@pytest.fixture
+def videos(tmp_path: Path, media: tuple[Path, Path]) -> Iterator[Api]:
+    with make_api(tmp_path, media) as made:
+        yield made
+
+
+def stream(videos: Api, job_id: str) -> Any:
+    return videos.client.stream("GET", f"/v1/videos/{job_id}/events")
+
+
+def test_events_follow_a_job_from_the_queue_to_its_video_and_end(videos: Api) -> None:
+    first = videos.create()["id"]
+    second = videos.create()["id"]
+    with stream(videos, second) as response:
+        reader = EventReader(response)
+        assert response.headers["cache-control"] == "no-cache"
+        queued = reader.next()
+        assert queued is not None and reader.retry == 2000
+        assert queued["data"]["status"] == "queued" and queued["data"]["queue_position"] == 2
+        assert queued["data"] == videos.client.get(f"/v1/videos/{second}").json()
+
+        videos.claim("tiny-t2v", first)  # the job ahead starts: this one moves up
+        moved = reader.next()
+        assert moved is not None and moved["data"]["queue_position"] == 1
+
+        videos.claim("tiny-t2v", second)
+        started = reader.next()
+        assert started is not None and started["data"]["status"] == "in_progress"
+        for fraction in (0.25, 0.5):
+            assert videos.store.set_progress(second, WORKER, fraction, "denoise")
+            step = reader.next()
+            assert step is not None and step["data"]["progress"] == int(fraction * 100)
+            assert step["data"]["stage"] == "denoise"
+
+        videos.finish(second)
+        done = reader.next()
+        assert done is not None and done["data"]["status"] == "completed" and done["data"]["progress"] == 100
+        assert reader.next() is None  # the server ends the stream after a final status
+        ids = [int(e["id"]) for e in (queued, moved, started, done)]
+        assert ids == sorted(ids) and len(set(ids)) == 4
+
+
+def test_a_stream_opened_on_a_finished_job_sends_it_once_and_ends(videos: Api) -> None:
+    job_id = videos.create()["id"]
+    videos.fail(job_id)
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)
+        event = reader.next()
+        assert event is not None
+        assert event["data"]["status"] == "failed"
+        assert event["data"]["error"] == {"code": "generation_failed", "message": "CUDA out of memory"}
+        assert reader.next() is None
+
+
+def test_a_cancel_ends_the_stream_with_the_cancelled_video(videos: Api) -> None:
+    job_id = videos.create()["id"]
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)
+        assert (first := reader.next()) is not None and first["data"]["status"] == "queued"
+        assert videos.client.post(f"/v1/videos/{job_id}/cancel").status_code == 200
+        last = reader.next()
+        # OpenAI's statuses have no "cancelled": a failure whose code says so.
+        assert last is not None and last["data"]["status"] == "failed"
+        assert last["data"]["error"]["code"] == "cancelled"
+        assert reader.next() is None
+
+
+def test_an_unknown_video_is_a_404_in_the_openai_envelope(videos: Api) -> None:
+    response = videos.client.get("/v1/videos/video_missing/events")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_video_deleted_mid_stream_ends_it_with_an_error_event(videos: Api) -> None:
+    job_id = videos.create()["id"]
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)
+        assert reader.next() is not None
+        assert videos.client.delete(f"/v1/videos/{job_id}").status_code == 200
+        gone = reader.next()
+        assert gone is not None and gone["event"] == "error"
+        assert gone["data"]["error"]["code"] == "not_found" and job_id in gone["data"]["error"]["message"]
+        assert reader.next() is None
+
+
+def test_a_store_outage_mid_stream_is_waited_out(videos: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = videos.create()["id"]
+    real_get = SQLiteJobStore.get
+    down = threading.Event()
+
+    def flaky_get(self: SQLiteJobStore, wanted: str) -> Any:
+        if down.is_set():
+            raise StoreUnavailable("the job store is not answering")
+        return real_get(self, wanted)
+
+    monkeypatch.setattr(SQLiteJobStore, "get", flaky_get)
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)
+        assert reader.next() is not None
+        down.set()
+        videos.claim("tiny-t2v", job_id)  # claim does not go through get
+        time.sleep(1.2)  # a few polls fail meanwhile
+        down.clear()
+        started = reader.next()
+        assert started is not None and started["data"]["status"] == "in_progress"
+
+
+def test_a_quiet_stream_sends_keep_alive_comments(videos: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wanserve.api import events
+
+    monkeypatch.setattr(events, "HEARTBEAT_S", 0.3)
+    job_id = videos.create()["id"]
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)
+        assert reader.next() is not None
+        time.sleep(1.0)
+        videos.claim("tiny-t2v", job_id)
+        assert reader.next() is not None
+        assert "keep-alive" in reader.comments
+
+
+def test_a_stopping_server_ends_its_streams(videos: Api) -> None:
+    job_id = videos.create()["id"]
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)
+        assert reader.next() is not None
+        started = time.monotonic()
+        videos.client.app.state.closing.set()  # what uvicorn's shutdown does first (roles._uvicorn)
+        assert reader.next() is None
+        assert time.monotonic() - started < 5
+
+
+def test_events_need_the_api_key_like_every_v1_route(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    with make_api(tmp_path, media, api_key="sk-test") as keyed:
+        created = keyed.client.post("/v1/videos", json={"prompt": "fox"}, headers={"Authorization": "Bearer sk-test"})
+        job_id = created.json()["id"]
+        refused = keyed.client.get(f"/v1/videos/{job_id}/events")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        keyed.store.request_cancel(job_id, 60)
+        with keyed.client.stream(
+            "GET", f"/v1/videos/{job_id}/events", headers={"Authorization": "Bearer sk-test"}
+        ) as response:
+            event = EventReader(response).next()
+            assert event is not None and event["data"]["error"]["code"] == "cancelled"
+
+
+def test_a_real_server_streams_a_generation_and_its_shutdown_ends_open_streams(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """Through uvicorn and every middleware, as a browser meets it: events arrive while the tiny model denoises
+    (nothing buffers them), and SIGTERM ends an open stream at once instead of after the connection timeout."""
+    from wanserve.roles import SHUTDOWN_CONNECTIONS_S
+
+    from service import Process, base_env, free_port, wait_ready
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+    serve = Process(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+    try:
+        wait_ready(url, serve)
+        # Seconds of denoising on the CPU: long enough for several polls to see it move.
+        slow = {"width": 128, "height": 128, "num_frames": 17, "num_inference_steps": 60}
+        job = httpx.post(f"{url}/v1/videos", json={"prompt": "a fox", **slow}).json()
+        with httpx.stream("GET", f"{url}/v1/videos/{job['id']}/events", timeout=60) as response:
+            reader = EventReader(response)
+            seen = []
+            while (event := reader.next()) is not None:
+                seen.append(event["data"])
+        assert seen[-1]["status"] == "completed", serve.log()
+        running = [e["progress"] for e in seen if e["status"] == "in_progress"]
+        assert len(running) >= 2 and running == sorted(running), seen  # progress as it happened
+        assert httpx.get(f"{url}/v1/videos/{job['id']}/content").status_code == 200
+    finally:
+        assert serve.terminate() == 0, serve.log()
+
+    api_only = Process(["api", "--port", str(port)], env, tmp_path / "api_only.log")
+    try:
+        wait_ready(url, api_only)  # no worker: the job stays queued and its stream stays open
+        job = httpx.post(f"{url}/v1/videos", json={"prompt": "a fox"}).json()
+        with httpx.stream("GET", f"{url}/v1/videos/{job['id']}/events", timeout=60) as response:
+            reader = EventReader(response)
+            assert (first := reader.next()) is not None and first["data"]["status"] == "queued"
+            stopping = time.monotonic()
+            assert api_only.proc is not None
+            api_only.proc.send_signal(15)
+            assert reader.next() is None  # the server ended the stream
+        assert api_only.proc.wait(30) == 0, api_only.log()
+        assert time.monotonic() - stopping < SHUTDOWN_CONNECTIONS_S, "shutdown waited for the open stream"
+    finally:
+        api_only.stop()
