@@ -922,7 +922,27 @@ def test_health_ready_and_models(tmp_path: Path, media: tuple[Path, Path]) -> No
         assert {"width": 64, "height": 64, "num_frames": 9, "fps": 8}.items() <= t2v["defaults"].items()
         assert t2v["defaults"]["num_inference_steps"] == 4 and t2v["defaults"]["guidance_scale"] == 5.0
         assert t2v["queue_depth"] == 1 and t2v["running"] == 1 and i2v["queue_depth"] == 0
+        assert t2v["demand"] == 2 and i2v["demand"] == 0
         assert isinstance(t2v["aliases"], list)
+        # One model, as OpenAI's models.retrieve asks for it (what KEDA reads to size a model's workers).
+        assert api.client.get("/v1/models/tiny-t2v").json() == t2v
+        missing = api.client.get("/v1/models/wan2.1-t2v-14b")
+        error = openai_error(missing, 404)
+        assert error["code"] == "model_not_found" and error["param"] == "model" and "tiny-t2v" in error["message"]
+
+
+def test_one_model_by_its_repo_id_or_alias(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """A served model may be named by its Hugging Face repo id, slash included, or a catalog alias."""
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    settings = Settings(data_dir=tmp_path, model=["wan2.2-ti2v-5b"])
+    app = create_app(settings, store, LocalStorage(tmp_path / "videos"), {"wan2.2-ti2v-5b": _spec("wan2.2-ti2v-5b")})
+    try:
+        with TestClient(app) as client:
+            for name in ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "ti2v-5B", "wan2.2-ti2v-5b"):
+                answer = client.get(f"/v1/models/{name}")
+                assert answer.status_code == 200 and answer.json()["id"] == "wan2.2-ti2v-5b", name
+    finally:
+        store.close()
 
 
 def test_ready_without_readiness_callback_checks_the_store(api: Api) -> None:

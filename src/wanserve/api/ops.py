@@ -17,9 +17,17 @@ from wanserve.metrics import Metrics
 from wanserve.request import request_presets
 from wanserve.storage.base import Storage
 
+from .submit import ModelNotServed, served_spec
+
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[], Mapping[str, Any]]
+
+
+class NoSuchModel(ModelNotServed):
+    """A model route names a model that is not served: a 404, as OpenAI answers `models.retrieve`."""
+
+    status_code = 404
 
 
 def model_defaults(spec: ModelSpec) -> dict[str, Any]:
@@ -60,10 +68,16 @@ def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[st
             "served": settings.preset,
             "per_request": list(request_presets(settings.preset, settings.step_cache_possible)),
         },
-        "queue_depth": store.queue_depth(spec.name),
-        "running": store.running_count(spec.name),
+        **load(spec, store),
         "aliases": aliases,
     }
+
+
+def load(spec: ModelSpec, store: JobStore) -> dict[str, int]:
+    """The jobs a model has waiting and running. `demand`, their sum, is the number of workers that would
+    leave none waiting: what an autoscaler sizes a model's workers by (deploy/kubernetes/autoscaling.yaml)."""
+    queued, running = store.queue_depth(spec.name), store.running_count(spec.name)
+    return {"queue_depth": queued, "running": running, "demand": queued + running}
 
 
 def _ping(name: str, check: Callable[[], bool]) -> bool:
@@ -141,6 +155,15 @@ def router(
     @api.get("/v1/models", dependencies=list(keyed))
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_entry(spec, store, settings) for spec in specs.values()]}
+
+    # `:path`: a served model may be named by its Hugging Face repo id (`Wan-AI/Wan2.2-TI2V-5B-Diffusers`).
+    @api.get("/v1/models/{model_id:path}", dependencies=list(keyed))
+    def retrieve_model(model_id: str) -> dict[str, Any]:
+        try:
+            spec = served_spec(specs, model_id)
+        except ModelNotServed as exc:
+            raise NoSuchModel("model", str(exc).removeprefix("model: ")) from None
+        return model_entry(spec, store, settings)
 
     @api.get("/metrics")
     def prometheus() -> Response:

@@ -1,0 +1,230 @@
+"""deploy/kubernetes: valid Kubernetes objects that start wanserve the way its own CLI and settings take it.
+
+No cluster runs here, so each manifest is checked against what it relies on: the Kubernetes API schema
+(kubernetes-validate, offline), the CLI (its arguments parsed by the real Typer commands), the settings (the
+ConfigMap loaded by the real `Settings`), the routes its probes and KEDA's trigger call (answered by the
+real apps), and the references between objects (Service selectors, named ports, Secret keys).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from wanserve.config import Settings
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.30"  # the oldest release the manifests are meant for; newer ones accept them too
+
+
+def objects() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    found = []
+    for name in kustomization["resources"]:
+        found += [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc]
+    return found
+
+
+def find(kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objects() if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(kind: str, name: str) -> dict[str, Any]:
+    (found,) = find(kind, name)
+    return found
+
+
+def containers() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for workload in find("Deployment") + find("StatefulSet"):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            yield workload, container
+
+
+def wanserve_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(w, c) for w, c in containers() if c["image"] == "wanserve"]
+
+
+def config() -> dict[str, str]:
+    return one("ConfigMap", "wanserve-config")["data"]
+
+
+def environment(container: dict[str, Any]) -> dict[str, str]:
+    """What the container's process sees of the ConfigMap and its own `env` (the Secret's keys stand in)."""
+    env = dict(config())
+    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    env["WANSERVE_API_KEY"] = "sk-from-the-secret"
+    return env
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_every_manifest_is_listed_and_every_object_fits_the_kubernetes_schema() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    listed = set(yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    seen = set()
+    for obj in objects():
+        key = (obj["kind"], obj["metadata"]["name"])
+        assert key not in seen, f"{key} is defined twice"
+        seen.add(key)
+        if obj["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD, not in the Kubernetes schema: checked by the KEDA tests below
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)  # raises, naming the field
+
+
+def test_every_wanserve_container_runs_a_real_command_with_real_flags() -> None:
+    import typer
+
+    from wanserve.catalog import lookup
+    from wanserve.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    roles = set()
+    for workload, container in wanserve_containers():
+        role, *rest = container["args"]
+        command = commands.get(role)
+        assert command is not None, f"{workload['metadata']['name']}: no command {role!r}"
+        command.make_context(role, list(rest))  # raises on an unknown flag or a bad value, as the CLI would
+        roles.add(role)
+        if role == "worker":
+            assert lookup(flag(rest, "--model")) is not None
+    assert roles == {"api", "worker"}
+    image = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["images"]
+    assert [i["name"] for i in image] == ["wanserve"]
+    dockerfile = (DEPLOY.parents[1] / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["wanserve"]' in dockerfile
+
+
+def test_the_configuration_is_read_by_the_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt key would be ignored with a warning and a bad value would stop every pod: both fail here."""
+    from wanserve.jobs import check_store_url
+    from wanserve.storage import check_storage_url
+
+    fields = {f"WANSERVE_{name.upper()}" for name in Settings.model_fields}
+    for workload, container in wanserve_containers():
+        env = environment(container)
+        unknown = {k for k in env if k.startswith("WANSERVE_")} - fields
+        assert not unknown, f"{workload['metadata']['name']}: {unknown} are no settings"
+        for key in [k for k in os.environ if k.startswith("WANSERVE_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert check_store_url(settings.store or "") == "redis"
+        check_storage_url(settings.storage or "")
+        assert workload["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    api = one("Deployment", "wanserve-api")["spec"]["template"]["spec"]["containers"][0]
+    served = environment(api)["WANSERVE_MODEL"].split(",")
+    for deployment in find("Deployment"):
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        if args[0] == "worker":
+            assert flag(args, "--model") in served, "the API must accept the jobs this worker takes"
+    redis_service = urlsplit(config()["WANSERVE_STORE"]).hostname
+    assert redis_service in {s["metadata"]["name"] for s in find("Service")}
+
+
+def test_services_select_pods_and_probes_call_real_routes_on_named_ports() -> None:
+    from wanserve.roles import ops_app
+
+    api_routes = set(_api_app().openapi()["paths"])
+    worker_routes = {getattr(r, "path", None) for r in ops_app(None, None, None).routes}
+    for workload, container in containers():
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        for probe in ("livenessProbe", "readinessProbe"):
+            get = container.get(probe, {}).get("httpGet")
+            if get is None:
+                continue
+            assert get["port"] in ports, f"{workload['metadata']['name']}: {probe} port"
+            role = container["args"][0]
+            assert get["path"] in (api_routes if role == "api" else worker_routes)
+            own_port = "--port" if role == "api" else "--ops-port"
+            assert int(flag(container["args"], own_port)) == ports[get["port"]]
+    pods = [w["spec"]["template"] for w in find("Deployment") + find("StatefulSet")]
+    for service in find("Service"):
+        selector = service["spec"]["selector"]
+        matching = [p for p in pods if selector.items() <= p["metadata"]["labels"].items()]
+        assert matching, f"Service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            names = {p["name"] for pod in matching for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+            assert port["targetPort"] in names
+
+
+def test_a_worker_is_given_time_to_finish_or_hand_back_its_job() -> None:
+    grace = float(config()["WANSERVE_SHUTDOWN_GRACE"])
+    for deployment in find("Deployment"):
+        if deployment["spec"]["template"]["spec"]["containers"][0]["args"][0] == "worker":
+            pod = deployment["spec"]["template"]["spec"]
+            # The grace, plus about 10 s for a last write to a restarting Redis (docs/operations.md, "Drain").
+            assert pod["terminationGracePeriodSeconds"] >= grace + 15
+            (limits,) = [c["resources"]["limits"] for c in pod["containers"]]
+            assert limits["nvidia.com/gpu"] == 1
+
+
+def _api_app(api_key: str | None = None) -> Any:
+    import tempfile
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.jobs.sqlite import SQLiteJobStore
+    from wanserve.storage.local import LocalStorage
+
+    folder = Path(tempfile.mkdtemp(prefix="wanserve-deploy-"))
+    names = ["wan2.2-ti2v-5b"]
+    specs = {name: lookup(name) for name in names}
+    settings = Settings(data_dir=folder, model=names, api_key=api_key)
+    return create_app(settings, SQLiteJobStore(folder / "jobs.db"), LocalStorage(folder / "videos"), specs)
+
+
+def test_kedas_trigger_reads_the_demand_of_the_workers_model_from_the_api() -> None:
+    """KEDA's metrics-api scaler: GET the url (with the key as the header named), read `valueLocation` out of
+    the JSON, run ceil(value / targetValue) workers. Done here against the real API with jobs in the store."""
+    from fastapi.testclient import TestClient
+
+    from wanserve.jobs.model import Job, new_job_id
+
+    (scaled,) = find("ScaledObject")
+    target = one("Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+    model = flag(target["spec"]["template"]["spec"]["containers"][0]["args"], "--model")
+    assert scaled["spec"]["minReplicaCount"] == 0  # down to zero
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "metrics-api"
+    meta = trigger["metadata"]
+    url = urlsplit(meta["url"])
+    service = one("Service", url.hostname.split(".")[0])
+    assert url.hostname.startswith(f"{service['metadata']['name']}.wanserve.svc")
+    assert (url.port or 80) == service["spec"]["ports"][0]["port"]
+    assert url.path == f"/v1/models/{model}"
+    auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (secret_ref,) = auth["spec"]["secretTargetRef"]
+    assert secret_ref["parameter"] == "apiKey" and meta["authMode"] == "apiKey"
+    assert secret_ref["key"] == "WANSERVE_API_KEY" and secret_ref["name"] == "wanserve-secrets"
+
+    app = _api_app(api_key="sk-keda")
+    store = app.state.store
+    for i in range(3):
+        store.enqueue(Job(id=new_job_id(), model=model, request={"prompt": f"p{i}"}))
+    assert store.claim(model, "worker-1", 30.0) is not None
+    with TestClient(app) as client:
+        assert client.get(url.path).status_code == 401  # so the key must be sent, as configured
+        answer = client.get(url.path, headers={meta["keyParamName"]: "sk-keda"})
+        assert answer.status_code == 200, answer.text
+        value: Any = answer.json()
+        for part in meta["valueLocation"].split("."):
+            value = value[part]
+    assert value == 3  # two queued and one running: three workers, one per job
+    assert float(meta["targetValue"]) == 1 and float(meta["activationTargetValue"]) == 0
+
+
+def test_the_docs_name_the_files_that_exist() -> None:
+    guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
+    for name in re.findall(r"deploy/kubernetes/([\w.-]+\.yaml)", guide):
+        assert (DEPLOY / name).exists(), name
