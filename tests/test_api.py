@@ -929,6 +929,7 @@ def test_health_ready_and_models(tmp_path: Path, media: tuple[Path, Path]) -> No
         missing = api.client.get("/v1/models/wan2.1-t2v-14b")
         error = openai_error(missing, 404)
         assert error["code"] == "model_not_found" and error["param"] == "model" and "tiny-t2v" in error["message"]
+        assert openai_error(api.client.get("/v1/models/"), 404)["code"] == "model_not_found"
 
 
 def test_one_model_by_its_repo_id_or_alias(tmp_path: Path, media: tuple[Path, Path]) -> None:

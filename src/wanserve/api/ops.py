@@ -159,6 +159,8 @@ def router(
     # `:path`: a served model may be named by its Hugging Face repo id (`Wan-AI/Wan2.2-TI2V-5B-Diffusers`).
     @api.get("/v1/models/{model_id:path}", dependencies=list(keyed))
     def retrieve_model(model_id: str) -> dict[str, Any]:
+        if not model_id.strip():  # `/v1/models/`: served_spec would take "" for "the default model"
+            raise NoSuchModel("model", "names no model; GET /v1/models lists the served ones")
         try:
             spec = served_spec(specs, model_id)
         except ModelNotServed as exc:
