@@ -9,6 +9,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Triton (torch.compile's GPU kernels, the presets' regional compilation) builds a small C helper at run
+# time: without a compiler the workers serve uncompiled.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch on its own first (as the Makefile does): its layer stays cached while wanserve changes.
 RUN pip install $TORCH_SPEC
 

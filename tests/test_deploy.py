@@ -24,6 +24,61 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30"  # the oldest release the manifests are meant for; newer ones accept them too
 
 
+# The fields of KEDA's objects that these manifests may use (https://keda.sh/docs/2.10/concepts/ and the
+# metrics-api scaler's page), with their types: a misspelt or mistyped field is ignored by KEDA, not refused.
+_SCALE_DOWN = {"stabilizationWindowSeconds": int, "policies": [{"type": str, "value": int, "periodSeconds": int}]}
+KEDA_FIELDS: dict[str, Any] = {
+    "ScaledObject": {
+        "apiVersion": str,
+        "kind": str,
+        "metadata": {"name": str},
+        "spec": {
+            "scaleTargetRef": {"name": str},
+            "minReplicaCount": int,
+            "maxReplicaCount": int,
+            "pollingInterval": int,
+            "cooldownPeriod": int,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": _SCALE_DOWN}}},
+            "triggers": [
+                {
+                    "type": str,
+                    "metadata": {
+                        "url": str,
+                        "valueLocation": str,
+                        "targetValue": str,
+                        "activationTargetValue": str,
+                        "authMode": str,
+                        "keyParamName": str,
+                    },
+                    "authenticationRef": {"name": str},
+                }
+            ],
+        },
+    },
+    "TriggerAuthentication": {
+        "apiVersion": str,
+        "kind": str,
+        "metadata": {"name": str},
+        "spec": {"secretTargetRef": [{"parameter": str, "name": str, "key": str}]},
+    },
+}
+
+
+def check_fields(value: Any, allowed: Any, where: str) -> None:
+    if isinstance(allowed, dict):
+        assert isinstance(value, dict), f"{where}: a mapping expected"
+        unknown = set(value) - set(allowed)
+        assert not unknown, f"{where}: {sorted(unknown)} are not fields here"
+        for key, item in value.items():
+            check_fields(item, allowed[key], f"{where}.{key}")
+    elif isinstance(allowed, list):
+        assert isinstance(value, list), f"{where}: a list expected"
+        for i, item in enumerate(value):
+            check_fields(item, allowed[0], f"{where}[{i}]")
+    else:
+        assert type(value) is allowed, f"{where}: {allowed.__name__} expected, got {value!r}"
+
+
 def objects() -> list[dict[str, Any]]:
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     found = []
@@ -77,7 +132,8 @@ def test_every_manifest_is_listed_and_every_object_fits_the_kubernetes_schema() 
         assert key not in seen, f"{key} is defined twice"
         seen.add(key)
         if obj["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD, not in the Kubernetes schema: checked by the KEDA tests below
+            check_fields(obj, KEDA_FIELDS[obj["kind"]], obj["kind"])  # a CRD, not in the Kubernetes schema
+            continue
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)  # raises, naming the field
 
 
@@ -146,6 +202,9 @@ def test_services_select_pods_and_probes_call_real_routes_on_named_ports() -> No
             assert get["port"] in ports, f"{workload['metadata']['name']}: {probe} port"
             role = container["args"][0]
             assert get["path"] in (api_routes if role == "api" else worker_routes)
+            # /ready is "no" while a model loads or the store is down: as liveness it would restart a worker
+            # in the middle of loading, or every replica during a Redis restart.
+            assert get["path"] == {"livenessProbe": "/health", "readinessProbe": "/ready"}[probe]
             own_port = "--port" if role == "api" else "--ops-port"
             assert int(flag(container["args"], own_port)) == ports[get["port"]]
     pods = [w["spec"]["template"] for w in find("Deployment") + find("StatefulSet")]
@@ -167,6 +226,39 @@ def test_a_worker_is_given_time_to_finish_or_hand_back_its_job() -> None:
             assert pod["terminationGracePeriodSeconds"] >= grace + 15
             (limits,) = [c["resources"]["limits"] for c in pod["containers"]]
             assert limits["nvidia.com/gpu"] == 1
+
+
+def test_network_policies_admit_the_ports_of_the_pods_they_select() -> None:
+    pods = [w["spec"]["template"] for w in find("Deployment") + find("StatefulSet")]
+    for policy in find("NetworkPolicy"):
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        selected = [p for p in pods if selector.items() <= p["metadata"]["labels"].items()]
+        assert selected, f"NetworkPolicy {policy['metadata']['name']} selects no pod"
+        open_ports = {c["containerPort"] for p in selected for c0 in p["spec"]["containers"] for c in c0["ports"]}
+        for rule in policy["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= open_ports
+
+
+def test_what_a_container_writes_lies_on_a_volume() -> None:
+    """Caches on the shared volume (or every new worker downloads and compiles again), and /tmp writable where
+    the root file system is read-only (uploads are spooled there)."""
+    for workload, container in wanserve_containers():
+        pod = workload["spec"]["template"]["spec"]
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert {m["name"] for m in container.get("volumeMounts", [])} <= set(volumes)
+
+        def on_a_volume(path: str, mounts: list[str] = mounts) -> bool:
+            return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+        if container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+            assert on_a_volume(environment(container).get("TMPDIR", "/tmp"))
+        if container["args"][0] == "worker":
+            env = environment(container)
+            for key in ("WANSERVE_CACHE_DIR", "HF_HOME"):
+                assert on_a_volume(env[key]), key
+                (mount,) = [m for m in container["volumeMounts"] if env[key].startswith(m["mountPath"])]
+                assert "persistentVolumeClaim" in volumes[mount["name"]], f"{key} must outlive the pod"
 
 
 def _api_app(api_key: str | None = None) -> Any:
@@ -195,20 +287,26 @@ def test_kedas_trigger_reads_the_demand_of_the_workers_model_from_the_api() -> N
     target = one("Deployment", scaled["spec"]["scaleTargetRef"]["name"])
     model = flag(target["spec"]["template"]["spec"]["containers"][0]["args"], "--model")
     assert scaled["spec"]["minReplicaCount"] == 0  # down to zero
+    # A replica count in the Deployment would undo KEDA's at every `kubectl apply`, stopping busy workers.
+    assert "replicas" not in target["spec"]
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "metrics-api"
     meta = trigger["metadata"]
     url = urlsplit(meta["url"])
     service = one("Service", url.hostname.split(".")[0])
-    assert url.hostname.startswith(f"{service['metadata']['name']}.wanserve.svc")
+    namespace = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["namespace"]
+    assert url.hostname == f"{service['metadata']['name']}.{namespace}.svc"  # KEDA runs in another namespace
     assert (url.port or 80) == service["spec"]["ports"][0]["port"]
     assert url.path == f"/v1/models/{model}"
     auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"])
     (secret_ref,) = auth["spec"]["secretTargetRef"]
     assert secret_ref["parameter"] == "apiKey" and meta["authMode"] == "apiKey"
-    assert secret_ref["key"] == "WANSERVE_API_KEY" and secret_ref["name"] == "wanserve-secrets"
+    # Not WANSERVE_API_KEY: that holds two keys while a new one rolls out, and KEDA would send both as one.
+    assert secret_ref["name"] == "wanserve-secrets" and secret_ref["key"] == "SCALER_API_KEY"
+    guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
+    assert f"--from-literal={secret_ref['key']}=" in guide  # the guide's Secret has it
 
-    app = _api_app(api_key="sk-keda")
+    app = _api_app(api_key="sk-old,sk-keda")  # mid-rollout; SCALER_API_KEY holds the one that stays
     store = app.state.store
     for i in range(3):
         store.enqueue(Job(id=new_job_id(), model=model, request={"prompt": f"p{i}"}))
