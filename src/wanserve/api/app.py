@@ -142,7 +142,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 class HttpMetricsMiddleware:
     """Times each request into `wanserve_http_request_duration_seconds`, labelled by the route template
-    (`/v1/videos/{video_id}`), never the raw path, so ids do not explode the label set."""
+    (`/v1/videos/{video_id}`), never the raw path, so ids do not explode the label set; event streams aside."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -154,20 +154,26 @@ class HttpMetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        stream = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, stream
             if message["type"] == "http.response.start":
                 status = message["status"]
+                stream = any(
+                    k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in message["headers"]
+                )
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.http_request(method, template, status, time.perf_counter() - started)
+            # An event stream lasts as long as its job: its duration says nothing of the API's speed.
+            if not stream:
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                method = scope["method"] if scope["method"] in _METHODS else "other"
+                self.metrics.http_request(method, template, status, time.perf_counter() - started)
 
 
 def create_app(

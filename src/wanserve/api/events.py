@@ -1,8 +1,8 @@
 """Server-sent events: one job's status as a stream, so a client learns of progress and the finished video
 the moment the store does, without polling.
 
-Every backend is read the same way, through `JobStore.get` every `interval` seconds; an event goes out only
-when what a client would see changes. The stream ends after the event that carries a final status, when
+Every backend is read the same way, through `JobStore.get` every half second or second; an event goes out
+only when what a client would see changes. The stream ends after the event that carries a final status, when
 the job is deleted, or when the API process stops (the client reconnects, to another replica if there is
 one, and gets the current state first).
 """
@@ -13,54 +13,58 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import anyio
 from starlette.concurrency import run_in_threadpool
 
 from wanserve.errors import JobNotFound, StoreUnavailable
-from wanserve.jobs.model import Job
+from wanserve.jobs.model import Job, JobStatus
 
 log = logging.getLogger(__name__)
 
-# How often the store is read for each open stream: progress moves once per denoising step, seconds apart
-# on a GPU, so half a second adds little delay and costs one read per stream.
-POLL_INTERVAL_S = 0.5
+# How often the store is read for each open stream, by the job's status (as `openai-poll-after-ms` tells
+# pollers): a running job's progress moves once per denoising step, a queued job's place more slowly.
+POLL_INTERVAL_S: Mapping[JobStatus, float] = MappingProxyType({JobStatus.QUEUED: 1.0, JobStatus.IN_PROGRESS: 0.5})
+# After the store failed to answer: what the API's 503 tells pollers (`Retry-After: 5`), rather than adding
+# a retry every half second per stream to the load of a store that is down.
+STORE_RETRY_S = 5.0
+# On a server that stops, how long the last read may take before the stream ends without it.
+LAST_READ_S = 1.0
 # Proxies (nginx, cloud balancers) cut connections idle for 60 s or so: a comment line keeps them open.
 HEARTBEAT_S = 15.0
 # What an EventSource waits before reconnecting after the server ends a stream early (a restart).
 RETRY_MS = 2000
 
 HEADERS = {
-    "Cache-Control": "no-cache",
+    # The events carry the prompt: no cache keeps them (as the API's JSON answers).
+    "Cache-Control": "no-store",
     # nginx buffers proxied answers unless told not to, which would hold every event back.
     "X-Accel-Buffering": "no",
 }
 
 
-def frame(data: dict[str, Any], event: str | None = None, event_id: int | None = None) -> str:
-    lines = []
-    if event is not None:
-        lines.append(f"event: {event}")
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
+def frame(data: dict[str, Any], event: str | None = None) -> str:
+    lines = [f"event: {event}"] if event is not None else []
     lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
     return "\n".join(lines) + "\n\n"
+
+
+def _gone(exc: JobNotFound) -> str:
+    # Not `error`: EventSource fires its own `error` on a dropped connection, and a listener gets both.
+    error = {"message": str(exc), "type": "invalid_request_error", "param": None, "code": "not_found"}
+    return frame({"error": error}, event="gone")
 
 
 async def job_events(
     load: Callable[[], Job],
     render: Callable[[Job], dict[str, Any]],
     closing: threading.Event,
-    interval: float | None = None,
-    heartbeat: float | None = None,
 ) -> AsyncIterator[str]:
     """The frames of one job's stream. `load` reads the job (raising JobNotFound once it is gone) and
     `render` turns it into what the client sees; both run in the thread pool, since stores block."""
-
-    interval = POLL_INTERVAL_S if interval is None else interval
-    heartbeat = HEARTBEAT_S if heartbeat is None else heartbeat
 
     def snapshot() -> tuple[Job, dict[str, Any]]:
         job = load()
@@ -68,30 +72,40 @@ async def job_events(
 
     yield f"retry: {RETRY_MS}\n\n"
     sent: dict[str, Any] | None = None
-    count = 0
     quiet_since = time.monotonic()
     while not closing.is_set():
+        wait = STORE_RETRY_S
         try:
             job, body = await run_in_threadpool(snapshot)
         except JobNotFound as exc:
-            error = {"message": str(exc), "type": "invalid_request_error", "param": None, "code": "not_found"}
-            yield frame({"error": error}, event="error")
+            yield _gone(exc)
             return
         except StoreUnavailable as exc:
             # The job is still there, only unreadable for now: the stream waits it out, as a poller would.
             log.warning("event stream: %s", exc)
         else:
             if body != sent:
-                count += 1
-                yield frame(body, event_id=count)
-                sent = body
-                quiet_since = time.monotonic()
+                yield frame(body)
+                sent, quiet_since = body, time.monotonic()
                 if job.status.finished:
                     return
-        if time.monotonic() - quiet_since >= heartbeat:
+            wait = POLL_INTERVAL_S.get(job.status, STORE_RETRY_S)
+        if time.monotonic() - quiet_since >= HEARTBEAT_S:
             yield ": keep-alive\n\n"
             quiet_since = time.monotonic()
-        await _sleep(interval, closing)
+        await _sleep(wait, closing)
+    # The server stops. `serve` stops once its drain is over, often within one poll of the job it waited for
+    # completing: one last read, so the stream ends with that job's last state rather than just before it.
+    with anyio.move_on_after(LAST_READ_S):
+        try:
+            job, body = await run_in_threadpool(snapshot)
+        except JobNotFound as exc:
+            yield _gone(exc)
+        except StoreUnavailable:
+            pass
+        else:
+            if body != sent:
+                yield frame(body)
 
 
 async def _sleep(seconds: float, closing: threading.Event) -> None:
