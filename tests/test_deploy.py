@@ -322,7 +322,22 @@ def test_kedas_trigger_reads_the_demand_of_the_workers_model_from_the_api() -> N
     assert float(meta["targetValue"]) == 1 and float(meta["activationTargetValue"]) == 0
 
 
-def test_the_docs_name_the_files_that_exist() -> None:
+def test_the_guide_names_files_that_exist_and_a_worker_group_that_would_start() -> None:
+    import typer
+
+    from wanserve.cli import app
+
     guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
     for name in re.findall(r"deploy/kubernetes/([\w.-]+\.yaml)", guide):
         assert (DEPLOY / name).exists(), name
+    # The torchrun container it shows: torchrun as the command (the image's entrypoint is wanserve), a stop
+    # timeout between the drain's grace and the pod's, and a worker command line wanserve takes.
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", guide, re.S)
+    group = yaml.safe_load(snippet)
+    assert group["command"] == ["torchrun"]
+    args = group["args"]
+    timeout = float(flag(args, "--shutdown-timeout"))
+    pod = one("Deployment", "wanserve-worker-ti2v-5b")["spec"]["template"]["spec"]
+    assert float(config()["WANSERVE_SHUTDOWN_GRACE"]) < timeout < pod["terminationGracePeriodSeconds"]
+    role, *rest = args[args.index("wanserve") + 1 :]
+    typer.main.get_command(app).commands[role].make_context(role, rest)  # type: ignore[attr-defined]
