@@ -228,6 +228,16 @@ def test_a_worker_is_given_time_to_finish_or_hand_back_its_job() -> None:
             assert limits["nvidia.com/gpu"] == 1
 
 
+def test_disruption_budgets_select_pods_and_leave_one_to_evict() -> None:
+    for budget in find("PodDisruptionBudget"):
+        selector = budget["spec"]["selector"]["matchLabels"]
+        (workload,) = [
+            w for w in find("Deployment") if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        # minAvailable equal to the replicas would block every node drain.
+        assert budget["spec"]["minAvailable"] < workload["spec"]["replicas"]
+
+
 def test_network_policies_admit_the_ports_of_the_pods_they_select() -> None:
     pods = [w["spec"]["template"] for w in find("Deployment") + find("StatefulSet")]
     for policy in find("NetworkPolicy"):
