@@ -74,6 +74,10 @@ def test_openai_sdk_create_and_poll_then_download(server: Server, tmp_path: Path
     assert video.size == "96x64" and video.model == "tiny-t2v"
     extra = video.model_extra or {}
     assert extra["seed"] == 42 and extra["num_frames"] == 13 and extra["fps"] == 12 and extra["preset"] == "fast"
+    # What the step cache saved, in calls and in steps: the price of `fast`, per video.
+    cache = extra["step_cache"]
+    assert 0 <= cache["skipped_fraction"] < 1
+    assert cache["skipped_steps"] == pytest.approx(cache["skipped_fraction"] * 3, abs=1e-3)
 
     out = tmp_path / "sdk.mp4"
     client.videos.download_content(video.id).write_to_file(out)

@@ -149,6 +149,9 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         # A prompt with markup in it is shown as the text it is.
         prompt = 'a red fox <img src=x onerror="document.title=1">'
         _fill(page, {"#prompt": prompt, "#num_frames": "9", "#num_inference_steps": "2"})
+        # The server serves exact; a request may ask for fast, which the card then names.
+        assert page.locator("#preset option").all_text_contents()[0].startswith("exact")
+        page.select_option("#preset", "fast")
         page.click("#generate")
         video = _card(page, "completed").locator("video")
         video.wait_for()
@@ -157,7 +160,8 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert width == 64 and duration > 0  # the browser decoded the MP4
         card = _card(page, "completed")
         assert card.locator(".prompt").text_content() == prompt and card.locator("img").count() == 0
-        assert "9 frames" in card.locator(".detail").text_content()
+        detail = card.locator(".detail").text_content()
+        assert "9 frames" in detail and "fast, " in detail and "% of steps reused" in detail
         job_id = card.get_attribute("data-id")
         download = card.locator("a[download]")
         assert download.get_attribute("href") == f"v1/videos/{job_id}/content"  # streamed, seekable

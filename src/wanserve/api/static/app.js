@@ -15,6 +15,12 @@ const STAGES = {
   video_encode: "writing the MP4",
 };
 // Request fields the server may name in an error, and the form control that holds each.
+// What each preset trades (docs/performance.md, "Presets").
+const PRESETS = {
+  exact: "exact: the reference output",
+  fast: "fast: reuses steps that barely change (lossy)",
+  fastest: "fastest: 8-bit matmuls and reused steps (lossy)",
+};
 const CONTROL_OF_FIELD = {
   width: "size",
   height: "size",
@@ -196,6 +202,14 @@ function fitFormToModel() {
   $("num_inference_steps").placeholder = d.num_inference_steps;
   $("guidance_scale").placeholder = d.guidance_scale;
   for (const name of ["size", "num_frames", "num_inference_steps", "guidance_scale"]) $(name).value = "";
+
+  // The workers' own preset (sent as nothing), or another one a request may ask them for.
+  const presets = model.presets || { served: "exact", per_request: [] };
+  const others = presets.per_request.filter((name) => name !== presets.served);
+  const served = new Option(`${PRESETS[presets.served] || presets.served} (the server's)`, "");
+  $("preset").replaceChildren(served, ...others.map((name) => new Option(PRESETS[name] || name, name)));
+  $("preset-label").hidden = $("preset-row").hidden = others.length === 0;
+  $("preset-hint").textContent = "lossy presets are faster and differ a little from the reference";
 }
 
 // Creating a video ------------------------------------------------------------------------------------------
@@ -287,6 +301,10 @@ function detailOf(video) {
   }
   const parts = [`${video.seconds} s`, `${video.num_frames} frames at ${video.fps} fps`, `seed ${video.seed}`];
   if (video.timings && video.timings.total != null) parts.push(`made in ${video.timings.total.toFixed(1)} s`);
+  if (video.preset && video.preset !== "exact") {
+    const reused = video.step_cache ? `, ${Math.round(video.step_cache.skipped_fraction * 100)}% of steps reused` : "";
+    parts.push(`${video.preset}${reused}`);
+  }
   return video.status === "completed" ? parts.join(" · ") : `seed ${video.seed}`;
 }
 
