@@ -181,7 +181,7 @@ def test_a_quiet_stream_sends_keep_alive_comments(videos: Api, monkeypatch: pyte
     with stream(videos, job_id) as response:
         reader = EventReader(response)
         assert reader.next() is not None
-        time.sleep(1.0)
+        time.sleep(events.POLL_INTERVAL_S[JobStatus.QUEUED] * 2.5)  # two reads that find nothing new
         videos.claim("tiny-t2v", job_id)
         assert reader.next() is not None
         assert "keep-alive" in reader.comments
