@@ -335,7 +335,13 @@ def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server,
     args = ["--prompt", "too slow", "--size", "128x128", "--frames", "17", "--steps", "200"]
     command = [sys.executable, "-m", "wanserve", "submit", *args]
     follower = subprocess.Popen(
-        command, env=base_env(tiny_cache, WANSERVE_URL=server.url), stderr=subprocess.PIPE, text=True
+        command,
+        env=base_env(tiny_cache, WANSERVE_URL=server.url),
+        stderr=subprocess.PIPE,
+        text=True,
+        # As from a terminal: a test run started in the background (`make test &`) ignores SIGINT, and its
+        # children would inherit that, so Ctrl-C would never reach submit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         running = wait_for(
