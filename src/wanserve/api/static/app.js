@@ -14,13 +14,9 @@ const STAGES = {
   vae_decode: "decoding frames",
   video_encode: "writing the MP4",
 };
+// Short, so a phone shows them whole; the hint below the select says what each trades.
+const PRESETS = { exact: "exact", fast: "fast, lossy", fastest: "fastest, lossy" };
 // Request fields the server may name in an error, and the form control that holds each.
-// What each preset trades (docs/performance.md, "Presets").
-const PRESETS = {
-  exact: "exact: the reference output",
-  fast: "fast: reuses steps that barely change (lossy)",
-  fastest: "fastest: 8-bit matmuls and reused steps (lossy)",
-};
 const CONTROL_OF_FIELD = {
   width: "size",
   height: "size",
@@ -203,13 +199,17 @@ function fitFormToModel() {
   $("guidance_scale").placeholder = d.guidance_scale;
   for (const name of ["size", "num_frames", "num_inference_steps", "guidance_scale"]) $(name).value = "";
 
-  // The workers' own preset (sent as nothing), or another one a request may ask them for.
+  // The workers' own preset (sent as nothing), or another one a request may ask them for; a choice made for
+  // one model stays when another is picked, where that one offers it too.
   const presets = model.presets || { served: "exact", per_request: [] };
   const others = presets.per_request.filter((name) => name !== presets.served);
-  const served = new Option(`${PRESETS[presets.served] || presets.served} (the server's)`, "");
+  const chosen = $("preset").value;
+  const served = new Option(`${PRESETS[presets.served] || presets.served}: the server's`, "");
   $("preset").replaceChildren(served, ...others.map((name) => new Option(PRESETS[name] || name, name)));
+  if (others.includes(chosen)) $("preset").value = chosen;
   $("preset-label").hidden = $("preset-row").hidden = others.length === 0;
-  $("preset-hint").textContent = "lossy presets are faster and differ a little from the reference";
+  $("preset-hint").textContent =
+    "exact: the reference output; fast reuses steps that barely change; fastest also uses 8-bit maths on GPUs that have it";
 }
 
 // Creating a video ------------------------------------------------------------------------------------------
