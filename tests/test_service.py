@@ -527,3 +527,33 @@ def test_sigterm_past_the_grace_hands_the_job_back(tmp_path: Path, tiny_cache: P
         assert srv.wait_finished(job_id, timeout=120)["status"] == "completed"
     finally:
         srv.process.stop()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux: the SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_a_worker_stopped_while_it_starts_exits_0_without_loading(tmp_path: Path, tiny_cache: Path) -> None:
+    """KEDA scales a worker down as it comes up: a SIGTERM during start-up (imports and the engine check take
+    seconds) ended it with 143 and nothing logged. Now it is a drain: no model load, exit 0."""
+    import signal
+
+    port = free_port()
+    env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+    worker = Process(["worker", "--model", "tiny-t2v", "--ops-port", str(port)], env, tmp_path / "worker.log")
+    assert worker.proc is not None
+    try:
+        # Python catches SIGINT from the start; SIGTERM only once wanserve installs its handler.
+        wait_for(lambda: _catches(worker.proc.pid, signal.SIGTERM), 60, "the worker to handle SIGTERM")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health")  # still starting: its ops port is not up yet
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(60) == 0, worker.log()
+    finally:
+        worker.stop()
+    log = worker.log()
+    assert "while starting" in log and "stopped" in log
+    assert "preset" not in log  # the engine was never loaded (loading logs the preset it applies)

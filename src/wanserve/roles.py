@@ -285,6 +285,19 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     from wanserve.metrics import Metrics
     from wanserve.worker import Worker
 
+    # A SIGTERM while the worker starts (imports and the engine check take seconds; a pod scaled down as it
+    # comes up gets one) is a drain asked for early: kept, and acted on once the worker exists, instead of
+    # an exit 143 with nothing logged. Ranks > 0 of a torchrun group have their own handling (_follow).
+    asked: list[int] = []
+    if engine is not None or process_rank() == 0:
+
+        def early(signum: int, _frame: Any) -> None:
+            log.info("signal %d while starting: the worker stops once it has started", signum)
+            asked.append(signum)
+
+        signal.signal(signal.SIGTERM, early)
+        signal.signal(signal.SIGINT, early)
+
     specs = served_specs(settings)
     if len(specs) != 1:
         raise BadSetting("a worker serves exactly one model; start one worker per model", "model")
@@ -324,7 +337,9 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if worker.engine is None:
+    if asked:
+        on_signal(asked[0], None)
+    if worker.engine is None and not worker.draining:  # no model load for a worker already told to stop
         worker.engine = _leader_engine(model, settings)
     worker.run()
     ops.should_exit = True

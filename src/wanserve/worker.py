@@ -193,7 +193,7 @@ class Worker:
         """Claim and process jobs until drained. Loads the engine first if it was not given."""
         try:
             try:
-                if not self.loaded.is_set():
+                if not self.loaded.is_set() and not self._draining.is_set():  # told to stop first: no load
                     self.load()
             finally:
                 if self.start_together is not None:
