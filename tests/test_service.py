@@ -557,3 +557,34 @@ def test_a_worker_stopped_while_it_starts_exits_0_without_loading(tmp_path: Path
     log = worker.log()
     assert "while starting" in log and "stopped" in log
     assert "preset" not in log  # the engine was never loaded (loading logs the preset it applies)
+
+
+def test_an_api_replica_deletes_expired_results_while_no_worker_runs(tmp_path: Path, tiny_cache: Path) -> None:
+    """Only workers swept expired jobs: with every worker scaled to zero (KEDA), a video outlived its
+    WANSERVE_RESULT_TTL, still listed and downloadable, until a worker came up again."""
+    from wanserve.jobs.model import Job, new_job_id
+    from wanserve.jobs.sqlite import SQLiteJobStore
+    from wanserve.storage.base import key_for, put_bytes
+    from wanserve.storage.local import LocalStorage
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = tmp_path / "data"
+    api = Process(["api", "--port", str(port), "--data-dir", str(data)], base_env(tiny_cache), tmp_path / "api.log")
+    store = None
+    try:
+        wait_ready(url, api)  # an API with no worker
+        # A job a worker finished before it was scaled away, written as the worker writes it.
+        store, storage = SQLiteJobStore(data / "jobs.db"), LocalStorage(data / "videos")
+        job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "p"}))
+        assert store.claim("tiny-t2v", "gone-worker", 30.0) is not None
+        put_bytes(storage, key_for(job.id, "video.mp4"), b"mp4 bytes", "video/mp4")
+        assert store.complete(job.id, "gone-worker", {"video_key": key_for(job.id, "video.mp4")}, ttl=2.0)
+        assert httpx.get(f"{url}/v1/videos/{job.id}").json()["status"] == "completed"
+        wait_for(lambda: httpx.get(f"{url}/v1/videos/{job.id}").status_code == 404, 30, "the job to expire")
+        assert not (data / "videos" / job.id).exists()  # its files went first
+        assert f"job {job.id} expired" in api.log()
+    finally:
+        if store is not None:
+            store.close()
+        api.stop()

@@ -255,6 +255,7 @@ def _readiness(workers: list[Any]) -> dict[str, Any]:
 def run_api(settings: Settings) -> None:
     """A stateless API replica: any number can share one store (Redis) and one storage (S3)."""
     from wanserve.api.app import create_app
+    from wanserve.expiry import ExpirySweeper
     from wanserve.metrics import Metrics
 
     specs = served_specs(settings)
@@ -263,6 +264,9 @@ def run_api(settings: Settings) -> None:
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
+    # Results expire on time even while no worker runs (scaled to zero), at the pace workers sweep at.
+    sweeper = ExpirySweeper(store, storage, interval=settings.lease_seconds / 3)
+    sweeper.start()
     try:
         log.info(
             "wanserve api: %s on http://%s:%d (%s)",
@@ -273,6 +277,7 @@ def run_api(settings: Settings) -> None:
         )
         _listen(_uvicorn(app, settings.host, settings.port), settings, "port")
     finally:
+        sweeper.stop()
         store.close()
 
 

@@ -35,6 +35,7 @@ from wanserve.errors import (
     StoreUnavailable,
     public_reason,
 )
+from wanserve.expiry import delete_expired
 from wanserve.inputs import InputMissing, load_request
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
@@ -249,24 +250,13 @@ class Worker:
                 log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
                 if job.status.finished and self.metrics is not None:  # failed (worker_lost) or cancelled
                     self.metrics.job_ended_unrun(job.model, job.status.value)
-            expired = self.store.expired()
         except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
             log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
             return
         except Exception:
             log.exception("housekeeping (reap, expiry) failed")
             return
-        for job in expired:
-            # One by one: a job whose files cannot be deleted now must not hold up every job behind it.
-            try:
-                self.storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
-                self.store.delete(job.id)
-                log.info("job %s expired: record and files deleted", job.id)
-            except (StorageUnavailable, StoreUnavailable) as exc:  # the next job would wait out the same outage
-                log.warning("expiry paused until the next round: %s", exc)
-                return
-            except Exception as exc:
-                log.warning("job %s expired, but deleting it failed (tried again next round): %s", job.id, exc)
+        delete_expired(self.store, self.storage)
 
     # ---- one job -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,61 @@
+"""Deleting finished jobs whose time is up (`WANSERVE_RESULT_TTL`): their files first, then their records.
+
+Workers sweep between claims and API replicas on a thread of their own, so results go on time while no
+worker runs (KEDA has scaled a model's workers to zero). Sweepers may race: a job another one deleted first
+is simply gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from wanserve.errors import JobNotFound, StorageUnavailable, StoreUnavailable
+from wanserve.jobs.model import JobStore
+from wanserve.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+
+def delete_expired(store: JobStore, storage: Storage) -> None:
+    try:
+        expired = store.expired()
+    except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
+        log.warning("expiry waits for the store: %s", exc)
+        return
+    except Exception:
+        log.exception("expiry failed")
+        return
+    for job in expired:
+        # One by one: a job whose files cannot be deleted now must not hold up every job behind it.
+        try:
+            storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
+            store.delete(job.id)
+            log.info("job %s expired: record and files deleted", job.id)
+        except JobNotFound:
+            continue  # another sweeper (a worker, another replica) was first
+        except (StorageUnavailable, StoreUnavailable) as exc:  # the next job would wait out the same outage
+            log.warning("expiry paused until the next round: %s", exc)
+            return
+        except Exception as exc:
+            log.warning("job %s expired, but deleting it failed (tried again next round): %s", job.id, exc)
+
+
+class ExpirySweeper:
+    """`delete_expired` every `interval` seconds on a daemon thread, from `start()` until `stop()`."""
+
+    def __init__(self, store: JobStore, storage: Storage, interval: float) -> None:
+        self.store, self.storage, self.interval = store, storage, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="expiry", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            delete_expired(self.store, self.storage)
