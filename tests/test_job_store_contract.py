@@ -396,6 +396,30 @@ def test_queue_depth_and_running_count(store: JobStore) -> None:
     store.complete(running.id, "w1", {}, TTL)
     assert (store.queue_depth("tiny-t2v"), store.running_count("tiny-t2v")) == (1, 1)
     assert (store.queue_depth("nothing"), store.running_count("nothing")) == (0, 0)
+    assert store.counts("tiny-t2v") == (1, 1) and store.counts("tiny-i2v") == (2, 0)
+    assert store.counts("nothing") == (0, 0)
+
+
+def test_counts_of_a_job_moving_between_queue_and_worker_add_up_to_one(store: JobStore) -> None:
+    """What KEDA scales by (queued + running) read while a job is claimed and handed back over and over, as
+    drains and claims do: read as two counts, it was 0 or 2 about half the time on Redis."""
+    job = store.enqueue(make_job())
+    moving = threading.Event()
+    moving.set()
+
+    def claim_and_hand_back() -> None:
+        while moving.is_set():
+            assert store.claim("tiny-t2v", "w1", 30.0) is not None
+            assert store.release(job.id, "w1")
+
+    mover = threading.Thread(target=claim_and_hand_back, daemon=True)
+    mover.start()
+    try:
+        seen = {sum(store.counts("tiny-t2v")) for _ in range(1500)}
+    finally:
+        moving.clear()
+        mover.join(10)
+    assert seen == {1}
 
 
 # ---- list / delete / expired --------------------------------------------------------------------------------

@@ -24,9 +24,7 @@ _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 
 class _CountingStore(Protocol):
-    def queue_depth(self, model: str) -> int: ...
-
-    def running_count(self, model: str) -> int: ...
+    def counts(self, model: str) -> tuple[int, int]: ...
 
     def ping(self) -> bool: ...
 
@@ -55,8 +53,9 @@ class _StoreCollector(Collector):
             return
         for model in self._models:
             try:
-                depth.add_metric([model], self._store.queue_depth(model))
-                running.add_metric([model], self._store.running_count(model))
+                queued, busy = self._store.counts(model)
+                depth.add_metric([model], queued)
+                running.add_metric([model], busy)
             except Exception:
                 # A scrape must not fail because the store blinked; the gap in the series shows it. One store
                 # serves every model, so the others would only wait out the same retries.

@@ -76,7 +76,7 @@ def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[st
 def load(spec: ModelSpec, store: JobStore) -> dict[str, int]:
     """The jobs a model has waiting and running. `demand`, their sum, is the number of workers that would
     leave none waiting: what an autoscaler sizes a model's workers by (deploy/kubernetes/autoscaling.yaml)."""
-    queued, running = store.queue_depth(spec.name), store.running_count(spec.name)
+    queued, running = store.counts(spec.name)
     return {"queue_depth": queued, "running": running, "demand": queued + running}
 
 

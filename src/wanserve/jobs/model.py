@@ -145,6 +145,11 @@ class JobStore(Protocol):
 
     def running_count(self, model: str) -> int: ...
 
+    def counts(self, model: str) -> tuple[int, int]:
+        """(queued, running) for `model`, read in one snapshot: a job being claimed or handed back between
+        the two is counted once, never twice or not at all (what an autoscaler reads must not flicker)."""
+        ...
+
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
         """Jobs by creation time (`order` asc|desc), starting after the job id `after`; returns (jobs, has_more).
         `after` may name a job deleted within CURSOR_TTL_S: paging goes on from where it stood."""

@@ -491,6 +491,13 @@ class RedisJobStore:
     def running_count(self, model: str) -> int:
         return int(self._redis.scard(self._key("running", model)))
 
+    def counts(self, model: str) -> tuple[int, int]:
+        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: both counts of one moment
+        pipe.zcard(self._key("queue", model))
+        pipe.scard(self._key("running", model))
+        queued, running = pipe.execute()
+        return int(queued), int(running)
+
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")

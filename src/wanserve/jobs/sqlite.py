@@ -359,6 +359,15 @@ class SQLiteJobStore:
         row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'in_progress'", (model,))
         return row.fetchone()[0]
 
+    def counts(self, model: str) -> tuple[int, int]:
+        row = self._conn().execute(
+            "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'in_progress'), 0)"
+            " FROM jobs WHERE model = ?",
+            (model,),
+        )
+        queued, running = row.fetchone()
+        return int(queued), int(running)
+
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
