@@ -79,6 +79,8 @@ class StandInEngine:
             fps=req.fps,
             timings={"denoise": round(total_s, 4), "total": round(total_s, 4)},
             preset=req.preset,
+            skipped_fraction=0.0,  # no step cache: every "step" runs
+            skipped_steps=0.0,
         )
 
 
