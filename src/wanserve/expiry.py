@@ -1,7 +1,7 @@
 """Deleting finished jobs whose time is up (`WANSERVE_RESULT_TTL`): their files first, then their records.
 
-Workers sweep between claims and API replicas on a thread of their own, so results go on time while no
-worker runs (KEDA has scaled a model's workers to zero). Sweepers may race: a job another one deleted first
+Workers sweep on their housekeeping thread and API replicas on one of their own, so results go on time while
+no worker runs (KEDA has scaled a model's workers to zero). Sweepers may race: a job another one deleted first
 is simply gone.
 """
 
