@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -188,10 +189,11 @@ def test_the_configuration_is_read_by_the_real_settings(monkeypatch: pytest.Monk
     assert redis_service in {s["metadata"]["name"] for s in find("Service")}
 
 
-def test_services_select_pods_and_probes_call_real_routes_on_named_ports() -> None:
+def test_services_select_pods_and_probes_call_real_routes_on_named_ports(tmp_path: Path) -> None:
     from wanserve.roles import ops_app
 
-    api_routes = set(_api_app().openapi()["paths"])
+    with _api_app(tmp_path) as app:
+        api_routes = set(app.openapi()["paths"])
     worker_routes = {getattr(r, "path", None) for r in ops_app(None, None, None).routes}
     for workload, container in containers():
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
@@ -271,22 +273,24 @@ def test_what_a_container_writes_lies_on_a_volume() -> None:
                 assert "persistentVolumeClaim" in volumes[mount["name"]], f"{key} must outlive the pod"
 
 
-def _api_app(api_key: str | None = None) -> Any:
-    import tempfile
-
+@contextmanager
+def _api_app(folder: Path, api_key: str | None = None) -> Iterator[Any]:
     from wanserve.api.app import create_app
     from wanserve.catalog import lookup
     from wanserve.jobs.sqlite import SQLiteJobStore
     from wanserve.storage.local import LocalStorage
 
-    folder = Path(tempfile.mkdtemp(prefix="wanserve-deploy-"))
     names = ["wan2.2-ti2v-5b"]
     specs = {name: lookup(name) for name in names}
     settings = Settings(data_dir=folder, model=names, api_key=api_key)
-    return create_app(settings, SQLiteJobStore(folder / "jobs.db"), LocalStorage(folder / "videos"), specs)
+    store = SQLiteJobStore(folder / "jobs.db")
+    try:
+        yield create_app(settings, store, LocalStorage(folder / "videos"), specs)
+    finally:
+        store.close()
 
 
-def test_kedas_trigger_reads_the_demand_of_the_workers_model_from_the_api() -> None:
+def test_kedas_trigger_reads_the_demand_of_the_workers_model_from_the_api(tmp_path: Path) -> None:
     """KEDA's metrics-api scaler: GET the url (with the key as the header named), read `valueLocation` out of
     the JSON, run ceil(value / targetValue) workers. Done here against the real API with jobs in the store."""
     from fastapi.testclient import TestClient
@@ -316,12 +320,12 @@ def test_kedas_trigger_reads_the_demand_of_the_workers_model_from_the_api() -> N
     guide = (DEPLOY.parents[1] / "docs" / "deploy.md").read_text()
     assert f"--from-literal={secret_ref['key']}=" in guide  # the guide's Secret has it
 
-    app = _api_app(api_key="sk-old,sk-keda")  # mid-rollout; SCALER_API_KEY holds the one that stays
-    store = app.state.store
-    for i in range(3):
-        store.enqueue(Job(id=new_job_id(), model=model, request={"prompt": f"p{i}"}))
-    assert store.claim(model, "worker-1", 30.0) is not None
-    with TestClient(app) as client:
+    # Mid-rollout; SCALER_API_KEY holds the one that stays.
+    with _api_app(tmp_path, api_key="sk-old,sk-keda") as app, TestClient(app) as client:
+        store = app.state.store
+        for i in range(3):
+            store.enqueue(Job(id=new_job_id(), model=model, request={"prompt": f"p{i}"}))
+        assert store.claim(model, "worker-1", 30.0) is not None
         assert client.get(url.path).status_code == 401  # so the key must be sent, as configured
         answer = client.get(url.path, headers={meta["keyParamName"]: "sk-keda"})
         assert answer.status_code == 200, answer.text
