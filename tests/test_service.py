@@ -559,6 +559,40 @@ def test_a_worker_stopped_while_it_starts_exits_0_without_loading(tmp_path: Path
     assert "preset" not in log  # the engine was never loaded (loading logs the preset it applies)
 
 
+def test_a_worker_stopped_while_it_loads_its_model_exits_at_once(tmp_path: Path) -> None:
+    """A stop during the model load (minutes for a 14B) waited for the load to finish, or for the pod's grace
+    period to run out. The worker holds no job then: it stops the load and exits 0; what it was building is
+    not left half-written, and the next worker on the same cache loads it."""
+    import signal
+
+    port = free_port()
+    # A cache without the tiny model: the worker builds it as it loads, which takes seconds.
+    env = base_env(tmp_path / "cache", WANSERVE_DATA_DIR=str(tmp_path / "data"))
+    args = ["worker", "--model", "tiny-t2v", "--ops-port", str(port)]
+    worker = Process(args, env, tmp_path / "worker.log")
+    assert worker.proc is not None
+    try:
+        loading = wait_for(lambda: _ready_state(port) == "loading", 120, "the worker's ops port to say loading")
+        assert loading
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(60) == 0, worker.log()
+        log = worker.log()
+        assert "model load stopped" in log and "loaded tiny-t2v" not in log, log
+        assert not list((tmp_path / "cache").glob("tiny/tiny-t2v-*/model_index.json"))  # nothing half-built
+
+        worker = Process(args, env, tmp_path / "worker2.log")
+        wait_for(lambda: _ready_state(port) == "ready", 180, "the next worker to load the model")
+    finally:
+        worker.stop()
+
+
+def _ready_state(port: int) -> str | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready").json()["models"]["tiny-t2v"]
+    except httpx.HTTPError:
+        return None
+
+
 def test_an_api_replica_deletes_expired_results_while_no_worker_runs(tmp_path: Path, tiny_cache: Path) -> None:
     """Only workers swept expired jobs: with every worker scaled to zero (KEDA), a video outlived its
     WANSERVE_RESULT_TTL, still listed and downloadable, until a worker came up again."""

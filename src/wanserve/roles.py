@@ -336,20 +336,42 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         store.close()
         raise ops_failed[0]
 
+    # A 14B load takes minutes, and a worker holds no job while it loads: a stop then (KEDA scaling down a pod
+    # that came up for a burst already served) ends the load at once rather than after it, or after the pod's
+    # grace period has run out (SIGKILL). Not in a torchrun group: a rank 0 gone mid-load would leave the other
+    # ranks waiting in a collective until its timeout.
+    loading = threading.Event()
+    alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining", signum)
         worker.drain()
+        if loading.is_set():
+            loading.clear()
+            raise _LoadStopped
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if asked:
         on_signal(asked[0], None)
     if worker.engine is None and not worker.draining:  # no model load for a worker already told to stop
-        worker.engine = _leader_engine(model, settings)
+        try:
+            if alone:
+                loading.set()
+            engine = _leader_engine(model, settings)
+            loading.clear()
+            worker.engine = engine
+        except _LoadStopped:
+            log.info("model load stopped: the worker was told to stop while it loaded")
     worker.run()
     ops.should_exit = True
     ops_thread.join(timeout=5)
     store.close()
+
+
+class _LoadStopped(BaseException):
+    """Raised by the signal handler into a model load; a BaseException, so that no `except Exception` on the
+    way (a loader's fallback from one file format to another) mistakes it for a failed attempt."""
 
 
 def _leader_engine(model: str, settings: Settings) -> Any:
