@@ -263,3 +263,57 @@ def test_a_real_server_streams_a_generation_and_its_shutdown_ends_open_streams(
         assert time.monotonic() - stopping < SHUTDOWN_CONNECTIONS_S, "shutdown waited for the open stream"
     finally:
         api_only.stop()
+
+
+def test_streams_waiting_out_a_redis_outage_leave_the_api_its_threads(tmp_path: Path, tiny_cache: Path) -> None:
+    """During a store outage every stream's read waits for the store, and more streams than the API's 40
+    pool threads held all of them: /ready, cancels and downloads went unanswered until the store came back.
+    Streams now read on a few threads of their own, and every one of them carries on after the outage."""
+    import contextlib
+    import signal
+
+    from conftest import free_tcp_port, start_redis, stop_redis
+    from service import Process, base_env, free_port, wait_ready
+
+    redis_port, port = free_tcp_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    redis = start_redis(redis_port, tmp_path / "redis", appendonly=False)
+    env = base_env(
+        tiny_cache,
+        WANSERVE_DATA_DIR=str(tmp_path / "data"),
+        WANSERVE_STORE=f"redis://127.0.0.1:{redis_port}/0",
+    )
+    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    paused = False
+    try:
+        wait_ready(url, api)
+        job_id = httpx.post(f"{url}/v1/videos", json={"prompt": "a fox"}).json()["id"]
+        with (
+            httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=None)) as client,
+            contextlib.ExitStack() as streams,
+        ):
+            readers = []
+            for _ in range(50):
+                response = streams.enter_context(client.stream("GET", f"/v1/videos/{job_id}/events"))
+                readers.append(EventReader(response))
+                assert (first := readers[-1].next()) is not None and first["data"]["status"] == "queued"
+
+            redis.send_signal(signal.SIGSTOP)  # a store that does not answer: each read waits (socket timeout)
+            paused = True
+            time.sleep(2)  # every stream's next read (each second while queued) is now waiting
+            ready = httpx.get(f"{url}/ready", timeout=15)  # the store's probe gives up after 2 s
+            assert ready.status_code == 503 and ready.json()["store"] == "unreachable", ready.text
+
+            redis.send_signal(signal.SIGCONT)
+            paused = False
+            assert client.post(f"/v1/videos/{job_id}/cancel").status_code == 200
+            for reader in readers:
+                last = None
+                while (event := reader.next()) is not None:
+                    last = event["data"]
+                assert last is not None and last["error"]["code"] == "cancelled", last
+    finally:
+        if paused:
+            redis.send_signal(signal.SIGCONT)
+        api.stop()
+        stop_redis(redis)

@@ -15,6 +15,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,7 +36,7 @@ from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
 from wanserve.storage.base import Storage
 
-from . import legacy, openai_videos, ops, page
+from . import events, legacy, openai_videos, ops, page
 from .auth import Unauthorized, require_key
 from .web import JSON_ANSWER_HEADERS, BodyLimitMiddleware, SafeHeadersMiddleware, body_limit
 
@@ -203,6 +204,7 @@ def create_app(
     app.state.metrics = metrics
     # Set when the server stops, so that open event streams end instead of holding its shutdown.
     app.state.closing = threading.Event()
+    app.state.stream_reads = anyio.CapacityLimiter(events.STREAM_READ_THREADS)
 
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))

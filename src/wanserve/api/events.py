@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 import anyio
-from starlette.concurrency import run_in_threadpool
+import anyio.to_thread
 
 from wanserve.errors import JobNotFound, StoreUnavailable
 from wanserve.jobs.model import Job, JobStatus
@@ -37,6 +37,11 @@ LAST_READ_S = 1.0
 HEARTBEAT_S = 15.0
 # What an EventSource waits before reconnecting after the server ends a stream early (a restart).
 RETRY_MS = 2000
+# Threads that all of a process's streams may hold at once for their reads, of the 40 in the pool that every
+# other request runs on. A read takes a millisecond, so a few threads serve thousands of streams; but during a
+# store outage each read waits out the store's retries (about 10 s for Redis), and streams left to the shared
+# pool would hold all of it: /ready, cancels and page loads queued behind them.
+STREAM_READ_THREADS = 8
 
 HEADERS = {
     # The events carry the prompt: no cache keeps them (as the API's JSON answers).
@@ -62,9 +67,14 @@ async def job_events(
     load: Callable[[], Job],
     render: Callable[[Job], dict[str, Any]],
     closing: threading.Event,
+    limiter: anyio.CapacityLimiter,
 ) -> AsyncIterator[str]:
     """The frames of one job's stream. `load` reads the job (raising JobNotFound once it is gone) and
-    `render` turns it into what the client sees; both run in the thread pool, since stores block."""
+    `render` turns it into what the client sees; both run on a thread, since stores block, taken under
+    `limiter` (shared by the process's streams, see STREAM_READ_THREADS)."""
+
+    async def read() -> tuple[Job, dict[str, Any]]:
+        return await anyio.to_thread.run_sync(snapshot, limiter=limiter)
 
     def snapshot() -> tuple[Job, dict[str, Any]]:
         job = load()
@@ -76,7 +86,7 @@ async def job_events(
     while not closing.is_set():
         wait = STORE_RETRY_S
         try:
-            job, body = await run_in_threadpool(snapshot)
+            job, body = await read()
         except JobNotFound as exc:
             yield _gone(exc)
             return
@@ -98,7 +108,7 @@ async def job_events(
     # completing: one last read, so the stream ends with that job's last state rather than just before it.
     with anyio.move_on_after(LAST_READ_S):
         try:
-            job, body = await run_in_threadpool(snapshot)
+            job, body = await read()
         except JobNotFound as exc:
             yield _gone(exc)
         except StoreUnavailable:

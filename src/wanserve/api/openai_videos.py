@@ -307,6 +307,7 @@ def router(
             lambda: store.get(video_id),
             lambda job: video_object(job, queue_position(store, job)),
             request.app.state.closing,
+            request.app.state.stream_reads,
         )
         return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
 
