@@ -456,6 +456,33 @@ def test_damaged_or_unsupported_images_are_refused_at_submit(api: Api) -> None:
     assert len(api.client.get("/v1/videos", params={"limit": 100}).json()["data"]) == before
 
 
+def test_an_animated_image_is_refused_and_a_phone_jpeg_with_a_second_picture_is_not(api: Api) -> None:
+    """Only an animated PNG's or WebP's first frame reached the model, without a word: a 400 now says so. A
+    multi-picture JPEG (MPO: a phone photo followed by a preview or depth map) is a photo, taken as before."""
+    import io
+
+    from PIL import Image
+
+    first, second = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    for kind in ("PNG", "WEBP"):
+        animated = io.BytesIO()
+        first.save(animated, format=kind, save_all=True, append_images=[second])
+        files = {"input_reference": (f"a.{kind.lower()}", animated.getvalue())}
+        answer = openai_error(
+            api.client.post("/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files=files), 400
+        )
+        assert answer["param"] == "input_reference" and "animated image (2 frames)" in answer["message"], answer
+        legacy = api.client.post(
+            "/video/submit", json={"prompt": "p", "model": "tiny-i2v", "image_url": data_url(animated.getvalue())}
+        )
+        assert problem(legacy, 400)["field"] == "image_url"
+    mpo = io.BytesIO()
+    first.save(mpo, format="MPO", save_all=True, append_images=[second])
+    files = {"input_reference": ("photo.jpg", mpo.getvalue())}
+    taken = api.client.post("/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files=files)
+    assert taken.status_code == 200 and taken.json()["size"] == "64x48", taken.text
+
+
 def test_hostile_bodies_answer_400_and_queue_nothing(api: Api) -> None:
     """Bodies a client can send by mistake or on purpose: each is a 400 naming the field, never a 500, and
     nothing is queued (a lone surrogate once queued a job whose record then broke every list)."""

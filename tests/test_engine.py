@@ -369,6 +369,27 @@ def test_a_phone_photo_is_turned_upright_as_its_exif_says(engines: dict[str, Eng
     torch.testing.assert_close(ours, diffusers_latents(engine.i2v_pipe, req, as_seen.getvalue()), rtol=1e-5, atol=1e-5)
 
 
+def test_a_transparent_image_reaches_the_model_over_white(engines: dict[str, Engine]) -> None:
+    """Dropping the alpha channel showed what lies under transparent pixels, mostly black: a cut-out subject
+    (a product shot, a sticker) reached the model on black. It is laid over white, as a page shows it."""
+    import io
+
+    from PIL import Image
+
+    engine = engines["tiny-i2v"]
+    cutout = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent black around the subject
+    cutout.paste(Image.open(io.BytesIO(png_bytes((200, 40, 90), size=(32, 32)))).convert("RGBA"), (16, 16))
+    cutout.putpixel((8, 8), (10, 200, 30, 128))  # and one half-transparent pixel
+    sent, as_seen = io.BytesIO(), io.BytesIO()
+    cutout.save(sent, format="PNG")
+    Image.alpha_composite(Image.new("RGBA", (64, 64), "white"), cutout).convert("RGB").save(as_seen, format="PNG")
+    shift = engine.i2v_pipe.scheduler.config.flow_shift
+    request = GenerationRequest(prompt="p", image=sent.getvalue(), num_inference_steps=2, seed=3, flow_shift=shift)
+    req = resolve(request, engine.spec)
+    ours, _, _ = engine.denoise(engine.prepare(req), req, lambda _e: None)
+    torch.testing.assert_close(ours, diffusers_latents(engine.i2v_pipe, req, as_seen.getvalue()), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("image", "asked", "video"),
     [

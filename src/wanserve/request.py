@@ -152,12 +152,24 @@ def decode_image(data: bytes, field: str = "image") -> Any:
                 raise InvalidRequest(
                     field, f"has too many pixels ({width}x{height}; at most {MAX_IMAGE_PIXELS:,}): scale it down"
                 )
+            # Only its first frame would reach the model, without a word. Not MPO: a phone's JPEG may carry a
+            # second picture (a preview, a depth map) after the photo, which is the first frame.
+            if getattr(img, "is_animated", False) and img.format != "MPO":
+                raise InvalidRequest(
+                    field,
+                    f"is an animated image ({img.n_frames} frames); send one still frame (PNG, JPEG or WebP)",
+                )
             with _DECODING:
                 img.load()
                 upright = ImageOps.exif_transpose(img) or img
                 if upright.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                     # 16-bit grey: Pillow's RGB conversion clips at 255, which turns the picture white.
                     upright = upright.convert("I").point(lambda v: v / 256).convert("L")
+                if upright.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in upright.info:
+                    # Dropping the alpha shows what lies under transparent pixels, mostly black: a cut-out
+                    # subject reached the model on black. Over white, as a page shows it.
+                    rgba = upright.convert("RGBA")
+                    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
                 return upright.convert("RGB")
     except InvalidRequest:
         raise
