@@ -295,6 +295,12 @@ def test_request_cancel_on_a_finished_job_returns_it_unchanged(store: JobStore) 
         store.request_cancel("video_missing", TTL)
 
 
+def test_a_record_with_a_field_this_release_does_not_know_still_loads() -> None:
+    """During a rolling upgrade an older replica reads records a newer one wrote (a new field on the job)."""
+    job = make_job()
+    assert Job.from_dict({**job.to_dict(), "added_by_a_later_release": 1}) == job
+
+
 # ---- reap ---------------------------------------------------------------------------------------------------
 
 
@@ -309,8 +315,10 @@ def test_reap_requeues_an_expired_lease_keeping_attempts_and_place(store: JobSto
     assert store.get(job.id).lease_expires_at is None
     assert store.running_count("tiny-t2v") == 0
     assert store.queue_position(job.id) == 1 and store.queue_position(later.id) == 2
+    assert later.waiting_since == later.created_at
+    assert store.get(job.id).waiting_since == T0 + LEASE + 1  # its wait starts over (queue-wait metric)
     again = claim(store, "w2", now=T0 + 100)
-    assert again.id == job.id and again.attempts == 2
+    assert again.id == job.id and again.attempts == 2 and again.waiting_since == T0 + LEASE + 1
     assert not store.complete(job.id, "w1", {}, TTL)  # the first worker lost it for good
 
 
@@ -349,9 +357,11 @@ def test_release_keeps_the_original_place_and_does_not_count_the_attempt(store: 
     claim(store, "w1")
     later = store.enqueue(make_job())
     assert not store.release(first.id, "w2")
+    before = time.time()
     assert store.release(first.id, "w1")
     released = store.get(first.id)
     assert released.status is JobStatus.QUEUED and released.attempts == 0 and released.worker_id is None
+    assert before - 1 <= released.waiting_since <= time.time() + 1  # the hand-back, on the store's clock
     assert not store.release(first.id, "w1")  # no longer running
     assert [store.queue_position(j.id) for j in (first, second, later)] == [1, 2, 3]
     order = [claim(store, "w2") for _ in range(3)]

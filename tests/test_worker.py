@@ -118,6 +118,31 @@ def test_progress_is_written_while_running(harness: Harness) -> None:
     assert len(seen) >= 3, seen  # real, moving progress: not 0 then 100
 
 
+def test_a_handed_back_jobs_queue_wait_counts_from_its_hand_back(tmp_path: Path, engine: Engine) -> None:
+    """wanserve_job_queue_wait_seconds counted from the job's submission on every attempt: a job handed back
+    by a draining worker (or requeued when its worker died) had that worker's whole run counted as waiting."""
+    from wanserve.metrics import Metrics
+
+    h = Harness(tmp_path, engine, start=False)
+    metrics = Metrics(["tiny-t2v"])
+    h.worker = Worker("tiny-t2v", h.settings, h.store, h.storage, metrics, engine=engine)
+    h.thread = threading.Thread(target=h.worker.run, daemon=True)
+    spec = lookup("tiny-t2v")
+    assert spec is not None
+    request = resolve(GenerationRequest(prompt="a fox", seed=1, num_inference_steps=2), spec).to_dict()
+    an_hour_ago = time.time() - 3600  # submitted, then run for an hour by a worker that was drained
+    job = h.store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request=request, created_at=an_hour_ago))
+    assert h.store.claim("tiny-t2v", "drained-worker", 3600) is not None
+    assert h.store.release(job.id, "drained-worker")
+    h.thread.start()
+    try:
+        assert h.finished(job.id).status is JobStatus.COMPLETED
+        waited = metrics.registry.get_sample_value("wanserve_job_queue_wait_seconds_sum", {"model": "tiny-t2v"})
+        assert waited is not None and waited < 60, waited  # since the hand-back, not since submission
+    finally:
+        h.stop()
+
+
 def test_task_timeout_fails_the_job_with_a_reason(tmp_path: Path, engine: Engine) -> None:
     h = Harness(tmp_path, engine, task_timeout=0.3)
     try:

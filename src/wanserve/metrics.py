@@ -85,7 +85,7 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "wanserve_job_queue_wait_seconds",
-            "Time from submission to the start of generation",
+            "Time from submission (or from its return to the queue, after a hand-back) to the start of generation",
             ["model"],
             buckets=_JOB_BUCKETS,
             registry=self.registry,

@@ -264,7 +264,7 @@ class Worker:
         """Run one claimed job to its end, or (overlap_jobs) until its frames are decoded, handing the rest to
         the finisher thread."""
         assert self.engine is not None
-        running = _Running(job=job, started=time.monotonic(), queue_wait=max(time.time() - job.created_at, 0.0))
+        running = _Running(job=job, started=time.monotonic(), queue_wait=max(time.time() - job.waiting_since, 0.0))
         self._running = running
         log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, running.queue_wait)
         running.heartbeat = threading.Thread(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,6 +45,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     started_at: float | None = None
+    queued_at: float | None = None  # when a hand-back or an expired lease put it back in the queue
     completed_at: float | None = None  # set on any finished state
     expires_at: float | None = None  # when a finished job's files are deleted
     progress: float = 0.0  # 0..1
@@ -63,11 +64,21 @@ class Job:
         data["status"] = self.status.value
         return data
 
+    @property
+    def waiting_since(self) -> float:
+        """When it last entered the queue: its queue wait runs from here, not from an earlier attempt."""
+        return self.queued_at if self.queued_at is not None else self.created_at
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
-        values = dict(data)
+        # Fields it does not know are left out: a record written by a newer release, read by an older replica
+        # during a rolling upgrade, still loads.
+        values = {name: value for name, value in data.items() if name in _FIELD_NAMES}
         values["status"] = JobStatus(values["status"])
         return cls(**values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Job))
 
 
 @runtime_checkable

@@ -41,6 +41,7 @@ _FLOAT_FIELDS = (
     "created_at",
     "updated_at",
     "started_at",
+    "queued_at",
     "completed_at",
     "expires_at",
     "progress",
@@ -108,7 +109,7 @@ local function requeue(id, now)
   local jk = k('job', id)
   local h = redis.call('HMGET', jk, 'model', 'seq', 'priority')
   leave_running(id, h[1])
-  redis.call('HSET', jk, 'status', 'queued', 'updated_at', now, 'progress', '0.0')
+  redis.call('HSET', jk, 'status', 'queued', 'updated_at', now, 'queued_at', now, 'progress', '0.0')
   redis.call('HDEL', jk, 'worker_id', 'lease_expires_at', 'started_at', 'stage')
   redis.call('ZADD', k('queue', h[1]), -tonumber(h[3]), member(h[2], id))
   publish(id)

@@ -168,7 +168,7 @@ class SQLiteJobStore:
     @staticmethod
     def _requeue(job: Job, now: float) -> None:
         job.status = JobStatus.QUEUED
-        job.updated_at = now
+        job.updated_at = job.queued_at = now
         job.worker_id = job.lease_expires_at = job.started_at = job.stage = None
         job.progress = 0.0
 
