@@ -32,6 +32,7 @@ from wanserve.metrics import Metrics
 from wanserve.storage.base import THUMBNAIL, VIDEO, key_for
 from wanserve.storage.local import LocalStorage
 
+from service import wait_for
 from videos import png_bytes
 
 WORKER = "test-worker"
@@ -257,8 +258,45 @@ def test_an_input_image_is_kept_in_the_storage_not_in_the_job_record(api: Api) -
     assert "image" not in record and record["image_key"] == f"{kept}/input"
     assert len(json.dumps(record)) < 2000 and stored_image(api, kept) == image
     api.client.post(f"/v1/videos/{cancelled}/cancel")
-    assert api.storage.stat(f"{cancelled}/input") is None  # its only file, gone with the cancel
+    # Its only file, gone with the cancel (just after the answer: see the next test).
+    wait_for(lambda: api.storage.stat(f"{cancelled}/input") is None, 10, "the cancelled job's image to go")
     assert api.storage.stat(f"{kept}/input") is not None
+
+
+class HangingDeletes(LocalStorage):
+    """Local files whose deletes hang until `release` is set: an S3 endpoint that takes connections and does
+    not answer holds each call for its timeouts and retries (minutes)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.entered.set()
+        self.release.wait(60)
+        super().delete_prefix(prefix)
+
+
+def test_a_cancel_is_answered_while_the_storage_hangs_removing_its_image(
+    tmp_path: Path, media: tuple[Path, Path]
+) -> None:
+    """Cancelling a queued image job removed its input image before answering: with the storage hanging, the
+    cancel hung too, for every surface. The removal now follows the answer."""
+    storage = HangingDeletes(tmp_path / "videos")
+    with make_api(tmp_path, media, storage=storage) as api:
+        files = {"input_reference": png_bytes((20, 120, 220))}
+        job_id = api.client.post("/v1/videos", data={"prompt": "p", "model": "tiny-i2v"}, files=files).json()["id"]
+        answers: list[httpx.Response] = []
+        caller = threading.Thread(target=lambda: answers.append(api.client.post(f"/v1/videos/{job_id}/cancel")))
+        caller.start()
+        caller.join(30)
+        try:
+            assert answers and answers[0].status_code == 200, "the cancel waited for the storage"
+            assert answers[0].json()["error"]["code"] == "cancelled"
+            assert storage.entered.wait(10) and storage.stat(f"{job_id}/input") is not None  # still removing
+        finally:
+            storage.release.set()
+        wait_for(lambda: storage.stat(f"{job_id}/input") is None, 10, "the image to go once the storage answers")
 
 
 def test_an_image_job_the_queue_refuses_leaves_no_image(tmp_path: Path, media: tuple[Path, Path]) -> None:

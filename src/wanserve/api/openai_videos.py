@@ -318,7 +318,7 @@ def router(
     @api.delete("/{video_id}")
     def delete_video(video_id: str) -> dict[str, Any]:
         if not store.get(video_id).status.finished:
-            cancel(store, storage, settings, metrics, video_id)
+            cancel(store, storage, settings, metrics, video_id, remove_input=False)  # all its files go next
         # Files first: if the storage fails (503), the record stays and a retry finds it. A running job goes too:
         # its worker sees the record gone at its next step (or before it stores the video) and removes its files.
         storage.delete_prefix(video_id)

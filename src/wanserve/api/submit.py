@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -291,17 +292,46 @@ def queue_position(store: JobStore, job: Job) -> int | None:
         return None
 
 
-def cancel(store: JobStore, storage: Storage, settings: Settings, metrics: Metrics | None, job_id: str) -> Job:
+def cancel(
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    metrics: Metrics | None,
+    job_id: str,
+    remove_input: bool = True,
+) -> Job:
     """Ask for a job's cancel (every surface's cancel and delete). A queued job ends here, so it is counted
     here, and its input image, the only file it has, goes now rather than when the job expires (submitting and
-    cancelling over and over must not fill the storage); a running one is counted by the worker that stops it."""
+    cancelling over and over must not fill the storage), unless the caller removes the job's files itself
+    (`remove_input=False`: delete); a running one is counted by the worker that stops it."""
     job, ended = store.request_cancel(job_id, settings.result_ttl)
     if ended:
         if metrics is not None:
             metrics.job_ended_unrun(job.model, "cancelled")
-        if "image_key" in job.request:
-            _remove_input(storage, job.id)
+        if remove_input and "image_key" in job.request:
+            _remove_input_soon(storage, job.id)
     return job
+
+
+# Input images being removed after a cancel, at most: a storage that hangs holds each removal for its
+# retries (a minute and more for S3), which a client's cancel should not wait for, nor pile up threads for.
+_REMOVALS = threading.BoundedSemaphore(4)
+
+
+def _remove_input_soon(storage: Storage, job_id: str) -> None:
+    """Remove a cancelled job's input image on a thread of its own, the answer to the cancel not waiting for
+    it; when too many removals are under way already, leave it to the job's expiry."""
+    if not _REMOVALS.acquire(blocking=False):
+        log.warning("job %s: its input image is removed when the job expires (the storage is slow to answer)", job_id)
+        return
+
+    def remove() -> None:
+        try:
+            _remove_input(storage, job_id)
+        finally:
+            _REMOVALS.release()
+
+    threading.Thread(target=remove, name=f"remove-input-{job_id}", daemon=True).start()
 
 
 def _remove_input(storage: Storage, job_id: str) -> None:
