@@ -114,7 +114,7 @@ def config() -> dict[str, str]:
 def environment(container: dict[str, Any]) -> dict[str, str]:
     """What the container's process sees of the ConfigMap and its own `env` (the Secret's keys stand in)."""
     env = dict(config())
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    env.update({e["name"]: e.get("value", f"<{e['name']} from the pod>") for e in container.get("env", [])})
     env["WANSERVE_API_KEY"] = "sk-from-the-secret"
     return env
 
@@ -355,3 +355,24 @@ def test_the_guide_names_files_that_exist_and_a_worker_group_that_would_start() 
     assert float(config()["WANSERVE_SHUTDOWN_GRACE"]) < timeout < pod["terminationGracePeriodSeconds"]
     role, *rest = args[args.index("wanserve") + 1 :]
     typer.main.get_command(app).commands[role].make_context(role, rest)  # type: ignore[attr-defined]
+
+
+def test_a_worker_may_set_its_pods_deletion_cost_and_nothing_more() -> None:
+    """Scale-down stops idle workers first only if each worker can annotate its own pod: it is told to, knows
+    its pod's name, and its service account is granted `patch` on pods, and no more."""
+    for workload in find("Deployment") + find("StatefulSet"):
+        spec = workload["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        if container.get("args", [""])[0] != "worker":
+            assert spec["automountServiceAccountToken"] is False, "only workers talk to the API server"
+            assert spec.get("serviceAccountName") in (None, "default"), "only workers talk to the API server"
+            continue
+        env = {e["name"]: e for e in container["env"]}
+        assert spec.get("automountServiceAccountToken", True)
+        assert env["WANSERVE_POD_DELETION_COST"]["value"] == "true"
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        account = spec["serviceAccountName"]
+        one("ServiceAccount", account)
+        (binding,) = [b for b in find("RoleBinding") if {"kind": "ServiceAccount", "name": account} in b["subjects"]]
+        role = one(binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]

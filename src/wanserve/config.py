@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     overlap_jobs: bool = True
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     storage_redirect: bool = False  # S3: redirect downloads to a presigned URL instead of streaming
+    # Kubernetes: a worker marks its pod cheaper to delete while idle, so a scale-down stops idle workers
+    # before busy ones (needs `patch` on pods for its service account; see wanserve/kube.py).
+    pod_deletion_cost: bool = False
 
     @property
     def api_keys(self) -> tuple[str, ...]:

@@ -313,9 +313,16 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         _follow(model, settings)  # ranks > 0 of a torchrun group: no store, no ops port, only the engine
         return
     _check_listen(settings, "ops_port")
+    deletion_cost = None
+    if settings.pod_deletion_cost:
+        from wanserve.kube import PodDeletionCost
+
+        deletion_cost = PodDeletionCost.in_cluster(lambda: worker.busy)  # before the store: a wrong setting fails fast
     store, storage = _backends(settings)
     metrics = Metrics([model])
     worker = Worker(model, settings, store, storage, metrics, engine=engine)
+    if deletion_cost is not None:
+        deletion_cost.start()
 
     # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load. A worker
     # whose port is taken must not run on unseen: nothing could probe it, scrape it or drain it.
@@ -364,6 +371,8 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         except _LoadStopped:
             log.info("model load stopped: the worker was told to stop while it loaded")
     worker.run()
+    if deletion_cost is not None:
+        deletion_cost.stop()
     ops.should_exit = True
     ops_thread.join(timeout=5)
     store.close()
