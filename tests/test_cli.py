@@ -415,3 +415,65 @@ def test_a_local_model_directory_serves_with_defaults_it_can_run(tiny_cache: Pat
     assert decode_mp4(out).frames.shape == (1, 480, 512, 3)
     refused = run([*args, "--size", "528x64", "--out", str(out)], tiny_cache)
     assert refused.returncode == 2 and "--size: must be at most 512" in refused.stderr
+
+
+def test_prune_lists_then_deletes_only_files_that_belong_to_no_job(tiny_cache: Path, tmp_path: Path) -> None:
+    """Files outlive their job's record only when records are lost (a Redis restarted without its data): the
+    command finds them, old enough not to be a submit in flight, and deletes them only when told to."""
+    from wanserve.jobs import Job, new_job_id
+    from wanserve.jobs.sqlite import SQLiteJobStore
+    from wanserve.storage.base import key_for, put_bytes
+    from wanserve.storage.local import LocalStorage
+
+    data = tmp_path / "data"
+    store, storage = SQLiteJobStore(data / "jobs.db"), LocalStorage(data / "videos")
+    kept = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={})).id
+    lost, recent = new_job_id(), new_job_id()
+    for job_id in (kept, lost, recent):
+        put_bytes(storage, key_for(job_id, "video.mp4"), b"mp4")
+    (data / "videos" / "backups").mkdir()  # someone else's folder: never a job's
+    two_days_ago = time.time() - 2 * 86400
+    for folder in (kept, lost, "backups"):
+        for path in [data / "videos" / folder, *(data / "videos" / folder).iterdir()]:
+            os.utime(path, (two_days_ago, two_days_ago))
+    store.close()
+
+    env = {"WANSERVE_DATA_DIR": str(data)}
+    listed = run(["prune"], tiny_cache, **env)
+    assert listed.returncode == 0, listed.stderr
+    assert lost in listed.stdout and "2.0 days ago" in listed.stdout
+    assert kept not in listed.stdout and recent not in listed.stdout and "backups" not in listed.stdout
+    assert "1 folder belongs to no job: run again with --delete" in listed.stderr
+    assert (data / "videos" / lost).exists()  # listing deletes nothing
+
+    assert run(["prune", "--older-than", "72"], tiny_cache, **env).stderr.startswith("no folder older than 72 h")
+    deleted = run(["prune", "--delete"], tiny_cache, **env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.startswith(f"{lost}\tdeleted") and "deleted 1 folder that" in deleted.stderr
+    assert sorted(p.name for p in (data / "videos").iterdir()) == sorted([kept, recent, "backups"])
+
+
+def test_prune_will_not_empty_the_storage_for_a_store_that_holds_nothing(tiny_cache: Path, tmp_path: Path) -> None:
+    """A store named by mistake (another Redis database, an empty file) makes every video look orphaned."""
+    from wanserve.jobs.sqlite import SQLiteJobStore
+    from wanserve.storage.base import key_for, put_bytes
+    from wanserve.storage.local import LocalStorage
+
+    videos = LocalStorage(tmp_path / "videos")
+    put_bytes(videos, key_for("video_" + "a" * 32, "video.mp4"), b"mp4")
+    old = time.time() - 3 * 86400
+    os.utime(tmp_path / "videos" / ("video_" + "a" * 32), (old, old))
+    os.utime(tmp_path / "videos" / ("video_" + "a" * 32) / "video.mp4", (old, old))
+    env = {"WANSERVE_STORAGE": f"file://{tmp_path / 'videos'}"}
+
+    missing = run(["prune", "--delete", "--store", f"sqlite:///{tmp_path / 'typo.db'}"], tiny_cache, **env)
+    assert missing.returncode == 2 and "--store: nothing at" in missing.stderr, missing.stderr
+    assert not (tmp_path / "typo.db").exists()
+
+    SQLiteJobStore(tmp_path / "empty.db").close()
+    args = ["prune", "--delete", "--store", f"sqlite:///{tmp_path / 'empty.db'}"]
+    refused = run(args, tiny_cache, **env)
+    assert refused.returncode == 2 and "holds no job at all" in refused.stderr, refused.stderr
+    assert (tmp_path / "videos" / ("video_" + "a" * 32) / "video.mp4").exists()
+    assert run([*args, "--empty-store-ok"], tiny_cache, **env).returncode == 0
+    assert not (tmp_path / "videos" / ("video_" + "a" * 32)).exists()

@@ -183,6 +183,19 @@ def test_delete_prefix_refuses_an_empty_prefix(storage: Storage, tmp_path: Path)
     assert storage.stat(key_for("job1", VIDEO)) is not None
 
 
+def test_job_folders_name_each_jobs_folder_once_with_its_newest_write(storage: Storage, tmp_path: Path) -> None:
+    """What `wanserve prune` walks: one entry per job, whichever backend, and no object outside a folder."""
+    assert list(storage.job_folders()) == []  # nothing stored yet (no root folder, an empty prefix)
+    before = time.time()
+    for job in ("job1", "job10", "job2"):
+        storage.put_file(key_for(job, VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+        storage.put_file(key_for(job, THUMBNAIL), write(tmp_path, b"thumb"), CONTENT_TYPES[THUMBNAIL])
+    storage.put_file("loose.txt", write(tmp_path, b"not a job's"), "text/plain")
+    folders = dict(storage.job_folders())
+    assert sorted(folders) == ["job1", "job10", "job2"]
+    assert all(before - 5 <= written <= time.time() + 5 for written in folders.values()), folders
+
+
 # ---- S3 only ---------------------------------------------------------------------------------------------------
 
 

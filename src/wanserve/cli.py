@@ -755,6 +755,68 @@ def doctor(
 
 
 @app.command()
+def prune(
+    older_than: Annotated[
+        float, typer.Option(min=0.1, help="hours since a folder was last written, at least (default 24)")
+    ] = 24.0,
+    delete: Annotated[bool, typer.Option("--delete", help="delete what is found (else only list it)")] = False,
+    empty_store_ok: Annotated[
+        bool,
+        typer.Option("--empty-store-ok", help="delete even though the job store holds no job at all"),
+    ] = False,
+    store: StoreOpt = None,
+    storage: StorageOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """List (or --delete) result files that belong to no job: left behind when job records were lost."""
+    from wanserve.errors import StorageUnavailable, StoreUnavailable
+    from wanserve.prune import find_orphans
+    from wanserve.roles import open_backends
+
+    overrides = {"store": store, "storage": storage, "data_dir": data_dir}
+    settings = settings_from(**overrides)
+    for key, url, scheme in (("store", settings.store_url, "sqlite:///"), ("storage", settings.storage_url, "file://")):
+        # Opening a missing one would make an empty one, in which every file looks orphaned.
+        if url.startswith(scheme) and not Path(url[len(scheme) :]).exists():
+            fail(f"{where_set(key, overrides)}: nothing at {url[len(scheme) :]} (is it the one the server uses?)", 2)
+    try:
+        job_store, result_storage = open_backends(settings)
+    except BadSetting as exc:
+        fail_setting(exc, overrides)
+    try:
+        store_empty = not job_store.list(limit=1)[0]
+        found = 0
+        for orphan in find_orphans(job_store, result_storage, older_than * 3600):
+            found += 1
+            age = (time.time() - orphan.written_at) / 86400
+            # The folders on stdout, one a line (for a pipe); what was done, and why not, on stderr.
+            if delete and not (store_empty and not empty_store_ok):
+                result_storage.delete_prefix(orphan.job_id)
+                print(f"{orphan.job_id}\tdeleted, written {age:.1f} days ago", flush=True)
+            else:
+                print(f"{orphan.job_id}\twritten {age:.1f} days ago", flush=True)
+    except (StoreUnavailable, StorageUnavailable) as exc:
+        fail(str(exc))
+    except OSError as exc:  # a folder it may not delete: one line, not a traceback
+        fail(f"{type(exc).__name__}: {exc}")
+    finally:
+        job_store.close()
+    folders, belong = (f"{found} folder", "belongs") if found == 1 else (f"{found} folders", "belong")
+    if found == 0:
+        console.print(f"no folder older than {older_than:g} h belongs to no job")
+    elif delete and store_empty and not empty_store_ok:
+        fail(
+            f"{folders} {belong} to no job, and the job store holds no job at all: is --store the one the server "
+            "uses? Nothing deleted; add --empty-store-ok if its jobs were lost (a Redis restarted without its data)",
+            2,
+        )
+    elif not delete:
+        console.print(f"{folders} {belong} to no job: run again with --delete to delete them")
+    else:
+        console.print(f"deleted {folders} that belonged to no job")
+
+
+@app.command()
 def bench(
     shape: Annotated[
         str | None,

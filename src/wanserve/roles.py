@@ -31,7 +31,7 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
     return specs
 
 
-def _backends(settings: Settings) -> tuple[Any, Any]:
+def open_backends(settings: Settings) -> tuple[Any, Any]:
     from wanserve.jobs import open_store
     from wanserve.storage import open_storage
 
@@ -157,7 +157,7 @@ def run_serve(settings: Settings) -> None:
     specs = served_specs(settings)
     check_engine_settings(settings)
     _check_listen(settings, "port")
-    store, storage = _backends(settings)
+    store, storage = open_backends(settings)
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     start_together = threading.Barrier(len(specs))
@@ -260,7 +260,7 @@ def run_api(settings: Settings) -> None:
 
     specs = served_specs(settings)
     _check_listen(settings, "port")
-    store, storage = _backends(settings)
+    store, storage = open_backends(settings)
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
@@ -318,7 +318,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         from wanserve.kube import PodDeletionCost
 
         deletion_cost = PodDeletionCost.in_cluster(lambda: worker.busy)  # before the store: a wrong setting fails fast
-    store, storage = _backends(settings)
+    store, storage = open_backends(settings)
     metrics = Metrics([model])
     worker = Worker(model, settings, store, storage, metrics, engine=engine)
     if deletion_cost is not None:

@@ -43,6 +43,10 @@ class Storage(Protocol):
         """Delete every object under `<prefix>/` (a job's files)."""
         ...
 
+    def job_folders(self) -> Iterator[tuple[str, float]]:
+        """Each folder at the top (`<job_id>/…`) with when its newest file was written (epoch seconds)."""
+        ...
+
     def presigned_url(
         self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
     ) -> str | None:

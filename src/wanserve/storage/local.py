@@ -67,6 +67,19 @@ class LocalStorage:
             if path.is_dir():
                 shutil.rmtree(path)
 
+    def job_folders(self) -> Iterator[tuple[str, float]]:
+        try:
+            folders = [entry for entry in os.scandir(self.root) if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:  # nothing stored yet
+            return
+        for folder in folders:
+            times = [folder.stat(follow_symlinks=False).st_mtime]
+            for parent, _dirs, files in os.walk(folder.path):
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                        times.append(os.stat(os.path.join(parent, name), follow_symlinks=False).st_mtime)
+            yield folder.name, max(times)
+
     def presigned_url(
         self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
     ) -> str | None:

@@ -158,6 +158,26 @@ class S3Storage:
                     raise StorageUnavailable(f"the result storage (S3) cannot be reached: {problem}")
                 raise OSError(problem)
 
+    def job_folders(self) -> Iterator[tuple[str, float]]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start)
+        # Keys come in order, so a folder's keys come together: one folder at a time is held, not the bucket.
+        folder, newest = None, 0.0
+        for page in pages:
+            for item in page.get("Contents", []):
+                name, slash, _rest = item["Key"][len(start) :].partition("/")
+                if not slash:
+                    continue  # an object at the top, not in a job's folder
+                written = item["LastModified"].timestamp()
+                if name != folder:
+                    if folder is not None:
+                        yield folder, newest
+                    folder, newest = name, written
+                else:
+                    newest = max(newest, written)
+        if folder is not None:
+            yield folder, newest
+
     def presigned_url(
         self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
     ) -> str | None:
