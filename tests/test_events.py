@@ -99,9 +99,16 @@ def test_events_follow_a_job_from_the_queue_to_its_video_and_end(videos: Api) ->
     assert samples is None
 
 
-def test_a_stream_opened_on_a_finished_job_sends_it_once_and_ends(videos: Api) -> None:
+def test_a_stream_opened_on_a_finished_job_sends_it_once_and_ends(videos: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = videos.create()["id"]
     videos.fail(job_id)
+    real_get, reads = SQLiteJobStore.get, []
+
+    def counted_get(self: SQLiteJobStore, wanted: str) -> Any:
+        reads.append(wanted)
+        return real_get(self, wanted)
+
+    monkeypatch.setattr(SQLiteJobStore, "get", counted_get)
     with stream(videos, job_id) as response:
         reader = EventReader(response)
         event = reader.next()
@@ -109,6 +116,7 @@ def test_a_stream_opened_on_a_finished_job_sends_it_once_and_ends(videos: Api) -
         assert event["data"]["status"] == "failed"
         assert event["data"]["error"] == {"code": "generation_failed", "message": "CUDA out of memory"}
         assert reader.next() is None
+    assert len(reads) == 1  # the read that answers 404 for an unknown id is also the stream's first
 
 
 def test_a_cancel_ends_the_stream_with_the_cancelled_video(videos: Api) -> None:

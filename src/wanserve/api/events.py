@@ -68,16 +68,19 @@ async def job_events(
     render: Callable[[Job], dict[str, Any]],
     closing: threading.Event,
     limiter: anyio.CapacityLimiter,
+    first: Job | None = None,
 ) -> AsyncIterator[str]:
     """The frames of one job's stream. `load` reads the job (raising JobNotFound once it is gone) and
     `render` turns it into what the client sees; both run on a thread, since stores block, taken under
-    `limiter` (shared by the process's streams, see STREAM_READ_THREADS)."""
+    `limiter` (shared by the process's streams, see STREAM_READ_THREADS). `first`, the job as the route just
+    read it, spares the first read."""
+    unread = [first] if first is not None else []
 
     async def read() -> tuple[Job, dict[str, Any]]:
         return await anyio.to_thread.run_sync(snapshot, limiter=limiter)
 
     def snapshot() -> tuple[Job, dict[str, Any]]:
-        job = load()
+        job = unread.pop() if unread else load()
         return job, render(job)
 
     yield f"retry: {RETRY_MS}\n\n"

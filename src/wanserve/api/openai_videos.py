@@ -302,12 +302,13 @@ def router(
 
     @api.get("/{video_id}/events", response_class=StreamingResponse, responses=EVENT_STREAM_RESPONSES)
     def video_events(request: Request, video_id: str) -> StreamingResponse:
-        store.get(video_id)  # an unknown id is a 404 in the usual envelope, before the stream starts
+        job = store.get(video_id)  # an unknown id is a 404 in the usual envelope, before the stream starts
         stream = events.job_events(
             lambda: store.get(video_id),
             lambda job: video_object(job, queue_position(store, job)),
             request.app.state.closing,
             request.app.state.stream_reads,
+            first=job,
         )
         return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
 
