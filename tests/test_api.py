@@ -1349,3 +1349,116 @@ def test_a_request_may_ask_for_the_presets_its_workers_can_serve(tmp_path: Path,
         assert t2v["presets"]["per_request"] == ["exact"]
         error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "preset": "fast"}), 400)
         assert error["param"] == "preset" and "step cache is off" in error["message"]
+
+
+def _listed(api: Api) -> int:
+    return len(api.client.get("/v1/videos", params={"limit": 100}).json()["data"])
+
+
+def test_an_image_given_twice_is_refused_whatever_the_order(api: Api) -> None:
+    """Two image sources in one request: one was dropped without a word, or the answer depended on the order
+    of the fields (image_url then file_id queued; file_id then image_url was a 400)."""
+    image = data_url(png_bytes((20, 120, 220)))
+    refusals: list[tuple[Any, ...]] = [
+        # (form files, form text, JSON body, the error's param)
+        ({"input_reference": ("x.png", png_bytes((1, 2, 3)))}, {"input_reference": image}, None, "input_reference"),
+        (None, [("input_reference[image_url]", image), ("input_reference[file_id]", "file-1")], None, None),
+        (None, [("input_reference[file_id]", "file-1"), ("input_reference[image_url]", image)], None, None),
+        (None, [("input_reference[image_url]", image), ("input_reference[detail]", "high")], None, None),
+        (None, [("input_reference[detail]", "high"), ("input_reference[image_url]", image)], None, None),
+        (None, None, {"input_reference": {"image_url": image, "detail": "high"}}, "input_reference.detail"),
+        (None, None, {"input_reference": image, "input_reference[image_url]": image}, "input_reference"),
+        ({"input_reference[image_url]": ("x.png", png_bytes((1, 2, 3)))}, None, None, "input_reference.image_url"),
+    ]
+    before = _listed(api)
+    answers = []
+    for files, text, body, param in refusals:
+        base = {"prompt": "p", "model": "tiny-i2v"}
+        if body is not None:
+            response = api.client.post("/v1/videos", json={**base, **body})
+        else:
+            form = {**base, **(text if isinstance(text, dict) else dict(text or []))}  # in the order given
+            response = api.client.post("/v1/videos", data=form, files=files or {"input_reference": ("", b"")})
+        error = openai_error(response, 400)
+        answers.append(error["param"])
+        if param is not None:
+            assert error["param"] == param, (files, text, body, error)
+    assert answers[1] == answers[2] == "input_reference.file_id"  # the same answer in either order
+    assert answers[3] == answers[4] == "input_reference.detail"
+    assert _listed(api) == before
+
+
+def test_form_and_json_numbers_are_ascii_digits_and_json_numbers_are_numbers(api: Api) -> None:
+    """int() and float() read `1_0` and Arabic-Indic or full-width digits, which the size field already
+    refused; and JSON's priority took strings where every other integer field refuses them."""
+    before = _listed(api)
+    for field, value in [("seed", "1_0"), ("width", "٦٤"), ("guidance_scale", "1_0"), ("num_frames", "９")]:
+        error = openai_error(api.client.post("/v1/videos", data={"prompt": "p", field: value}), 400)
+        assert error["param"] == field and "must be" in error["message"], (field, error)
+    error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "seconds": "٤"}), 400)
+    assert error["param"] == "seconds"
+    for surface, body in [("/v1/videos", {}), ("/video/submit", {}), ("/api/v1/generate", {"resolution": "64*64"})]:
+        refused = api.client.post(surface, json={"prompt": "p", "priority": "5", **body})
+        assert refused.status_code == 400 and "priority" in refused.text, (surface, refused.text)
+    assert _listed(api) == before
+    taken = api.client.post(
+        "/v1/videos", data={"prompt": "p", "priority": " 5 ", "seed": "+7", "guidance_scale": "2.5e0"}
+    )
+    assert taken.status_code == 200 and taken.json()["seed"] == 7, taken.text  # a form's strings, read as numbers
+
+
+def test_a_field_given_twice_or_text_that_is_not_utf8_is_refused(api: Api) -> None:
+    """The last of two values won silently, and a form's bytes that are not UTF-8 became U+FFFD in the prompt
+    (the job then made a video of another prompt than the one sent). JSON sent with curl's default `-d` type
+    was read as one field named after the whole text, and answered 'prompt: must be a non-empty string'."""
+    before = _listed(api)
+    twice = api.client.post("/v1/videos", data={"prompt": ["a", "b"]}, files={"input_reference": ("", b"")})
+    assert openai_error(twice, 400)["param"] == "prompt"
+    twice_json = b'{"prompt": "a", "seed": 1, "seed": 2}'
+    error = openai_error(
+        api.client.post("/v1/videos", content=twice_json, headers={"content-type": "application/json"}), 400
+    )
+    assert error["param"] == "seed" and "more than once" in error["message"]
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    latin1 = api.client.post("/v1/videos", content=b"prompt=caf%E9&seed=1", headers=form)
+    assert openai_error(latin1, 400)["param"] == "prompt"
+    curl_d = api.client.post("/v1/videos", content=b'{"prompt": "a cat", "seed": 3}', headers=form)
+    error = openai_error(curl_d, 400)
+    assert error["param"] == "body" and "Content-Type: application/json" in error["message"]
+    misspelt_empty = api.client.post("/v1/videos", content=b"prompt=a&num_frame=", headers=form)
+    assert openai_error(misspelt_empty, 400)["code"] == "unknown_parameter"
+    assert _listed(api) == before
+    ok = api.client.post("/v1/videos", content=b"prompt=caf%C3%A9&seed=", headers=form)
+    assert ok.status_code == 200 and ok.json()["prompt"] == "café", ok.text  # UTF-8; an input left empty
+
+
+def test_refusals_name_the_header_or_parameter_at_fault(api: Api) -> None:
+    missing = openai_error(api.client.get("/v1/videos", params={"after": "nope"}), 404)
+    assert missing["param"] == "after" and "nope" in missing["message"]
+    gzipped = api.client.post(
+        "/v1/videos",
+        content=b"\x1f\x8b\x08\x00" + b"\x00" * 16,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    error = openai_error(gzipped, 415)
+    assert error["param"] == "content-encoding" and "uncompressed" in error["message"]
+    # A HEAD is served where GET is, on routes of their own: a 405 names both.
+    job_id = api.create()["id"]
+    for path in (f"/v1/videos/{job_id}/content", "/health"):
+        refused = api.client.post(path)
+        assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD", (path, refused.headers)
+
+
+def test_a_side_given_for_an_image_keeps_its_shape_or_is_refused(api: Api) -> None:
+    """A 2:1 photo with `height=512` came out a 128x512 video (1:4), of which the crop kept a sliver: the open
+    side was shrunk to fit the model. Now the frame keeps the image's shape, or the side given is refused."""
+    wide = png_bytes((200, 40, 90), size=(200, 100))
+
+    def create(**sides: str) -> httpx.Response:
+        form = {"prompt": "p", "model": "tiny-i2v", **sides}
+        return api.client.post("/v1/videos", data=form, files={"input_reference": ("w.png", wide)})
+
+    error = openai_error(create(height="512"), 400)
+    assert error["param"] == "height" and "give a smaller height" in error["message"], error
+    assert create(height="64").json()["size"] == "128x64"
+    assert create(width="512", height="512").status_code == 400  # both sides: the model's pixel limit says so

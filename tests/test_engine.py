@@ -279,7 +279,9 @@ def test_a_thin_image_is_fitted_without_growing_it(engines: dict[str, Engine]) -
 
 def test_sizes_chosen_for_any_image_fit_every_model() -> None:
     """A size the server chose must never be one it then refuses: for every image-to-video model and images
-    from 1:40 to 40:1, the chosen size is a multiple of the model's stride, within its sides and its pixels."""
+    from 1:40 to 40:1, the chosen size is a multiple of the model's stride, within its sides and its pixels.
+    With one side given, the other follows the image's shape, or, where that frame would be too large, the
+    request is refused naming the side given: shrinking the open side made a 2:1 photo a 1:4 video."""
     from wanserve.catalog import ALL_SPECS
     from wanserve.request import image_shaped_size
 
@@ -287,10 +289,22 @@ def test_sizes_chosen_for_any_image_fit_every_model() -> None:
     for spec in (s for s in ALL_SPECS if "i2v" in s.tasks):
         for shape in shapes:
             for given in ({}, {"width": spec.width}, {"height": spec.height}):
-                width, height = image_shaped_size(shape, spec, **given)
+                try:
+                    width, height = image_shaped_size(shape, spec, **given)
+                except InvalidRequest as exc:
+                    (side,) = given
+                    assert exc.field == side and "give a smaller" in str(exc), (spec.name, shape, given)
+                    open_side = given[side] * (shape[1] / shape[0] if side == "width" else shape[0] / shape[1])
+                    assert given[side] * open_side > spec.max_pixels or open_side > spec.max_side, (spec.name, shape)
+                    continue
                 assert width % spec.spatial_multiple == 0 and height % spec.spatial_multiple == 0, (spec.name, shape)
                 assert 0 < width <= spec.max_side and 0 < height <= spec.max_side, (spec.name, shape, given)
                 assert width * height <= spec.max_pixels, (spec.name, shape, given, width, height)
+                if given:  # the image's shape, within a stride
+                    assert (
+                        abs(height - width * shape[1] / shape[0]) <= spec.spatial_multiple
+                        or abs(width - height * shape[0] / shape[1]) <= spec.spatial_multiple
+                    ), (spec.name, shape, given, width, height)
 
 
 def test_an_image_of_the_models_own_size_keeps_that_size() -> None:

@@ -71,9 +71,12 @@ class Cancelled(WanserveError):
 
 
 class JobNotFound(WanserveError, LookupError):
-    def __init__(self, job_id: str) -> None:
+    """No such job. `field` names the request field that named it, when not the path (`after` of a list)."""
+
+    def __init__(self, job_id: str, field: str | None = None) -> None:
         self.job_id = job_id
-        super().__init__(f"no job with id {job_id!r}")
+        self.field = field
+        super().__init__(f"{field}: no job with id {job_id!r}" if field else f"no job with id {job_id!r}")
 
 
 class QueueFull(WanserveError):

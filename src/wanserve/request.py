@@ -190,8 +190,9 @@ def image_shaped_size(
 ) -> tuple[int, int]:
     """The video size for an input image of size `image` when the request leaves one or both sides open: the
     image's aspect ratio over the model's default area, rounded down to the model's stride as Wan's own
-    generate.py does, or over the side that was given (the other to the nearest stride); each side at most
-    `max_side`, and the chosen side made smaller until the frame fits `max_pixels`."""
+    generate.py does, each side at most `max_side`, the longer made smaller until the frame fits `max_pixels`;
+    or the shape of the image over the side that was given, the other to the nearest stride, refused (naming
+    the side given) when that frame would not fit."""
     multiple = spec.spatial_multiple
     aspect = image[1] / image[0]  # height / width
     longest = spec.max_side // multiple * multiple
@@ -209,16 +210,27 @@ def image_shaped_size(
             else:
                 height -= multiple
         return width, height
+
+    def follow(given: int, ratio: float, name: str) -> int:
+        """The open side for the side `name` given: the image's shape, to the nearest multiple."""
+        wanted = max(multiple, math.floor(round(given * ratio + multiple / 2, 6)) // multiple * multiple)
+        given_fits = 0 < given <= longest and given % multiple == 0 and given * multiple <= spec.max_pixels
+        if given_fits and (wanted > longest or given * wanted > spec.max_pixels):
+            # Shrinking the open side to fit would give a frame of another shape than the image (a 2:1 photo
+            # made 1:4), which the crop then cuts down to a sliver of it.
+            frame = f"{given}x{wanted}" if name == "width" else f"{wanted}x{given}"
+            raise InvalidRequest(
+                name,
+                f"{given} with this {image[0]}x{image[1]} image makes a {frame} video, larger than {spec.name} "
+                f"supports ({spec.max_pixels} pixels per frame, {longest} a side): give a smaller {name}, or "
+                "both width and height (the image is then cropped to fit)",
+            )
+        return min(wanted, longest)  # a side given wrong is named by the checks that follow
+
     if height is None:
         assert width is not None
-        height = side(width * aspect + multiple / 2)  # to the nearest multiple, not down
-        while width * height > spec.max_pixels and height > multiple:
-            height -= multiple
-        return width, height
-    width = side(height / aspect + multiple / 2)
-    while width * height > spec.max_pixels and width > multiple:
-        width -= multiple
-    return width, height
+        return width, follow(width, aspect, "width")
+    return follow(height, 1 / aspect, "height"), height
 
 
 def cover_crop(image: Any, width: int, height: int) -> Any:

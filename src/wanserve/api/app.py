@@ -19,6 +19,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,6 +80,16 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(p) for p in parts)
 
 
+def _allowed_methods(request: Request, allow: str) -> str:
+    """Starlette's 405 names the methods of the first route whose path matched, and a HEAD is a route of its
+    own here (kept out of the OpenAPI description): `Allow: GET` where HEAD is served too."""
+    methods = {m.strip() for m in allow.split(",") if m.strip()}
+    route = request.scope.get("route")
+    if getattr(route, "path", None) in getattr(request.app.state, "head_paths", ()):
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, InvalidRequest)
@@ -97,7 +108,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, 400, "unsupported_operation", str(exc))
 
     async def job_not_found(request: Request, exc: Exception) -> JSONResponse:
-        return _error_response(request, 404, "not_found", str(exc))
+        assert isinstance(exc, JobNotFound)
+        return _error_response(request, 404, "not_found", str(exc), field=exc.field)
 
     async def queue_full(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, QueueFull)
@@ -108,7 +120,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         code = HTTPStatus(exc.status_code).name.lower()
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return _error_response(request, exc.status_code, code, detail, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and "Allow" in headers:
+            headers["Allow"] = _allowed_methods(request, headers["Allow"])
+        return _error_response(request, exc.status_code, code, detail, headers=headers)
 
     async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
@@ -211,9 +226,20 @@ def create_app(
     app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     keyed = [Depends(require_key(settings))] if settings.api_keys else []
-    app.include_router(openai_videos.router(settings, store, storage, specs, metrics), dependencies=keyed)
-    app.include_router(legacy.router(settings, store, storage, specs, metrics), dependencies=keyed)
-    app.include_router(ops.router(settings, store, storage, specs, metrics, readiness, keyed))
+    routers = [
+        (openai_videos.router(settings, store, storage, specs, metrics), keyed),
+        (legacy.router(settings, store, storage, specs, metrics), keyed),
+        (ops.router(settings, store, storage, specs, metrics, readiness, keyed), []),
+    ]
+    for router, dependencies in routers:
+        app.include_router(router, dependencies=dependencies)
+    # Where a HEAD route sits beside a GET one, for the 405 answer's Allow header (see _allowed_methods).
+    app.state.head_paths = frozenset(
+        route.path
+        for router, _ in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.methods == {"HEAD"}
+    )
     if settings.web:
         page.install(app, settings)
     return app

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, NotSupported
+from wanserve.errors import InvalidRequest, JobNotFound, NotSupported
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, parse_size
@@ -36,6 +37,8 @@ from .submit import (
     cancel,
     check_fields,
     decode_data_url,
+    form_float,
+    form_int,
     generation_values,
     optional_str,
     queue_position,
@@ -61,8 +64,9 @@ VARIANTS: Mapping[str, str] = MappingProxyType({"video": VIDEO, "thumbnail": THU
 def seconds_to_frames(seconds: object, fps: int, spec: ModelSpec) -> int:
     """The nearest valid frame count (stride·k + 1) to `seconds` of video at `fps`, capped by the model."""
     try:
-        value = float(seconds.strip()) if isinstance(seconds, str) else float(seconds)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        # OpenAI sends a string ("4"); ASCII digits, as every number a form carries.
+        value = float(form_float("seconds", seconds)) if isinstance(seconds, str) else float(seconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError, InvalidRequest):
         raise InvalidRequest("seconds", f'must be a number of seconds such as "4", got {seconds!r}') from None
     if isinstance(seconds, bool) or not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
         raise InvalidRequest("seconds", f"must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
@@ -126,10 +130,14 @@ async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
 
 
 async def read_create_body(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, bool]:
-    """(fields, uploaded image bytes, whether the values came from a form and are strings)."""
+    """(fields, uploaded image bytes, whether the values came from a form and are strings). A form's inputs
+    left empty (an HTML form sends them as "") come as None: absent, as a JSON null, but still checked by
+    name, so that a misspelt one is refused whatever its value."""
     content_type = request.headers.get("content-type", "").lower()
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         return await read_json_object(request), None, False
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        check_urlencoded(await request.body())
     fields: dict[str, Any] = {}
     upload: bytes | None = None
     try:
@@ -138,48 +146,76 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
         raise InvalidRequest("body", f"is not a valid form: {exc.detail}") from None
     try:
         for key, value in form.multi_items():
+            if key in fields:  # read by nobody: which of the two did the client mean?
+                raise InvalidRequest(nested_name(key), "is given more than once; give it once")
             if isinstance(value, UploadFile):
-                if base_name(key) != "input_reference":
-                    raise InvalidRequest(base_name(key), "only input_reference may be a file upload")
+                if key != "input_reference":
+                    what = "an image URL (data:…), not a file" if base_name(key) == "input_reference" else "text"
+                    raise InvalidRequest(nested_name(key), f"must be {what}: only input_reference may be a file")
                 data = await _read_upload(value, settings)
                 if data:
                     upload = data
-                    fields["input_reference"] = None
                 elif value.filename:  # (a browser form with no file chosen sends an empty part with no name)
                     raise InvalidRequest("input_reference", f"the uploaded file {value.filename!r} is empty")
-            elif value != "" or key == "prompt":  # an HTML form sends the inputs left empty as ""
-                fields[key] = value
+                fields[key] = None
+            else:
+                fields[key] = value if value != "" or key == "prompt" else None
     finally:
         await form.close()
     return fields, upload, True
 
 
+def nested_name(key: str) -> str:
+    """`input_reference[image_url]` -> `input_reference.image_url`, as errors name a nested field."""
+    return key.replace("[", ".").replace("]", "")
+
+
+def check_urlencoded(raw: bytes) -> None:
+    """What Starlette's form parser would let through changed: JSON sent with curl's default `-d` content
+    type (read as one field named after the whole text), and text that is not UTF-8 (read with U+FFFD in
+    place of each bad byte: a prompt changed behind the client's back)."""
+    if raw.lstrip()[:1] in (b"{", b"["):
+        raise InvalidRequest(
+            "body",
+            "looks like JSON but was sent as a form (Content-Type: application/x-www-form-urlencoded, what "
+            "`curl -d` sends): send it with Content-Type: application/json",
+        )
+    for pair in raw.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        for part in (name, value):
+            try:
+                unquote_to_bytes(part.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                field = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
+                raise InvalidRequest(nested_name(field) or "body", "is not UTF-8 text (percent-encode UTF-8)") from None
+
+
 def reference_image(fields: Mapping[str, Any], upload: bytes | None, max_bytes: int) -> bytes | None:
     """The input image from an upload, `input_reference: {"image_url": data URL}` (JSON) or its flattened
     multipart form `input_reference[image_url]`."""
-    if upload is not None:
-        if any(base_name(key) == "input_reference" and key != "input_reference" for key in fields):
-            raise InvalidRequest("input_reference", "give the image once: as an upload or as image_url, not both")
-        return upload
+    flattened = {k: v for k, v in fields.items() if base_name(k) == "input_reference" and k != "input_reference"}
     reference = fields.get("input_reference")
+    given = [k for k, v in flattened.items() if v is not None]
+    if (upload is not None or reference is not None) and given:
+        raise InvalidRequest("input_reference", "give the image once: as an upload or as image_url, not both")
+    if upload is not None:
+        return upload
     if isinstance(reference, Mapping):
         if not reference:
             raise InvalidRequest("input_reference", 'must hold the image: {"image_url": "data:…"}')
-        flat = {f"input_reference[{k}]": v for k, v in reference.items()}
+        flattened = {f"input_reference[{k}]": v for k, v in reference.items()}
     elif reference is not None:
         return decode_data_url(reference, "input_reference", max_bytes)
-    else:
-        flat = {k: v for k, v in fields.items() if base_name(k) == "input_reference" and k != "input_reference"}
-    for key, value in flat.items():
-        if key == "input_reference[image_url]":
-            return decode_data_url(value, "input_reference.image_url", max_bytes)
+    # Every sub-field judged before any is used: the answer must not depend on the order they came in.
+    for key in flattened:
         if key == "input_reference[file_id]":
             raise InvalidRequest(
                 "input_reference.file_id", "file ids are not supported here; upload the image or send a data: URL"
             )
-        field = key.replace("[", ".").rstrip("]")
-        raise UnknownField(field, "is not a known field of input_reference (use image_url)")
-    return None
+        if key != "input_reference[image_url]":
+            raise UnknownField(nested_name(key), "is not a known field of input_reference (use image_url)")
+    image_url = flattened.get("input_reference[image_url]")
+    return None if image_url is None else decode_data_url(image_url, "input_reference.image_url", max_bytes)
 
 
 def build_request(
@@ -254,7 +290,7 @@ def router(
         image = reference_image(fields, upload, settings.max_upload_bytes)
         spec = served_spec(specs, fields.get("model"), frozenset({"i2v"}) if image else frozenset({"t2v"}))
         request = build_request(fields, image, from_form, spec)
-        # submit checks priority, converting a form's string.
+        priority = fields.get("priority")
         job = submit(
             store,
             storage,
@@ -263,7 +299,7 @@ def router(
             metrics,
             request,
             spec.name,
-            fields.get("priority"),
+            form_int("priority", priority) if from_form else priority,
             "openai",
             field_names={"image": "input_reference", **size_field_names(fields, "size")},
         )
@@ -286,7 +322,10 @@ def router(
         order: Literal["asc", "desc"] = "desc",
     ) -> dict[str, Any]:
         # `after=` (empty, as a form or a URL template leaves it) is the first page, not "no such video".
-        jobs, has_more = store.list(limit=limit, after=after or None, order=order)
+        try:
+            jobs, has_more = store.list(limit=limit, after=after or None, order=order)
+        except JobNotFound as exc:  # the id of a video long deleted, or of no video
+            raise JobNotFound(exc.job_id, field="after") from None
         data = [video_object(j, queue_position(store, j)) for j in jobs]
         return {
             "object": "list",

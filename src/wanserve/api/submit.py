@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 import math
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -119,24 +120,28 @@ def size_field_names(body: Mapping[str, Any], size_field: str) -> dict[str, str]
     return names
 
 
+# ASCII digits only, as `parse_size` takes them: int() and float() also read `1_0` and Arabic-Indic or
+# full-width digits, which no client means as a number.
+_INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
+
+
 def form_int(field: str, value: object) -> object:
     """Multipart values are strings; JSON values are left for `resolve` to judge, so the rules live there."""
     if not isinstance(value, str):
         return value
-    try:
-        return int(value.strip())
-    except ValueError:
-        raise InvalidRequest(field, f"must be an integer, got {value!r}") from None
+    if not _INTEGER_TEXT.fullmatch(value):
+        raise InvalidRequest(field, f"must be an integer, got {value!r}")
+    return int(value)
 
 
 def form_float(field: str, value: object) -> object:
     if not isinstance(value, str):
         return value
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise InvalidRequest(field, f"must be a number, got {value!r}") from None
-    if not math.isfinite(number):
+    if not _NUMBER_TEXT.fullmatch(value):
+        raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):  # 1e999
         raise InvalidRequest(field, f"must be a finite number, got {value!r}")
     return number
 
@@ -157,9 +162,9 @@ def generation_values(body: Mapping[str, Any], from_form: bool) -> dict[str, Any
 
 
 def parse_priority(value: object) -> int:
+    """A JSON number (a form's string is converted by its surface first, as for every integer field)."""
     if value is None:
         return 0
-    value = form_int("priority", value)
     if isinstance(value, float) and value.is_integer():  # 5.0, as every other integer field takes it
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

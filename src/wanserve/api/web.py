@@ -31,8 +31,14 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge("body", f"the request body is larger than allowed ({limit} bytes)")
 
 
+class UnsupportedEncoding(InvalidRequest):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class BodyLimitMiddleware:
-    """Caps request bodies while they stream in, chunked ones included, before anything is spooled.
+    """Caps request bodies while they stream in, chunked ones included, before anything is spooled; and
+    refuses a compressed body, which every parser would read as garbage (a JSON error about byte 0x8b).
 
     The error is raised from `receive`, that is inside the endpoint reading the body, so the app's
     exception handlers answer it in the surface's envelope like any other error.
@@ -47,7 +53,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
         received = 0
 
         async def limited_receive() -> Message:
@@ -55,6 +63,8 @@ class BodyLimitMiddleware:
             if declared.isdigit() and int(declared) > limit:
                 raise _too_large(limit)
             message = await receive()
+            if message["type"] == "http.request" and message.get("body") and encoding.lower() not in ("", "identity"):
+                raise UnsupportedEncoding("content-encoding", f"{encoding!r} is not taken: send the body uncompressed")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -112,7 +122,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_JSON_VALUES:
         raise InvalidRequest("body", f"holds too many values (more than {MAX_JSON_VALUES:,})")
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw or b"null", object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(str(exc), "is given more than once; give it once") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("body", f"must be a JSON object: {exc}") from None
     except RecursionError:
@@ -122,6 +134,22 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("body", "must be a JSON object")
     _reject_lone_surrogates(data)
+    return data
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of a key given twice without a word: which did the client mean?
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return data
 
 
