@@ -477,3 +477,38 @@ def test_prune_will_not_empty_the_storage_for_a_store_that_holds_nothing(tiny_ca
     assert (tmp_path / "videos" / ("video_" + "a" * 32) / "video.mp4").exists()
     assert run([*args, "--empty-store-ok"], tiny_cache, **env).returncode == 0
     assert not (tmp_path / "videos" / ("video_" + "a" * 32)).exists()
+
+
+def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tmp_path: Path) -> None:
+    """A file where a folder goes, an empty folder setting, a URL without its scheme, a device this machine
+    lacks: each is a wrong setting, named as the user set it, exit 2. Some were a bare OSError (exit 1), an
+    empty one quietly meant the working directory, and bench or doctor named the variable for a flag."""
+    from conftest import free_tcp_port
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    port = str(free_tcp_port())
+    wrong = [
+        (["serve", "--port", port, "--data-dir", str(a_file / "sub")], {}, "--data-dir:"),
+        (["api", "--port", port], {"WANSERVE_DATA_DIR": str(a_file)}, "WANSERVE_DATA_DIR:"),
+        (["serve", "--port", port, "--store", f"sqlite:///{a_file}/jobs.db"], {}, "--store:"),
+        (["doctor"], {"WANSERVE_CACHE_DIR": ""}, "WANSERVE_CACHE_DIR: is set but empty"),
+        (["api", "--port", port], {"WANSERVE_PUBLIC_URL": "api.example.com"}, "WANSERVE_PUBLIC_URL: must be an http"),
+        (["bench", "--device", "cuda", "--out", str(tmp_path / "b1")], {}, "--device: cuda was asked for"),
+        (["bench", "--cpu-tiny", "--cache-dir", str(a_file), "--out", str(tmp_path / "b2")], {}, "--cache-dir:"),
+    ]
+    for args, env, message in wrong:
+        done = run(args, tiny_cache, timeout=120, **env)
+        assert done.returncode == 2, (args, done.returncode, done.stderr[-2000:])
+        assert message in " ".join(done.stderr.split()), (args, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, args
+    assert not (tmp_path / "b2").exists()  # refused before the run wrote its results file
+
+    doctor = run(["doctor", "--data-dir", str(a_file), "--device", "cuda"], tiny_cache)
+    said = " ".join(doctor.stdout.split()) + " ".join(doctor.stderr.split())
+    assert doctor.returncode == 1
+    assert f"{a_file}/jobs.db cannot be created: {a_file} is a file: fix --data-dir" in said  # not "OK"
+    assert "--device=cuda, but torch" in said  # as it was set
+
+    hint = run(["doctor"], tiny_cache, WANSERVE_S3_ENDPOINT="http://minio:9000")
+    assert "did you mean WANSERVE_S3_ENDPOINT_URL?" in hint.stderr

@@ -303,7 +303,9 @@ def test_submit_follows_the_job_and_downloads_the_video(server: Server, tiny_cac
     image.write_bytes(png_bytes((200, 40, 40)))
     cwd = tmp_path / "here"
     cwd.mkdir()
-    i2v = _submit(server.url, tiny_cache, "--prompt", "it rolls", "--model", "tiny-i2v", "--image", str(image), cwd=cwd)
+    # The OpenAI SDK's base_url (…/v1) names the same server.
+    args = ["--prompt", "it rolls", "--model", "tiny-i2v", "--image", str(image)]
+    i2v = _submit(f"{server.url}/v1/", tiny_cache, *args, cwd=cwd)
     assert i2v.returncode == 0, i2v.stderr
     (written,) = cwd.glob("video_*.mp4")  # by default the job's id, in the working directory
     assert i2v.stdout.strip() == written.name and decode_mp4(written).height == 48  # the image's 3:2 shape
@@ -323,6 +325,9 @@ def test_submit_names_the_flag_of_a_refused_field(server: Server, tiny_cache: Pa
     nobody = _submit(f"http://127.0.0.1:{free_port()}", tiny_cache, "--prompt", "x")
     assert nobody.returncode == 1 and "does not answer" in nobody.stderr and "WANSERVE_URL" in nobody.stderr
     assert _submit("ftp://x", tiny_cache, "--prompt", "x").returncode == 2
+    for url in ("http://127.0.0.1:notaport", "http://[bad"):
+        refused = _submit(url, tiny_cache, "--prompt", "x")  # a traceback, or "does not answer", before
+        assert refused.returncode == 2 and "WANSERVE_URL: is not a URL" in refused.stderr, refused.stderr
 
 
 def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server, tiny_cache: Path) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -67,7 +68,7 @@ def check_environment() -> None:
                     )
             continue
         if name not in known and not quiet:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            close = difflib.get_close_matches(name, known | _OTHER_VARIABLES, n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]}?)" if close else ""
             console.print(f"[yellow]warning:[/yellow] {escape(name)} is not a wanserve setting; ignored{hint}")
 
@@ -327,6 +328,16 @@ FLAG_OF_FIELD = {
 }
 
 
+def _check_writable(folder: Path, key: str) -> None:
+    """Raise a BadSetting for `key` unless `folder` exists, or can be made, and takes files."""
+    try:
+        folder.expanduser().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder.expanduser()):
+            pass
+    except OSError as exc:
+        raise BadSetting(f"{folder} cannot hold files: {exc.strerror or exc}", key) from None
+
+
 def check_output(out: Path) -> None:
     """Refuse, before any model is loaded, an --out that could not hold the video and its thumbnail."""
     from wanserve.engine.video import check_output_path
@@ -392,8 +403,6 @@ def submit(
     overrides: dict[str, Any] = dict(url=url)
     settings = settings_from(**overrides)
     base = settings.url or f"http://{_connect_host(settings.host)}:{settings.port}"
-    if not base.startswith(("http://", "https://")):
-        fail(f"{where_set('url', overrides)}: must start with http:// or https://, got {base!r}", 2)
     # Before the job is sent: a video nobody can write is a GPU's time wasted. (The default name, the job's id,
     # is known later; its folder is the working directory.)
     check_output(out if out is not None else Path(".wanserve-submit.mp4"))
@@ -743,11 +752,12 @@ def doctor(
     """Check this machine: each line is OK or a fix to try."""
     from wanserve.doctor import run_checks
 
-    settings = settings_from(
+    overrides = dict(
         store=store, storage=storage, data_dir=data_dir, cache_dir=cache_dir, models_dir=models_dir, device=device
     )
+    settings = settings_from(**overrides)
     failed = 0
-    for check in run_checks(settings):
+    for check in run_checks(settings, lambda key: where_set(key, overrides)):
         mark = "[green]OK[/green]  " if check.ok else "[red]FIX[/red] "
         console.print(f"{mark} {check.name}: {escape(check.detail)}")
         failed += 0 if check.ok else 1
@@ -876,13 +886,23 @@ def bench(
     if time_budget is not None and not time_budget > 0:
         fail(f"--time-budget: must be a positive number of seconds, got {time_budget:g}", code=2)
     # The engine settings a bench run gives its engine come from the environment too, as for every command.
-    settings = settings_from(
+    overrides = dict(
         device=device,
         text_encoder_cpu=text_encoder_cpu,
         vae_tiling=vae_tiling,
         cache_dir=cache_dir,
         cfg_batch=cfg_batch,
     )
+    settings = settings_from(**overrides)
+    # Before anything runs (the run writes its results file at once), as every command checks its settings.
+    try:
+        if not cpu_tiny:  # which runs on the CPU whatever the device says
+            from wanserve.engine.engine import pick_device
+
+            pick_device(settings.device)
+        _check_writable(settings.cache_dir, "cache_dir")
+    except BadSetting as exc:
+        fail_setting(exc, overrides)
     options = BenchOptions(
         shape=shape or "1.3b-480p",
         checkpoint=checkpoint,
@@ -910,6 +930,8 @@ def bench(
     signal.signal(signal.SIGTERM, stopped)
     try:
         path, report = run_bench(options)
+    except BadSetting as exc:
+        fail_setting(exc, overrides)
     except (WanserveError, ValueError) as exc:
         fail(str(exc))
     table = Table(title=f"wanserve bench: {report['run']} ({report['options']['weights']} weights)")

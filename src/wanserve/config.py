@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -107,6 +108,30 @@ class Settings(BaseSettings):
         if value is not None and not any(part.strip() for part in value.get_secret_value().split(",")):
             raise ValueError("is set but holds no key; unset it to run without keys")
         return value
+
+    @field_validator("data_dir", "cache_dir", "models_dir", mode="before")
+    @classmethod
+    def _some_path(cls, value: object) -> object:
+        # Set but empty would quietly mean the working directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is set but empty; unset it to use the default")
+        return value
+
+    @field_validator("url", "public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value.strip()
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"is not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, such as https://videos.example.com")
+        # The server's root: the OpenAI SDK's base_url ends in /v1, which would make every link /v1/v1/….
+        return text.rstrip("/").removesuffix("/v1").rstrip("/")
 
     @field_validator("model", mode="before")
     @classmethod

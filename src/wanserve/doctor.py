@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +21,22 @@ class Check:
     detail: str
 
 
-def run_checks(settings: Settings) -> Iterator[Check]:
+def run_checks(settings: Settings, where: Callable[[str], str] | None = None) -> Iterator[Check]:
+    """`where` names a setting as the user set it (`--device` or `WANSERVE_DEVICE`), for the fixes to say."""
+    named = where or (lambda key: f"WANSERVE_{key.upper()}")
     version = sys.version_info
     yield Check(
         "python",
         version >= (3, 11),
         platform.python_version() if version >= (3, 11) else f"{platform.python_version()}: install Python 3.11+",
     )
-    yield from _torch(settings.device)
+    yield from _torch(settings.device, named)
     yield from _video()
-    yield from _cache(settings)
-    yield from _store(settings)
+    yield from _cache(settings, named)
+    yield from _store(settings, named)
 
 
-def _torch(device: str) -> Iterator[Check]:
+def _torch(device: str, named: Callable[[str], str]) -> Iterator[Check]:
     try:
         import torch
     except ImportError:
@@ -48,13 +51,13 @@ def _torch(device: str) -> Iterator[Check]:
         yield Check("diffusers", False, "not installed: `make install`")
     if not torch.cuda.is_available():
         if device.startswith("cuda"):
-            yield Check("cuda", False, f"WANSERVE_DEVICE={device}, but torch {torch.__version__} sees no CUDA device")
+            yield Check("cuda", False, f"{named('device')}={device}, but torch {torch.__version__} sees no CUDA device")
         else:
             yield Check("cuda", True, "no CUDA device: the engine runs on the CPU (fine for tiny models only)")
         return
     count = torch.cuda.device_count()
     if device.startswith("cuda:") and int(device.split(":")[1]) >= count:
-        yield Check("cuda", False, f"WANSERVE_DEVICE={device}, but this machine has {count} CUDA device(s)")
+        yield Check("cuda", False, f"{named('device')}={device}, but this machine has {count} CUDA device(s)")
     for index in range(count):
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
@@ -81,7 +84,7 @@ def _video() -> Iterator[Check]:
     )
 
 
-def _cache(settings: Settings) -> Iterator[Check]:
+def _cache(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     cache = settings.cache_dir.expanduser()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def _cache(settings: Settings) -> Iterator[Check]:
         tiny = sorted(p.name for p in (cache / "tiny").glob("*") if (p / "model_index.json").exists())
         yield Check("model cache", True, f"{cache} (tiny models built: {', '.join(tiny) or 'none yet'})")
     except OSError as exc:
-        yield Check("model cache", False, f"{cache} is not writable ({exc}): set WANSERVE_CACHE_DIR")
+        yield Check("model cache", False, f"{cache} is not writable ({exc}): set {named('cache_dir')}")
     if settings.models_dir is not None:
         found = sorted(p.name for p in settings.models_dir.glob("*") if (p / "model_index.json").exists())
         yield Check(
@@ -103,7 +106,7 @@ def _cache(settings: Settings) -> Iterator[Check]:
         )
 
 
-def _store(settings: Settings) -> Iterator[Check]:
+def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     from wanserve.jobs import check_store_url, redacted
     from wanserve.storage import check_storage_url
 
@@ -111,16 +114,17 @@ def _store(settings: Settings) -> Iterator[Check]:
     try:
         backend = check_store_url(url)
     except ValueError as exc:
-        yield Check("job store", False, f"{exc}: fix WANSERVE_STORE / --store")
+        yield Check("job store", False, f"{exc}: fix {named('store')}")
         return
     try:
         if check_storage_url(settings.storage_url) == "s3":
             yield _s3_check(settings.storage_url)
     except ValueError as exc:
-        yield Check("storage", False, f"{exc}: fix WANSERVE_STORAGE / --storage")
+        yield Check("storage", False, f"{exc}: fix {named('storage')}")
     shown = redacted(url)
     if backend != "redis":
-        yield _sqlite_check(Path(url[len("sqlite:///") :]))
+        where_from = named("store") if settings.store is not None else named("data_dir")
+        yield _sqlite_check(Path(url[len("sqlite:///") :]), where_from)
         return
     try:
         import redis
@@ -129,14 +133,20 @@ def _store(settings: Settings) -> Iterator[Check]:
         info = client.info("server")
         yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
     except Exception as exc:
-        yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix WANSERVE_STORE")
+        yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix {named('store')}")
 
 
-def _sqlite_check(path: Path) -> Check:
+def _sqlite_check(path: Path, where_from: str) -> Check:
     """Opened read-only: a doctor run must not create the file, nor take a lock a running service waits on."""
     import sqlite3
 
     if not path.exists():
+        # What the first start will have to make: is the nearest folder that exists one it may write in?
+        existing = next(p for p in path.parents if p.exists())
+        if not existing.is_dir():
+            return Check("job store", False, f"{path} cannot be created: {existing} is a file: fix {where_from}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return Check("job store", False, f"{path} cannot be created: {existing} is not writable: fix {where_from}")
         return Check("job store", True, f"{path} (created at the first start)")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as conn:

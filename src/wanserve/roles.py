@@ -38,11 +38,20 @@ def open_backends(settings: Settings) -> tuple[Any, Any]:
     # Only when a default under data_dir is used: an API replica on Redis and S3 writes nothing locally, and
     # creating ./data would crash it on a read-only root filesystem (a common container setting).
     if settings.store is None or settings.storage is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, a parent that may not be written
+            raise BadSetting(
+                f"{settings.data_dir} cannot be made a folder: {exc.strerror or exc}", "data_dir"
+            ) from None
+    # A default under data_dir is named as data_dir, where the user can change it.
+    store_key = "store" if settings.store is not None else "data_dir"
     try:
         store = open_store(settings.store_url)
     except ValueError as exc:
         raise BadSetting(str(exc), "store") from None
+    except OSError as exc:  # the SQLite file's folder cannot be made
+        raise BadSetting(f"the job store cannot be opened: {exc.strerror or exc}: {exc.filename}", store_key) from None
     try:
         return store, open_storage(settings.storage_url)
     except ValueError as exc:
