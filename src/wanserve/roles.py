@@ -15,7 +15,7 @@ from starlette.requests import Request  # at module level: FastAPI resolves the 
 
 from wanserve.catalog import ModelSpec, resolve_spec
 from wanserve.config import Settings, process_rank
-from wanserve.errors import BadSetting, WanserveError
+from wanserve.errors import BadSetting, StoreUnavailable, WanserveError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ def open_backends(settings: Settings) -> tuple[Any, Any]:
         store = open_store(settings.store_url)
     except ValueError as exc:
         raise BadSetting(str(exc), "store") from None
+    except StoreUnavailable:  # a ConnectionError, so an OSError: the store is out of order, not set wrong
+        raise
     except OSError as exc:  # the SQLite file's folder cannot be made
         raise BadSetting(f"the job store cannot be opened: {exc.strerror or exc}: {exc.filename}", store_key) from None
     try:
