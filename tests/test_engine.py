@@ -359,6 +359,22 @@ def test_a_16_bit_grey_png_reaches_the_model_as_it_looks(engines: dict[str, Engi
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_an_image_whose_scale_rounds_a_hair_past_its_edge_is_still_cropped(engines: dict[str, Engine]) -> None:
+    """176 / (176 / 4000) is 4000.0000000000005: the crop box reached a hair outside the image, PIL refused it
+    ("box offset can't be negative"), and the job, accepted at submit, failed on the worker."""
+    from PIL import Image
+
+    from wanserve.request import cover_crop
+
+    engine = engines["tiny-i2v"]
+    for image_size, (width, height) in [((1920, 1080), (176, 96)), ((4000, 500), (176, 16))]:
+        photo = png_bytes((200, 40, 90), size=image_size)
+        request = GenerationRequest(prompt="p", image=photo, width=width, height=height, num_inference_steps=1, seed=1)
+        req = resolve(request, engine.spec)
+        engine.prepare(req)  # where the image is fitted to the frame
+    assert cover_crop(Image.new("RGB", (1280, 720)), 480, 832).size == (480, 832)  # a real model's portrait size
+
+
 def test_a_phone_photo_is_turned_upright_as_its_exif_says(engines: dict[str, Engine]) -> None:
     """Phones store a portrait photo as landscape pixels plus an EXIF orientation; every viewer (and diffusers'
     `load_image`) turns it upright. It used to reach the model sideways, and sized as a landscape video."""

@@ -243,9 +243,11 @@ def cover_crop(image: Any, width: int, height: int) -> Any:
     if image.width * height == image.height * width:
         return image
     scale = max(width / image.width, height / image.height)
-    # The part of the source that covers the frame, centred, in source pixels (fractional, as PIL allows).
-    box_width, box_height = width / scale, height / scale
-    left, top = (image.width - box_width) / 2, (image.height - box_height) / 2
+    # The part of the source that covers the frame, centred, in source pixels (fractional, as PIL allows). On
+    # the side that fits exactly, width / (width / image.width) may come out a hair over the image (4000.0000000000005
+    # for 176 over 4000), and PIL refuses a box that reaches outside it: so it is clamped to the image.
+    box_width, box_height = min(width / scale, image.width), min(height / scale, image.height)
+    left, top = max((image.width - box_width) / 2, 0.0), max((image.height - box_height) / 2, 0.0)
     return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + box_width, top + box_height))
 
 
