@@ -85,7 +85,7 @@ browser_only = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium); the page's HTTP tests still ran"
 )
 # Slow enough that a second job waits in the queue behind it.
-SLOW = {"#num_frames": "17", "#num_inference_steps": "200"}
+SLOW = {"#num_frames": "33", "#num_inference_steps": "200"}
 
 
 class Site:
@@ -201,8 +201,18 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         page.click("#generate")
         waiting = page.locator(".job", has_text="waiting one")
         waiting.locator(".detail", has_text="in the queue").wait_for()
-        waiting.locator("button.cancel").click()
+        # The queue line under the model counts them with the cards (it lagged up to 10 s).
+        page.wait_for_function(
+            "() => /1 video waiting · 1 running/.test(document.querySelector('#model-info').textContent)",
+            timeout=5000,
+        )
+        waiting.locator("button.cancel").focus()
+        page.keyboard.press("Enter")  # from the keyboard: the button goes, and the focus must not go with it
         page.locator(".job[data-status=cancelled]", has_text="waiting one").wait_for()
+        where = page.evaluate(
+            "() => [document.activeElement.className, document.activeElement.closest('.job')?.textContent]"
+        )
+        assert "delete" in where[0] and "waiting one" in where[1], where
         slow = page.locator(".job", has_text="slow one")
         slow_id = slow.get_attribute("data-id")
         slow.locator("button.delete").click()
@@ -236,8 +246,9 @@ def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
         # A key the server refused is not kept for the next visit.
         assert page.evaluate("[localStorage.length, sessionStorage.length]") == [0, 0]
         page.fill("#key", "right-key")
-        page.click("#key-form button[type=submit]")
+        page.press("#key", "Enter")
         page.locator("#create").wait_for()
+        assert page.evaluate("document.activeElement.id") == "prompt"  # not lost with the key form
         _fill(page, {"#prompt": "a fox", "#num_frames": "5", "#num_inference_steps": "2"})
         page.click("#generate")
         # A media element cannot send the key: the page fetches the thumbnail with it at once, and the MP4 (tens
@@ -256,5 +267,34 @@ def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
         page.click("#forget-key")
         page.locator("#key-form").wait_for()
         assert page.locator(".job").count() == 0
+    finally:
+        site.process.stop()
+
+
+@browser_only
+@pytest.mark.slow
+def test_every_video_stays_reachable_past_the_lists_largest_page(page: Any, tmp_path: Path, tiny_cache: Path) -> None:
+    """The page read at most one list page of 100: "Show older" vanished there, and older videos, a queued one
+    among them, could not be seen, cancelled or deleted from the page."""
+    from wanserve.jobs.model import Job, new_job_id
+    from wanserve.jobs.sqlite import SQLiteJobStore
+
+    store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
+    for n in range(130):
+        job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": f"video {n}"}))
+        store.request_cancel(job.id, ttl=3600)
+    store.close()
+    site = Site(tmp_path, tiny_cache)
+    try:
+        page.goto(site.url)
+        page.locator(".job").first.wait_for()
+        more = page.locator("#more")
+        while more.is_visible():
+            shown = page.locator(".job").count()
+            more.click()
+            page.wait_for_function(f"() => document.querySelectorAll('.job').length > {shown}")
+        assert page.locator(".job").count() == 130
+        assert page.locator(".job .prompt", has_text="video 0").count() == 1  # the oldest
+        assert page.evaluate("document.activeElement.classList.contains('delete')")  # where reading had got to
     finally:
         site.process.stop()

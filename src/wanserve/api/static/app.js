@@ -4,10 +4,11 @@
 
 const KEY_STORAGE = "wanserve.api_key";
 const PAGE = 20;
-const MAX_PAGE = 100; // the list route's largest `limit`
+const MAX_PAGE = 100; // the list route's largest `limit`: more is read page by page
 const BUSY_POLL_MS = 1000;
 const IDLE_POLL_MS = 5000;
 const MODELS_EVERY_MS = 10000;
+const BUSY_MODELS_EVERY_MS = 2000; // while videos run, the queue line under the model moves with their cards
 const STAGES = {
   encode_prompt: "encoding the prompt",
   denoise: "denoising",
@@ -40,6 +41,7 @@ const state = {
   gone: new Set(), // ids deleted from this page: a list answer already on its way must not bring them back
   epoch: 0, // bumped by every change made here; a list answer from an older epoch is dropped
   polling: false,
+  busy: false, // the last list held an unfinished video
   timer: null,
   modelsAt: 0,
 };
@@ -153,9 +155,14 @@ async function loadModels() {
     fitFormToModel();
   }
   showModelInfo();
+  const keyWasAsked = !$("key-form").hidden;
   $("key-form").hidden = true;
   $("create").hidden = false;
   $("jobs-section").hidden = false;
+  // The key form, with the focus in it, has just gone: the prompt is what comes next.
+  if (keyWasAsked && (document.activeElement === document.body || $("key-form").contains(document.activeElement))) {
+    $("prompt").focus();
+  }
   $("forget-key").hidden = !state.key;
 }
 
@@ -269,6 +276,7 @@ async function createVideo(event) {
   try {
     const video = await callJson("v1/videos", { method: "POST", body });
     state.epoch += 1;
+    state.modelsAt = 0; // its queue line counts this video from the next refresh
     showJob(video, true);
     announce(`video queued${video.queue_position ? `, number ${video.queue_position} in the queue` : ""}`);
     schedule(0);
@@ -434,7 +442,11 @@ function showJob(video, first = false) {
   card.querySelector(".detail").textContent = detailOf(video);
   const failure = video.status === "failed" && word !== "cancelled" && video.error;
   card.querySelector(".job-error").textContent = failure ? `${video.error.code}: ${video.error.message}` : "";
-  card.querySelector(".cancel").hidden = !unfinished(video);
+  // A finished video has no Cancel: one that had the focus hands it to Delete, not to nothing.
+  const cancel = card.querySelector(".cancel");
+  const finished = !unfinished(video);
+  if (finished && !cancel.hidden && document.activeElement === cancel) card.querySelector(".delete").focus();
+  cancel.hidden = finished;
   if (video.status === "completed") showMedia(card);
   $("no-jobs").hidden = true;
   return card;
@@ -453,11 +465,13 @@ async function act(card, method, action) {
   const id = card.dataset.id;
   const path = `v1/videos/${encodeURIComponent(id)}${action ? `/${action}` : ""}`;
   const buttons = card.querySelectorAll(".actions button");
+  const focused = document.activeElement; // a disabled button loses the focus, and a hidden one cannot take it back
   for (const button of buttons) button.disabled = true;
   card.querySelector(".action-error").textContent = "";
   try {
     const answer = await callJson(path, { method });
     state.epoch += 1;
+    state.modelsAt = 0;
     if (method === "DELETE") {
       state.gone.add(id);
       const next = card.nextElementSibling || card.previousElementSibling;
@@ -472,13 +486,32 @@ async function act(card, method, action) {
     else card.querySelector(".action-error").textContent = error.message; // kept until the next action
   } finally {
     for (const button of buttons) button.disabled = false;
+    if (card.isConnected && card.contains(focused) && document.activeElement === document.body) {
+      [...buttons].find((button) => !button.hidden)?.focus();
+    }
   }
 }
 
+// The newest `limit` videos, page by page: one call reads at most MAX_PAGE.
+async function listVideos(limit) {
+  const data = [];
+  let after = "";
+  let hasMore = true;
+  while (data.length < limit && hasMore) {
+    const size = Math.min(limit - data.length, MAX_PAGE);
+    const from = after ? `&after=${encodeURIComponent(after)}` : "";
+    const page = await callJson(`v1/videos?limit=${size}&order=desc${from}`);
+    data.push(...page.data);
+    hasMore = page.has_more && page.data.length > 0;
+    after = page.last_id;
+  }
+  return { data, has_more: hasMore };
+}
+
 async function refresh() {
-  if (Date.now() - state.modelsAt > MODELS_EVERY_MS) await loadModels();
+  if (Date.now() - state.modelsAt > (state.busy ? BUSY_MODELS_EVERY_MS : MODELS_EVERY_MS)) await loadModels();
   const epoch = state.epoch;
-  const list = await callJson(`v1/videos?limit=${state.limit}&order=desc`);
+  const list = await listVideos(state.limit);
   if (epoch !== state.epoch) return true; // changed here meanwhile: this answer is older than the page; ask again
   const videos = list.data.filter((video) => !state.gone.has(video.id));
   const seen = new Set(videos.map((video) => video.id));
@@ -488,7 +521,13 @@ async function refresh() {
     const card = showJob(video);
     if (ol.children[i] !== card) ol.insertBefore(card, ol.children[i] || null); // the server's order
   });
-  $("more").hidden = !list.has_more || state.limit >= MAX_PAGE;
+  const more = $("more");
+  const moreHadFocus = document.activeElement === more;
+  more.hidden = !list.has_more;
+  if (moreHadFocus && more.hidden) {
+    const last = ol.lastElementChild; // the oldest video shown: where reading had got to
+    (last ? last.querySelector(".delete") : $("prompt")).focus();
+  }
   $("no-jobs").hidden = state.cards.size > 0;
   return videos.some(unfinished);
 }
@@ -505,6 +544,7 @@ async function tick() {
   let busy = false;
   try {
     busy = await refresh();
+    state.busy = busy;
     showServerState("");
   } catch (error) {
     if (error.status === 401) return; // waits for a key
@@ -531,7 +571,7 @@ function start() {
     askForKey("");
   });
   $("more").addEventListener("click", () => {
-    state.limit = Math.min(state.limit + PAGE, MAX_PAGE);
+    state.limit += PAGE;
     schedule(0);
     $("more").focus();
   });
