@@ -1106,6 +1106,12 @@ def test_metrics_lists_every_metric(api: Api) -> None:
     assert 'wanserve_queue_depth{model="tiny-t2v"} 1.0' in text
     # Labelled by route template, not by the raw path with its id.
     assert 'route="/v1/videos/{video_id}"' in text and video_id not in text
+    # The page's files and the API description are routes too; "unmatched" is only what no route takes.
+    for path in ("/static/app.js", "/openapi.json", "/no/such/path"):
+        api.client.get(path)
+    text = api.client.get("/metrics").text
+    assert 'route="/static/{path}",status="200"' in text and 'route="/openapi.json",status="200"' in text
+    assert 'route="unmatched",status="200"' not in text and 'route="unmatched",status="404"' in text
     # Nor by any method a client invents: each would be a new series for good.
     for verb in ("FROB", "XYZZY"):
         api.client.request(verb, "/v1/videos")
@@ -1244,6 +1250,31 @@ def test_a_drain_is_not_taken_from_a_web_page_nor_without_a_key(tmp_path: Path, 
             assert local.post("/drain", headers={"Origin": "http://evil.example"}).status_code == 403
             assert not worker.draining
             assert local.post("/drain").status_code == 200 and worker.draining
+    finally:
+        store.close()
+
+
+def test_a_workers_ready_body_agrees_with_its_status(tmp_path: Path, tiny_cache: Path) -> None:
+    """With its store unreachable a loaded worker answered 503 with `"ready": true` in the body."""
+    from wanserve.jobs import open_store
+    from wanserve.roles import ops_app
+    from wanserve.storage import open_storage
+    from wanserve.worker import Worker
+
+    settings = Settings(data_dir=tmp_path, cache_dir=tiny_cache)
+    store = open_store(settings.store_url)
+    worker = Worker("tiny-t2v", settings, store, open_storage(settings.storage_url), engine=object())  # type: ignore[arg-type]
+    worker.loaded.set()
+    try:
+        with TestClient(ops_app(worker, Metrics(), store)) as client:
+            ready = client.get("/ready")
+            assert ready.status_code == 200 and ready.json()["ready"] is True
+            store.path.unlink()
+            store.path.mkdir()  # the database is gone and cannot be made again: the store is unreachable
+            store.close()
+            refused = client.get("/ready")
+            assert refused.status_code == 503 and refused.json()["store"] == "unreachable"
+            assert refused.json()["ready"] is False
     finally:
         store.close()
 

@@ -137,3 +137,39 @@ def test_a_worker_rides_out_a_redis_outage_longer_than_its_retries(
         thread.join(30)
         store.close()
         stop_redis(server)
+
+
+def test_a_redis_that_stops_answering_is_unavailable_within_seconds(tmp_path: Path) -> None:
+    """A Redis that takes connections and does not answer (a stopped process, a hung host): each try waited
+    its 30 s socket timeout, and a connection's health check, retried inside each try, waited 9 times more:
+    an API request or a job write waited 40 minutes. A timeout is now one answer: unavailable."""
+    from wanserve.errors import StoreUnavailable
+    from wanserve.jobs.redis_store import SOCKET_TIMEOUT_S
+
+    port, data = free_tcp_port(), tmp_path / "redis"
+    server = start_redis(port, data, appendonly=False)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    try:
+        job_id = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={})).id
+        server.send_signal(signal.SIGSTOP)
+        outcomes: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                store.get(job_id)
+                outcomes.append(None)
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        started = time.monotonic()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(4 * SOCKET_TIMEOUT_S + 10)  # a hang check, not a timing: it waited 40 minutes
+        assert outcomes and isinstance(outcomes[0], StoreUnavailable), outcomes
+        logging.getLogger(__name__).info("unavailable after %.1f s", time.monotonic() - started)
+        server.send_signal(signal.SIGCONT)
+        assert store.get(job_id).id == job_id  # and the store carries on once it answers again
+    finally:
+        server.send_signal(signal.SIGCONT)
+        store.close()
+        stop_redis(server)

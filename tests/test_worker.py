@@ -143,7 +143,9 @@ def test_a_handed_back_jobs_queue_wait_counts_from_its_hand_back(tmp_path: Path,
         h.stop()
 
 
-def test_task_timeout_fails_the_job_with_a_reason(tmp_path: Path, engine: Engine) -> None:
+def test_task_timeout_fails_the_job_with_a_reason(
+    tmp_path: Path, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     h = Harness(tmp_path, engine, task_timeout=0.3)
     try:
         job = h.finished(h.submit(num_inference_steps=200, width=128, height=128, num_frames=17))
@@ -151,6 +153,7 @@ def test_task_timeout_fails_the_job_with_a_reason(tmp_path: Path, engine: Engine
         h.stop()
     assert job.status == JobStatus.FAILED and job.error_code == "timeout"
     assert job.error_message is not None and "longer than WANSERVE_TASK_TIMEOUT (0.3 s)" in job.error_message
+    assert f"job {job.id} failed (timeout)" in caplog.text  # the log said nothing of it
 
 
 def test_expired_results_are_deleted_from_store_and_storage(tmp_path: Path, engine: Engine) -> None:

@@ -465,7 +465,8 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
         state = _readiness([worker])
         store_ok = store.ping()
         ok = state["ready"] and store_ok
-        body = {**state, "store": "ok" if store_ok else "unreachable", "busy": worker.busy}
+        # `ready` says what the status code says: a body read alone must not claim ready beside a 503.
+        body = {**state, "ready": ok, "store": "ok" if store_ok else "unreachable", "busy": worker.busy}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")

@@ -329,6 +329,8 @@ class Worker:
             if self._store_write(
                 "failing it", lambda op: self.store.fail(job.id, self.worker_id, code, message, ttl, op)
             ):
+                # Every failure says so in the log, those without a traceback too (a timeout, a missing input).
+                log.warning("job %s failed (%s): %s", job.id, code, message)
                 return "failed"
         except StoreUnavailable:
             log.error("job %s: could not record its failure (%s); its lease will run out", job.id, code)

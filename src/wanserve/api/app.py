@@ -186,10 +186,22 @@ class HttpMetricsMiddleware:
         finally:
             # An event stream lasts as long as its job: its duration says nothing of the API's speed.
             if not stream:
-                route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
                 method = scope["method"] if scope["method"] in _METHODS else "other"
+                template = _route_label(scope)
                 self.metrics.http_request(method, template, status, time.perf_counter() - started)
+
+
+def _route_label(scope: Scope) -> str:
+    """The route template of a routed request; "unmatched" only for a path no route takes (a 404). FastAPI's
+    own routes name their template; the static files' mount and FastAPI's documentation routes (fixed paths)
+    set no `route`, but an `endpoint`."""
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return str(template)
+    if "endpoint" not in scope:
+        return "unmatched"
+    path = str(scope.get("path", ""))
+    return "/static/{path}" if path.startswith("/static/") else path
 
 
 def create_app(

@@ -49,6 +49,8 @@ _FLOAT_FIELDS = (
 )
 _INT_FIELDS = ("priority", "attempts")
 _OP_TTL_S = 600
+# How long one command may go unanswered before the store counts as unavailable (see RedisJobStore).
+SOCKET_TIMEOUT_S = 5.0
 
 # ARGV[1] is always the key prefix; KEYS[1], in the scripts that use `once`, is a fresh {p}:op:{token} key.
 _LUA_COMMON = r"""
@@ -367,16 +369,21 @@ class RedisJobStore:
         self.prefix = prefix
         self.events_channel = f"{prefix}:events"
         # Retrying every command is safe: reads are idempotent, and the scripts that are not carry a token.
-        # About 9 s of backoff in all, which rides out a Redis restart or a failover.
-        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+        # A connection refused or dropped is retried, with about 7 s of backoff in all (9 s with the tries),
+        # which rides out a Redis restart or a failover. A timeout is not: a Redis that takes connections and
+        # does not answer (a stopped process, a host that hangs) would hold each call for every try's
+        # `socket_timeout`, and a connection's health check, itself retried inside each try, for every one of
+        # them again (81 timeouts of 30 s: 40 minutes a call, API requests and job writes all waiting). A
+        # command answers in well under a millisecond; 5 s is a server that is not answering.
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8, supported_errors=(RedisConnectionError,))
         self._redis = redis.Redis.from_url(
             url,
             decode_responses=True,
             retry=retry,
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            retry_on_error=[RedisConnectionError],
             health_check_interval=10,  # PING a connection idle that long before trusting it
             socket_connect_timeout=5,
-            socket_timeout=30,
+            socket_timeout=SOCKET_TIMEOUT_S,
             socket_keepalive=True,
         )
         # Health checks want a quick "no", not ten seconds of retries. Probes that overlap (a balancer and
