@@ -50,6 +50,7 @@ class PodDeletionCost:
         self._token_path = account_dir / "token"
         self._client = httpx.Client(verify=ssl.create_default_context(cafile=account_dir / "ca.crt"), timeout=5.0)
         self._written: int | None = None
+        self._failing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pod-deletion-cost", daemon=True)
 
@@ -93,6 +94,12 @@ class PodDeletionCost:
             if self._stop.wait(self.interval):
                 return
 
+    def _failed(self, why: str) -> None:
+        # Once a streak: tried again every check, a restarting API server would fill the log otherwise.
+        if not self._failing:
+            log.warning("pod %s: could not set its deletion cost (tried again until it works): %s", self.pod, why)
+        self._failing = True
+
     def _write(self, cost: int) -> bool:
         """Set the annotation; False when this will never work (the API server refuses this service account)."""
         patch = {"metadata": {"annotations": {ANNOTATION: str(cost)}}}
@@ -105,7 +112,7 @@ class PodDeletionCost:
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"},
             )
         except (OSError, httpx.HTTPError) as exc:  # the API server restarting: tried again at the next check
-            log.warning("pod %s: could not set its deletion cost (tried again): %s", self.pod, exc)
+            self._failed(str(exc))
             return True
         if response.status_code in (401, 403):
             log.error(
@@ -117,8 +124,8 @@ class PodDeletionCost:
             )
             return False
         if response.is_error:
-            log.warning("pod %s: could not set its deletion cost (%d, tried again)", self.pod, response.status_code)
+            self._failed(f"the API server answered {response.status_code}")
             return True
-        self._written = cost
+        self._written, self._failing = cost, False
         log.info("pod %s: deletion cost %d (%s)", self.pod, cost, "busy" if cost == BUSY_COST else "idle")
         return True
