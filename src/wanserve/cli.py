@@ -780,6 +780,7 @@ def prune(
 ) -> None:
     """List (or --delete) result files that belong to no job: left behind when job records were lost."""
     from wanserve.errors import StorageUnavailable, StoreUnavailable
+    from wanserve.jobs import redacted
     from wanserve.prune import find_orphans
     from wanserve.roles import open_backends
 
@@ -816,8 +817,9 @@ def prune(
         console.print(f"no folder older than {older_than:g} h belongs to no job")
     elif delete and store_empty and not empty_store_ok:
         fail(
-            f"{folders} {belong} to no job, and the job store holds no job at all: is --store the one the server "
-            "uses? Nothing deleted; add --empty-store-ok if its jobs were lost (a Redis restarted without its data)",
+            f"{folders} {belong} to no job, and the job store ({redacted(settings.store_url)}) holds no job at all:"
+            " is it the one the server uses? Nothing deleted; add --empty-store-ok if its jobs were lost (a Redis"
+            " restarted without its data)",
             2,
         )
     elif not delete:
