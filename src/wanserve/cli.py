@@ -795,13 +795,15 @@ def prune(
     except BadSetting as exc:
         fail_setting(exc, overrides)
     try:
-        store_empty = not job_store.list(limit=1)[0]
+        # An empty store is read only when it matters: it holds back a delete.
+        held_back = delete and not empty_store_ok and not job_store.list(limit=1)[0]
+        deleting = delete and not held_back
         found = 0
         for orphan in find_orphans(job_store, result_storage, older_than * 3600):
             found += 1
             age = (time.time() - orphan.written_at) / 86400
             # The folders on stdout, one a line (for a pipe); what was done, and why not, on stderr.
-            if delete and not (store_empty and not empty_store_ok):
+            if deleting:
                 result_storage.delete_prefix(orphan.job_id)
                 print(f"{orphan.job_id}\tdeleted, written {age:.1f} days ago", flush=True)
             else:
@@ -815,7 +817,7 @@ def prune(
     folders, belong = (f"{found} folder", "belongs") if found == 1 else (f"{found} folders", "belong")
     if found == 0:
         console.print(f"no folder older than {older_than:g} h belongs to no job")
-    elif delete and store_empty and not empty_store_ok:
+    elif held_back:
         fail(
             f"{folders} {belong} to no job, and the job store ({redacted(settings.store_url)}) holds no job at all:"
             " is it the one the server uses? Nothing deleted; add --empty-store-ok if its jobs were lost (a Redis"
