@@ -111,7 +111,7 @@ def make_api(
     storage: LocalStorage | None = None,
     **overrides: Any,
 ) -> Iterator[Api]:
-    settings = Settings(data_dir=tmp_path, model=["tiny-t2v", "tiny-i2v"], **overrides)
+    settings = Settings(**{"data_dir": tmp_path, "model": ["tiny-t2v", "tiny-i2v"], **overrides})
     store = SQLiteJobStore(tmp_path / "jobs.db")
     storage = storage or LocalStorage(tmp_path / "videos")
     specs = {name: _spec(name) for name in settings.model}
@@ -307,6 +307,89 @@ def test_an_image_job_the_queue_refuses_leaves_no_image(tmp_path: Path, media: t
         refused = api.client.post("/v1/videos", data=form, files=image)
         assert first.status_code == 200 and refused.status_code == 429
         assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [first.json()["id"]]
+
+
+def test_a_create_retried_under_its_idempotency_key_returns_the_video_it_made(api: Api) -> None:
+    key = {"Idempotency-Key": "4b1f9e2c-retry-me"}
+    first = api.client.post("/v1/videos", json={"prompt": "a red fox"}, headers=key)
+    again = api.client.post("/v1/videos", json={"prompt": "a red fox"}, headers=key)
+    assert first.status_code == again.status_code == 200, again.text
+    assert "idempotent-replayed" not in first.headers and again.headers["idempotent-replayed"] == "true"
+    # The same video, its drawn seed included, and one job in the queue, counted once.
+    assert again.json()["id"] == first.json()["id"] and again.json()["seed"] == first.json()["seed"]
+    assert [v["id"] for v in api.client.get("/v1/videos").json()["data"]] == [first.json()["id"]]
+    assert api.metrics.jobs_submitted.labels(model="tiny-t2v")._value.get() == 1
+    # Later, the answer says what became of it.
+    api.complete(first.json()["id"])
+    assert api.client.post("/v1/videos", json={"prompt": "a red fox"}, headers=key).json()["status"] == "completed"
+    # The key on another request is refused, naming the header and the video it made.
+    reused = openai_error(api.client.post("/v1/videos", json={"prompt": "a blue fox"}, headers=key), 422)
+    assert reused["param"] == "Idempotency-Key" and reused["code"] == "idempotency_key_reused"
+    assert first.json()["id"] in reused["message"]
+    # No key, or a new one: a new video each time.
+    ids = {api.create()["id"], api.create()["id"], first.json()["id"]}
+    new_key = api.client.post("/v1/videos", json={"prompt": "a red fox"}, headers={"Idempotency-Key": "other"})
+    assert len(ids) == 3 and new_key.json()["id"] not in ids
+
+
+def test_a_keyed_image_create_retried_on_a_full_queue_gets_its_video_and_leaves_one_image(
+    tmp_path: Path, media: tuple[Path, Path]
+) -> None:
+    with make_api(tmp_path, media, queue_limit=1) as api:
+        form, key = {"prompt": "p", "model": "tiny-i2v"}, {"Idempotency-Key": "upload-1"}
+        image = {"input_reference": png_bytes((1, 2, 3))}
+        first = api.client.post("/v1/videos", data=form, files=image, headers=key)
+        again = api.client.post("/v1/videos", data=form, files=image, headers=key)
+        assert first.status_code == 200 and again.status_code == 200, again.text
+        assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [first.json()["id"]]
+        # Another image under the key is another request; and a new key still meets the full queue.
+        other = {"input_reference": png_bytes((9, 9, 9))}
+        assert openai_error(api.client.post("/v1/videos", data=form, files=other, headers=key), 422)
+        fresh = api.client.post("/v1/videos", data=form, files=image, headers={"Idempotency-Key": "upload-2"})
+        assert openai_error(fresh, 429)["code"] == "queue_full"
+        assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [first.json()["id"]]
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("k" * 256, "at most 255 characters, got 256"),
+        ("two words", "visible ASCII"),
+        ("clé", "visible ASCII"),
+    ],
+)
+def test_a_bad_idempotency_key_is_refused_naming_the_header(api: Api, value: str, rule: str) -> None:
+    headers = [("Idempotency-Key", value.encode())]  # bytes: the client sends them as they are
+    error = openai_error(api.client.post("/v1/videos", json={"prompt": "p"}, headers=headers), 400)
+    assert error["param"] == "Idempotency-Key" and rule in error["message"]
+    assert api.client.get("/v1/videos").json()["data"] == []
+
+
+def test_an_idempotency_key_sent_twice_is_refused(api: Api) -> None:
+    headers = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    error = openai_error(api.client.post("/v1/videos", json={"prompt": "p"}, headers=headers), 400)
+    assert error["param"] == "Idempotency-Key" and "more than once" in error["message"]
+    quoted = api.client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": '"abc"'})
+    plain = api.client.post("/v1/videos", json={"prompt": "p"}, headers={"Idempotency-Key": "abc"})
+    assert quoted.json()["id"] == plain.json()["id"]  # the draft's quoted string is the same key
+
+
+def test_legacy_creates_honour_an_idempotency_key(api: Api) -> None:
+    for path, body, id_field, status in (
+        ("/api/v1/generate", {"prompt": "p"}, "task_id", 202),
+        ("/submit", {"prompt": "p"}, "task_id", 202),
+        ("/video/submit", {"prompt": "p"}, "requestId", 202),
+    ):
+        key = {"Idempotency-Key": f"legacy{path}"}
+        first, again = (api.client.post(path, json=body, headers=key) for _ in range(2))
+        assert first.status_code == again.status_code == status, again.text
+        assert again.json()[id_field] == first.json()[id_field] and again.headers["idempotent-replayed"] == "true"
+        reused = problem(api.client.post(path, json={"prompt": "q"}, headers=key), 422)
+        assert reused["field"] == "Idempotency-Key"
+    assert len(api.client.get("/v1/videos").json()["data"]) == 3
 
 
 def test_openai_multipart_upload_with_string_numbers(api: Api) -> None:
@@ -606,7 +689,7 @@ def test_queue_full_is_429_with_retry_after(tmp_path: Path, media: tuple[Path, P
         assert problem(legacy, 429)["code"] == "queue_full" and legacy.headers["retry-after"]
         # The other model's queue is separate.
         image = data_url(png_bytes((9, 9, 9)))
-        assert api.client.post("/video/submit", json={"prompt": "p", "image_url": image}).status_code == 200
+        assert api.client.post("/video/submit", json={"prompt": "p", "image_url": image}).status_code == 202
 
 
 def test_range_requests(api: Api) -> None:
@@ -832,7 +915,7 @@ def test_video_submit_status_and_download(api: Api) -> None:
     response = api.client.post(
         "/video/submit", json={"prompt": "a boat", "size": "64x48", "num_frames": 5, "seed": 3, "priority": 1}
     )
-    assert response.status_code == 200
+    assert response.status_code == 202  # as the system the route comes from answered
     request_id = response.json()["requestId"]
     assert set(response.json()) == {"requestId"}
     status = api.client.post("/video/status", json={"requestId": request_id}).json()
@@ -871,8 +954,9 @@ def test_video_surface_errors_are_problem_json(api: Api) -> None:
     assert api.store.get(queued).status.value == "queued"
     body = problem(api.client.post("/video/submit", json={"prompt": "p", "model": "tiny-i2v"}), 400)
     assert body["field"] == "image_url"
-    body = problem(api.client.post("/video/submit", json={"prompt": "p", "sp_size": 4}), 400)
-    assert body["field"] == "sp_size" and "fixed at start" in body["detail"]
+    for layout in ("sp_size", "dit_fsdp", "vae_parallel"):
+        body = problem(api.client.post("/video/submit", json={"prompt": "p", layout: 4}), 400)
+        assert body["field"] == layout and "fixed at start" in body["detail"]
     body = problem(api.client.post("/video/submit", json={"prompt": "p", "image_url": "http://x/y.png"}), 400)
     assert body["field"] == "image_url" and "data: URLs" in body["detail"]
 
@@ -900,6 +984,40 @@ def test_api_v1_generate_and_status(api: Api) -> None:
     api.store.fail(task_id, WORKER, "timeout", "took too long", TTL)
     failed = api.client.get(f"/api/v1/status/{task_id}").json()
     assert failed["status"] == "failed" and failed["error"] == {"code": "timeout", "message": "took too long"}
+
+
+def test_the_replaced_systems_own_examples_are_taken(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """Their guides' requests: `image_size` and `infer_steps` (their names for the size and the steps), Wan's
+    task names as task_type (`ti2v-5B`), a balancer's health check at /api/v1/health. Each was a 400 or 404."""
+    with make_api(tmp_path, media, model=["tiny-t2v", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"]) as api:
+        for path in ("/video/submit", "/submit"):
+            body = {"prompt": "a cat", "image_size": "64*48", "num_frames": 5, "infer_steps": 3, "model": "tiny-t2v"}
+            response = api.client.post(path, json=body)
+            assert response.status_code == 202, response.text
+            job_id = response.json().get("requestId") or response.json()["task_id"]
+            request = api.store.get(job_id).request
+            assert (request["width"], request["height"], request["num_inference_steps"]) == (64, 48, 3)
+            # Errors name the field as sent; the older and the newer name together is one too many.
+            bad = problem(api.client.post(path, json={**body, "image_size": "65*48"}), 400)
+            assert bad["field"] == "image_size"
+            assert problem(api.client.post(path, json={**body, "infer_steps": 0}), 400)["field"] == "infer_steps"
+            both = {**body, "num_inference_steps": 3}
+            assert problem(api.client.post(path, json=both), 400)["field"] == "infer_steps"
+        both = {"prompt": "p", "image_size": "64*48", "resolution": "64*48"}
+        assert "send one of the two" in problem(api.client.post("/api/v1/generate", json=both), 400)["detail"]
+        # Wan's task names pick the model they name, in any case.
+        for task_type, model in (("ti2v-5B", "wan2.2-ti2v-5b"), ("t2v-1.3b", "wan2.1-t2v-1.3b")):
+            response = api.client.post("/api/v1/generate", json={"prompt": "a cat", "task_type": task_type})
+            assert response.status_code == 202, response.text
+            assert api.store.get(response.json()["task_id"]).model == model
+        unserved = problem(api.client.post("/api/v1/generate", json={"prompt": "p", "task_type": "t2v-A14B"}), 400)
+        assert unserved["field"] == "task_type" and "wan2.2-t2v-a14b, which is not served here" in unserved["detail"]
+        other = {"prompt": "p", "task_type": "ti2v-5B", "model": "tiny-t2v"}
+        assert "but model names tiny-t2v" in problem(api.client.post("/api/v1/generate", json=other), 400)["detail"]
+        unknown = problem(api.client.post("/api/v1/generate", json={"prompt": "p", "task_type": "flf2v-14B"}), 400)
+        assert unknown["field"] == "task_type" and "ti2v-5B" in unknown["detail"]
+        for method in ("GET", "HEAD"):
+            assert api.client.request(method, "/api/v1/health").status_code == 200
 
 
 def test_submit_and_status_at_the_root(api: Api) -> None:
@@ -1175,6 +1293,10 @@ def test_openapi_describes_the_body_each_route_accepts(api: Api) -> None:
     assert fields("/video/status") == fields("/video/cancel") == {"requestId"}
     form = paths["/v1/videos"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["input_reference"]["format"] == "binary"
+    for create in ("/v1/videos", "/video/submit", "/api/v1/generate", "/submit"):
+        headers = [p["name"] for p in paths[create]["post"].get("parameters", []) if p["in"] == "header"]
+        assert headers == ["Idempotency-Key"], create
+    assert "parameters" not in paths["/video/status"]["post"]
 
 
 def test_api_imports_no_torch() -> None:
@@ -1478,6 +1600,15 @@ def test_refusals_name_the_header_or_parameter_at_fault(api: Api) -> None:
     for path in (f"/v1/videos/{job_id}/content", "/health"):
         refused = api.client.post(path)
         assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD", (path, refused.headers)
+    # And every method of the path's other routes: Allow named only the first route's (`GET` for a video).
+    for method, path, allow in (
+        ("PUT", f"/v1/videos/{job_id}", "DELETE, GET"),
+        ("PATCH", "/v1/videos", "GET, POST"),
+        ("DELETE", "/v1/videos", "GET, POST"),
+        ("GET", f"/v1/videos/{job_id}/cancel", "POST"),
+    ):
+        refused = api.client.request(method, path)
+        assert refused.status_code == 405 and refused.headers["allow"] == allow, (method, path, refused.headers)
 
 
 def test_a_side_given_for_an_image_keeps_its_shape_or_is_refused(api: Api) -> None:

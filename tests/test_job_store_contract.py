@@ -97,6 +97,47 @@ def test_enqueue_raises_queue_full_at_max_queued_per_model(store: JobStore) -> N
     store.enqueue(make_job(), max_queued=2)
 
 
+def test_an_idempotency_key_returns_the_job_it_created_instead_of_a_second(store: JobStore) -> None:
+    first = store.enqueue(make_job(idempotency_key="order-17", fingerprint="f1"), max_queued=1)
+    # The retry of a create whose answer was lost: the same key finds the first job, even with the queue full.
+    again = store.enqueue(make_job(idempotency_key="order-17", fingerprint="f1"), max_queued=1)
+    assert again.id == first.id and again.fingerprint == "f1" and again.idempotency_key == "order-17"
+    assert store.queue_depth("tiny-t2v") == 1 and [j.id for j in store.list()[0]] == [first.id]
+    # Whatever became of it since: a finished job is still the answer.
+    claim(store, "w1")
+    store.complete(first.id, "w1", {"seed": 1}, TTL)
+    assert store.enqueue(make_job(idempotency_key="order-17")).status is JobStatus.COMPLETED
+    # Other keys, and no key, make new jobs.
+    other = store.enqueue(make_job(idempotency_key="order-18"))
+    assert other.id != first.id and store.enqueue(make_job()).id != first.id
+
+
+def test_an_idempotency_key_whose_job_was_deleted_is_free_again(store: JobStore) -> None:
+    first = store.enqueue(make_job(idempotency_key="k"))
+    store.request_cancel(first.id, TTL)
+    store.delete(first.id)
+    second = store.enqueue(make_job(idempotency_key="k"))
+    assert second.id != first.id and store.get(second.id).idempotency_key == "k"
+    assert store.enqueue(make_job(idempotency_key="k")).id == second.id
+
+
+def test_concurrent_creates_under_one_key_make_one_job(store: JobStore) -> None:
+    ids: list[str] = []
+    start = threading.Barrier(8)
+
+    def create() -> None:
+        start.wait()
+        ids.append(store.enqueue(make_job(idempotency_key="same")).id)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ids) == 8 and len(set(ids)) == 1
+    assert store.queue_depth("tiny-t2v") == 1
+
+
 # ---- claim --------------------------------------------------------------------------------------------------
 
 

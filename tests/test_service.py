@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -390,6 +392,59 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
         assert out.startswith("video_") and log.read_text().count("warning:") == 1
         assert "the server answers again" in log.read_text()
     finally:
+        api.stop()
+
+
+class _LosesTheFirstAnswer(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of the API that passes the first create on and then drops the connection without its
+    answer, as a balancer's timeout or a network fault does: the job is queued, and the client does not know."""
+
+    upstream = ""
+    creates: list[str | None] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in ("host", "connection")}
+        answer = httpx.post(f"{self.upstream}{self.path}", content=body, headers=headers)
+        self.creates.append(self.headers.get("idempotency-key"))
+        if len(self.creates) == 1:
+            self.close_connection = True
+            return
+        self.send_response(answer.status_code)
+        for name in ("content-type", "idempotent-replayed"):
+            if name in answer.headers:
+                self.send_header(name, answer.headers[name])
+        self.send_header("content-length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_submit_whose_answer_is_lost_sends_again_and_makes_one_job(tmp_path: Path, tiny_cache: Path) -> None:
+    """The first create is queued but its answer never arrives; submit used to exit 1 ("does not answer") with
+    the job queued anyway, and a script that ran it again made a second. Each try now carries one
+    Idempotency-Key, and the second is answered with the job the first made."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = Process(
+        ["api", "--port", str(port), "--data-dir", str(tmp_path / "data")], base_env(tiny_cache), tmp_path / "api.log"
+    )
+    handler = type("Handler", (_LosesTheFirstAnswer,), {"upstream": url, "creates": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        wait_ready(url, api)  # an API with no worker: the job stays queued
+        done = _submit(f"http://127.0.0.1:{proxy.server_address[1]}", tiny_cache, "--prompt", "once", "--no-wait")
+        assert done.returncode == 0, done.stderr
+        assert "still trying" in done.stderr
+        keys = handler.creates
+        assert len(keys) == 2 and keys[0] == keys[1] and keys[0] and keys[0].startswith("wanserve-submit-")
+        listed = httpx.get(f"{url}/v1/videos").json()["data"]
+        assert [video["id"] for video in listed] == [done.stdout.strip()]
+    finally:
+        proxy.shutdown()
         api.stop()
 
 

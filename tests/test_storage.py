@@ -496,6 +496,30 @@ def test_s3_answering_5xx_or_without_its_bucket_is_unavailable_not_an_error(
         busy.close()
 
 
+@pytest.mark.parametrize(("status", "code"), [(403, "InvalidAccessKeyId"), (400, "ExpiredToken")])
+def test_s3_refusing_the_credentials_makes_downloads_wait_not_fail(
+    s3_env: None, tmp_path: Path, status: int, code: str
+) -> None:
+    """Revoked keys or an expired token: S3 answers a HEAD (which every download starts with) with no body, so
+    botocore's code is the bare status ("403"), which no named code matched: the download was a 500 with a
+    traceback, where docs/operations.md promises a 503 storage_unavailable."""
+    from wanserve.errors import StorageUnavailable
+
+    refusing = _AlwaysBusy(status, code)
+    try:
+        storage = S3Storage("wanserve-test", endpoint_url=refusing.endpoint)
+        with pytest.raises(StorageUnavailable):
+            storage.stat("video_x/video.mp4")
+        job, api = _completed_job(tmp_path)
+        with api(storage) as client:
+            for method in ("GET", "HEAD"):
+                response = client.request(method, f"/v1/videos/{job.id}/content")
+                assert response.status_code == 503 and response.headers["retry-after"] == "5", response.text
+            assert client.get(f"/v1/videos/{job.id}/content").json()["error"]["code"] == "storage_unavailable"
+    finally:
+        refusing.close()
+
+
 def test_s3_refusing_one_object_is_not_an_outage(s3_env: None, tmp_path: Path) -> None:
     """A 4xx for one upload (EntityTooLarge from S3, or a 413 from a proxy) refuses that object: the worker
     fails the job at once (`storage_failed`) instead of waiting out a minute of retries."""

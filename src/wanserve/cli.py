@@ -9,6 +9,7 @@ import re
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -431,17 +432,22 @@ def submit(
     upload = (image.name, read_image(image)) if image is not None else None
     client = Client(base, settings.api_keys[0] if settings.api_keys else None)
     outage = _Outage()
+    # Every try sends the same key: a try whose answer was lost (a timeout, a dropped connection, a store that
+    # stalled after queueing it) is answered by the next with the job it made, never a second job.
+    key = f"wanserve-submit-{uuid.uuid4().hex}"
     try:
         while True:
             try:
-                video = client.create(fields, upload)
+                video = client.create(fields, upload, key)
                 break
             except ApiError as exc:
                 if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
                     _refused(exc, client)
                 outage.wait(exc.message, exc.retry_after)
-            except Unreachable as exc:  # before anything was taken: most likely the wrong URL, or no server
-                fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+            except Unreachable as exc:
+                if not exc.delivered and outage.since is None:  # never reached: most likely the wrong URL
+                    fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+                outage.wait(str(exc), None)
             except KeyboardInterrupt:
                 fail("interrupted while sending the job: if the server took it, GET /v1/videos lists it", 130)
         outage.over()

@@ -28,7 +28,12 @@ class ApiError(WanserveError):
 
 
 class Unreachable(WanserveError):
-    """No answer from the server (refused, timed out, a proxy's non-JSON error page)."""
+    """No answer from the server (refused, timed out, a proxy's non-JSON error page). `delivered`: the request
+    may have reached it all the same (the connection was made), so a create may have been taken."""
+
+    def __init__(self, message: str, delivered: bool = False) -> None:
+        super().__init__(message)
+        self.delivered = delivered
 
 
 def _umask() -> int:
@@ -50,7 +55,8 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise Unreachable(f"{self.url} does not answer: {type(exc).__name__}: {exc}") from None
+            delivered = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            raise Unreachable(f"{self.url} does not answer: {type(exc).__name__}: {exc}", delivered) from None
         if not response.is_success:
             raise self._failure(response)
         return response
@@ -62,16 +68,20 @@ class Client:
             message, code, param = str(error["message"]), error.get("code"), error.get("param")
         except (ValueError, KeyError, TypeError):
             if status >= 500:  # a proxy's page while the service restarts
-                return Unreachable(f"{self.url} answered {status} {response.reason_phrase}")
+                return Unreachable(f"{self.url} answered {status} {response.reason_phrase}", delivered=True)
             message, code, param = f"{status} {response.reason_phrase}", None, None
         return ApiError(status, message, code, param, response.headers.get("retry-after"))
 
-    def create(self, fields: Mapping[str, Any], image: tuple[str, bytes] | None = None) -> dict[str, Any]:
-        """Create a video: JSON, or a form with the image as `input_reference` (values as strings, as a form has)."""
+    def create(
+        self, fields: Mapping[str, Any], image: tuple[str, bytes] | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        """Create a video: JSON, or a form with the image as `input_reference` (values as strings, as a form has).
+        Sent again with the same idempotency `key`, it answers with the video the first call made."""
+        headers = {"Idempotency-Key": key} if key else None
         if image is None:
-            return self._call("POST", "/v1/videos", json=dict(fields)).json()
+            return self._call("POST", "/v1/videos", json=dict(fields), headers=headers).json()
         form = {name: str(value) for name, value in fields.items()}
-        return self._call("POST", "/v1/videos", data=form, files={"input_reference": image}).json()
+        return self._call("POST", "/v1/videos", data=form, files={"input_reference": image}, headers=headers).json()
 
     def retrieve(self, video_id: str) -> tuple[dict[str, Any], float]:
         """The video object, and how long to wait before asking again."""

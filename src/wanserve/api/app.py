@@ -19,8 +19,8 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve.catalog import ModelSpec
@@ -81,12 +81,14 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 def _allowed_methods(request: Request, allow: str) -> str:
-    """Starlette's 405 names the methods of the first route whose path matched, and a HEAD is a route of its
-    own here (kept out of the OpenAPI description): `Allow: GET` where HEAD is served too."""
+    """Starlette's 405 names the methods of the first route whose path matched; the path may have others,
+    on routes of their own (GET and DELETE of `/v1/videos/{id}`, the HEAD twins kept out of the OpenAPI
+    description). RFC 9110 wants them all."""
     methods = {m.strip() for m in allow.split(",") if m.strip()}
-    route = request.scope.get("route")
-    if getattr(route, "path", None) in getattr(request.app.state, "head_paths", ()):
-        methods.add("HEAD")
+    path = request.url.path
+    for pattern, served in getattr(request.app.state, "route_methods", ()):
+        if pattern.match(path):
+            methods |= served
     return ", ".join(sorted(methods))
 
 
@@ -245,13 +247,12 @@ def create_app(
     ]
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
-    # Where a HEAD route sits beside a GET one, for the 405 answer's Allow header (see _allowed_methods).
-    app.state.head_paths = frozenset(
-        route.path
-        for router, _ in routers
-        for route in router.routes
-        if isinstance(route, APIRoute) and route.methods == {"HEAD"}
-    )
     if settings.web:
         page.install(app, settings)
+    # Every route's path and methods, for the 405 answer's Allow header (see _allowed_methods): included
+    # routers' routes are not listed one by one in `app.routes`.
+    routes = [*(route for router, _ in routers for route in router.routes), *app.router.routes]
+    app.state.route_methods = tuple(
+        (route.path_regex, frozenset(route.methods or ())) for route in routes if isinstance(route, Route)
+    )
     return app

@@ -26,13 +26,16 @@ from wanserve.request import GenerationRequest, parse_size
 from wanserve.storage.base import Storage
 
 from . import status_words
-from .schemas import RequestId, TaskGenerate, VideoSubmit, json_body
+from .schemas import RequestId, TaskGenerate, VideoSubmit, idempotent, json_body
 from .submit import (
     EXTENSION_FIELDS,
+    REPLAYED,
+    Submitted,
     cancel,
     check_fields,
     decode_data_url,
     generation_values,
+    idempotency_key,
     optional_str,
     queue_position,
     reject_parallel_layout,
@@ -42,8 +45,10 @@ from .submit import (
 )
 from .web import public_base, read_json_object
 
-VIDEO_FIELDS = EXTENSION_FIELDS | {"prompt", "model", "image_url", "size", "priority"}
-TASK_FIELDS = EXTENSION_FIELDS | {"prompt", "model", "image_url", "resolution", "task_type", "priority"}
+# `image_size` and `infer_steps`: what the replaced systems' own examples name the size and the steps.
+OLDER_NAMES = frozenset({"image_size", "infer_steps"})
+VIDEO_FIELDS = EXTENSION_FIELDS | OLDER_NAMES | {"prompt", "model", "image_url", "size", "priority"}
+TASK_FIELDS = EXTENSION_FIELDS | OLDER_NAMES | {"prompt", "model", "image_url", "resolution", "task_type", "priority"}
 
 # What each task_type asks of the model, and whether it needs (True), forbids (False) or allows (None) an image.
 TASK_TYPES: Mapping[str, tuple[frozenset[str], bool | None]] = MappingProxyType(
@@ -51,6 +56,20 @@ TASK_TYPES: Mapping[str, tuple[frozenset[str], bool | None]] = MappingProxyType(
         "t2v": (frozenset({"t2v"}), False),
         "i2v": (frozenset({"i2v"}), True),
         "ti2v": (frozenset({"t2v", "i2v"}), None),
+    }
+)
+
+
+# Wan's own task names (its generate.py's `--task`, which the replaced systems passed on as `task_type`,
+# `ti2v-5B`), lower-cased: the kind of task, and the catalog models that are that task.
+WAN_TASKS: Mapping[str, tuple[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "t2v-a14b": ("t2v", ("wan2.2-t2v-a14b",)),
+        "i2v-a14b": ("i2v", ("wan2.2-i2v-a14b",)),
+        "ti2v-5b": ("ti2v", ("wan2.2-ti2v-5b",)),
+        "t2v-14b": ("t2v", ("wan2.1-t2v-14b",)),
+        "t2v-1.3b": ("t2v", ("wan2.1-t2v-1.3b",)),
+        "i2v-14b": ("i2v", ("wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p")),
     }
 )
 
@@ -105,11 +124,52 @@ def _request(body: Mapping[str, Any], size_field: str, max_bytes: int) -> Genera
     return GenerationRequest(prompt=body.get("prompt"), image=image, **values)
 
 
-def _task_type(body: Mapping[str, Any]) -> str | None:
+def _task_type(body: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...] | None]:
+    """The kind of task `task_type` asks for, and the models it names when it is one of Wan's task names."""
     task_type = body.get("task_type")
-    if task_type is not None and (not isinstance(task_type, str) or task_type not in TASK_TYPES):
-        raise InvalidRequest("task_type", f"must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
-    return task_type
+    if task_type is None:
+        return None, None
+    if isinstance(task_type, str) and task_type in TASK_TYPES:
+        return task_type, None
+    if isinstance(task_type, str) and task_type.strip().lower() in WAN_TASKS:
+        return WAN_TASKS[task_type.strip().lower()]
+    wan_names = ", ".join(("t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-14B", "t2v-1.3B", "i2v-14B"))
+    raise InvalidRequest(
+        "task_type", f"must be one of {', '.join(TASK_TYPES)}, or one of Wan's ({wan_names}); got {task_type!r}"
+    )
+
+
+def _task_model(
+    task_type: str, models: tuple[str, ...], model: object, specs: Mapping[str, ModelSpec], needs: frozenset[str]
+) -> ModelSpec:
+    """The served model a Wan task name (`ti2v-5B`) asks for; a `model` given beside it must be that model."""
+    if model not in (None, ""):
+        spec = served_spec(specs, model, needs)
+        if spec.name not in models:
+            raise InvalidRequest("task_type", f"{task_type!r} is {' or '.join(models)}, but model names {spec.name}")
+        return spec
+    for name in models:
+        if name in specs:
+            return specs[name]
+    raise InvalidRequest(
+        "task_type", f"{task_type!r} is {' or '.join(models)}, which is not served here; served: {', '.join(specs)}"
+    )
+
+
+def _older_names(body: Mapping[str, Any], size_field: str) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """`body` with `infer_steps` read as `num_inference_steps`; the field the size came in (`image_size` or
+    the route's own); and how errors name the fields that came under the older names."""
+    given = {
+        name for name in (size_field, "image_size", "num_inference_steps", "infer_steps") if body.get(name) is not None
+    }
+    for older, newer in (("image_size", size_field), ("infer_steps", "num_inference_steps")):
+        if {older, newer} <= given:
+            raise InvalidRequest(older, f"gives what {newer} gives; send one of the two")
+    renamed: dict[str, str] = {}
+    if "infer_steps" in given:
+        body = {**body, "num_inference_steps": body["infer_steps"]}
+        renamed["num_inference_steps"] = "infer_steps"
+    return dict(body), "image_size" if "image_size" in given else size_field, renamed
 
 
 def _check_task(
@@ -146,29 +206,34 @@ def router(
     def position(job: Job) -> int | None:
         return queue_position(store, job)
 
-    def submit_video(body: dict[str, Any]) -> Job:
+    def submit_video(body: dict[str, Any], key: str | None) -> Submitted:
         reject_parallel_layout(body)
         check_fields(body, VIDEO_FIELDS)
-        request = _request(body, "size", settings.max_upload_bytes)
+        body, size_field, renamed = _older_names(body, "size")
+        request = _request(body, size_field, settings.max_upload_bytes)
         # submit checks model and priority, whatever JSON type they arrived as.
-        names = {**image_names, **size_field_names(body, "size")}
-        return submit(
-            store, storage, specs, settings, metrics, request, body.get("model"), body.get("priority"), "video", names
-        )
+        names = {**image_names, **size_field_names(body, size_field), **renamed}
+        model, priority = body.get("model"), body.get("priority")
+        return submit(store, storage, specs, settings, metrics, request, model, priority, "video", names, key)
 
-    def submit_task(body: dict[str, Any], source: str) -> Job:
+    def submit_task(body: dict[str, Any], source: str, key: str | None) -> Submitted:
         reject_parallel_layout(body)
         check_fields(body, TASK_FIELDS)
-        request = _request(body, "resolution", settings.max_upload_bytes)
-        task_type = _task_type(body)
+        body, size_field, renamed = _older_names(body, "resolution")
+        request = _request(body, size_field, settings.max_upload_bytes)
+        task_type, task_models = _task_type(body)
         needs = TASK_TYPES[task_type][0] if task_type is not None else frozenset()
         if not needs:
             needs = frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"})
-        spec = served_spec(specs, body.get("model"), needs)
-        unnamed = body.get("model") in (None, "")
+        if task_models is not None:
+            spec = _task_model(str(body["task_type"]), task_models, body.get("model"), specs, needs)
+        else:
+            spec = served_spec(specs, body.get("model"), needs)
+        unnamed = body.get("model") in (None, "") and task_models is None
         _check_task(task_type, spec, request.image is not None, specs if unnamed else None)
-        names = {**image_names, **size_field_names(body, "resolution")}
-        return submit(store, storage, specs, settings, metrics, request, spec.name, body.get("priority"), source, names)
+        names = {**image_names, **size_field_names(body, size_field), **renamed}
+        priority = body.get("priority")
+        return submit(store, storage, specs, settings, metrics, request, spec.name, priority, source, names, key)
 
     def request_id(body: Mapping[str, Any]) -> str:
         check_fields(body, ("requestId",))  # `requestid` or `id` must not pass as a request without one
@@ -177,11 +242,13 @@ def router(
             raise InvalidRequest("requestId", "is required (the id /video/submit returned)")
         return value
 
-    @api.post("/video/submit", openapi_extra=json_body(VideoSubmit))
-    async def video_submit(request: Request) -> dict[str, str]:
+    @api.post("/video/submit", status_code=202, openapi_extra=idempotent(json_body(VideoSubmit)))
+    async def video_submit(request: Request) -> JSONResponse:
+        key = idempotency_key(request.headers)
         body = await read_json_object(request)
-        job = await run_in_threadpool(submit_video, body)
-        return {"requestId": job.id}
+        job, replayed = await run_in_threadpool(submit_video, body, key)
+        # 202, as the system this route comes from answered: taken, not done.
+        return JSONResponse({"requestId": job.id}, status_code=202, headers=REPLAYED if replayed else None)
 
     @api.post("/video/status", openapi_extra=json_body(RequestId))
     async def video_status_route(request: Request) -> dict[str, Any]:
@@ -197,12 +264,14 @@ def router(
 
     def task_routes(prefix: str, source: str) -> None:
         async def generate(request: Request) -> JSONResponse:
+            key = idempotency_key(request.headers)
             body = await read_json_object(request)
-            job = await run_in_threadpool(submit_task, body, source)
+            job, replayed = await run_in_threadpool(submit_task, body, source, key)
             status_url = f"{public_base(request, settings)}{prefix}/status/{job.id}"
             return JSONResponse(
                 {"task_id": job.id, "status": status_words.API_V1[job.status], "status_url": status_url},
                 status_code=202,
+                headers=REPLAYED if replayed else None,
             )
 
         def status(request: Request, task_id: str) -> dict[str, Any]:
@@ -216,7 +285,7 @@ def router(
             methods=["POST"],
             status_code=202,
             name=f"{source}_generate",
-            openapi_extra=json_body(TaskGenerate),
+            openapi_extra=idempotent(json_body(TaskGenerate)),
         )
         api.add_api_route(f"{prefix}/status/{{task_id}}", status, methods=["GET"], name=f"{source}_status")
 

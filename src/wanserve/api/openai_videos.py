@@ -28,9 +28,10 @@ from wanserve.request import GenerationRequest, parse_size
 from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
 
 from . import events, status_words
-from .schemas import VideoCreate, json_or_form_body
+from .schemas import VideoCreate, idempotent, json_or_form_body
 from .submit import (
     EXTENSION_FIELDS,
+    REPLAYED,
     PayloadTooLarge,
     UnknownField,
     base_name,
@@ -40,6 +41,7 @@ from .submit import (
     form_float,
     form_int,
     generation_values,
+    idempotency_key,
     optional_str,
     queue_position,
     reject_parallel_layout,
@@ -280,18 +282,19 @@ def router(
 ) -> APIRouter:
     api = APIRouter(prefix="/v1/videos", tags=["openai"])
 
-    def answer(job: Job, status_code: int = 200) -> JSONResponse:
+    def answer(job: Job, status_code: int = 200, replayed: bool = False) -> JSONResponse:
         body = video_object(job, queue_position(store, job))
-        return JSONResponse(body, status_code=status_code, headers=poll_headers(job))
+        headers = {**poll_headers(job), **(REPLAYED if replayed else {})}
+        return JSONResponse(body, status_code=status_code, headers=headers)
 
-    def create(fields: dict[str, Any], upload: bytes | None, from_form: bool) -> JSONResponse:
+    def create(fields: dict[str, Any], upload: bytes | None, from_form: bool, key: str | None) -> JSONResponse:
         reject_parallel_layout(fields)
         check_fields(fields, ALLOWED_FIELDS, IGNORED_FIELDS, nested={"input_reference"})
         image = reference_image(fields, upload, settings.max_upload_bytes)
         spec = served_spec(specs, fields.get("model"), frozenset({"i2v"}) if image else frozenset({"t2v"}))
         request = build_request(fields, image, from_form, spec)
         priority = fields.get("priority")
-        job = submit(
+        job, replayed = submit(
             store,
             storage,
             specs,
@@ -302,18 +305,20 @@ def router(
             form_int("priority", priority) if from_form else priority,
             "openai",
             field_names={"image": "input_reference", **size_field_names(fields, "size")},
+            key=key,
         )
-        return answer(job)
+        return answer(job, replayed=replayed)
 
     # What the OpenAI SDK can also ask for (`videos.remix`, `edit`, `extend`, `create_character`,
     # `get_character`): declared before the `/{video_id}` routes, which would take "edits" for an id.
     for path, method, what in UNSUPPORTED:
         api.add_api_route(path, _refusal(what), methods=[method], include_in_schema=False)
 
-    @api.post("", openapi_extra=json_or_form_body(VideoCreate))
+    @api.post("", openapi_extra=idempotent(json_or_form_body(VideoCreate)))
     async def create_video(request: Request) -> JSONResponse:
+        key = idempotency_key(request.headers)
         fields, upload, from_form = await read_create_body(request, settings)
-        return await run_in_threadpool(create, fields, upload, from_form)
+        return await run_in_threadpool(create, fields, upload, from_form, key)
 
     @api.get("")
     def list_videos(

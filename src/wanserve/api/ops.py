@@ -151,6 +151,8 @@ def router(
     # Load balancers and uptime checks often probe with HEAD; kept out of the schema to avoid twin operations.
     api.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")
     api.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False, name="ready_head")
+    # Where the deploy guides of a system wanserve replaces point their balancers' health checks.
+    api.add_api_route("/api/v1/health", health, methods=["GET", "HEAD"], include_in_schema=False, name="health_v1")
 
     @api.get("/v1/models", dependencies=list(keyed))
     def list_models() -> dict[str, Any]:

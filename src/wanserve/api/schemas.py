@@ -49,19 +49,29 @@ class VideoCreate(WanFields):
     user: str | None = Field(None, description="accepted and ignored")
 
 
-class VideoSubmit(WanFields):
+class OlderNames(WanFields):
+    """The names the replaced systems' examples use, taken as the newer ones."""
+
+    image_size: str | None = Field(None, description='the size, as "WIDTH*HEIGHT" (their name)')
+    infer_steps: int | None = Field(None, ge=1, le=200, description="num_inference_steps (their name)")
+
+
+class VideoSubmit(OlderNames):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     image_url: str | None = Field(None, description="a data: URL")
     size: str | None = Field(None, description='"WIDTHxHEIGHT" or "WIDTH*HEIGHT"')
 
 
-class TaskGenerate(WanFields):
+class TaskGenerate(OlderNames):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     image_url: str | None = Field(None, description="a data: URL")
     resolution: str | None = Field(None, description='"WIDTH*HEIGHT", e.g. "1280*704"')
-    task_type: Literal["t2v", "i2v", "ti2v"] | None = None
+    task_type: str | None = Field(
+        None,
+        description="t2v, i2v or ti2v; or Wan's task name (t2v-A14B, i2v-A14B, ti2v-5B, t2v-14B, t2v-1.3B, i2v-14B)",
+    )
 
 
 class RequestId(_Strict):
@@ -79,3 +89,15 @@ def json_or_form_body(model: type[BaseModel]) -> dict[str, Any]:
     form = {**schema, "properties": {**schema["properties"], "input_reference": file}}
     content = {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def idempotent(extra: dict[str, Any]) -> dict[str, Any]:
+    """A create route's `openapi_extra`, with the `Idempotency-Key` header it takes (docs/api.md)."""
+    header = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "sent again with the same request within 24 h, answers with the job the first send made",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
+    return {**extra, "parameters": [header]}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import logging
 import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
@@ -64,6 +66,12 @@ PARALLEL_FIELDS = frozenset(
         "fsdp",
         "world_size",
         "num_gpus",
+        # Wan generate.py's flags, as the replaced systems took them per request.
+        "vae_parallel",
+        "dit_fsdp",
+        "t5_fsdp",
+        "t5_cpu",
+        "cfg_size",
     }
 )
 
@@ -79,6 +87,57 @@ class ModelNotServed(InvalidRequest):
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     code = "payload_too_large"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    # 422 as draft-ietf-httpapi-idempotency-key-header asks for a key sent again with another payload.
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+_IDEMPOTENCY_KEY_TEXT = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what fits a header and a store key as is
+
+
+def idempotency_key(headers: Any) -> str | None:
+    """The request's `Idempotency-Key` (Stripe's and the IETF draft's header), or None when it sends none.
+    `headers` is Starlette's `Headers`; a quoted value (the draft's structured-field string) is unquoted."""
+    values = headers.getlist(IDEMPOTENCY_HEADER)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest(IDEMPOTENCY_HEADER, "was sent more than once; send one key per request")
+    key = values[0].strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key:
+        raise InvalidRequest(IDEMPOTENCY_HEADER, "is empty; send a unique key per request, such as a UUID")
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        rule = f"must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters, got {len(key)}"
+        raise InvalidRequest(IDEMPOTENCY_HEADER, rule)
+    if not _IDEMPOTENCY_KEY_TEXT.fullmatch(key):
+        raise InvalidRequest(IDEMPOTENCY_HEADER, "must be visible ASCII characters (no spaces), such as a UUID")
+    return key
+
+
+def request_fingerprint(request: GenerationRequest, model: str, priority: int, source: str) -> str:
+    """What makes two creates the same one: the client's own values (before defaults and a drawn seed), the
+    image by its digest."""
+    values = request.to_dict()
+    if request.image is not None:
+        values["image"] = hashlib.sha256(bytes(request.image)).hexdigest()
+    text = json.dumps({"model": model, "priority": priority, "source": source, **values}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# On an answer that is an Idempotency-Key's earlier job: a client (or its log) can tell a replay from a create.
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+class Submitted(NamedTuple):
+    job: Job
+    replayed: bool  # an Idempotency-Key's earlier job, nothing new queued
 
 
 def base_name(key: str) -> str:
@@ -251,14 +310,18 @@ def submit(
     priority: int,
     source: str,
     field_names: Mapping[str, str] | None = None,
-) -> Job:
+    key: str | None = None,
+) -> Submitted:
     """Validate `request` for its model, fill defaults, draw the seed, and enqueue it.
 
     `field_names` renames request fields in errors to what the surface calls them (the image is
     `input_reference` on /v1/videos, `image_url` elsewhere), so the client is told about its own field.
+    With an idempotency `key`, the job an earlier create under that key made is the answer, if it was the
+    same request; another request under a used key is refused.
     """
     spec = served_spec(specs, model, frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"}))
     priority = parse_priority(priority)
+    fingerprint = None if key is None else request_fingerprint(request, spec.name, priority, source)
     try:
         resolved = resolve(request, spec, serving=settings.preset, step_cache=settings.step_cache_possible)
     except InvalidRequest as exc:
@@ -266,23 +329,40 @@ def submit(
             raise InvalidRequest(field_names[exc.field], exc.rule) from None
         raise
     limit = settings.queue_limit
-    if resolved.image is not None and limit is not None and store.queue_depth(spec.name) >= limit:
+    full = resolved.image is not None and limit is not None and store.queue_depth(spec.name) >= limit
+    if full and key is None:
         # Refused before the upload (up to 20 MiB stored and removed again); enqueue checks again, atomically.
+        # A keyed create goes on: it may be the retry of one queued already, which a full queue must not refuse.
         raise QueueFull(spec.name, limit, QUEUE_FULL_RETRY_AFTER)
     job_id = new_job_id()
     record = store_request(resolved, job_id, storage)  # an input image goes to the storage first
+    new = Job(
+        id=job_id,
+        model=spec.name,
+        request=record,
+        priority=priority,
+        source=source,
+        idempotency_key=key,
+        fingerprint=fingerprint,
+    )
     try:
-        job = store.enqueue(
-            Job(id=job_id, model=spec.name, request=record, priority=priority, source=source),
-            max_queued=settings.queue_limit,
-        )
+        job = store.enqueue(new, max_queued=settings.queue_limit)
     except BaseException:
         if "image_key" in record:  # not queued (full, store down): its image is no one's
             _remove_input(storage, job_id)
         raise
+    if job.id != job_id:  # the key's earlier job
+        if "image_key" in record:
+            _remove_input(storage, job_id)
+        if job.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                IDEMPOTENCY_HEADER,
+                f"{key!r} was used for another request (it created {job.id}); send a new key for a new request",
+            )
+        return Submitted(job, replayed=True)
     if metrics is not None:
         metrics.job_submitted(spec.name)
-    return job
+    return Submitted(job, replayed=False)
 
 
 def queue_position(store: JobStore, job: Job) -> int | None:

@@ -9,6 +9,7 @@ from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 
 __all__ = [
     "CURSOR_TTL_S",
+    "IDEMPOTENCY_TTL_S",
     "QUEUE_FULL_RETRY_AFTER",
     "WORKER_LOST_MESSAGE",
     "Job",
@@ -25,6 +26,10 @@ QUEUE_FULL_RETRY_AFTER = 5
 # How long a deleted (or expired) job's place in the list is remembered, so that a client paging with it
 # as `after` (a clean-up loop deleting as it goes) carries on instead of meeting a 404.
 CURSOR_TTL_S = 7 * 24 * 3600
+
+# How long an Idempotency-Key keeps naming the job it created (as Stripe's do): a client retries within
+# minutes, and a key reused a day later is a new request.
+IDEMPOTENCY_TTL_S = 24 * 3600
 
 # The error_message of a job reaped for the last time (code `worker_lost`); `%d` is the attempt count.
 # A %-template rather than an f-string so the Redis backend's Lua script formats it identically.

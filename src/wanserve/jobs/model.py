@@ -58,6 +58,8 @@ class Job:
     error_message: str | None = None
     result: dict[str, Any] | None = None  # seed, timings, storage keys, num_frames, fps...
     source: str = "openai"  # which surface created it (openai, video, api_v1, submit)
+    idempotency_key: str | None = None  # the client's Idempotency-Key: a retried create finds this job
+    fingerprint: str | None = None  # of the create request, so the same key on another request is refused
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -90,7 +92,11 @@ class JobStore(Protocol):
     """
 
     def enqueue(self, job: Job, max_queued: int | None = None) -> Job:
-        """Store a new queued job. With `max_queued`, raise QueueFull if that many already wait for its model."""
+        """Store a new queued job. With `max_queued`, raise QueueFull if that many already wait for its model.
+
+        With `job.idempotency_key`, a job stored under the same key in the last IDEMPOTENCY_TTL_S, and not
+        deleted since, is returned instead (its id is not `job.id`) and nothing is stored: a client retrying a
+        create whose answer it lost gets the job it made, never a second one, nor QueueFull."""
         ...
 
     def get(self, job_id: str) -> Job:

@@ -10,6 +10,7 @@ Keys, under a prefix (default `wanserve`):
     {p}:running:{model}  set of running job ids (running_count)
     {p}:all              zset of every job id by seq (list)
     {p}:expiry           zset of finished job ids by expires_at (expired)
+    {p}:idem:{key}       the id of the job an Idempotency-Key created, kept IDEMPOTENCY_TTL_S
     {p}:gone:{id}        the seq of a deleted job, kept CURSOR_TTL_S so `list(after=id)` still knows its place
     {p}:op:{token}       the reply of one state change, kept 10 minutes (see `_once`)
     {p}:events           pub/sub channel: {"id", "status", "progress", "stage"} after every change
@@ -33,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
-from wanserve.jobs import CURSOR_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
 
 _JSON_FIELDS = ("request", "result")
@@ -118,16 +119,23 @@ local function requeue(id, now)
 end
 """
 
-# ARGV: prefix, id, model, priority, max_queued or '', field, value, ..., op ttl
+# ARGV: prefix, id, model, priority, max_queued or '', idempotency key or '', its ttl, field, value, ..., op ttl
 _ENQUEUE = """
 return once(function()
-  local id, model = ARGV[2], ARGV[3]
+  local id, model, key = ARGV[2], ARGV[3], ARGV[6]
   local jk = k('job', id)
+  if key ~= '' then
+    local prior = redis.call('GET', k('idem', key))
+    if prior and redis.call('EXISTS', k('job', prior)) == 1 then
+      return {'replay', redis.call('HGETALL', k('job', prior))}
+    end
+  end
   if redis.call('EXISTS', jk) == 1 then return 'exists' end
   if ARGV[5] ~= '' and redis.call('ZCARD', k('queue', model)) >= tonumber(ARGV[5]) then return 'full' end
+  if key ~= '' then redis.call('SET', k('idem', key), id, 'EX', tonumber(ARGV[7])) end
   local seq = redis.call('INCR', k('seq'))
   local fields = {}
-  for i = 6, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
+  for i = 8, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', jk, 'seq', seq, unpack(fields))
   redis.call('ZADD', k('queue', model), -tonumber(ARGV[4]), member(seq, id))
   redis.call('ZADD', k('all'), seq, id)
@@ -428,7 +436,12 @@ class RedisJobStore:
         if job.status != JobStatus.QUEUED:
             raise ValueError(f"enqueue takes a queued job, not a {job.status.value} one")
         limit = "" if max_queued is None else str(max_queued)
-        reply = self._once(self._enqueue, job.id, job.model, job.priority, limit, *_to_fields(job))
+        key = job.idempotency_key or ""
+        reply = self._once(
+            self._enqueue, job.id, job.model, job.priority, limit, key, IDEMPOTENCY_TTL_S, *_to_fields(job)
+        )
+        if isinstance(reply, list):  # ["replay", the job the key created]
+            return _from_flat(reply[1])
         if reply == "exists":
             raise ValueError(f"a job with id {job.id!r} already exists")
         if reply == "full":

@@ -20,7 +20,7 @@ from typing import Any
 
 from wanserve.disk import has_room
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
-from wanserve.jobs import CURSOR_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
 from wanserve.jobs.model import Job, JobStatus
 
 # `seq` is the arrival order: it breaks priority ties and is never rewritten, so a released or reaped job
@@ -42,6 +42,8 @@ CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (status, lease_expires_at);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 CREATE TABLE IF NOT EXISTS gone (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, gone_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, job_id TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 """
 
 _BUSY_TIMEOUT_S = 30.0
@@ -179,6 +181,16 @@ class SQLiteJobStore:
             raise ValueError(f"enqueue takes a queued job, not a {job.status.value} one")
         stored = replace(job)
         with self._tx() as conn:
+            key, now = job.idempotency_key, time.time()
+            if key is not None:
+                row = conn.execute(
+                    "SELECT job_id FROM idempotency WHERE key = ? AND expires_at > ?", (key, now)
+                ).fetchone()
+                if row is not None:
+                    try:
+                        return self._load(conn, row[0])
+                    except JobNotFound:  # deleted since: the key is free again
+                        pass
             if max_queued is not None and self._depth(conn, job.model) >= max_queued:
                 raise QueueFull(job.model, max_queued, QUEUE_FULL_RETRY_AFTER)
             try:
@@ -198,6 +210,17 @@ class SQLiteJobStore:
                 )
             except sqlite3.IntegrityError:
                 raise ValueError(f"a job with id {job.id!r} already exists") from None
+            if key is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency (key, job_id, expires_at) VALUES (?, ?, ?)",
+                    (key, job.id, now + IDEMPOTENCY_TTL_S),
+                )
+                # A few expired keys go with each new one: the table stays the size of a day's keyed creates.
+                conn.execute(
+                    "DELETE FROM idempotency WHERE key IN"
+                    " (SELECT key FROM idempotency WHERE expires_at <= ? ORDER BY expires_at LIMIT 16)",
+                    (now,),
+                )
         return stored
 
     def get(self, job_id: str) -> Job:

@@ -34,6 +34,9 @@ _UNAVAILABLE_CODES = {
 }
 
 
+_BODILESS_REFUSALS = {"301", "400", "401", "403"}
+
+
 def _cannot_serve(exc: BaseException) -> bool:
     """A 5xx (an S3 down, or a proxy in front of it: 502, 503), throttling, or credentials or a bucket that do
     not work: the API answers 503 storage_unavailable and the worker waits, instead of a 500."""
@@ -42,7 +45,10 @@ def _cannot_serve(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         code = str(exc.response.get("Error", {}).get("Code"))
-        return status >= 500 or code in _UNAVAILABLE_CODES  # a per-object 403 (InvalidObjectState) is not
+        # A per-object 403 (InvalidObjectState) is not. A HEAD's answer has no body, so its code is the bare
+        # status: every HEAD (each download starts with one) is answered so while S3 refuses the credentials
+        # (403), an expired token (400) or the region (301), which must read as the outage it is, not a 500.
+        return status >= 500 or code in _UNAVAILABLE_CODES or code in _BODILESS_REFUSALS
     return True  # BotoCoreError (connection, timeout), and an upload that gave up without an answer
 
 
