@@ -392,6 +392,51 @@ def test_legacy_creates_honour_an_idempotency_key(api: Api) -> None:
     assert len(api.client.get("/v1/videos").json()["data"]) == 3
 
 
+def test_a_negative_prompt_that_would_change_nothing_is_refused(api: Api) -> None:
+    """With guidance_scale at 1 or below the negative prompt is never encoded: two different ones gave the same
+    video byte for byte, and the client was not told (as guidance_scale_2 is, in the same case)."""
+    body = {"prompt": "p", "negative_prompt": "blurry, static", "guidance_scale": 1}
+    error = openai_error(api.client.post("/v1/videos", json=body), 400)
+    assert error["param"] == "negative_prompt" and "only when guidance_scale is above 1 (it is 1)" in error["message"]
+    assert api.client.post("/v1/videos", json={**body, "negative_prompt": ""}).status_code == 200
+    assert api.client.post("/v1/videos", json={**body, "guidance_scale": 5}).status_code == 200
+    legacy = problem(api.client.post("/video/submit", json={**body, "guidance_scale": 0.5}), 400)
+    assert legacy["field"] == "negative_prompt"
+
+
+def test_a_local_folder_answers_to_its_models_name_and_seconds_fit_its_frames(
+    tmp_path: Path, media: tuple[Path, Path], tiny_cache: Path
+) -> None:
+    """`seconds` was capped at the model's max_frames only, so on weights whose rotary table ends sooner a long
+    video became a frame count the same request then refused; and a local copy of a model answered only to its
+    folder's path."""
+    import shutil
+
+    from wanserve.catalog import resolve_spec
+
+    folders = {}
+    for name, source in (("my-wan", "tiny-t2v"), ("tiny-ti2v", "tiny-ti2v")):
+        (built,) = (tiny_cache / "tiny").glob(f"{source}-v*")
+        folders[name] = shutil.copytree(built, tmp_path / "models" / name)
+    specs = {spec.name: spec for spec in (resolve_spec(str(folder)) for folder in folders.values())}
+    settings = Settings(data_dir=tmp_path, model=[str(folder) for folder in folders.values()])
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    app = create_app(settings, store, LocalStorage(tmp_path / "videos"), specs)
+    try:
+        with TestClient(app) as client:
+            models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            generic = models[str(folders["my-wan"])]
+            assert generic["limits"]["max_frames"] == 125  # its rotary table's end, before the 161 of Wan
+            long = client.post("/v1/videos", json={"prompt": "p", "model": str(folders["my-wan"]), "seconds": "600"})
+            assert long.status_code == 200 and long.json()["num_frames"] == 125, long.text
+            named = client.post("/v1/videos", json={"prompt": "p", "model": "tiny-ti2v"})
+            assert named.status_code == 200 and named.json()["model"] == str(folders["tiny-ti2v"]), named.text
+            assert named.json()["size"] == "64x64"  # the model's own default, from its name
+            assert client.get("/v1/models/tiny-ti2v").json()["id"] == str(folders["tiny-ti2v"])
+    finally:
+        store.close()
+
+
 def test_openai_multipart_upload_with_string_numbers(api: Api) -> None:
     image = png_bytes((20, 120, 220))
     response = api.client.post(

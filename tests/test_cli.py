@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from videos import decode_mp4
 
@@ -512,3 +513,127 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
 
     hint = run(["doctor"], tiny_cache, WANSERVE_S3_ENDPOINT="http://minio:9000")
     assert "did you mean WANSERVE_S3_ENDPOINT_URL?" in hint.stderr
+
+
+def _copy_of(tiny_cache: Path, name: str, to: Path) -> Path:
+    import shutil
+
+    (source,) = (tiny_cache / "tiny").glob(f"{name}-v*")
+    shutil.copytree(source, to)
+    return to
+
+
+def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cache: Path, tmp_path: Path) -> None:
+    """A malformed model_index.json or config was a JSONDecodeError traceback (or an AttributeError for a JSON
+    list), a folder missing a component a diffusers error that named none, and a VACE pipeline was taken and
+    crashed inside its first generation."""
+    import json
+
+    def broken(name: str, change: Any) -> Path:
+        folder = _copy_of(tiny_cache, "tiny-t2v", tmp_path / name)
+        change(folder)
+        return folder
+
+    index = lambda folder: folder / "model_index.json"  # noqa: E731
+    cases = {
+        "not-json": (lambda f: index(f).write_text("{bad"), "model_index.json cannot be read as a diffusers config"),
+        "a-list": (lambda f: index(f).write_text("[1, 2]"), "model_index.json holds a JSON list"),
+        "bad-config": (
+            lambda f: (f / "transformer" / "config.json").write_text("{"),
+            "transformer/config.json cannot be read",
+        ),
+        "no-vae": (
+            lambda f: __import__("shutil").rmtree(f / "vae"),
+            "is incomplete: model_index.json names vae, not in the folder",
+        ),
+        "vace": (
+            lambda f: index(f).write_text(
+                json.dumps({**json.loads(index(f).read_text()), "_class_name": "WanVACEPipeline"})
+            ),
+            "holds a WanVACEPipeline, which wanserve does not run (it runs WanPipeline and WanImageToVideoPipeline)",
+        ),
+    }
+    for name, (change, message) in cases.items():
+        folder = broken(name, change)
+        done = run(["generate", "--model", str(folder), "--prompt", "p", "--out", str(tmp_path / "x.mp4")], tiny_cache)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
+    missing = run(["generate", "--model", str(tmp_path / "no-such"), "--prompt", "p"], tiny_cache)
+    assert missing.returncode == 2 and "no-such is not a directory" in missing.stderr, missing.stderr
+
+
+def test_a_local_copy_named_after_a_model_keeps_its_defaults(tiny_cache: Path, tmp_path: Path) -> None:
+    """A copy of a catalog model in a folder of its name (as `hf download --local-dir /models/<name>` leaves it,
+    and as the offline advice says to pass it) was described as a generic Wan 2.1 model: 16 fps for TI2V-5B's
+    24, and a default size the model never had. Its folder's name now brings the model's own defaults."""
+    local = _copy_of(tiny_cache, "tiny-ti2v", tmp_path / "tiny-ti2v")
+    out = tmp_path / "named.mp4"
+    args = ["generate", "--model", str(local), "--prompt", "a fox", "--steps", "1", "--frames", "1"]
+    done = run([*args, "--out", str(out)], tiny_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert decode_mp4(out).frames.shape == (1, 64, 64, 3)  # tiny-ti2v's default, not 832x480
+    other = _copy_of(tiny_cache, "tiny-ti2v", tmp_path / "my-finetune")
+    done = run(["generate", "--model", str(other), *args[3:], "--out", str(out)], tiny_cache)
+    assert done.returncode == 0 and decode_mp4(out).frames.shape == (1, 480, 832, 3), done.stderr[-3000:]
+
+
+def test_an_empty_out_path_is_refused_naming_the_flag(tiny_cache: Path) -> None:
+    for out in ("", "/"):
+        done = run(["generate", "--model", "tiny-t2v", "--prompt", "p", "--out", out], tiny_cache)
+        assert done.returncode == 2 and "--out:" in done.stderr and "names no file" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_repo_the_catalog_does_not_know_is_described_from_its_cached_files(tiny_cache: Path, tmp_path: Path) -> None:
+    """A fine-tune on the Hub (an image-to-video one here) was described as Wan 2.1 text-to-video until loaded,
+    for good in the API: its image requests were refused, its text ones failed on the worker, naming the HF
+    cache's snapshot folder. It is described from the files in the HF cache, under its repo id."""
+    import httpx
+
+    from service import Process, base_env, free_port, wait_ready
+    from videos import png_bytes
+
+    snapshot = tmp_path / "hf" / "hub" / "models--someorg--tiny-i2v-wan" / "snapshots" / ("0" * 40)
+    _copy_of(tiny_cache, "tiny-i2v", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = base_env(tiny_cache, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Process(
+        ["serve", "--model", "someorg/tiny-i2v-wan", "--port", str(port), "--data-dir", str(tmp_path / "d")],
+        env,
+        tmp_path / "serve.log",
+    )
+    try:
+        wait_ready(url, server)
+        (model,) = httpx.get(f"{url}/v1/models").json()["data"]
+        assert model["id"] == "someorg/tiny-i2v-wan" and model["tasks"] == ["i2v"], model
+        text_only = httpx.post(f"{url}/v1/videos", json={"prompt": "p"})
+        assert text_only.status_code == 400 and text_only.json()["error"]["param"] == "input_reference"
+        created = httpx.post(
+            f"{url}/v1/videos",
+            data={"prompt": "p", "num_inference_steps": "1", "num_frames": "1"},
+            files={"input_reference": ("a.png", png_bytes((1, 2, 3)))},
+        )
+        assert created.status_code == 200, created.text
+        video_id = created.json()["id"]
+        for _ in range(600):
+            video = httpx.get(f"{url}/v1/videos/{video_id}").json()
+            if video["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.1)
+        assert video["status"] == "completed", video
+        assert "loaded someorg/tiny-i2v-wan from" in server.log()  # by its repo id, not its cache folder
+    finally:
+        server.stop()
+    # One not in the cache is described with generic defaults, and the log says so.
+    api = Process(
+        ["api", "--model", "someorg/not-cached", "--port", str(port), "--data-dir", str(tmp_path / "e")],
+        env,
+        tmp_path / "api.log",
+    )
+    try:
+        wait_ready(url, api)
+        assert "someorg/not-cached is neither a catalog model nor in this machine's Hugging Face cache" in api.log()
+    finally:
+        api.stop()

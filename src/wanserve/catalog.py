@@ -7,6 +7,7 @@ A model is named by a catalog name (`wan2.1-t2v-1.3b`), an alias users of the ol
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -42,6 +43,9 @@ class ModelSpec:
     max_side_patches: int = 1024
     aliases: tuple[str, ...] = ()
     tiny: bool = False
+    # Described with generic defaults, not from its files: a repo id neither the catalog nor this machine's
+    # HF cache knows. `serve` describes it again once its worker has the files.
+    provisional: bool = False
     local_path: str | None = None  # set when the model was given as a directory
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -58,6 +62,11 @@ class ModelSpec:
     def rope_max_frames(self) -> int:
         """The longest video (stride·k + 1 frames) whose latent frames the rotary table covers."""
         return (self.max_side_patches - 1) * self.temporal_stride + 1
+
+    @property
+    def frame_limit(self) -> int:
+        """The longest video a request may ask for: the model's own cap, or less where its rotary table ends."""
+        return min(self.max_frames, self.rope_max_frames)
 
     @property
     def two_experts(self) -> bool:
@@ -284,8 +293,11 @@ def resolve_spec(name: str) -> ModelSpec:
         return spec
     path = Path(name).expanduser()
     if path.is_dir():
-        return spec_from_directory(path)
+        return local_spec(path)
     if looks_like_repo_id(name):
+        snapshot = _cached_snapshot(name)
+        if snapshot is not None:
+            return repo_spec(spec_from_directory(snapshot), name)
         return ModelSpec(
             name=name,
             description=f"diffusers repo {name}",
@@ -299,7 +311,10 @@ def resolve_spec(name: str) -> ModelSpec:
             num_inference_steps=50,
             guidance_scale=5.0,
             flow_shift=3.0,
+            provisional=True,
         )
+    if name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep):
+        raise ModelNotFound(f"{name} is not a directory (a local model is a diffusers folder with model_index.json)")
     known = ", ".join(s.name for s in ALL_SPECS)
     raise ModelNotFound(
         f"unknown model {name!r}: use a catalog name ({known}), an alias such as t2v-1.3B, "
@@ -307,11 +322,67 @@ def resolve_spec(name: str) -> ModelSpec:
     )
 
 
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The repo's folder in this machine's Hugging Face cache, if it is there (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or no such cache
+        return None
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def repo_spec(described: ModelSpec, repo_id: str) -> ModelSpec:
+    """A repo the catalog does not know, described from its files, under its repo id (not its cache folder)."""
+    return replace(described, name=repo_id, repo_id=repo_id, local_path=None, description=f"diffusers repo {repo_id}")
+
+
+def _named_after(path: Path) -> ModelSpec | None:
+    """The catalog model a local copy is named after: its folder is the catalog name, an alias, or the repo's
+    own name (as `hf download --local-dir` is told in the docs)."""
+    folder = path.expanduser().resolve().name.lower()
+    for spec in ALL_SPECS:
+        names = {spec.name, *spec.aliases, *([spec.repo_id.split("/")[-1]] if spec.repo_id else [])}
+        if folder in {n.lower() for n in names}:
+            return spec
+    return None
+
+
+def local_spec(path: Path) -> ModelSpec:
+    """A local diffusers folder, described from its files; a copy of a catalog model, named after it, keeps
+    that model's official defaults (TI2V-5B's 24 fps, A14B's guidance and steps) and may be asked for by its
+    catalog name, when its files agree with the catalog on what it is."""
+    described = spec_from_directory(path)
+    base = _named_after(path)
+    if base is None or base.tasks != described.tasks or base.two_experts != described.two_experts:
+        return described
+    merged = spec_from_directory(path, base=base)
+    if max(merged.width, merged.height) > merged.max_side or merged.num_frames > merged.rope_max_frames:
+        return described  # smaller weights than the name says: the catalog's defaults would not run on them
+    return replace(
+        merged,
+        name=described.name,  # the folder, as given: what its workers load and their queue's name
+        tiny=False,  # loaded from the folder like any other, not built
+        description=f"{base.name} at {described.local_path}",
+        aliases=(base.name, *base.aliases),
+    )
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or not JSON
+        raise ModelNotFound(f"{path} cannot be read as a diffusers config: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelNotFound(f"{path} holds a JSON {type(data).__name__}, not the object a diffusers config is")
+    return data
+
+
+# The pipelines the engine runs. Wan's other ones (VACE, Animate, video-to-video) take inputs it never passes.
+SUPPORTED_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 
 
 def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
@@ -325,8 +396,22 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
     if not index:
         raise ModelNotFound(f"{path} is not a diffusers model directory: model_index.json is missing")
     pipeline_class = index.get("_class_name", "")
-    if not pipeline_class.startswith("Wan"):
+    if not isinstance(pipeline_class, str) or not pipeline_class.startswith("Wan"):
         raise ModelNotFound(f"{path} holds a {pipeline_class or 'unknown'} pipeline, not a Wan pipeline")
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        raise ModelNotFound(
+            f"{path} holds a {pipeline_class}, which wanserve does not run "
+            f"(it runs {' and '.join(SUPPORTED_PIPELINES)})"
+        )
+    # Each component model_index.json names must be there: diffusers would stop on the first one missing
+    # with a message that names none of them.
+    missing = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[:1] != [None] and not (path / name).is_dir()
+    ]
+    if missing:
+        raise ModelNotFound(f"{path} is incomplete: model_index.json names {', '.join(missing)}, not in the folder")
     vae = _read_json(path / "vae" / "config.json")
     transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "transformer_2" / "config.json")
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json")

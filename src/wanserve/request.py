@@ -341,6 +341,14 @@ def resolve(
     )
     if not 0 <= guidance <= 30:
         raise InvalidRequest("guidance_scale", f"must be between 0 and 30, got {guidance}")
+    if guidance <= 1 and isinstance(request.negative_prompt, str) and request.negative_prompt.strip():
+        # Without classifier-free guidance the negative prompt is never encoded: the video would be the same
+        # with any negative prompt, or none, and the client would not know it was ignored.
+        raise InvalidRequest(
+            "negative_prompt",
+            f"takes effect only when guidance_scale is above 1 (it is {guidance:g}): raise guidance_scale, or "
+            "leave negative_prompt out",
+        )
 
     guidance_2: float | None = None
     boundary: float | None = None

@@ -28,7 +28,24 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
         if spec.name in specs:
             raise BadSetting(f"{name!r} names {spec.name}, which is already served", "model")
         specs[spec.name] = spec
+        if spec.provisional:
+            log.warning(
+                "%s is neither a catalog model nor in this machine's Hugging Face cache: requests are checked "
+                "against generic defaults (Wan 2.1 text-to-video, 832x480) until a worker here has its files "
+                "(an API replica elsewhere: put the repo in its HF cache, or serve a local copy)",
+                spec.name,
+            )
     return specs
+
+
+def _describe_when_loaded(worker: Any, specs: dict[str, ModelSpec]) -> None:
+    """A repo the catalog does not know is described from its files once its worker has them: from then on the
+    API checks requests against what the model is (its tasks, defaults, limits), not generic defaults."""
+    worker.loaded.wait()
+    engine = worker.engine
+    if engine is not None and getattr(engine, "spec", None) is not None:
+        specs[worker.model] = engine.spec
+        log.info("%s described from its files: %s", worker.model, "+".join(sorted(engine.spec.tasks)))
 
 
 def open_backends(settings: Settings) -> tuple[Any, Any]:
@@ -174,6 +191,11 @@ def run_serve(settings: Settings) -> None:
     start_together = threading.Barrier(len(specs))
     workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
+    for worker in workers:
+        if specs[worker.model].provisional:
+            threading.Thread(
+                target=_describe_when_loaded, args=(worker, specs), name=f"describe-{worker.model}", daemon=True
+            ).start()
     # The API answers throughout a drain (a job's status, /health; /ready says no), and stops after it. The
     # thread that stops it waits from the start: none is started from inside a signal handler.
     draining = threading.Event()

@@ -74,7 +74,7 @@ def seconds_to_frames(seconds: object, fps: int, spec: ModelSpec) -> int:
         raise InvalidRequest("seconds", f"must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
     stride = spec.temporal_stride
     k = max(round((value * fps - 1) / stride), 0)
-    longest = (spec.max_frames - 1) // stride
+    longest = (spec.frame_limit - 1) // stride
     return min(k, longest) * stride + 1
 
 

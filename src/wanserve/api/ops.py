@@ -57,7 +57,7 @@ def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[st
         "tasks": sorted(spec.tasks),
         "defaults": model_defaults(spec),
         "limits": {
-            "max_frames": spec.max_frames,
+            "max_frames": spec.frame_limit,
             "max_pixels": spec.max_pixels,
             "max_side": spec.max_side,
             "size_multiple": spec.spatial_multiple,

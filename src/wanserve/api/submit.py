@@ -293,9 +293,11 @@ def served_spec(specs: Mapping[str, ModelSpec], model: object, needs: frozenset[
     known = lookup(model)
     if known is not None and known.name in specs:
         return specs[known.name]
-    by_lower = {name.lower(): spec for name, spec in specs.items()}
-    if model.strip().lower() in by_lower:
-        return by_lower[model.strip().lower()]
+    # A served name, or an alias of a served model (a local copy of a catalog model answers to its name).
+    wanted = model.strip().lower()
+    for spec in specs.values():
+        if wanted in {name.lower() for name in (spec.name, *spec.aliases)}:
+            return spec
     raise ModelNotServed("model", f"{model!r} is not served here; served models: {', '.join(specs)}")
 
 

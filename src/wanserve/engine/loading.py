@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from wanserve.catalog import ModelSpec, resolve_spec, spec_from_directory
+from wanserve.catalog import ModelSpec, repo_spec, resolve_spec, spec_from_directory
 from wanserve.config import Settings
 from wanserve.errors import BadSetting, ModelUnavailable
 
@@ -48,7 +48,9 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
                 return spec_from_directory(candidate, base=spec), candidate
     assert spec.repo_id is not None
     path = download(spec.repo_id, spec.name, settings.models_dir)
-    return spec_from_directory(path, base=spec if spec.repo_id != spec.name else None), path
+    if spec.repo_id == spec.name:  # a repo the catalog does not know: its files say what it is
+        return repo_spec(spec_from_directory(path), spec.repo_id), path
+    return spec_from_directory(path, base=spec), path
 
 
 def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:

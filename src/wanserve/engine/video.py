@@ -33,6 +33,8 @@ def thumbnail_path_for(video_path: Path) -> Path:
 def check_output_path(out: Path) -> None:
     """Refuse, before any work, a path that could not hold the video and its thumbnail (the error's field is
     `out_path`; the CLI calls it `--out`). Creates the missing folders."""
+    if not out.name or out.name in (".", ".."):
+        raise InvalidRequest("out_path", f"{str(out)!r} names no file: give the MP4's path, such as fox.mp4")
     thumbnail = thumbnail_path_for(out)
     if thumbnail == out:
         raise InvalidRequest(
