@@ -497,6 +497,9 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
         (["api", "--port", port], {"WANSERVE_PUBLIC_URL": "api.example.com"}, "WANSERVE_PUBLIC_URL: must be an http"),
         (["bench", "--device", "cuda", "--out", str(tmp_path / "b1")], {}, "--device: cuda was asked for"),
         (["bench", "--cpu-tiny", "--cache-dir", str(a_file), "--out", str(tmp_path / "b2")], {}, "--cache-dir:"),
+        # A results folder that cannot be one: each job used to run in full, then fail to store its video.
+        (["serve", "--port", port, "--storage", str(a_file / "videos")], {}, f"--storage: {a_file / 'videos'} cannot"),
+        (["api", "--port", port, "--storage", f"file://{a_file}"], {}, f"{a_file} is a file, not a folder"),
     ]
     for args, env, message in wrong:
         done = run(args, tiny_cache, timeout=120, **env)
@@ -510,6 +513,11 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
     assert doctor.returncode == 1
     assert f"{a_file}/jobs.db cannot be created: {a_file} is a file: fix --data-dir" in said  # not "OK"
     assert "--device=cuda, but torch" in said  # as it was set
+    storage = run(["doctor", "--storage", str(a_file / "videos")], tiny_cache)
+    said = " ".join(storage.stdout.split()) + " ".join(storage.stderr.split())
+    assert (
+        storage.returncode == 1 and f"cannot hold the videos: {a_file} is a file, not a folder: fix --storage" in said
+    )
 
     hint = run(["doctor"], tiny_cache, WANSERVE_S3_ENDPOINT="http://minio:9000")
     assert "did you mean WANSERVE_S3_ENDPOINT_URL?" in hint.stderr
@@ -637,3 +645,101 @@ def test_a_repo_the_catalog_does_not_know_is_described_from_its_cached_files(tin
         assert "someorg/not-cached is neither a catalog model nor in this machine's Hugging Face cache" in api.log()
     finally:
         api.stop()
+
+
+def test_a_redis_that_refuses_the_store_url_is_a_wrong_setting(redis_url: str, tiny_cache: Path) -> None:
+    """A database number the server does not have: serve started, then its worker died with two tracebacks,
+    and doctor advised starting a redis-server that was running."""
+    from conftest import free_tcp_port
+
+    wrong = redis_url.rsplit("/", 1)[0] + "/99"
+    done = run(["serve", "--port", str(free_tcp_port()), "--store", wrong], tiny_cache, timeout=120)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "--store:" in said and "DB index is out of range" in said, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    doctor = run(["doctor", "--store", wrong], tiny_cache)
+    said = " ".join((doctor.stdout + doctor.stderr).split())
+    assert "refuses it (DB index is out of range): fix --store" in said and "start redis-server" not in said
+
+
+def test_prune_says_what_is_wrong_in_one_line(tiny_cache: Path, tmp_path: Path) -> None:
+    """An S3 that does not answer or a damaged SQLite file were tracebacks; a typo in a plain-path --storage said
+    "nothing to prune" where a file:// one was refused."""
+    from wanserve.jobs.sqlite import SQLiteJobStore
+
+    from conftest import free_tcp_port
+
+    SQLiteJobStore(tmp_path / "jobs.db").close()
+    store = ["--store", f"sqlite:///{tmp_path / 'jobs.db'}"]
+    typo = run(["prune", *store, "--storage", str(tmp_path / "no-such-videos")], tiny_cache)
+    assert typo.returncode == 2 and "--storage: nothing at" in typo.stderr, typo.stderr
+    aws = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    endpoint = f"http://127.0.0.1:{free_tcp_port()}"  # nothing listens there
+    s3 = run(["prune", *store, "--storage", "s3://videos/x"], tiny_cache, WANSERVE_S3_ENDPOINT_URL=endpoint, **aws)
+    assert s3.returncode == 1 and "the result storage (S3) cannot be reached" in s3.stderr, s3.stderr[-2000:]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "jobs.db").write_bytes(b"garbage" * 1000)
+    (tmp_path / "bad" / "videos").mkdir()
+    damaged = run(["prune", "--data-dir", str(tmp_path / "bad")], tiny_cache)
+    assert damaged.returncode == 1 and "is damaged" in damaged.stderr, damaged.stderr[-2000:]
+    for done in (typo, s3, damaged):
+        assert "Traceback" not in done.stderr
+
+
+def test_submit_refuses_what_it_cannot_send_and_servers_that_are_not_wanserve(tiny_cache: Path) -> None:
+    """NaN guidance was a JSON-encoding traceback; a URL whose server resets the connection (TLS, Redis) was
+    tried again for ever; one whose server answers 200 with a web page was a JSONDecodeError; --out beside
+    --no-wait made a folder and wrote nothing."""
+    import http.server
+    import socket
+    import threading
+
+    nan = run(["submit", "--prompt", "p", "--guidance", "nan", "--url", "http://127.0.0.1:9"], tiny_cache)
+    assert nan.returncode == 2 and "--guidance: must be a finite number, got nan" in nan.stderr, nan.stderr
+    both = run(["submit", "--prompt", "p", "--no-wait", "--out", "x.mp4", "--url", "http://127.0.0.1:9"], tiny_cache)
+    assert both.returncode == 2 and "--out: nothing is downloaded with --no-wait" in both.stderr, both.stderr
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.recv(1024)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", "15")
+            self.end_headers()
+            self.wfile.write(b"<html>hi</html>")
+
+        do_GET = do_POST = _page
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        reset = run(["submit", "--prompt", "p", "--url", f"http://127.0.0.1:{listener.getsockname()[1]}"], tiny_cache)
+        assert reset.returncode == 1 and "is `wanserve serve` running there?" in reset.stderr, reset.stderr
+        assert time.monotonic() - started < 60
+        other = run(["submit", "--prompt", "p", "--url", f"http://127.0.0.1:{page.server_address[1]}"], tiny_cache)
+        said = " ".join(other.stderr.split())
+        assert other.returncode == 1 and "is not a wanserve API: POST /v1/videos answered 200 with text/html" in said
+        for done in (nan, both, reset, other):
+            assert "Traceback" not in done.stderr
+    finally:
+        listener.close()
+        page.shutdown()

@@ -410,6 +410,12 @@ class _LosesTheFirstAnswer(http.server.BaseHTTPRequestHandler):
         if len(self.creates) == 1:
             self.close_connection = True
             return
+        self._pass_on(answer)
+
+    def do_GET(self) -> None:
+        self._pass_on(httpx.get(f"{self.upstream}{self.path}"))
+
+    def _pass_on(self, answer: httpx.Response) -> None:
         self.send_response(answer.status_code)
         for name in ("content-type", "idempotent-replayed"):
             if name in answer.headers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import sys
@@ -397,13 +398,23 @@ def submit(
 ) -> None:
     """Send a job to a running wanserve (`serve` or `api`), follow its queue place and progress, and download
     the MP4. Ctrl-C while it waits cancels the job. The key is WANSERVE_API_KEY, as on the server."""
-    from wanserve.client import ApiError, Client, Unreachable
+    from wanserve.client import ApiError, Client, NotAnApi, Unreachable
     from wanserve.engine.video import thumbnail_path_for
     from wanserve.request import parse_size
 
     overrides: dict[str, Any] = dict(url=url)
     settings = settings_from(**overrides)
     base = settings.url or f"http://{_connect_host(settings.host)}:{settings.port}"
+    if out is not None and not wait:
+        fail("--out: nothing is downloaded with --no-wait (it prints the job's id); leave one of them out", 2)
+    for flag, number in (
+        ("--guidance", guidance),
+        ("--guidance-2", guidance_2),
+        ("--boundary-ratio", boundary_ratio),
+        ("--flow-shift", flow_shift),
+    ):
+        if number is not None and not math.isfinite(number):  # JSON has no NaN or infinity to send them as
+            fail(f"{flag}: must be a finite number, got {number}", 2)
     # Before the job is sent: a video nobody can write is a GPU's time wasted. (The default name, the job's id,
     # is known later; its folder is the working directory.)
     check_output(out if out is not None else Path(".wanserve-submit.mp4"))
@@ -435,6 +446,7 @@ def submit(
     # Every try sends the same key: a try whose answer was lost (a timeout, a dropped connection, a store that
     # stalled after queueing it) is answered by the next with the job it made, never a second job.
     key = f"wanserve-submit-{uuid.uuid4().hex}"
+    heard = False  # a wanserve answered at this URL: a lost answer is then worth sending again for
     try:
         while True:
             try:
@@ -443,11 +455,17 @@ def submit(
             except ApiError as exc:
                 if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
                     _refused(exc, client)
+                heard = True
                 outage.wait(exc.message, exc.retry_after)
             except Unreachable as exc:
-                if not exc.delivered and outage.since is None:  # never reached: most likely the wrong URL
+                # Tried again only where a wanserve was heard: a connection refused, or one reset or closed by
+                # whatever listens there (TLS, Redis) is most likely the wrong URL.
+                heard = heard or outage.since is not None or (exc.delivered and client.is_wanserve())
+                if not heard:
                     fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
                 outage.wait(str(exc), None)
+            except NotAnApi as exc:
+                fail(f"{exc} (--url / WANSERVE_URL names another server)")
             except KeyboardInterrupt:
                 fail("interrupted while sending the job: if the server took it, GET /v1/videos lists it", 130)
         outage.over()
@@ -474,6 +492,12 @@ def submit(
                 try:
                     client.download(video_id, path, variant)
                     break
+                except KeyboardInterrupt:
+                    fail(
+                        f"interrupted: {video_id} is completed, its {what} not downloaded: "
+                        f"GET {base}/v1/videos/{video_id}/content{'?variant=thumbnail' if variant != 'video' else ''}",
+                        130,
+                    )
                 except Unreachable as exc:  # the file is stored: a restart or an outage is waited out
                     outage.wait(str(exc), None)
                 except ApiError as exc:
@@ -539,7 +563,7 @@ def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, An
     job is durable) or a store outage, say so once and keep asking."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from wanserve.client import ApiError, Unreachable
+    from wanserve.client import ApiError, NotAnApi, Unreachable
 
     def describe(v: dict[str, Any]) -> str:
         if v["status"] == "queued":
@@ -562,7 +586,7 @@ def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, An
             delay = 0.0
             try:
                 video, delay = client.retrieve(video["id"])
-            except Unreachable as exc:
+            except (Unreachable, NotAnApi) as exc:  # a restart, or a proxy's page in its place meanwhile
                 outage.wait(str(exc), None)
                 continue
             except ApiError as exc:
@@ -583,11 +607,11 @@ def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, An
 
 
 def _cancel_on_interrupt(client: Any, video_id: str) -> NoReturn:
-    from wanserve.client import ApiError, Unreachable
+    from wanserve.client import ApiError, NotAnApi, Unreachable
 
     try:
         client.cancel(video_id)
-    except (ApiError, Unreachable) as exc:
+    except (ApiError, Unreachable, NotAnApi) as exc:
         fail(f"interrupted; {video_id} could not be cancelled: {exc}", 130)
     fail(f"interrupted: {video_id} cancelled", 130)
 
@@ -789,17 +813,28 @@ def prune(
     from wanserve.jobs import redacted
     from wanserve.prune import find_orphans
     from wanserve.roles import open_backends
+    from wanserve.storage import local_storage_path
 
     overrides = {"store": store, "storage": storage, "data_dir": data_dir}
     settings = settings_from(**overrides)
-    for key, url, scheme in (("store", settings.store_url, "sqlite:///"), ("storage", settings.storage_url, "file://")):
+    try:
+        folder = local_storage_path(settings.storage_url)
+    except ValueError as exc:
+        fail(f"{where_set('storage', overrides)}: {exc}", 2)
+    sqlite = settings.store_url.startswith("sqlite:///")
+    for key, path in (
+        ("store", Path(settings.store_url[len("sqlite:///") :]) if sqlite else None),
+        ("storage", folder),
+    ):
         # Opening a missing one would make an empty one, in which every file looks orphaned.
-        if url.startswith(scheme) and not Path(url[len(scheme) :]).exists():
-            fail(f"{where_set(key, overrides)}: nothing at {url[len(scheme) :]} (is it the one the server uses?)", 2)
+        if path is not None and not path.exists():
+            fail(f"{where_set(key, overrides)}: nothing at {path} (is it the one the server uses?)", 2)
     try:
         job_store, result_storage = open_backends(settings)
     except BadSetting as exc:
         fail_setting(exc, overrides)
+    except (StoreUnavailable, StorageUnavailable) as exc:
+        fail(str(exc))
     try:
         # An empty store is read only when it matters: it holds back a delete.
         held_back = delete and not empty_store_ok and not job_store.list(limit=1)[0]

@@ -36,6 +36,10 @@ class Unreachable(WanserveError):
         self.delivered = delivered
 
 
+class NotAnApi(WanserveError):
+    """Something answers at the URL, but not as a wanserve API does (`--url` names another server)."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -72,6 +76,29 @@ class Client:
             message, code, param = f"{status} {response.reason_phrase}", None, None
         return ApiError(status, message, code, param, response.headers.get("retry-after"))
 
+    def _video(self, response: httpx.Response) -> dict[str, Any]:
+        """The video object a 2xx answer holds; anything else is some other server at that address (a catch-all
+        page, a login proxy), said as such rather than a decoding error."""
+        try:
+            video = response.json()
+        except ValueError:
+            video = None
+        if not isinstance(video, dict) or not isinstance(video.get("id"), str) or "status" not in video:
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise NotAnApi(
+                f"{self.url} is not a wanserve API: {response.request.method} {response.request.url.path} "
+                f"answered {response.status_code} with {kind}, not a video object"
+            )
+        return video
+
+    def is_wanserve(self) -> bool:
+        """Whether a wanserve answers here (its /health), asked with a short wait."""
+        try:
+            response = self.http.get("/health", timeout=5)
+            return isinstance(response.json().get("status"), str)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
     def create(
         self, fields: Mapping[str, Any], image: tuple[str, bytes] | None = None, key: str | None = None
     ) -> dict[str, Any]:
@@ -79,18 +106,19 @@ class Client:
         Sent again with the same idempotency `key`, it answers with the video the first call made."""
         headers = {"Idempotency-Key": key} if key else None
         if image is None:
-            return self._call("POST", "/v1/videos", json=dict(fields), headers=headers).json()
+            return self._video(self._call("POST", "/v1/videos", json=dict(fields), headers=headers))
         form = {name: str(value) for name, value in fields.items()}
-        return self._call("POST", "/v1/videos", data=form, files={"input_reference": image}, headers=headers).json()
+        files = {"input_reference": image}
+        return self._video(self._call("POST", "/v1/videos", data=form, files=files, headers=headers))
 
     def retrieve(self, video_id: str) -> tuple[dict[str, Any], float]:
         """The video object, and how long to wait before asking again."""
         response = self._call("GET", f"/v1/videos/{video_id}")
         after = response.headers.get("openai-poll-after-ms")
-        return response.json(), int(after) / 1000 if after and after.isdigit() else DEFAULT_POLL_S
+        return self._video(response), int(after) / 1000 if after and after.isdigit() else DEFAULT_POLL_S
 
     def cancel(self, video_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/videos/{video_id}/cancel").json()
+        return self._video(self._call("POST", f"/v1/videos/{video_id}/cancel"))
 
     def download(self, video_id: str, out: Path, variant: str = "video") -> None:
         """The MP4 (or the `thumbnail`) into `out`, whole or not at all: written beside it, then renamed."""

@@ -108,7 +108,7 @@ def _cache(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
 
 def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     from wanserve.jobs import check_store_url, redacted
-    from wanserve.storage import check_storage_url
+    from wanserve.storage import check_storage_url, local_folder_problem, local_storage_path
 
     url = settings.store_url
     try:
@@ -119,6 +119,15 @@ def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     try:
         if check_storage_url(settings.storage_url) == "s3":
             yield _s3_check(settings.storage_url)
+        else:
+            folder = local_storage_path(settings.storage_url)
+            assert folder is not None
+            problem = local_folder_problem(folder.absolute())
+            where_from = named("storage") if settings.storage is not None else named("data_dir")
+            if problem is not None:
+                yield Check("storage", False, f"{folder} cannot hold the videos: {problem}: fix {where_from}")
+            else:
+                yield Check("storage", True, f"{folder}" + ("" if folder.exists() else " (created at the first start)"))
     except ValueError as exc:
         yield Check("storage", False, f"{exc}: fix {named('storage')}")
     shown = redacted(url)
@@ -132,6 +141,8 @@ def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         info = client.info("server")
         yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
+    except (redis.AuthenticationError, redis.ResponseError) as exc:  # it answers, but not to this URL
+        yield Check("redis", False, f"{shown} refuses it ({exc}): fix {named('store')}")
     except Exception as exc:
         yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix {named('store')}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -129,7 +130,26 @@ def unavailable_on(
     it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them.
     `state` words what is wrong for clients ("cannot be reached", "cannot be written: the disk is full")."""
 
+    def translated(exc: BaseException) -> WanserveError:
+        public = f"{what} {state(exc)}"
+        unavailable = error(public if str(exc) in public else f"{public}: {exc}")
+        unavailable.public = public  # for clients: no internal address or key
+        return unavailable
+
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isgeneratorfunction(method):  # its errors come while it is iterated, not at the call
+
+            @functools.wraps(method)
+            def iterate(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    yield from method(*args, **kwargs)
+                except causes as exc:
+                    if not when(exc):
+                        raise
+                    raise translated(exc) from exc
+
+            return iterate
+
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -137,10 +157,7 @@ def unavailable_on(
             except causes as exc:
                 if not when(exc):
                     raise
-                public = f"{what} {state(exc)}"
-                unavailable = error(public if str(exc) in public else f"{public}: {exc}")
-                unavailable.public = public  # for clients: no internal address or key
-                raise unavailable from exc
+                raise translated(exc) from exc
 
         return call
 

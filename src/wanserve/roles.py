@@ -50,7 +50,7 @@ def _describe_when_loaded(worker: Any, specs: dict[str, ModelSpec]) -> None:
 
 def open_backends(settings: Settings) -> tuple[Any, Any]:
     from wanserve.jobs import open_store
-    from wanserve.storage import open_storage
+    from wanserve.storage import local_folder_problem, local_storage_path, open_storage
 
     # Only when a default under data_dir is used: an API replica on Redis and S3 writes nothing locally, and
     # creating ./data would crash it on a read-only root filesystem (a common container setting).
@@ -71,11 +71,29 @@ def open_backends(settings: Settings) -> tuple[Any, Any]:
         raise
     except OSError as exc:  # the SQLite file's folder cannot be made
         raise BadSetting(f"the job store cannot be opened: {exc.strerror or exc}: {exc.filename}", store_key) from None
+    storage_key = "storage" if settings.storage is not None else "data_dir"
     try:
-        return store, open_storage(settings.storage_url)
-    except ValueError as exc:
+        check = getattr(store, "check_settings", None)
+        if check is not None:  # a Redis that answers, but not to this URL (its password, its database number)
+            check()
+        storage = open_storage(settings.storage_url)
+        folder = local_storage_path(settings.storage_url)
+        if folder is not None:
+            # Refused now, rather than each job running in full and failing to store its video.
+            problem = local_folder_problem(folder.absolute())
+            if problem is None:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    problem = f"it cannot be made a folder: {exc.strerror or exc}"
+            if problem is not None:
+                raise BadSetting(f"{folder} cannot hold the videos: {problem}", storage_key)
+    except BaseException as exc:
         store.close()
-        raise BadSetting(str(exc), "storage") from None
+        if isinstance(exc, ValueError) and not isinstance(exc, BadSetting):  # the storage URL's form
+            raise BadSetting(str(exc), "storage") from None
+        raise
+    return store, storage
 
 
 def check_engine_settings(settings: Settings) -> None:

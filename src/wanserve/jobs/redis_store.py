@@ -28,13 +28,13 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
-from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
+from wanserve.errors import BadSetting, InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
+from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE, redacted
 from wanserve.jobs.model import Job, JobStatus
 
 _JSON_FIELDS = ("request", "result")
@@ -375,6 +375,7 @@ def _from_flat(flat: list[str]) -> Job:
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
         self.prefix = prefix
+        self._shown = redacted(url)
         self.events_channel = f"{prefix}:events"
         # Retrying every command is safe: reads are idempotent, and the scripts that are not carry a token.
         # A connection refused or dropped is retried, with about 7 s of backoff in all (9 s with the tries),
@@ -567,6 +568,17 @@ class RedisJobStore:
             return bool(self._probe.ping())
         except (RedisError, OSError):
             return False
+
+    def check_settings(self) -> None:
+        """At start: a Redis that answers but refuses this URL (a wrong password, a database number it does not
+        have) is a wrong setting, BadSetting now rather than every call failing later. One that does not answer
+        yet is waited out by whoever calls it, as during any outage."""
+        try:
+            self._probe.ping()
+        except (AuthenticationError, ResponseError) as exc:
+            raise BadSetting(f"{self._shown}: Redis refuses it: {exc}", "store") from None
+        except (RedisError, OSError):
+            pass
 
     def close(self) -> None:
         self._probe.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,6 +16,8 @@ __all__ = [
     "Storage",
     "check_storage_url",
     "key_for",
+    "local_folder_problem",
+    "local_storage_path",
     "open_storage",
 ]
 
@@ -49,6 +52,28 @@ def open_storage(url: str) -> Storage:
         return S3Storage(parts.netloc, prefix=parts.path.strip("/"))
     from wanserve.storage.local import LocalStorage
 
-    # Everything after `file://` is the path, taken literally (not percent-decoded): Settings builds these URLs
-    # from raw paths, and `file://data/videos` is a relative directory, not a host.
-    return LocalStorage(Path(url.partition(":")[2].removeprefix("//") if urlsplit(url).scheme else url))
+    folder = local_storage_path(url)
+    assert folder is not None
+    return LocalStorage(folder)
+
+
+def local_storage_path(url: str) -> Path | None:
+    """The folder a file storage URL names; None for S3. Everything after `file://` is the path, taken
+    literally (not percent-decoded): Settings builds these URLs from raw paths, and `file://data/videos` is a
+    relative directory, not a host."""
+    if check_storage_url(url) != "file":
+        return None
+    return Path(url.partition(":")[2].removeprefix("//") if urlsplit(url).scheme else url)
+
+
+def local_folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot hold results, without creating it: None when it is, or can be made, a folder this
+    process may write in."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} may not be written by this user"
+    return None
