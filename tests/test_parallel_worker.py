@@ -211,3 +211,47 @@ def test_a_group_whose_rank_0_cannot_start_ends_at_once(tmp_path: Path, tiny_cac
     assert done.returncode != 0
     assert "--ops-port: could not listen" in done.stderr, done.stderr[-3000:]
     assert "forcefully exiting via" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_store_outage_longer_than_the_collective_timeout_leaves_an_idle_group_up(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """Rank 0 kept its followers waiting (their collective times out, here after 10 s) only while the store
+    answered that nothing was queued: a Redis down for longer than that ended the whole group, and torchrun with
+    it, and a restarted one died the same way while the outage lasted. It keeps them alive through the outage."""
+    from wanserve.catalog import lookup
+    from wanserve.jobs import Job, new_job_id, open_store
+    from wanserve.request import GenerationRequest, resolve
+
+    from conftest import free_tcp_port, start_redis, stop_redis
+
+    port = free_tcp_port()
+    redis = start_redis(port, tmp_path / "redis", appendonly=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    env = base_env(
+        tiny_cache,
+        WANSERVE_STORE=url,
+        WANSERVE_STORAGE=f"file://{tmp_path / 'videos'}",
+        WANSERVE_COLLECTIVE_TIMEOUT="10",
+        OMP_NUM_THREADS="1",
+    )
+    group = Group(env, tmp_path / "group.log")
+    try:
+        stop_redis(redis)
+        time.sleep(25)  # idle, with the store gone for 2.5 collective timeouts
+        assert group.proc.poll() is None, group.log()
+        redis = start_redis(port, tmp_path / "redis", appendonly=True)
+        spec = lookup("tiny-t2v")
+        assert spec is not None
+        request = resolve(GenerationRequest(prompt="after", seed=1, num_inference_steps=2, num_frames=5), spec)
+        store = open_store(url)
+        try:
+            job_id = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request=request.to_dict())).id
+            wait_for(lambda: store.get(job_id).status.finished, 120, "the group to run a job after the outage")
+            assert store.get(job_id).status.value == "completed", group.log()
+        finally:
+            store.close()
+        assert group.proc.poll() is None
+    finally:
+        group.stop()
+        stop_redis(redis)

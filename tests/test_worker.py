@@ -303,6 +303,31 @@ def test_a_stuck_run_does_not_end_the_run_that_took_its_job_over(tmp_path: Path,
         h.stop()
 
 
+def test_a_run_that_lost_its_lease_leaves_alone_the_claim_that_took_its_job_over(
+    tmp_path: Path, engine: Engine
+) -> None:
+    """A store outage longer than the lease: the job went back to the queue while its upload hung, and was
+    claimed again under the same worker id. The stores knew holders by worker id alone, so the stale run's
+    writes were taken as the new attempt's: it completed the job under the new claim's feet (or, stopped by then,
+    deleted its files and marked it cancelled with nobody having asked). Each claim now holds under its own name."""
+    storage = HungStorage(tmp_path / "videos")
+    h = Harness(tmp_path, engine, storage=storage, overlap_jobs=False, lease_seconds=3)
+    try:
+        job_id = h.submit(num_inference_steps=2)
+        assert storage.entered.wait(60)  # the video is made; its upload hangs
+        assert [j.id for j in h.store.reap(max_attempts=3, ttl=60, now=time.time() + 3600)] == [job_id]
+        again = h.store.claim("tiny-t2v", h.worker.worker_id, 3600)
+        assert again is not None and again.id == job_id and again.attempts == 2
+        storage.release.set()
+        wait_for(lambda: h.worker._running is None, 30, "the stale run to end")
+        time.sleep(0.5)
+        job = h.store.get(job_id)
+        assert job.status is JobStatus.IN_PROGRESS and job.worker_id == h.worker.worker_id and job.attempts == 2
+    finally:
+        storage.release.set()
+        h.stop()
+
+
 class DownStore:
     """The worker's store in an outage while `down` is set: renew and set_progress take `stall` seconds (the
     client's own retries) and then fail. Counts the calls made from the thread that denoises."""

@@ -12,6 +12,7 @@ job, and while a job denoises the next queued job's prompt is encoded on a prefe
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -73,6 +74,12 @@ def new_worker_id(model: str) -> str:
 
 T = TypeVar("T")
 
+
+def _holder(job: Job) -> str:
+    """Who holds `job` in the store: the claim this run made (worker id and claim number)."""
+    return job.worker_id or ""
+
+
 # How long the writes that end a job (complete, fail, cancelled) retry an unreachable store, beyond the backend's
 # own retries: a Redis restart must not fail a job whose video is made. After that the lease decides.
 STORE_OUTAGE_WAIT_S = 60.0
@@ -127,6 +134,10 @@ class Worker:
         self.metrics = metrics
         self.engine = engine
         self.worker_id = worker_id or new_worker_id(model)
+        self._claims = itertools.count(1)
+        # A multi-GPU leader's collectives: a job's (the main loop's) or the beat between jobs (_keep_group).
+        self._group_lock = threading.Lock()
+        self._group_busy = False
         self.loaded = threading.Event()
         self.load_error: str | None = None
         self._draining = threading.Event()
@@ -205,37 +216,60 @@ class Worker:
             self._reap()
             remove_orphaned_scratch()
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
+            if getattr(self.engine, "idle", None) is not None:
+                threading.Thread(target=self._keep_group, name=f"group-{self.model}", daemon=True).start()
             while not self._draining.is_set():
                 try:
-                    job = self.store.claim(self.model, self.worker_id, self.settings.lease_seconds)
+                    # Each claim holds the job under a name of its own: a run that lost its lease, while this
+                    # worker claimed the job again, is no longer its holder, and the store refuses its writes.
+                    holder = f"{self.worker_id}/{next(self._claims)}"
+                    job = self.store.claim(self.model, holder, self.settings.lease_seconds)
                 except StoreUnavailable as exc:  # wait it out: /ready says so meanwhile
                     log.warning("worker %s: %s; trying again", self.worker_id, exc)
                     self._draining.wait(STORE_RETRY_INTERVAL_S)
                     continue
                 if job is None:
-                    self._keep_group_alive()
                     self._draining.wait(self.settings.poll_interval)
                     continue
-                self.process(job)
+                with self._group_lock:  # a beat under way ends first: then the job's collectives are the news
+                    self._group_busy = True
+                try:
+                    self.process(job)
+                finally:
+                    self._group_busy = False
         finally:
             self._wait_finishing()  # a drained worker exits after its last video is stored, not before
             self._finisher.shutdown()
             self._prefetcher.shutdown(cancel_futures=True)
             stop_group = getattr(self.engine, "stop", None)  # a GroupLeader releases its follower ranks
             if stop_group is not None:
-                stop_group()
+                with self._group_lock:
+                    self._group_busy = True  # no beat after the stop
+                    stop_group()
             self._stopped.set()
             log.info("worker %s stopped", self.worker_id)
 
+    def _keep_group(self) -> None:
+        """Follower ranks wait for the next request in a collective that times out: between jobs, they hear
+        from the leader on this thread, whatever the main loop waits on (a claim that retries through a store
+        outage for seconds at a time, an upload that retries through a storage one)."""
+        interval = min(self.settings.collective_timeout / 4, 10.0)
+        while not self._stopped.wait(interval / 2):
+            self._keep_group_alive()
+
     def _keep_group_alive(self) -> None:
-        """Follower ranks wait for the next request in a collective that times out: tell them we are alive."""
         idle = getattr(self.engine, "idle", None)
         if idle is None:
             return
-        now = time.monotonic()
-        if now - self._last_idle >= min(self.settings.collective_timeout / 4, 10.0):
+        with self._group_lock:
+            now = time.monotonic()
+            if self._group_busy or now - self._last_idle < min(self.settings.collective_timeout / 4, 10.0):
+                return
             self._last_idle = now
-            idle()
+            try:
+                idle()
+            except Exception:  # a group that broke: the main loop's next collective says so, and ends it
+                log.exception("worker %s: could not reach its follower ranks", self.worker_id)
 
     def _housekeeping(self) -> None:
         """`_reap` every lease/3, busy or idle, until this worker drains."""
@@ -291,8 +325,16 @@ class Worker:
                 self._end(running, status, scratch)
 
     def _wait_finishing(self) -> None:
-        if self._finishing is not None:
+        if self._finishing is None:
+            return
+        # An upload that retries through a storage outage may take minutes: the follower ranks hear from
+        # the leader meanwhile (no collective is under way here), or their collective times out.
+        busy, self._group_busy = self._group_busy, False
+        try:
             self._finishing.result()  # _finish logs its own errors and never raises
+        finally:
+            with self._group_lock:
+                self._group_busy = busy
 
     def _finish(self, running: _Running, result: Callable[[], Any], scratch: Path) -> None:
         """On the finisher thread: wait for the MP4, then store it and complete the job."""
@@ -327,7 +369,7 @@ class Worker:
         ttl = self.settings.result_ttl
         try:
             if self._store_write(
-                "failing it", lambda op: self.store.fail(job.id, self.worker_id, code, message, ttl, op)
+                "failing it", lambda op: self.store.fail(job.id, _holder(job), code, message, ttl, op)
             ):
                 # Every failure says so in the log, those without a traceback too (a timeout, a missing input).
                 log.warning("job %s failed (%s): %s", job.id, code, message)
@@ -396,7 +438,7 @@ class Worker:
             if event.stage == "done":  # the video is written, not stored: complete() says done, a cancel may not
                 return
             if event.stage == "denoise":
-                if not go_on(lambda: store.renew(job.id, self.worker_id, self.settings.lease_seconds)):
+                if not go_on(lambda: store.renew(job.id, _holder(job), self.settings.lease_seconds)):
                     running.keep_going = False
                 if self.metrics is not None and event.step_seconds is not None:
                     self.metrics.denoise_step(job.model, event.step_seconds)
@@ -405,7 +447,7 @@ class Worker:
             last_step = event.stage == "denoise" and event.step == event.total_steps
             if now - last_write >= self.settings.progress_interval or event.stage != "denoise" or last_step:
                 last_write = now
-                if not go_on(lambda: store.set_progress(job.id, self.worker_id, event.progress, event.stage)):
+                if not go_on(lambda: store.set_progress(job.id, _holder(job), event.progress, event.stage)):
                     running.keep_going = False
 
         def should_cancel() -> bool:
@@ -458,7 +500,7 @@ class Worker:
         job = running.job
         lease = self.settings.lease_seconds
         if not running.keep_going or not self._store_write(
-            "checking for a cancel", lambda _op: self.store.renew(job.id, self.worker_id, lease)
+            "checking for a cancel", lambda _op: self.store.renew(job.id, _holder(job), lease)
         ):
             return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
         try:
@@ -494,7 +536,7 @@ class Worker:
             "thumbnail_key": key_for(job.id, THUMBNAIL),
         }
         ttl = self.settings.result_ttl
-        complete = functools.partial(self.store.complete, job.id, self.worker_id, payload, ttl)
+        complete = functools.partial(self.store.complete, job.id, _holder(job), payload, ttl)
         if self._store_write("completing it", lambda op: complete(op=op)):
             log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
             return "completed"
@@ -535,7 +577,7 @@ class Worker:
             )
             return self._fail(job, "timeout", message)
         try:
-            if reason == "drain" and store.release(job.id, self.worker_id):
+            if reason == "drain" and store.release(job.id, _holder(job)):
                 log.info("job %s handed back to the queue (drain grace ran out)", job.id)
                 return "released"
             # A release is refused when the user cancelled meanwhile: then it ends cancelled.
@@ -554,18 +596,16 @@ class Worker:
             self._remove_files(job)
             log.info("job %s deleted while running (%s): files removed", job.id, what)
             return "cancelled"
-        if current.status == JobStatus.IN_PROGRESS and current.worker_id == self.worker_id:
+        if current.status == JobStatus.IN_PROGRESS and current.worker_id == job.worker_id:
             # Files first: once it reads cancelled, nothing of it is left.
             self._remove_files(job)
             ttl = self.settings.result_ttl
-            if self._store_write(
-                "cancelling it", lambda op: self.store.mark_cancelled(job.id, self.worker_id, ttl, op)
-            ):
+            if self._store_write("cancelling it", lambda op: self.store.mark_cancelled(job.id, _holder(job), ttl, op)):
                 log.info("job %s %s", job.id, what)
                 return "cancelled"
             # Ended meanwhile by another hand (this worker's heartbeat, the reaper): theirs to count.
             return "lost"
-        if current.status in (JobStatus.FAILED, JobStatus.CANCELLED) and current.worker_id == self.worker_id:
+        if current.status in (JobStatus.FAILED, JobStatus.CANCELLED) and current.worker_id == job.worker_id:
             # Ended while this worker's engine call was stuck (see _heartbeat), or reaped as cancelled: what it
             # may have stored meanwhile belongs to no one.
             self._remove_files(job)
@@ -608,7 +648,7 @@ class Worker:
                     return
                 continue  # the store did not answer: try again at the next beat, without renewing
             try:
-                renewed = self.store.renew(running.job.id, self.worker_id, lease)
+                renewed = self.store.renew(running.job.id, _holder(running.job), lease)
             except StoreUnavailable as exc:  # an outage: one line a beat, not a traceback
                 running.store_down = True
                 log.warning("job %s: lease not renewed: %s", running.job.id, exc)
@@ -629,7 +669,7 @@ class Worker:
         elapsed = time.monotonic() - running.started
         try:
             current = self.store.get(job.id)
-            if current.worker_id != self.worker_id or current.attempts != job.attempts:
+            if current.worker_id != job.worker_id or current.attempts != job.attempts:
                 return True  # reaped, and maybe claimed again (by this very worker, too): not this run any more
             if current.status != JobStatus.IN_PROGRESS and running.end_write is None:
                 return True
@@ -641,11 +681,11 @@ class Worker:
                         f"took longer than WANSERVE_TASK_TIMEOUT ({self.settings.task_timeout:g} s) and did not stop "
                         f"(stuck in {current.stage or 'start-up'})"
                     )
-                    fail = functools.partial(self.store.fail, job.id, self.worker_id, "timeout", message, ttl, op)
+                    fail = functools.partial(self.store.fail, job.id, _holder(job), "timeout", message, ttl, op)
                     running.end_write = ("failed", fail)
                 elif current.cancel_requested:
                     self.storage.delete_prefix(job.id)
-                    cancel = functools.partial(self.store.mark_cancelled, job.id, self.worker_id, ttl, op)
+                    cancel = functools.partial(self.store.mark_cancelled, job.id, _holder(job), ttl, op)
                     running.end_write = ("cancelled", cancel)
                 else:  # it stopped being asked to stop: nothing to end, only the hang to report
                     return True
