@@ -326,6 +326,19 @@ def test_a_create_retried_under_its_idempotency_key_returns_the_video_it_made(ap
     reused = openai_error(api.client.post("/v1/videos", json={"prompt": "a blue fox"}, headers=key), 422)
     assert reused["param"] == "Idempotency-Key" and reused["code"] == "idempotency_key_reused"
     assert first.json()["id"] in reused["message"]
+    # The same values in another number type, or as a form's text, are the same request.
+    typed = {"Idempotency-Key": "typed"}
+    first_typed = api.client.post(
+        "/v1/videos", json={"prompt": "p", "guidance_scale": 5, "num_frames": 9}, headers=typed
+    )
+    as_float = api.client.post(
+        "/v1/videos", json={"prompt": "p", "guidance_scale": 5.0, "num_frames": 9.0}, headers=typed
+    )
+    as_form = api.client.post(
+        "/v1/videos", data={"prompt": "p", "guidance_scale": "5", "num_frames": "9"}, headers=typed
+    )
+    assert as_float.status_code == as_form.status_code == 200, (as_float.text, as_form.text)
+    assert as_float.json()["id"] == as_form.json()["id"] == first_typed.json()["id"]
     # No key, or a new one: a new video each time.
     ids = {api.create()["id"], api.create()["id"], first.json()["id"]}
     new_key = api.client.post("/v1/videos", json={"prompt": "a red fox"}, headers={"Idempotency-Key": "other"})
@@ -349,6 +362,50 @@ def test_a_keyed_image_create_retried_on_a_full_queue_gets_its_video_and_leaves_
         fresh = api.client.post("/v1/videos", data=form, files=image, headers={"Idempotency-Key": "upload-2"})
         assert openai_error(fresh, 429)["code"] == "queue_full"
         assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [first.json()["id"]]
+
+
+class AnswerLost:
+    """A store whose first enqueue is stored and then not answered (a Redis reply lost to the socket timeout):
+    the API answers 503 though the job is queued."""
+
+    def __init__(self, store: SQLiteJobStore) -> None:
+        self.store, self.lost = store, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def enqueue(self, job: Job, max_queued: int | None = None) -> Job:
+        stored = self.store.enqueue(job, max_queued)
+        if not self.lost:
+            self.lost = True
+            from wanserve.errors import StoreUnavailable
+
+            raise StoreUnavailable("the job store (Redis) cannot be reached: Timeout reading from socket")
+        return stored
+
+
+def test_an_image_create_whose_answer_was_lost_keeps_its_image_for_the_retry(
+    tmp_path: Path, media: tuple[Path, Path]
+) -> None:
+    """The 503 of a create the store took anyway removed the job's input image: the retry under its key was
+    answered with that job, which then failed for want of its image."""
+    settings = Settings(data_dir=tmp_path, model=["tiny-i2v"])
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    storage = LocalStorage(tmp_path / "videos")
+    app = create_app(settings, AnswerLost(store), storage, {"tiny-i2v": _spec("tiny-i2v")})  # type: ignore[arg-type]
+    image, key = png_bytes((1, 2, 3)), {"Idempotency-Key": "lost-1"}
+    try:
+        with TestClient(app) as client:
+            form, files = {"prompt": "p"}, {"input_reference": ("a.png", image)}
+            first = client.post("/v1/videos", data=form, files=files, headers=key)
+            assert first.status_code == 503, first.text
+            (queued,) = store.list()[0]
+            again = client.post("/v1/videos", data=form, files=files, headers=key)
+            assert again.status_code == 200 and again.json()["id"] == queued.id, again.text
+            assert storage.stat(queued.request["image_key"]) is not None
+            assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [queued.id]
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(
@@ -405,14 +462,17 @@ def test_a_negative_prompt_that_would_change_nothing_is_refused(api: Api) -> Non
 
 
 def test_a_local_folder_answers_to_its_models_name_and_seconds_fit_its_frames(
-    tmp_path: Path, media: tuple[Path, Path], tiny_cache: Path
+    tmp_path: Path, media: tuple[Path, Path], tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`seconds` was capped at the model's max_frames only, so on weights whose rotary table ends sooner a long
     video became a frame count the same request then refused; and a local copy of a model answered only to its
     folder's path."""
     import shutil
 
+    from wanserve.api import legacy
     from wanserve.catalog import resolve_spec
+
+    monkeypatch.setattr(legacy, "WAN_TASKS", legacy.WAN_TASKS)
 
     folders = {}
     for name, source in (("my-wan", "tiny-t2v"), ("tiny-ti2v", "tiny-ti2v")):
@@ -433,6 +493,11 @@ def test_a_local_folder_answers_to_its_models_name_and_seconds_fit_its_frames(
             assert named.status_code == 200 and named.json()["model"] == str(folders["tiny-ti2v"]), named.text
             assert named.json()["size"] == "64x64"  # the model's own default, from its name
             assert client.get("/v1/models/tiny-ti2v").json()["id"] == str(folders["tiny-ti2v"])
+            # A task name of the model (as Wan's are of the catalog's) finds the folder too.
+            legacy.WAN_TASKS = {**legacy.WAN_TASKS, "tiny-ti2v-task": ("ti2v", ("tiny-ti2v",))}  # type: ignore[misc]
+            task = client.post("/api/v1/generate", json={"prompt": "p", "task_type": "tiny-ti2v-task"})
+            assert task.status_code == 202, task.text
+            assert store.get(task.json()["task_id"]).model == str(folders["tiny-ti2v"])
     finally:
         store.close()
 

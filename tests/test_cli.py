@@ -582,6 +582,10 @@ def test_a_local_copy_named_after_a_model_keeps_its_defaults(tiny_cache: Path, t
     other = _copy_of(tiny_cache, "tiny-ti2v", tmp_path / "my-finetune")
     done = run(["generate", "--model", str(other), *args[3:], "--out", str(out)], tiny_cache)
     assert done.returncode == 0 and decode_mp4(out).frames.shape == (1, 480, 832, 3), done.stderr[-3000:]
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "tiny-ti2v").symlink_to(other)  # the name is the link's, not its target's
+    done = run(["generate", "--model", str(tmp_path / "links" / "tiny-ti2v"), *args[3:], "--out", str(out)], tiny_cache)
+    assert done.returncode == 0 and decode_mp4(out).frames.shape == (1, 64, 64, 3), done.stderr[-3000:]
 
 
 def test_an_empty_out_path_is_refused_naming_the_flag(tiny_cache: Path) -> None:
@@ -595,6 +599,8 @@ def test_a_repo_the_catalog_does_not_know_is_described_from_its_cached_files(tin
     """A fine-tune on the Hub (an image-to-video one here) was described as Wan 2.1 text-to-video until loaded,
     for good in the API: its image requests were refused, its text ones failed on the worker, naming the HF
     cache's snapshot folder. It is described from the files in the HF cache, under its repo id."""
+    import shutil
+
     import httpx
 
     from service import Process, base_env, free_port, wait_ready
@@ -634,15 +640,18 @@ def test_a_repo_the_catalog_does_not_know_is_described_from_its_cached_files(tin
         assert "loaded someorg/tiny-i2v-wan from" in server.log()  # by its repo id, not its cache folder
     finally:
         server.stop()
-    # One not in the cache is described with generic defaults, and the log says so.
-    api = Process(
-        ["api", "--model", "someorg/not-cached", "--port", str(port), "--data-dir", str(tmp_path / "e")],
-        env,
-        tmp_path / "api.log",
-    )
+    # One not in the cache, or whose download was cut short (a component missing), is described with generic
+    # defaults until a worker has it (which resumes the download), and the log says so.
+    partial = tmp_path / "hf" / "hub" / "models--someorg--partial" / "snapshots" / ("1" * 40)
+    shutil.rmtree(_copy_of(tiny_cache, "tiny-t2v", partial) / "vae")
+    (partial.parents[1] / "refs").mkdir()
+    (partial.parents[1] / "refs" / "main").write_text("1" * 40)
+    args = ["api", "--model", "someorg/not-cached", "--model", "someorg/partial", "--port", str(port)]
+    api = Process([*args, "--data-dir", str(tmp_path / "e")], env, tmp_path / "api.log")
     try:
         wait_ready(url, api)
         assert "someorg/not-cached is neither a catalog model nor in this machine's Hugging Face cache" in api.log()
+        assert "someorg/partial is neither a catalog model nor" in api.log()
     finally:
         api.stop()
 

@@ -297,7 +297,10 @@ def resolve_spec(name: str) -> ModelSpec:
     if looks_like_repo_id(name):
         snapshot = _cached_snapshot(name)
         if snapshot is not None:
-            return repo_spec(spec_from_directory(snapshot), name)
+            try:
+                return repo_spec(spec_from_directory(snapshot), name)
+            except ModelNotFound:  # a download cut short (a component missing): the worker's resumes it
+                pass
         return ModelSpec(
             name=name,
             description=f"diffusers repo {name}",
@@ -341,11 +344,13 @@ def repo_spec(described: ModelSpec, repo_id: str) -> ModelSpec:
 def _named_after(path: Path) -> ModelSpec | None:
     """The catalog model a local copy is named after: its folder is the catalog name, an alias, or the repo's
     own name (as `hf download --local-dir` is told in the docs)."""
-    folder = path.expanduser().resolve().name.lower()
-    for spec in ALL_SPECS:
-        names = {spec.name, *spec.aliases, *([spec.repo_id.split("/")[-1]] if spec.repo_id else [])}
-        if folder in {n.lower() for n in names}:
-            return spec
+    # The name as given first: a symlink /models/wan2.2-ti2v-5b may point at a snapshot folder named otherwise.
+    folders = (path.expanduser().name.lower(), path.expanduser().resolve().name.lower())
+    for folder in folders:
+        for spec in ALL_SPECS:
+            names = {spec.name, *spec.aliases, *([spec.repo_id.split("/")[-1]] if spec.repo_id else [])}
+            if folder in {n.lower() for n in names}:
+                return spec
     return None
 
 

@@ -830,7 +830,7 @@ def prune(
         if path is not None and not path.exists():
             fail(f"{where_set(key, overrides)}: nothing at {path} (is it the one the server uses?)", 2)
     try:
-        job_store, result_storage = open_backends(settings)
+        job_store, result_storage = open_backends(settings, writes=delete)
     except BadSetting as exc:
         fail_setting(exc, overrides)
     except (StoreUnavailable, StorageUnavailable) as exc:

@@ -48,7 +48,9 @@ def _describe_when_loaded(worker: Any, specs: dict[str, ModelSpec]) -> None:
         log.info("%s described from its files: %s", worker.model, "+".join(sorted(engine.spec.tasks)))
 
 
-def open_backends(settings: Settings) -> tuple[Any, Any]:
+def open_backends(settings: Settings, writes: bool = True) -> tuple[Any, Any]:
+    """The job store and the result storage of `settings`. `writes`: this process stores files (the servers,
+    `prune --delete`): a local result folder it could not write in is a wrong setting, refused now."""
     from wanserve.jobs import open_store
     from wanserve.storage import local_folder_problem, local_storage_path, open_storage
 
@@ -78,7 +80,7 @@ def open_backends(settings: Settings) -> tuple[Any, Any]:
             check()
         storage = open_storage(settings.storage_url)
         folder = local_storage_path(settings.storage_url)
-        if folder is not None:
+        if folder is not None and writes:
             # Refused now, rather than each job running in full and failing to store its video.
             problem = local_folder_problem(folder.absolute())
             if problem is None:

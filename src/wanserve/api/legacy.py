@@ -142,15 +142,21 @@ def _task_type(body: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...] | N
 def _task_model(
     task_type: str, models: tuple[str, ...], model: object, specs: Mapping[str, ModelSpec], needs: frozenset[str]
 ) -> ModelSpec:
-    """The served model a Wan task name (`ti2v-5B`) asks for; a `model` given beside it must be that model."""
+    """The served model a Wan task name (`ti2v-5B`) asks for; a `model` given beside it must be that model. A
+    local copy of the model, served by its folder, is it too (its aliases name the catalog model)."""
+
+    def is_it(spec: ModelSpec) -> bool:
+        return spec.name in models or any(alias in models for alias in spec.aliases)
+
     if model not in (None, ""):
         spec = served_spec(specs, model, needs)
-        if spec.name not in models:
+        if not is_it(spec):
             raise InvalidRequest("task_type", f"{task_type!r} is {' or '.join(models)}, but model names {spec.name}")
         return spec
-    for name in models:
-        if name in specs:
-            return specs[name]
+    for name in models:  # in the order of WAN_TASKS: i2v-14B prefers the 480p model, as before
+        for spec in specs.values():
+            if name == spec.name or name in spec.aliases:
+                return spec
     raise InvalidRequest(
         "task_type", f"{task_type!r} is {' or '.join(models)}, which is not served here; served: {', '.join(specs)}"
     )

@@ -20,13 +20,13 @@ from typing import Any, NamedTuple
 
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
+from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable
 from wanserve.inputs import store_request
 from wanserve.jobs import QUEUE_FULL_RETRY_AFTER
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, resolve
-from wanserve.storage.base import Storage
+from wanserve.storage.base import Storage, put_bytes
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,11 @@ def idempotency_key(headers: Any) -> str | None:
 def request_fingerprint(request: GenerationRequest, model: str, priority: int, source: str) -> str:
     """What makes two creates the same one: the client's own values (before defaults and a drawn seed), the
     image by its digest."""
-    values = request.to_dict()
+    # A number's type is not the request: 5 and 5.0, or a form's "5", run the same video.
+    values = {
+        name: int(value) if isinstance(value, float) and value.is_integer() else value
+        for name, value in request.to_dict().items()
+    }
     if request.image is not None:
         values["image"] = hashlib.sha256(bytes(request.image)).hexdigest()
     text = json.dumps({"model": model, "priority": priority, "source": source, **values}, sort_keys=True, default=str)
@@ -349,8 +353,12 @@ def submit(
     )
     try:
         job = store.enqueue(new, max_queued=settings.queue_limit)
+    except StoreUnavailable:
+        # The store may have queued it all the same (a reply lost to a timeout): its image stays, or the job would
+        # fail for want of it. Not queued after all, the image is an orphan that `wanserve prune` finds.
+        raise
     except BaseException:
-        if "image_key" in record:  # not queued (full, store down): its image is no one's
+        if "image_key" in record:  # not queued (full, refused): its image is no one's
             _remove_input(storage, job_id)
         raise
     if job.id != job_id:  # the key's earlier job
@@ -361,10 +369,22 @@ def submit(
                 IDEMPOTENCY_HEADER,
                 f"{key!r} was used for another request (it created {job.id}); send a new key for a new request",
             )
+        _restore_input(storage, job, resolved)
         return Submitted(job, replayed=True)
     if metrics is not None:
         metrics.job_submitted(spec.name)
     return Submitted(job, replayed=False)
+
+
+def _restore_input(storage: Storage, job: Job, resolved: GenerationRequest) -> None:
+    """A replayed job still waiting for its input image gets it from the retry, which carries the same one: the
+    first try's may have been removed when the store failed to answer it (by a release before this one)."""
+    if resolved.image is None or "image_key" not in job.request or job.status.finished:
+        return
+    key = job.request["image_key"]
+    if storage.stat(key) is None:
+        put_bytes(storage, key, bytes(resolved.image))
+        log.warning("job %s: its input image was missing; the retry of its create put it back", job.id)
 
 
 def queue_position(store: JobStore, job: Job) -> int | None:

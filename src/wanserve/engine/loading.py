@@ -58,7 +58,11 @@ def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, local_files_only=True))
+        # The Hub client names the snapshot before its files are in: a download cut short leaves one without
+        # some components, which the Hub completes (below) where the cached folder would not load.
+        spec_from_directory(cached)
+        return cached
     except Exception:
         pass  # not cached (or incomplete): try the Hub
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:

@@ -74,6 +74,8 @@ def local_folder_problem(folder: Path) -> str | None:
         return None
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only filesystem"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} may not be written by this user"
     return None
