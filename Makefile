@@ -6,12 +6,18 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wanserve-installed
+TORCH_STAMP := $(VENV)/.torch-spec
 
-.PHONY: install test lint serve demo clean bench-cpu
+.PHONY: install test lint serve demo clean bench-cpu FORCE
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Rewritten only when TORCH_SPEC changes: asking for another torch build on an installed tree reinstalls it.
+$(TORCH_STAMP): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wanserve needs Python 3.11 or newer (set PYTHON=python3.11)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -209,6 +209,8 @@ def test_services_select_pods_and_probes_call_real_routes_on_named_ports(tmp_pat
             assert get["path"] == {"livenessProbe": "/health", "readinessProbe": "/ready"}[probe]
             own_port = "--port" if role == "api" else "--ops-port"
             assert int(flag(container["args"], own_port)) == ports[get["port"]]
+        if container["args"][0] == "api":  # behind a Service: kept answering while the endpoints catch up
+            assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
     pods = [w["spec"]["template"] for w in find("Deployment") + find("StatefulSet")]
     for service in find("Service"):
         selector = service["spec"]["selector"]
