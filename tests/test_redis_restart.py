@@ -173,3 +173,29 @@ def test_a_redis_that_stops_answering_is_unavailable_within_seconds(tmp_path: Pa
         server.send_signal(signal.SIGCONT)
         store.close()
         stop_redis(server)
+
+
+def test_a_replica_refusing_writes_is_the_store_unavailable_not_an_error(tmp_path: Path) -> None:
+    """During a failover, clients still connected to the old primary, now a replica, get READONLY on every
+    write: that was a ResponseError through to a 500 and a worker's crash, where it is an outage to wait out."""
+    from wanserve.errors import JobNotFound, StoreUnavailable
+
+    from conftest import redis_server_binary
+    from service import wait_for
+
+    port = free_tcp_port()
+    (tmp_path / "replica").mkdir()
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path / "replica")]
+    args += ["--save", "", "--replicaof", "127.0.0.1", str(free_tcp_port())]  # a primary that is not there
+    replica = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    try:
+        wait_for(store.ping, 15, "the replica to answer")
+        with pytest.raises(StoreUnavailable, match="takes no writes: it is a replica"):
+            store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={}))
+        with pytest.raises(JobNotFound):  # reads go on
+            store.get("video_missing")
+    finally:
+        store.close()
+        replica.terminate()
+        replica.wait(10)

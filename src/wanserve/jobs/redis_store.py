@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -371,7 +371,17 @@ def _from_flat(flat: list[str]) -> Job:
     return _from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
-@unavailable_on((RedisConnectionError, RedisTimeoutError), StoreUnavailable, "the job store (Redis)")
+def _state(exc: BaseException) -> str:
+    if isinstance(exc, ReadOnlyError):
+        return "takes no writes: it is a replica (a failover under way, or the URL names a replica)"
+    return "cannot be reached"
+
+
+# A replica refuses writes (READONLY) during a failover, until clients reach the new primary: an outage to wait
+# out, as a restart is, not an error of the request.
+@unavailable_on(
+    (RedisConnectionError, RedisTimeoutError, ReadOnlyError), StoreUnavailable, "the job store (Redis)", state=_state
+)
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
         self.prefix = prefix
