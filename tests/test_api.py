@@ -1693,6 +1693,21 @@ def test_a_field_given_twice_or_text_that_is_not_utf8_is_refused(api: Api) -> No
     assert _listed(api) == before
     ok = api.client.post("/v1/videos", content=b"prompt=caf%C3%A9&seed=", headers=form)
     assert ok.status_code == 200 and ok.json()["prompt"] == "café", ok.text  # UTF-8; an input left empty
+    # A multipart form's text parts too: Starlette read them as Latin-1 ("cafÃ©" for a UTF-8 client's bytes
+    # sent in another encoding), a prompt the client never wrote.
+    boundary = "wanserve-boundary"
+    parts = [
+        (b'Content-Disposition: form-data; name="prompt"', "café".encode("latin-1")),
+        (b'Content-Disposition: form-data; name="seed"', b"1"),
+    ]
+    body = b"".join(f"--{boundary}\r\n".encode() + head + b"\r\n\r\n" + data + b"\r\n" for head, data in parts)
+    body += f"--{boundary}--\r\n".encode()
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    error = openai_error(api.client.post("/v1/videos", content=body, headers=multipart), 400)
+    assert error["param"] == "prompt" and "not UTF-8" in error["message"]
+    assert _listed(api) == before + 1
+    utf8 = api.client.post("/v1/videos", data={"prompt": "café"}, files={"input_reference": ("", b"")})
+    assert utf8.status_code == 200 and utf8.json()["prompt"] == "café", utf8.text
 
 
 def test_refusals_name_the_header_or_parameter_at_fault(api: Api) -> None:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
@@ -142,11 +143,23 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
         check_urlencoded(await request.body())
     fields: dict[str, Any] = {}
     upload: bytes | None = None
+    not_utf8: list[str] = []
     try:
-        form = await request.form(max_files=1, max_fields=200, max_part_size=body_limit(settings))
+        if content_type.startswith("multipart/form-data"):
+            parser = _TextPartsChecked(
+                request.headers, request.stream(), max_files=1, max_fields=200, max_part_size=body_limit(settings)
+            )
+            parser.not_utf8 = not_utf8
+            form = await parser.parse()
+        else:
+            form = await request.form(max_files=1, max_fields=200, max_part_size=body_limit(settings))
+    except MultiPartException as exc:
+        raise InvalidRequest("body", f"is not a valid form: {exc.message}") from None
     except HTTPException as exc:  # starlette's word for a malformed form (no boundary, too many parts)
         raise InvalidRequest("body", f"is not a valid form: {exc.detail}") from None
     try:
+        if not_utf8:
+            raise InvalidRequest(nested_name(not_utf8[0]), "is not UTF-8 text (send the form's text as UTF-8)")
         for key, value in form.multi_items():
             if key in fields:  # read by nobody: which of the two did the client mean?
                 raise InvalidRequest(nested_name(key), "is given more than once; give it once")
@@ -165,6 +178,22 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
     finally:
         await form.close()
     return fields, upload, True
+
+
+class _TextPartsChecked(MultiPartParser):
+    """Starlette's multipart parser, noting the text parts that are not UTF-8, which it would read as Latin-1:
+    a prompt changed behind the client's back (a urlencoded form's are checked by `check_urlencoded`)."""
+
+    not_utf8: list[str]
+
+    def on_part_end(self) -> None:
+        part = getattr(self, "_current_part", None)
+        if part is not None and part.file is None:
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError:
+                self.not_utf8.append(part.field_name)
+        super().on_part_end()
 
 
 def nested_name(key: str) -> str:
