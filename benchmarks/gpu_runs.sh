@@ -5,14 +5,17 @@
 #     bash benchmarks/gpu_runs.sh STEP --dry-run  # anywhere: print what STEP runs, with each run's time slice
 #
 # A device session has about 15 minutes in all, machine start included, so step 1 holds what the targets
-# need most, in order of importance, and fits one call: give it timeout_s 590. BUDGET (default 450 s) is shared
-# by the step's runs: each run gets `--time-budget` of its slice or what is left, whichever is less, and starts
-# no new phase after it; a run that would start with under 30 s left is skipped. Every run rewrites its results
-# file after each phase, straight into $OUT, so whatever finished before a timeout or a crash comes back. Each
-# run is its own process: a sticky CUDA error in one costs only that run.
-#   1  1.3B 480p forward + 10-step request vs diffusers, serving (overlap off/on); A14B 720p CFG step with the
-#      40-step projection (two forwards of the 14B 720p transformer: its ratio stands for that forward's); 14B I2V
-#      480p CFG step (8 layers, scaled); 5B 1280x704x121 forward
+# need most and fits one call: give it timeout_s 590. BUDGET (default 480 s, counted from the end of the wheel
+# install and import checks) is shared by the step's runs: each run gets a slice, or what is left if less; it
+# starts no new phase after its slice less SLACK (45 s: a compile begun just before, and its timed forward, still
+# end inside the slice), and is stopped at the slice's end plus 10 s (SIGTERM: it saves what it has). A run that
+# would start with under 30 s left is skipped. Worst case: about 60 s of install and checks + 480 + 10 + 20 s of
+# kill grace = 570 s. Every run rewrites its results file after each phase, straight into $OUT, so whatever
+# finished before a timeout or a crash comes back. Each run is its own process: a sticky CUDA error in one costs
+# only that run.
+#   1  1.3B 480p forward + 4-step request vs diffusers (projected to 50 steps), serving (overlap off/on); 5B
+#      1280x704x121 forward; A14B 720p CFG step with the 40-step projection and its VAE decode (two forwards of
+#      the 14B 720p transformer: its ratio stands for that forward's); 14B I2V 480p CFG step (8 layers, scaled)
 #   2  what step 1 leaves: lossy presets on 1.3B; 5B on a 24 GB budget (text encoder on the CPU, VAE tiling);
 #      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request; cold start from local disk,
 #      with empty and with kept compile caches
@@ -21,11 +24,10 @@ set -uo pipefail
 step=${1:?usage: bash benchmarks/gpu_runs.sh 1|2 [--dry-run]}
 dry=${2:-}
 out=${OUT:-/tmp/wanserve-gpu-out}
-budget=${BUDGET:-450}
+budget=${BUDGET:-480}
+slack=${SLACK:-45}
 mkdir -p "$out"
 log="$out/step$step.log"
-started=$(date +%s)
-deadline=$((started + budget))
 
 if [ -z "$dry" ]; then
     # The tree arrives without .git: the commit measured is in .whl/COMMIT ("<sha> <dirty 0|1>", written with
@@ -63,6 +65,8 @@ except Exception as exc:
     done
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+started=$(date +%s)
+deadline=$((started + budget))
 
 status=0
 bench() { # SLICE_SECONDS BENCH_ARGS...
@@ -75,23 +79,27 @@ bench() { # SLICE_SECONDS BENCH_ARGS...
         return 0
     fi
     [ "$slice" -gt "$left" ] && slice=$left
-    echo "+ [$(($(date +%s) - started)) s] wanserve bench --time-budget $slice $*" | tee -a "$log"
+    local phases=$((slice - slack))
+    [ "$phases" -lt 15 ] && phases=15
+    echo "+ [$(($(date +%s) - started)) s, stop at +$((slice + 10)) s] wanserve bench --time-budget $phases $*" \
+        | tee -a "$log"
     [ -n "$dry" ] && return 0
     # A hard stop per run: SIGTERM makes the run record where it stopped and save (SIGINT may be ignored by a
     # non-interactive parent, and Python keeps it so); a hang costs this run only.
-    timeout --signal=TERM --kill-after=20 $((slice + 90)) \
-        python3 -m wanserve bench --out "$out" --time-budget "$slice" "$@" 2>&1 | tee -a "$log"
+    timeout --signal=TERM --kill-after=20 $((slice + 10)) \
+        python3 -m wanserve bench --out "$out" --time-budget "$phases" "$@" 2>&1 | tee -a "$log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
 case $step in
     1)
-        bench 150 --shape 1.3b-480p --presets exact --steps 10 --jobs 2 --repeats 3
+        # 4 steps: the request's ratio is projected to the model's 50, and serving (the last phase) gets its turn.
+        bench 140 --shape 1.3b-480p --presets exact --steps 4 --jobs 2 --repeats 3
+        bench 80 --shape 5b-720p --no-request --presets exact --repeats 3
         # Two targets (exact and fastest projections) and, as two forwards of the 14B transformer at 75,600
         # tokens, the 14B 720p forward ratio (forward_speedup_exact): no separate 14b-720p-8layers run.
-        bench 140 --shape a14b-720p --layers 8 --presets exact,fastest --repeats 2
-        bench 100 --shape 14b-i2v-480p --layers 8 --presets exact,fastest --repeats 2
-        bench 50 --shape 5b-720p --no-request --presets exact --repeats 3
+        bench 150 --shape a14b-720p --layers 8 --presets exact,fastest --repeats 2
+        bench 110 --shape 14b-i2v-480p --layers 8 --presets exact,fastest --repeats 2
         ;;
     2)
         bench 150 --shape 1.3b-480p --presets fast,fastest --steps 10 --jobs 0 --repeats 3

@@ -146,6 +146,13 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
             if measured is not None:
                 requests["diffusers"], frames["diffusers"] = measured
 
+        if shape.projection_steps:
+            # Before the presets, whose compiles may spend the budget: the projection needs the decode too (a few
+            # percent of a 720p video), and it does not depend on a preset.
+            decode = run.phase("vae_decode", lambda: measure_vae_decode(shape, device, options.vae_tiling))
+            if decode is not None:
+                report["vae_decode"] = decode
+
         engine = None
         if pipe is not None and spec is not None:
             from wanserve.engine.engine import Engine
@@ -186,11 +193,6 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
                 served = run.phase("serving", lambda: measure_serving(engine, request, jobs, scratch))
                 if served:
                     serving.update(served, preset=preset)  # the first preset whose request ran
-
-        if shape.projection_steps:  # after the presets: a ~1 % term of the projection, not worth a preset
-            decode = run.phase("vae_decode", lambda: measure_vae_decode(shape, device, options.vae_tiling))
-            if decode is not None:
-                report["vae_decode"] = decode
 
         # The fresh process needs the device to itself: free this one's models first.
         engine = pipe = transformer = inputs = None  # the phases' closures hold these names, so no `del`
