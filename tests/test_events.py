@@ -195,6 +195,52 @@ def test_a_quiet_stream_sends_keep_alive_comments(videos: Api, monkeypatch: pyte
         assert "keep-alive" in reader.comments
 
 
+def test_a_stream_beats_while_its_read_waits_on_a_store_that_does_not_answer(
+    videos: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keep-alive went out only between reads: a read held by a store that does not answer (about 9 s a
+    try for Redis, and a turn to wait behind other streams' reads) left a stream silent for a minute and more,
+    which proxies cut (nginx, cloud balancers: 60 s)."""
+    from wanserve.api import events
+
+    monkeypatch.setattr(events, "HEARTBEAT_S", 0.3)
+    job_id = videos.create()["id"]
+    real_get = SQLiteJobStore.get
+    hung, release = threading.Event(), threading.Event()
+
+    def hanging_get(self: SQLiteJobStore, wanted: str) -> Any:
+        if hung.is_set():
+            release.wait(30)
+        return real_get(self, wanted)
+
+    monkeypatch.setattr(SQLiteJobStore, "get", hanging_get)
+    arrived: list[tuple[float, str]] = []
+    with stream(videos, job_id) as response:
+        assert response.status_code == 200
+
+        def read_lines() -> None:
+            for line in response.iter_lines():
+                arrived.append((time.monotonic(), line))
+
+        threading.Thread(target=read_lines, daemon=True).start()
+        wait_for_line = time.monotonic() + 10
+        while not any(line.startswith("data:") for _, line in arrived) and time.monotonic() < wait_for_line:
+            time.sleep(0.05)
+        hung.set()
+        time.sleep(events.POLL_INTERVAL_S[JobStatus.QUEUED] + 0.2)  # the next read is out, and hangs
+        held_from = time.monotonic()
+        time.sleep(2.0)
+        held_to = time.monotonic()
+        hung.clear()
+        release.set()
+        videos.claim("tiny-t2v", job_id)
+        deadline = time.monotonic() + 10
+        while not any('"in_progress"' in line for _, line in arrived) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    beats = [at for at, line in arrived if line.startswith(": keep-alive") and held_from <= at <= held_to]
+    assert len(beats) >= 3, arrived
+
+
 def test_a_stopping_server_ends_its_streams(videos: Api) -> None:
     job_id = videos.create()["id"]
     with stream(videos, job_id) as response:

@@ -199,3 +199,48 @@ def test_a_replica_refusing_writes_is_the_store_unavailable_not_an_error(tmp_pat
         store.close()
         replica.terminate()
         replica.wait(10)
+
+
+def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """Status polls during an outage hold the API's shared threads for seconds each (the store's timeout), and
+    /metrics queued behind them: scrapes timed out whole, the counters of the outage (its 503s) with them."""
+    import httpx
+
+    from service import Process, base_env, free_port, wait_ready
+
+    redis_port, port = free_tcp_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    redis = start_redis(redis_port, tmp_path / "redis", appendonly=False)
+    env = base_env(
+        tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_STORE=f"redis://127.0.0.1:{redis_port}/0"
+    )
+    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    paused, stop = False, threading.Event()
+    try:
+        wait_ready(url, api)
+        job_id = httpx.post(f"{url}/v1/videos", json={"prompt": "a fox"}).json()["id"]
+
+        def poll() -> None:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while not stop.is_set():
+                    try:
+                        client.get(f"/v1/videos/{job_id}")
+                    except httpx.HTTPError:
+                        pass
+
+        pollers = [threading.Thread(target=poll, daemon=True) for _ in range(80)]
+        redis.send_signal(signal.SIGSTOP)  # each status read now waits out the store's 5 s socket timeout
+        paused = True
+        for poller in pollers:
+            poller.start()
+        time.sleep(2)  # the shared threads are all taken, and requests queue behind them
+        scrape = httpx.get(f"{url}/metrics", timeout=6)  # the store's gauges give up after the probe's 2 s
+        assert scrape.status_code == 200 and "wanserve_jobs_submitted_total" in scrape.text, scrape.text[:500]
+    finally:
+        stop.set()
+        if paused:
+            redis.send_signal(signal.SIGCONT)
+        api.stop()
+        stop_redis(redis)

@@ -625,10 +625,12 @@ def test_a_worker_stopped_while_it_starts_exits_0_without_loading(tmp_path: Path
     assert "preset" not in log  # the engine was never loaded (loading logs the preset it applies)
 
 
-def test_a_worker_stopped_while_it_loads_its_model_exits_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["sigterm", "drain"])
+def test_a_worker_stopped_while_it_loads_its_model_exits_at_once(tmp_path: Path, how: str) -> None:
     """A stop during the model load (minutes for a 14B) waited for the load to finish, or for the pod's grace
     period to run out. The worker holds no job then: it stops the load and exits 0; what it was building is
-    not left half-written, and the next worker on the same cache loads it."""
+    not left half-written, and the next worker on the same cache loads it. POST /drain (a Spot notice's
+    handler) stops it as SIGTERM does: it used to wait out the load."""
     import signal
 
     port = free_port()
@@ -640,7 +642,11 @@ def test_a_worker_stopped_while_it_loads_its_model_exits_at_once(tmp_path: Path)
     try:
         loading = wait_for(lambda: _ready_state(port) == "loading", 120, "the worker's ops port to say loading")
         assert loading
-        worker.proc.send_signal(signal.SIGTERM)
+        if how == "sigterm":
+            worker.proc.send_signal(signal.SIGTERM)
+        else:
+            drained = httpx.post(f"http://127.0.0.1:{port}/drain")
+            assert drained.status_code == 200 and drained.json()["draining"] is True, drained.text
         assert worker.proc.wait(60) == 0, worker.log()
         log = worker.log()
         assert "model load stopped" in log and "loaded tiny-t2v" not in log, log

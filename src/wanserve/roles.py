@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request  # at module level: FastAPI resolves the route's annotations here
@@ -379,7 +380,13 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
 
     # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load. A worker
     # whose port is taken must not run on unseen: nothing could probe it, scrape it or drain it.
-    ops = _uvicorn(ops_app(worker, metrics, store), settings.host, settings.ops_port)
+    loading = threading.Event()
+
+    def stop_load() -> None:
+        if loading.is_set():  # the signal's handler, on the main thread, ends the load (see on_signal)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    ops = _uvicorn(ops_app(worker, metrics, store, stop_load), settings.host, settings.ops_port)
     ops_failed: list[BadSetting] = []
 
     def serve_ops() -> None:
@@ -400,7 +407,6 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     # that came up for a burst already served) ends the load at once rather than after it, or after the pod's
     # grace period has run out (SIGKILL). Not in a torchrun group: a rank 0 gone mid-load would leave the other
     # ranks waiting in a collective until its timeout.
-    loading = threading.Event()
     alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -483,7 +489,7 @@ def _ask_rank_0_to_drain(settings: Settings) -> None:
         log.info("rank %s: could not ask rank 0 to drain at %s: %s", process_rank(), url, exc)
 
 
-def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
+def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None] | None = None) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -534,6 +540,8 @@ def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         worker.drain()
+        if stop_load is not None:  # a drain asked for while the model loads ends the load, as SIGTERM does
+            stop_load()
         return {"draining": True, "busy": worker.busy}
 
     return app

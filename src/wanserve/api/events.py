@@ -9,11 +9,12 @@ one, and gets the current state first).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -86,10 +87,21 @@ async def job_events(
     yield f"retry: {RETRY_MS}\n\n"
     sent: dict[str, Any] | None = None
     quiet_since = time.monotonic()
+    reading: asyncio.Task[tuple[Job, dict[str, Any]]] | None = None
     while not closing.is_set():
+        reading = _started(read())
+        # While the read is out (a store that does not answer holds it for seconds, and it may wait its turn
+        # behind other streams' reads), the stream still beats: proxies cut one silent for a minute.
+        while not reading.done() and not closing.is_set():
+            await asyncio.wait({reading}, timeout=0.1)
+            if not reading.done() and time.monotonic() - quiet_since >= HEARTBEAT_S:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+        if not reading.done():
+            break  # the server stops: the read still out is the last one
         wait = STORE_RETRY_S
         try:
-            job, body = await read()
+            job, body = reading.result()
         except JobNotFound as exc:
             yield _gone(exc)
             return
@@ -103,26 +115,33 @@ async def job_events(
                 if job.status.finished:
                     return
             wait = POLL_INTERVAL_S.get(job.status, STORE_RETRY_S)
-        if time.monotonic() - quiet_since >= HEARTBEAT_S:
-            yield ": keep-alive\n\n"
-            quiet_since = time.monotonic()
-        await _sleep(wait, closing)
+        reading = None
+        deadline = time.monotonic() + wait
+        while not closing.is_set() and (left := deadline - time.monotonic()) > 0:
+            if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            await anyio.sleep(min(left, 0.1))  # in slices: a stopping server ends its streams at once
     # The server stops. `serve` stops once its drain is over, often within one poll of the job it waited for
     # completing: one last read, so the stream ends with that job's last state rather than just before it.
-    with anyio.move_on_after(LAST_READ_S):
-        try:
-            job, body = await read()
-        except JobNotFound as exc:
-            yield _gone(exc)
-        except StoreUnavailable:
-            pass
-        else:
-            if body != sent:
-                yield frame(body)
+    last = reading if reading is not None else _started(read())
+    await asyncio.wait({last}, timeout=LAST_READ_S)
+    if not last.done():
+        return
+    try:
+        job, body = last.result()
+    except JobNotFound as exc:
+        yield _gone(exc)
+    except StoreUnavailable:
+        pass
+    else:
+        if body != sent:
+            yield frame(body)
 
 
-async def _sleep(seconds: float, closing: threading.Event) -> None:
-    # In slices, so that a stopping server ends its streams within a tenth of a second.
-    deadline = time.monotonic() + seconds
-    while not closing.is_set() and (left := deadline - time.monotonic()) > 0:
-        await anyio.sleep(min(left, 0.1))
+def _started(read: Coroutine[Any, Any, tuple[Job, dict[str, Any]]]) -> asyncio.Task[tuple[Job, dict[str, Any]]]:
+    """The read as a task of its own, which the stream waits on while it beats. A stream closed meanwhile (the
+    client left) leaves it to end on its thread; its outcome is then nobody's."""
+    task = asyncio.ensure_future(read)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task

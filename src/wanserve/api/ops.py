@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -169,8 +171,13 @@ def router(
             raise NoSuchModel("model", str(exc).removeprefix("model: ")) from None
         return model_entry(spec, store, settings)
 
+    # Scrapes on threads of their own: during a store outage, job requests hold the shared pool for seconds each,
+    # and a scrape queued behind them would time out whole, the counters of the outage with it.
+    scrapes = anyio.CapacityLimiter(2)
+
     @api.get("/metrics")
-    def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus() -> Response:
+        body = await anyio.to_thread.run_sync(generate_latest, metrics.registry, limiter=scrapes)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return api
