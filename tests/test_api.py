@@ -783,7 +783,9 @@ def test_upload_larger_than_the_limit_is_413(tmp_path: Path, media: tuple[Path, 
         response = api.client.post(
             "/v1/videos", data={"prompt": "p"}, files={"input_reference": ("huge.png", huge, "image/png")}
         )
-        assert openai_error(response, 413)["param"] == "body"
+        # A form that large is its image (the web page marked no field and quoted a limit not the image's).
+        error = openai_error(response, 413)
+        assert error["param"] == "input_reference" and "an input image may be at most 2000 bytes" in error["message"]
         chunked = api.client.post("/api/v1/generate", content=iter([b'{"prompt": "', huge, b'"}']))
         assert problem(chunked, 413)["field"] == "body"
 
@@ -859,9 +861,14 @@ def test_content_before_completion_is_404(api: Api) -> None:
 def test_storage_redirect_uses_the_presigned_url(tmp_path: Path, media: tuple[Path, Path]) -> None:
     class PresigningStorage(LocalStorage):
         def presigned_url(
-            self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+            self,
+            key: str,
+            expires: int = 3600,
+            method: str = "GET",
+            filename: str | None = None,
+            disposition: str = "inline",
         ) -> str | None:
-            return f"https://bucket.example/{key}?sig={method}"
+            return f"https://bucket.example/{key}?sig={method}" + ("&save" if disposition == "attachment" else "")
 
     storage = PresigningStorage(tmp_path / "signed")
     with make_api(tmp_path, media, storage=storage, storage_redirect=True) as api:
@@ -874,6 +881,19 @@ def test_storage_redirect_uses_the_presigned_url(tmp_path: Path, media: tuple[Pa
         head = api.client.head(f"/v1/videos/{video_id}/content", follow_redirects=False)
         assert head.status_code == 302
         assert head.headers["location"] == f"https://bucket.example/{video_id}/video.mp4?sig=HEAD"
+        # A link that saves the file asks the bucket to send it as an attachment: a browser ignores `download`
+        # on another origin, and the web page's "Download MP4" showed the video in place of the page.
+        saved = api.client.get(f"/v1/videos/{video_id}/content?disposition=attachment", follow_redirects=False)
+        assert saved.headers["location"].endswith("&save")
+    with make_api(tmp_path / "local", media) as api:
+        video_id = api.create()["id"]
+        api.complete(video_id)
+        saved = api.client.get(f"/v1/videos/{video_id}/content?disposition=attachment")
+        assert saved.headers["content-disposition"] == f'attachment; filename="{video_id}.mp4"'
+        shown = api.client.get(f"/v1/videos/{video_id}/content")
+        assert shown.headers["content-disposition"] == f'inline; filename="{video_id}.mp4"'
+        bad = openai_error(api.client.get(f"/v1/videos/{video_id}/content?disposition=save"), 400)
+        assert bad["param"] == "disposition"
 
 
 # ---- status words on every surface --------------------------------------------------------------------------

@@ -212,6 +212,9 @@ def test_s3_presigned_url_downloads_the_bytes(s3_server: S3Server, s3_env: None,
     assert response.status_code == 200
     assert response.content == DATA
     assert response.headers["content-type"] == "video/mp4"
+    saved = storage.presigned_url(key, expires=60, filename="job1.mp4", disposition="attachment")
+    assert saved is not None
+    assert httpx.get(saved).headers["content-disposition"] == 'attachment; filename="job1.mp4"'
 
 
 def test_s3_ping_is_false_for_a_missing_bucket(s3_server: S3Server, s3_env: None) -> None:

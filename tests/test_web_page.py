@@ -164,7 +164,9 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert "9 frames" in detail and "fast, " in detail and "% of steps reused" in detail
         job_id = card.get_attribute("data-id")
         download = card.locator("a[download]")
-        assert download.get_attribute("href") == f"v1/videos/{job_id}/content"  # streamed, seekable
+        # Saved, not shown: also where the answer is a redirect to a bucket, whose origin ignores `download`.
+        assert download.get_attribute("href") == f"v1/videos/{job_id}/content?disposition=attachment"
+        assert card.locator("video").get_attribute("src") == f"v1/videos/{job_id}/content"  # streamed, seekable
 
         # A wrong field is named, and the control holding it marked.
         _fill(page, {"#num_frames": "6"})
@@ -214,6 +216,17 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
             "() => [document.activeElement.className, document.activeElement.closest('.job')?.textContent]"
         )
         assert "delete" in where[0] and "waiting one" in where[1], where
+        # Deleted elsewhere meanwhile (another tab, the API) while its card holds the focus: the card goes at the
+        # next refresh (or at its own Delete's 404), says so, and hands the focus on, where it vanished silently
+        # and the focus fell to the page's body.
+        waiting_id = waiting.get_attribute("data-id")
+        assert httpx.delete(f"{site.url}/v1/videos/{waiting_id}").status_code == 200
+        waiting.wait_for(state="detached")
+        assert page.text_content("#announcer") == "video no longer exists"
+        where = page.evaluate(
+            "() => [document.activeElement.className, document.activeElement.closest('.job')?.textContent]"
+        )
+        assert "delete" in where[0] and "slow one" in where[1], where
         slow = page.locator(".job", has_text="slow one")
         slow_id = slow.get_attribute("data-id")
         slow.locator("button.delete").click()

@@ -236,7 +236,7 @@ def create_app(
     app.state.stream_reads = anyio.CapacityLimiter(events.STREAM_READ_THREADS)
 
     _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings), image_limit=settings.max_upload_bytes)
     app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     keyed = [Depends(require_key(settings))] if settings.api_keys else []

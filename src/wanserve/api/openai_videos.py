@@ -399,10 +399,16 @@ def router(
         store.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    def download_content(request: Request, video_id: str, variant: str = "video") -> Response:
+    def download_content(
+        request: Request, video_id: str, variant: str = "video", disposition: str = "inline"
+    ) -> Response:
         name = VARIANTS.get(variant)
         if name is None:
             raise InvalidRequest("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        # `attachment`: a link that saves the file, also where the answer is a redirect to another origin (a
+        # bucket), on which a browser ignores a link's `download` attribute and would show the video instead.
+        if disposition not in ("inline", "attachment"):
+            raise InvalidRequest("disposition", f"must be inline or attachment, got {disposition!r}")
         job = store.get(video_id)
         if job.status != JobStatus.COMPLETED:
             raise HTTPException(
@@ -410,9 +416,8 @@ def router(
             )
         key = (job.result or {}).get(f"{variant}_key") or key_for(job.id, name)
         try:
-            return content_response(
-                request, storage, settings, key, CONTENT_TYPES[name], f"{job.id}.{name.split('.')[-1]}"
-            )
+            filename = f"{job.id}.{name.split('.')[-1]}"
+            return content_response(request, storage, settings, key, CONTENT_TYPES[name], filename, disposition)
         except FileNotFoundError:
             raise HTTPException(
                 404, f"the {variant} of {video_id} is no longer stored (it expired or was deleted)"

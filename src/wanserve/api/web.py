@@ -27,7 +27,13 @@ def body_limit(settings: Settings) -> int:
     return settings.max_upload_bytes * 4 // 3 + _FRAMING_BYTES
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
+def _too_large(limit: int, image_limit: int | None = None) -> PayloadTooLarge:
+    if image_limit is not None:  # a form's bulk is its file: say so, with the limit that applies to it
+        return PayloadTooLarge(
+            "input_reference",
+            f"the upload is larger than allowed: an input image may be at most {image_limit} bytes "
+            f"(the form came to more than {limit})",
+        )
     return PayloadTooLarge("body", f"the request body is larger than allowed ({limit} bytes)")
 
 
@@ -44,9 +50,10 @@ class BodyLimitMiddleware:
     exception handlers answer it in the surface's envelope like any other error.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, image_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.image_limit = image_limit  # a multipart body too large is its image: the error names it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,19 +63,21 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        image_limit = self.image_limit if multipart else None
         received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
             if declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
+                raise _too_large(limit, image_limit)
             message = await receive()
             if message["type"] == "http.request" and message.get("body") and encoding.lower() not in ("", "identity"):
                 raise UnsupportedEncoding("content-encoding", f"{encoding!r} is not taken: send the body uncompressed")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _too_large(limit)
+                    raise _too_large(limit, image_limit)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -230,15 +239,17 @@ def content_response(
     key: str,
     content_type: str,
     filename: str,
+    disposition: str = "inline",
 ) -> Response:
-    """The stored object, whole or in part. Missing objects (expired, deleted) raise FileNotFoundError."""
+    """The stored object, whole or in part, to be shown (`inline`) or saved (`attachment`) as `filename`. Missing
+    objects (expired, deleted) raise FileNotFoundError."""
     info = storage.stat(key)
     if info is None:
         raise FileNotFoundError(key)
     if settings.storage_redirect:
         # After the stat: a missing object is this API's 404 and a bucket that is down its 503, not S3's XML or
         # a link to nowhere. HEAD goes to the bucket too, so that it gives the same ETag as the GET.
-        url = storage.presigned_url(key, method=request.method, filename=filename)
+        url = storage.presigned_url(key, method=request.method, filename=filename, disposition=disposition)
         if url:
             return RedirectResponse(url, status_code=302)
     size = info.size
@@ -246,7 +257,7 @@ def content_response(
     etag = '"' + hashlib.sha256(f"{key}\0{size}".encode()).hexdigest()[:32] + '"'
     headers = {
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f'inline; filename="{filename}"',
+        "Content-Disposition": f'{disposition}; filename="{filename}"',
         "ETag": etag,
     }
     if _etags(request.headers.get("if-none-match")) & {etag, "*"}:

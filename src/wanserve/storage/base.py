@@ -48,10 +48,16 @@ class Storage(Protocol):
         ...
 
     def presigned_url(
-        self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+        self,
+        key: str,
+        expires: int = 3600,
+        method: str = "GET",
+        filename: str | None = None,
+        disposition: str = "inline",
     ) -> str | None:
         """A URL the client can fetch directly with `method` (GET or HEAD; a signature holds for one method),
-        whose answer names the file `filename`; None when the backend has none (local files)."""
+        whose answer names the file `filename`, to be shown (`inline`) or saved (`attachment`); None when the
+        backend has none (local files)."""
         ...
 
     def ping(self) -> bool: ...

@@ -81,7 +81,12 @@ class LocalStorage:
             yield folder.name, max(times)
 
     def presigned_url(
-        self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+        self,
+        key: str,
+        expires: int = 3600,
+        method: str = "GET",
+        filename: str | None = None,
+        disposition: str = "inline",
     ) -> str | None:
         return None
 

@@ -185,12 +185,17 @@ class S3Storage:
             yield folder, newest
 
     def presigned_url(
-        self, key: str, expires: int = 3600, method: str = "GET", filename: str | None = None
+        self,
+        key: str,
+        expires: int = 3600,
+        method: str = "GET",
+        filename: str | None = None,
+        disposition: str = "inline",
     ) -> str | None:
         operation = {"GET": "get_object", "HEAD": "head_object"}[method]
         params = {"Bucket": self.bucket, "Key": self._key(key)}
         if filename is not None:  # else a browser saves every video as "video.mp4"
-            params["ResponseContentDisposition"] = f'inline; filename="{filename}"'
+            params["ResponseContentDisposition"] = f'{disposition}; filename="{filename}"'
         return self.client.generate_presigned_url(operation, Params=params, ExpiresIn=expires)
 
     def ping(self) -> bool:

@@ -375,7 +375,10 @@ async function showMedia(card) {
   const id = card.dataset.id;
   const media = card.querySelector(".media");
   if (!state.key) {
-    media.replaceChildren(player(card, contentPath(id), contentPath(id, "thumbnail")), downloadLink(id, contentPath(id)));
+    // `attachment`: saved, not shown, even where the answer is a redirect to a bucket (another origin, on which
+    // the browser ignores the link's `download`).
+    const download = downloadLink(id, `${contentPath(id)}?disposition=attachment`);
+    media.replaceChildren(player(card, contentPath(id), contentPath(id, "thumbnail")), download);
     card.dataset.media = "shown";
     return;
   }
@@ -452,9 +455,19 @@ function showJob(video, first = false) {
   return card;
 }
 
-function forget(id) {
+// A card that goes while it holds the focus hands it on (to the next card's Delete, else the prompt) and says
+// why, or the focus falls to the page's body and a keyboard or screen-reader user loses their place.
+function forget(id, said = "", hadFocus = null) {
   const card = state.cards.get(id);
-  if (card) card.remove();
+  if (card) {
+    const focused = hadFocus ?? card.contains(document.activeElement);
+    const next = card.nextElementSibling || card.previousElementSibling;
+    card.remove();
+    if (focused) {
+      (next ? next.querySelector(".delete") : $("prompt")).focus();
+      announce(said || "video no longer exists");
+    } else if (said) announce(said);
+  }
   state.cards.delete(id);
   for (const url of state.blobUrls.get(id) || []) URL.revokeObjectURL(url);
   state.blobUrls.delete(id);
@@ -474,15 +487,13 @@ async function act(card, method, action) {
     state.modelsAt = 0;
     if (method === "DELETE") {
       state.gone.add(id);
-      const next = card.nextElementSibling || card.previousElementSibling;
-      forget(id);
-      announce("video deleted");
-      (next ? next.querySelector(".delete") : $("prompt")).focus();
+      forget(id, "video deleted", true);
       return;
     }
     showJob(answer);
   } catch (error) {
-    if (error.status === 404) forget(id);
+    // Gone on the server already (deleted elsewhere, or expired): as a delete, said, and the focus kept.
+    if (error.status === 404) forget(id, "video no longer exists", card.contains(focused));
     else card.querySelector(".action-error").textContent = error.message; // kept until the next action
   } finally {
     for (const button of buttons) button.disabled = false;
@@ -572,6 +583,7 @@ function start() {
   });
   $("more").addEventListener("click", () => {
     state.limit += PAGE;
+    state.epoch += 1; // a refresh under way, of the shorter list, is dropped: the next one reads the longer
     schedule(0);
     $("more").focus();
   });
