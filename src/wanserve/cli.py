@@ -810,22 +810,18 @@ def prune(
 ) -> None:
     """List (or --delete) result files that belong to no job: left behind when job records were lost."""
     from wanserve.errors import StorageUnavailable, StoreUnavailable
-    from wanserve.jobs import redacted
+    from wanserve.jobs import redacted, sqlite_path
     from wanserve.prune import find_orphans
     from wanserve.roles import open_backends
     from wanserve.storage import local_storage_path
 
     overrides = {"store": store, "storage": storage, "data_dir": data_dir}
     settings = settings_from(**overrides)
-    try:
-        folder = local_storage_path(settings.storage_url)
-    except ValueError as exc:
-        fail(f"{where_set('storage', overrides)}: {exc}", 2)
-    sqlite = settings.store_url.startswith("sqlite:///")
-    for key, path in (
-        ("store", Path(settings.store_url[len("sqlite:///") :]) if sqlite else None),
-        ("storage", folder),
-    ):
+    for key, local_path in (("store", sqlite_path), ("storage", local_storage_path)):
+        try:
+            path = local_path(getattr(settings, f"{key}_url"))
+        except ValueError as exc:
+            fail(f"{where_set(key, overrides)}: {exc}", 2)
         # Opening a missing one would make an empty one, in which every file looks orphaned.
         if path is not None and not path.exists():
             fail(f"{where_set(key, overrides)}: nothing at {path} (is it the one the server uses?)", 2)

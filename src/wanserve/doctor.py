@@ -107,12 +107,12 @@ def _cache(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
 
 
 def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
-    from wanserve.jobs import check_store_url, redacted
+    from wanserve.jobs import redacted, sqlite_path
     from wanserve.storage import check_storage_url, local_folder_problem, local_storage_path
 
     url = settings.store_url
     try:
-        backend = check_store_url(url)
+        database = sqlite_path(url)  # None: Redis
     except ValueError as exc:
         yield Check("job store", False, f"{exc}: fix {named('store')}")
         return
@@ -131,9 +131,9 @@ def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     except ValueError as exc:
         yield Check("storage", False, f"{exc}: fix {named('storage')}")
     shown = redacted(url)
-    if backend != "redis":
+    if database is not None:
         where_from = named("store") if settings.store is not None else named("data_dir")
-        yield _sqlite_check(Path(url[len("sqlite:///") :]), where_from)
+        yield _sqlite_check(database, where_from)
         return
     try:
         import redis

@@ -18,6 +18,7 @@ __all__ = [
     "check_store_url",
     "new_job_id",
     "open_store",
+    "sqlite_path",
 ]
 
 # A store cannot know how fast a queue drains; this is the Retry-After both backends put in QueueFull.
@@ -72,13 +73,21 @@ def check_store_url(url: str) -> str:
     raise ValueError(f"unsupported job store URL {redacted(url)!r}; expected {_SCHEMES}")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file an SQLite URL names; None for Redis. SQLite URLs follow the SQLAlchemy rule:
+    `sqlite:///jobs.db` is relative to the working directory, `sqlite:////var/lib/wanserve/jobs.db` absolute."""
+    if check_store_url(url) != "sqlite":
+        return None
+    return Path(url[len("sqlite:///") :])
+
+
 def open_store(url: str) -> JobStore:
-    """The store for `url`. SQLite URLs follow the SQLAlchemy rule: `sqlite:///jobs.db` is relative to the
-    working directory, `sqlite:////var/lib/wanserve/jobs.db` is absolute."""
-    if check_store_url(url) == "sqlite":
+    """The store for `url` (see `sqlite_path` for SQLite's)."""
+    path = sqlite_path(url)
+    if path is not None:
         from wanserve.jobs.sqlite import SQLiteJobStore
 
-        return SQLiteJobStore(Path(url[len("sqlite:///") :]))
+        return SQLiteJobStore(path)
     # Imported here so that SQLite deployments never need the redis package at import time.
     from wanserve.jobs.redis_store import RedisJobStore
 
