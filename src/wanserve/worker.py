@@ -210,14 +210,16 @@ class Worker:
             finally:
                 if self.start_together is not None:
                     self.start_together.wait()
+            if getattr(self.engine, "idle", None) is not None:
+                # First: the reap below waits out a store that does not answer (seconds), and the followers,
+                # already waiting for the first request, would time out meanwhile.
+                threading.Thread(target=self._keep_group, name=f"group-{self.model}", daemon=True).start()
             # Once before the first claim (a restarted worker requeues its dead predecessor's job first), then on
             # its own thread: reaping only between claims meant that while every worker was busy (a 30-minute
             # job), a dead worker's job stayed "in_progress" until one of them finished its own.
             self._reap()
             remove_orphaned_scratch()
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
-            if getattr(self.engine, "idle", None) is not None:
-                threading.Thread(target=self._keep_group, name=f"group-{self.model}", daemon=True).start()
             while not self._draining.is_set():
                 try:
                     # Each claim holds the job under a name of its own: a run that lost its lease, while this
