@@ -846,6 +846,13 @@ def test_range_requests(api: Api) -> None:
     assert api.client.get(url, headers={"If-None-Match": "*"}).status_code == 304
     thumbnail = api.client.get(url, params={"variant": "thumbnail"})
     assert thumbnail.headers["etag"] != etag
+    # Positions longer than Python's 4300-digit int() limit were a 500 (and a dropped connection).
+    huge = "9" * 5000
+    assert api.client.get(url, headers={"Range": f"bytes={huge}-"}).status_code == 416
+    whole = api.client.get(url, headers={"Range": f"bytes=-{huge}"})
+    assert whole.status_code == 206 and whole.content == data
+    rest = api.client.get(url, headers={"Range": f"bytes=0{'0' * 30}5-{huge}"})
+    assert rest.status_code == 206 and rest.content == data[5:]
 
 
 def test_content_before_completion_is_404(api: Api) -> None:
@@ -1683,6 +1690,22 @@ def test_form_and_json_numbers_are_ascii_digits_and_json_numbers_are_numbers(api
     for surface, body in [("/v1/videos", {}), ("/video/submit", {}), ("/api/v1/generate", {"resolution": "64*64"})]:
         refused = api.client.post(surface, json={"prompt": "p", "priority": "5", **body})
         assert refused.status_code == 400 and "priority" in refused.text, (surface, refused.text)
+    # Numbers past a float's range, or past Python's 4300-digit int() limit, were a 500 (OverflowError).
+    past_float, past_int = int("9" * 400), "9" * 5000
+    for surface, extra in [("/v1/videos", {}), ("/video/submit", {}), ("/api/v1/generate", {"resolution": "64*64"})]:
+        for field, value in [("guidance_scale", past_float), ("flow_shift", past_float), ("seed", past_float)]:
+            refused = api.client.post(surface, json={"prompt": "p", field: value, **extra})
+            assert refused.status_code == 400 and field in refused.text, (surface, field, refused.text)
+    for body in [{"seconds": past_float}, {"seconds": 4, "fps": past_float}]:
+        error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", **body}), 400)
+        assert error["param"] in body, (body, error)
+    for field in ["priority", "seed", "num_frames"]:
+        error = openai_error(api.client.post("/v1/videos", data={"prompt": "p", field: past_int}), 400)
+        assert error["param"] == field and "4300 digits" in error["message"], error
+    error = openai_error(
+        api.client.post("/v1/videos", data={"prompt": "p", "seconds": "4", "fps": str(past_float)}), 400
+    )
+    assert error["param"] == "fps", error
     assert _listed(api) == before
     taken = api.client.post(
         "/v1/videos", data={"prompt": "p", "priority": " 5 ", "seed": "+7", "guidance_scale": "2.5e0"}
@@ -1702,6 +1725,15 @@ def test_a_field_given_twice_or_text_that_is_not_utf8_is_refused(api: Api) -> No
         api.client.post("/v1/videos", content=twice_json, headers={"content-type": "application/json"}), 400
     )
     assert error["param"] == "seed" and "more than once" in error["message"]
+    # Named by their whole path: the inner key alone named no field of the route.
+    for body, param in [
+        (b'{"prompt": "a", "input_reference": {"image_url": "x", "image_url": "y"}}', "input_reference.image_url"),
+        (b'{"prompt": "a", "extra": [{"k": 1, "k": 2}]}', "extra.k"),
+    ]:
+        error = openai_error(
+            api.client.post("/v1/videos", content=body, headers={"content-type": "application/json"}), 400
+        )
+        assert error["param"] == param and "more than once" in error["message"], error
     form = {"content-type": "application/x-www-form-urlencoded"}
     latin1 = api.client.post("/v1/videos", content=b"prompt=caf%E9&seed=1", headers=form)
     assert openai_error(latin1, 400)["param"] == "prompt"

@@ -17,6 +17,7 @@ from wanserve.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 20_000
+MAX_FPS = 60
 # An 8K photo is 33 Mpx; past this the decode alone costs the API hundreds of MB for a frame the model
 # sees at a few hundred thousand pixels.
 MAX_IMAGE_PIXELS = 40_000_000
@@ -98,7 +99,12 @@ class GenerationRequest:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float: 1e400 spelt out
+        return False
 
 
 def _quoted_number(value: object) -> str:
@@ -325,8 +331,8 @@ def resolve(
         raise InvalidRequest("num_frames", f"must be at most {spec.rope_max_frames} for {spec.name}, got {num_frames}")
 
     fps = _int("fps", request.fps if request.fps is not None else spec.fps)
-    if not 1 <= fps <= 60:
-        raise InvalidRequest("fps", f"must be between 1 and 60, got {fps}")
+    if not 1 <= fps <= MAX_FPS:
+        raise InvalidRequest("fps", f"must be between 1 and {MAX_FPS}, got {fps}")
 
     steps = _int(
         "num_inference_steps",

@@ -25,7 +25,7 @@ from wanserve.config import Settings
 from wanserve.errors import InvalidRequest, JobNotFound, NotSupported
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.metrics import Metrics
-from wanserve.request import GenerationRequest, parse_size
+from wanserve.request import MAX_FPS, GenerationRequest, parse_size
 from wanserve.storage.base import CONTENT_TYPES, THUMBNAIL, VIDEO, Storage, key_for
 
 from . import events, status_words
@@ -69,7 +69,7 @@ def seconds_to_frames(seconds: object, fps: int, spec: ModelSpec) -> int:
     try:
         # OpenAI sends a string ("4"); ASCII digits, as every number a form carries.
         value = float(form_float("seconds", seconds)) if isinstance(seconds, str) else float(seconds)  # type: ignore[arg-type]
-    except (TypeError, ValueError, InvalidRequest):
+    except (TypeError, ValueError, OverflowError, InvalidRequest):
         raise InvalidRequest("seconds", f'must be a number of seconds such as "4", got {seconds!r}') from None
     if isinstance(seconds, bool) or not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
         raise InvalidRequest("seconds", f"must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
@@ -263,7 +263,8 @@ def build_request(
         fps = values.get("fps", spec.fps)
         if isinstance(fps, float) and fps.is_integer():  # 16.0: resolve() takes it as 16, so must seconds
             fps = int(fps)
-        fps = fps if isinstance(fps, int) and not isinstance(fps, bool) and fps > 0 else spec.fps
+        # An fps out of range is refused by resolve(); seconds are judged meanwhile at the model's rate.
+        fps = fps if isinstance(fps, int) and not isinstance(fps, bool) and 1 <= fps <= MAX_FPS else spec.fps
         frames = seconds_to_frames(seconds, fps, spec)  # checked even when num_frames wins
         values.setdefault("num_frames", frames)
     return GenerationRequest(prompt=fields.get("prompt"), image=image, **values)  # type: ignore[arg-type]

@@ -195,7 +195,10 @@ def form_int(field: str, value: object) -> object:
         return value
     if not _INTEGER_TEXT.fullmatch(value):
         raise InvalidRequest(field, f"must be an integer, got {value!r}")
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:  # past Python's 4300-digit conversion limit: far past every field's range anyway
+        raise InvalidRequest(field, f"must be an integer of at most 4300 digits, got {len(value.strip())}") from None
 
 
 def form_float(field: str, value: object) -> object:

@@ -131,9 +131,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_JSON_VALUES:
         raise InvalidRequest("body", f"holds too many values (more than {MAX_JSON_VALUES:,})")
     try:
-        data = json.loads(raw or b"null", object_pairs_hook=_refuse_duplicates)
-    except _DuplicateKey as exc:
-        raise InvalidRequest(str(exc), "is given more than once; give it once") from None
+        data = json.loads(raw or b"null", object_pairs_hook=_mark_repeats)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("body", f"must be a JSON object: {exc}") from None
     except RecursionError:
@@ -143,23 +141,41 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("body", "must be a JSON object")
     _reject_lone_surrogates(data)
+    _refuse_repeats(data)
     return data
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Repeated(dict[str, Any]):
+    """An object that gave a key twice. Judged once parsing is done: the hook sees an inner object before the
+    key that holds it, and the error must name the whole path (`input_reference.image_url`)."""
+
+    repeated: str
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _mark_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json keeps the last of a key given twice without a word: which did the client mean?
     data = dict(pairs)
     if len(data) != len(pairs):
         seen: set[str] = set()
         for key, _value in pairs:
             if key in seen:
-                raise _DuplicateKey(key)
+                marked = _Repeated(data)
+                marked.repeated = key
+                return marked
             seen.add(key)
     return data
+
+
+def _refuse_repeats(data: dict[str, Any]) -> None:
+    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]  # without recursion, as the body may nest deeply
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, _Repeated):
+            raise InvalidRequest(".".join((*path, item.repeated)), "is given more than once; give it once")
+        if isinstance(item, dict):
+            stack.extend(((*path, key), value) for key, value in item.items())
+        elif isinstance(item, list):
+            stack.extend((path, value) for value in item)
 
 
 def _reject_lone_surrogates(data: dict[str, Any]) -> None:
@@ -196,6 +212,13 @@ class RangeNotSatisfiable(Exception):
 
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+# Past every file's size; a position longer than this is read as it, never through int() (4300-digit limit).
+_FAR = 10**19
+
+
+def _position(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 19 else _FAR
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -213,16 +236,16 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:  # suffix: the last N bytes
-        length = int(last)
+        length = _position(last)
         if length == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(size - length, 0), size - 1
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _position(last) < start:
         return None  # syntactically invalid: ignored, like a malformed header
     if start >= size:
         raise RangeNotSatisfiable
-    end = int(last) if last else size - 1
+    end = _position(last) if last else size - 1
     return start, min(end, size - 1)
 
 
