@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import random
@@ -341,11 +342,20 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--apis", default=",".join(map(str, defaults.api_counts)), help="API process counts: 1,2")
     parser.add_argument("--out", type=Path, default=defaults.out, help="results directory")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.clients < 1 or args.workers < 0 or args.steps < 1:
-        parser.error("--duration and --steps must be positive, --clients at least 1, --warmup and --workers >= 0")
+    # Checked before any server starts; `not x > 0` also refuses nan, which every comparison lets through.
+    if not math.isfinite(args.duration) or not args.duration > 0:
+        parser.error(f"--duration: must be a positive number of seconds, got {args.duration:g}")
+    for flag, value in (("--warmup", args.warmup), ("--step-seconds", args.step_seconds)):
+        if not math.isfinite(value) or not value >= 0:
+            parser.error(f"{flag}: must be 0 or more seconds, got {value:g}")  # a negative step fails every job
+    if args.clients < 1 or args.workers < 0 or args.steps < 1:
+        parser.error("--steps must be positive, --clients at least 1, --workers 0 or more")
     stores = tuple(s.strip() for s in args.stores.split(",") if s.strip())
     if not stores or set(stores) - {"sqlite", "redis"}:
         parser.error("--stores: a comma-separated subset of sqlite,redis")
+    counts = [n.strip() for n in args.apis.split(",") if n.strip()]
+    if not counts or not all(n.isascii() and n.isdigit() and int(n) >= 1 for n in counts):
+        parser.error(f"--apis: a comma-separated list of API process counts of 1 or more (1,2), got {args.apis!r}")
     return Options(
         duration=args.duration,
         warmup=args.warmup,
@@ -354,7 +364,7 @@ def parse_args(argv: list[str]) -> Options:
         step_seconds=args.step_seconds,
         steps=args.steps,
         stores=stores,
-        api_counts=tuple(int(n) for n in args.apis.split(",") if n.strip()),
+        api_counts=tuple(int(n) for n in counts),
         out=args.out,
     )
 
@@ -388,7 +398,8 @@ def main(argv: list[str]) -> None:
             print(
                 f"{store_kind:6} api×{api_count}: submit {s['rps']:7.1f}/s p50 {s['p50_ms']:6.1f} ms "
                 f"p99 {s['p99_ms']:6.1f} ms ({s['errors']} errors) | status {g['rps']:7.1f}/s "
-                f"p50 {g['p50_ms']:6.1f} ms p99 {g['p99_ms']:6.1f} ms ({g['errors']} errors)",
+                f"p50 {g['p50_ms']:6.1f} ms p99 {g['p99_ms']:6.1f} ms ({g['errors']} errors) | "
+                f"{cell['jobs_at_end'].get('failed', 0)} jobs failed",
                 flush=True,
             )
     report["seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)

@@ -2,7 +2,8 @@
 # The GPU measurements of docs/performance.md, for the device tool (one run call per step, wheels carried in .whl/):
 #
 #     bash benchmarks/gpu_runs.sh STEP            # on the GPU machine, from the repo root
-#     bash benchmarks/gpu_runs.sh STEP --dry-run  # anywhere: print what STEP runs, with each run's time slice
+#     bash benchmarks/gpu_runs.sh STEP --dry-run  # anywhere: print what STEP runs, with each run's time slice,
+#                                                 # each run taking its whole slice
 #
 # A device session has about 15 minutes in all, machine start included, so step 1 holds what the targets
 # need most and fits one call: give it timeout_s 590. BUDGET (default 480 s, counted from the end of the wheel
@@ -17,11 +18,12 @@
 #      1280x704x121 forward; A14B 720p CFG step with the 40-step projection and its VAE decode (two forwards of
 #      the 14B 720p transformer: its ratio stands for that forward's); 14B I2V 480p CFG step (8 layers, scaled)
 #   2  what step 1 leaves: lossy presets on 1.3B; 5B on a 24 GB budget (text encoder on the CPU, VAE tiling);
-#      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request; cold start from local disk,
-#      with empty and with kept compile caches
+#      one 14B expert with all 40 layers on one card; the full 50-step 1.3B request
+#   3  cold start from local disk, with empty and with kept compile caches; the 14B 720p forward on its own
+# Each step's slices add up to at most BUDGET, so no run is planned only for when others finish early.
 set -uo pipefail
 
-step=${1:?usage: bash benchmarks/gpu_runs.sh 1|2 [--dry-run]}
+step=${1:?usage: bash benchmarks/gpu_runs.sh 1|2|3 [--dry-run]}
 dry=${2:-}
 out=${OUT:-/tmp/wanserve-gpu-out}
 budget=${BUDGET:-480}
@@ -66,14 +68,18 @@ except Exception as exc:
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 started=$(date +%s)
-deadline=$((started + budget))
 
 status=0
+clock=0 # the dry run's: each run takes its whole slice
 bench() { # SLICE_SECONDS BENCH_ARGS...
-    local slice=$1 left
+    local slice=$1 left at
     shift
-    left=$((deadline - $(date +%s)))
-    [ -n "$dry" ] && left=$budget
+    if [ -n "$dry" ]; then
+        at=$clock
+    else
+        at=$(($(date +%s) - started))
+    fi
+    left=$((budget - at))
     if [ "$left" -lt 30 ]; then
         echo "- skipped (${left} s of the step's ${budget} s left): wanserve bench $*" | tee -a "$log"
         return 0
@@ -81,9 +87,11 @@ bench() { # SLICE_SECONDS BENCH_ARGS...
     [ "$slice" -gt "$left" ] && slice=$left
     local phases=$((slice - slack))
     [ "$phases" -lt 15 ] && phases=15
-    echo "+ [$(($(date +%s) - started)) s, stop at +$((slice + 10)) s] wanserve bench --time-budget $phases $*" \
-        | tee -a "$log"
-    [ -n "$dry" ] && return 0
+    echo "+ [$at s, stop at +$((slice + 10)) s] wanserve bench --time-budget $phases $*" | tee -a "$log"
+    if [ -n "$dry" ]; then
+        clock=$((clock + slice))
+        return 0
+    fi
     # A hard stop per run: SIGTERM makes the run record where it stopped and save (SIGINT may be ignored by a
     # non-interactive parent, and Python keeps it so); a hang costs this run only.
     timeout --signal=TERM --kill-after=20 $((slice + 10)) \
@@ -106,9 +114,13 @@ case $step in
         bench 120 --shape 5b-720p --presets exact --text-encoder-cpu --vae-tiling --steps 4 --jobs 2 --repeats 3
         bench 120 --shape 14b-i2v-480p --presets exact,fastest --repeats 3
         bench 90 --shape 1.3b-480p --presets exact --jobs 0 --repeats 3
-        bench 150 --shape 1.3b-480p --presets exact --steps 2 --jobs 0 --repeats 3 --cold-start
         ;;
-    *) echo "unknown step $step (1 or 2)" >&2; exit 2 ;;
+    3)
+        bench 150 --shape 1.3b-480p --presets exact --steps 2 --jobs 0 --repeats 3 --cold-start
+        # The 14B 720p forward on its own (step 1 takes its ratio from the A14B step's two forwards).
+        bench 120 --shape 14b-720p-8layers --presets exact --repeats 3
+        ;;
+    *) echo "unknown step $step (1, 2 or 3)" >&2; exit 2 ;;
 esac
 echo "step $step done in $(($(date +%s) - started)) s, status $status" | tee -a "$log"
 exit $status

@@ -251,10 +251,10 @@ def test_bench_cpu_tiny_writes_the_results_file(tiny_cache: Path, tmp_path: Path
     assert len(files) == 1 and run.stdout.strip().endswith(files[0].name)
     document = json.loads(files[0].read_text())
 
-    env = document["environment"]
-    for key in ("date", "python", "torch", "diffusers", "device_name", "driver", "git_commit"):
-        assert key in env, key
+    assert "environment" not in document  # each run's own: runs of one day may come from other sessions
     report = document["runs"]["tiny"]
+    for key in ("date", "python", "torch", "diffusers", "device_name", "driver", "git_commit"):
+        assert key in report["environment"], key
     assert report["matmul_ceiling"]["tflops"] > 0
     assert set(report["forward"]) == {"diffusers", "exact", "fast", "fastest"}
     for entry in report["forward"].values():
@@ -281,7 +281,7 @@ def test_a14b_projection_adds_a_measured_vae_decode() -> None:
     decode = measure_vae_decode(shape, torch.device("cpu"))
     assert decode["latents"] == [1, 16, 3, 8, 8] and decode["seconds"] > 0
     forward = {"exact": {"ms": 1000.0}}
-    projection = per_step_projection(shape, BenchOptions(layers=8), forward, decode["seconds"])
+    projection = per_step_projection(shape, 8, forward, decode["seconds"])
     row = projection["exact"]
     assert row["seconds_per_step"] == 5.0  # 8 of 40 layers, scaled linearly
     assert row["projected_total_seconds"] == pytest.approx(40 * 5.0 + decode["seconds"], abs=0.06)
@@ -293,7 +293,7 @@ def test_lossy_targets_say_what_share_of_skipped_steps_meets_them() -> None:
     instead which share of skipped steps would meet each lossy target, from the measured full and skipped step."""
     i2v, a14b = SHAPES["14b-i2v-480p"], SHAPES["a14b-720p"]
     forward = {"fastest": {"ms": 1000.0, "cached": {"ms": 200.0}}}  # 8 of 40 layers: 5 s a full step
-    per_step = per_step_projection(i2v, BenchOptions(layers=8), forward)
+    per_step = per_step_projection(i2v, 8, forward)
     # The full step is scaled from 8 to 40 layers; the skipped one (first block, embeddings, head) is not.
     assert per_step["fastest"] == {"seconds_per_step": 5.0, "cached_seconds_per_step": 0.2}
     target = check_targets(i2v, {"forward": forward, "per_step": per_step})["step_seconds_fastest"]
@@ -304,18 +304,19 @@ def test_lossy_targets_say_what_share_of_skipped_steps_meets_them() -> None:
         "met if the step cache skips 50% of the steps"
     )
 
-    per_step = per_step_projection(a14b, BenchOptions(layers=8), forward, vae_seconds=40.0)  # 40 x 5 + 40 = 240 s
+    per_step = per_step_projection(a14b, 8, forward, vae_seconds=40.0)  # 40 x 5 + 40 = 240 s
     target = check_targets(a14b, {"forward": forward, "per_step": per_step})["projected_seconds_fastest"]
     assert target["met"] is True and target["met_at_skipped_fraction"] == 0.0
 
     slow = {"fastest": {"ms": 1000.0, "cached": {"ms": 2700.0}}}  # a skipped step slower than the goal itself
-    per_step = per_step_projection(i2v, BenchOptions(layers=8), slow)
+    per_step = per_step_projection(i2v, 8, slow)
     target = check_targets(i2v, {"forward": slow, "per_step": per_step})["step_seconds_fastest"]
     assert target["met"] is False and target["met_at_skipped_fraction"] is None
 
 
 def _tiny_options(tiny_cache: Path, out: Path, **kwargs: object) -> BenchOptions:
-    return BenchOptions(cpu_tiny=True, cache_dir=tiny_cache, out=out, repeats=1, cold_start=False, **kwargs)  # type: ignore[arg-type]
+    given: dict[str, object] = {"cold_start": False, **kwargs}
+    return BenchOptions(cpu_tiny=True, cache_dir=tiny_cache, out=out, repeats=1, **given)  # type: ignore[arg-type]
 
 
 def test_a_failing_phase_is_recorded_and_the_run_goes_on(
@@ -360,6 +361,110 @@ def test_a_run_cut_short_keeps_what_it_measured(
     assert saved["request"]["exact"]["identical_to_diffusers"] is True
     assert "exact_request" in saved["phase_seconds"]
     assert saved["errors"] == {"serving": "interrupted: KeyboardInterrupt"}
+
+
+def test_a_rerun_cut_short_never_replaces_a_whole_run(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The day's file is merged into by run name: a rerun stopped by a device session's time limit replaced the
+    whole run before it with its first phases. It now sits beside it until it finishes whole itself; and each
+    run keeps the commit and versions it ran with (the file kept only the last run's)."""
+    options = _tiny_options(tiny_cache, tmp_path, jobs=0, presets=("exact",))
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "aaaa1111")
+    path, first = bench.run_bench(options)
+    name = first["run"]
+    whole = json.loads(path.read_text())["runs"][name]
+    assert whole["complete"] is True and "exact" in whole["request"]
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_run, "engine_request", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(options)
+    runs = json.loads(path.read_text())["runs"]
+    assert runs[name] == whole
+    (beside,) = set(runs) - {name}
+    assert beside.startswith(f"{name}@") and runs[beside]["complete"] is False
+    assert runs[beside]["errors"] == {"exact_request": "interrupted: KeyboardInterrupt"}
+
+    monkeypatch.undo()
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "bbbb2222")
+    _, third = bench.run_bench(options)  # a whole rerun replaces the whole run; the one cut short stays
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs) == {name, beside} and runs[name]["run_id"] == third["run_id"] != whole["run_id"]
+    if whole["environment"]["git_commit"] == "aaaa1111":  # outside a git checkout (the device's tree)
+        assert runs[name]["environment"]["git_commit"] == "bbbb2222"
+        assert runs[beside]["environment"]["git_commit"] == "bbbb2222"
+
+
+def test_a_results_file_that_is_not_one_is_refused_not_overwritten(tmp_path: Path) -> None:
+    """A damaged day's file was read as empty and overwritten with this run alone: every run in it was lost."""
+    from wanserve.bench.report import describe_environment, results_path
+
+    path = results_path(describe_environment(torch.device("cpu")), tmp_path)
+    path.write_text('{"schema": 2, "runs": {"tiny": {"forward": {}')
+    command = [sys.executable, "-m", "wanserve", "bench", "--cpu-tiny", "--out", str(tmp_path), "--jobs", "0"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and f"--out: {path} is not JSON" in run.stdout + run.stderr, run.stderr[-2000:]
+    assert path.read_text() == '{"schema": 2, "runs": {"tiny": {"forward": {}'
+
+
+def test_wrong_bench_options_exit_2_before_anything_runs(tmp_path: Path) -> None:
+    """--layers was ignored with a checkpoint, yet the step was still scaled up by it (5x too slow a step);
+    an --out that could not be a folder failed with a traceback after the models were built; a damaged
+    checkpoint was blamed on WANSERVE_MODEL, which nobody had set."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": ["x", "y"]}))
+    base = [sys.executable, "-m", "wanserve", "bench", "--no-cold-start"]
+    for args, said in [
+        (["--out", str(a_file / "sub")], "--out: "),
+        (["--checkpoint", str(damaged)], "--checkpoint: "),
+        (["--shape", "tiny", "--layers", "2"], "--layers: applies to the random-weight shapes only"),
+        (["--checkpoint", str(damaged), "--layers", "8"], "--checkpoint: "),
+    ]:
+        run = subprocess.run([*base, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 2 and said in run.stdout + run.stderr, (args, run.stdout, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr and "WANSERVE_MODEL" not in run.stdout + run.stderr
+    assert not list(tmp_path.glob("**/*.json"))[1:], "nothing written but the damaged checkpoint's index"
+
+
+def test_a_cold_start_that_never_becomes_ready_fails_the_run_and_leaves_no_process(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh process that dies (out of memory, a compile error) was recorded inside cold_start only: no error,
+    exit status 0. One still starting when the run was stopped (a time limit's SIGTERM) was left running."""
+    from wanserve.bench import cold_start
+
+    monkeypatch.setattr(cold_start, "_COLD_CHILD", "import sys; sys.exit('CUDA out of memory (simulated)')")
+    path, report = bench.run_bench(_tiny_options(tiny_cache, tmp_path, jobs=0, presets=("exact",), cold_start=True))
+    assert "CUDA out of memory (simulated)" in report["errors"]["cold_start"]
+    assert json.loads(path.read_text())["runs"][report["run"]]["errors"] == report["errors"]
+
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setenv("CHILD_PID_FILE", str(pid_file))
+    child = "import os, time; open(os.environ['CHILD_PID_FILE'], 'w').write(str(os.getpid())); time.sleep(600)"
+    monkeypatch.setattr(cold_start, "_COLD_CHILD", child)
+
+    def stop(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cold_start.measure_cold_start("tiny-t2v", "exact", {"cache_dir": tiny_cache}, tmp_path / "scratch")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_a_time_limits_sigterm_saves_where_the_run_stopped(tiny_cache: Path, tmp_path: Path) -> None:
@@ -493,11 +598,12 @@ def test_gpu_plan_shapes_run_end_to_end_at_toy_sizes(
         assert report["per_step"]["exact"]["projected_total_seconds"] > report["vae_decode"]["seconds"]
 
 
-@pytest.mark.parametrize("step", ["1", "2"])
+@pytest.mark.parametrize("step", ["1", "2", "3"])
 def test_the_gpu_plan_runs_real_bench_commands(step: str, tmp_path: Path) -> None:
     """benchmarks/gpu_runs.sh is what a GPU session runs unattended: every command it plans must parse as
     `wanserve bench` options, name a real shape and real presets, and have slices that add up to the step's
-    default budget (480 s, so that one device call of 590 s holds the install, the step and a stopped run)."""
+    default budget (480 s, so that one device call of 590 s holds the install, the step and a stopped run).
+    Step 2's added up to 630 s: its last run, the cold start, ran only if the others finished early."""
     import shlex
 
     import typer
@@ -515,7 +621,7 @@ def test_the_gpu_plan_runs_real_bench_commands(step: str, tmp_path: Path) -> Non
     )
     assert plan.returncode == 0, plan.stderr
     commands = [line.split("wanserve bench ", 1)[1] for line in plan.stdout.splitlines() if line.startswith("+ ")]
-    assert len(commands) >= 4
+    assert len(commands) >= 2
     bench_command = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
     for command in commands:
         context = bench_command.make_context("bench", shlex.split(command))  # parses, runs nothing
@@ -526,5 +632,23 @@ def test_the_gpu_plan_runs_real_bench_commands(step: str, tmp_path: Path) -> Non
     lines = [line for line in plan.stdout.splitlines() if "stop at +" in line]
     stops = [int(line.split("stop at +", 1)[1].split(" s]")[0]) for line in lines]
     assert len(stops) == len(commands)
-    if step == "1":  # what the targets need most, all of it in the call (step 2 takes what is left, in order)
-        assert sum(stop - 10 for stop in stops) <= 480
+    assert sum(stop - 10 for stop in stops) <= 480  # every run planned gets its whole slice
+    starts = [int(line.split("+ [", 1)[1].split(" s,")[0]) for line in lines]
+    assert starts == [sum(stop - 10 for stop in stops[:i]) for i in range(len(stops))]  # the dry run's clock
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--apis", "0"], "--apis"),  # was a ZeroDivisionError once every server had started
+        (["--apis", ","], "--apis"),  # was an empty report, replacing that day's
+        (["--duration", "nan"], "--duration"),  # was "no job was accepted", after starting every server
+        (["--step-seconds", "-1"], "--step-seconds"),  # every job failed, and the run reported 0 errors
+    ],
+)
+def test_the_control_plane_benchmark_refuses_wrong_arguments(args: list[str], said: str, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "control_plane.py"), *args, "--out", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"error: {said}: " in run.stderr, run.stderr[-2000:]
+    assert not list(tmp_path.iterdir())

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from wanserve.config import Settings, process_rank
-from wanserve.errors import BadSetting, InvalidRequest, WanserveError
+from wanserve.errors import BadSetting, InvalidRequest, ModelNotFound, WanserveError
 from wanserve.storage.base import ENDPOINT_ENV_VARS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
@@ -906,6 +906,7 @@ def bench(
     The file is rewritten after every phase, so a run cut short keeps what it measured. A phase that fails is
     recorded under `errors` and the run goes on; the exit status is then 1."""
     from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows, target_lines
+    from wanserve.bench.report import ResultsFileError
     from wanserve.engine.presets import PRESET_NAMES
 
     if shape is not None and shape not in SHAPES:
@@ -915,10 +916,26 @@ def bench(
         given["--device"] = device not in (None, "cpu")
         for flag in (flag for flag, value in given.items() if value):
             fail(f"{flag}: does not apply to --cpu-tiny, which runs the tiny model on the CPU", code=2)
-    if checkpoint is not None and not (checkpoint / "model_index.json").is_file():
-        fail(f"--checkpoint: {checkpoint} is not a diffusers checkpoint folder (it has no model_index.json)", code=2)
-    if out.exists() and not out.is_dir():
-        fail(f"--out: {out} exists and is not a folder", code=2)
+    if checkpoint is not None:
+        if not (checkpoint / "model_index.json").is_file():
+            fail(
+                f"--checkpoint: {checkpoint} is not a diffusers checkpoint folder (it has no model_index.json)", code=2
+            )
+        from wanserve.catalog import local_spec
+
+        try:  # the engine's own reading of a folder, before anything runs: damaged, or not a pipeline it runs
+            local_spec(checkpoint)
+        except ModelNotFound as exc:
+            fail(f"--checkpoint: {exc}", code=2)
+    # The shape's layer count is what --layers changes: a checkpoint's and the tiny model's are their own.
+    if layers is not None and (checkpoint is not None or shape == "tiny"):
+        fail("--layers: applies to the random-weight shapes only, not to --checkpoint or the tiny shape", code=2)
+    try:  # the results file is written after the first phase: a folder that cannot hold it is known now
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        fail(f"--out: {out} cannot hold the results file: {exc.strerror or exc}", code=2)
     chosen = tuple(p.strip() for p in presets.split(",") if p.strip())
     unknown = [p for p in chosen if p not in PRESET_NAMES]
     if unknown or not chosen:
@@ -971,6 +988,8 @@ def bench(
     signal.signal(signal.SIGTERM, stopped)
     try:
         path, report = run_bench(options)
+    except ResultsFileError as exc:
+        fail(f"--out: {exc}", code=2)
     except BadSetting as exc:
         fail_setting(exc, overrides)
     except (WanserveError, ValueError) as exc:

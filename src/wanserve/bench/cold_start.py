@@ -38,9 +38,9 @@ def measure_cold_start(model_ref: str, preset: str, settings_kwargs: dict[str, A
     cold.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cold / "inductor"), TRITON_CACHE_DIR=str(cold / "triton"))
     first = _start_engine(model_ref, kwargs, env, cold / "first.log")
-    if "error" in first:
-        return first
-    warm = _start_engine(model_ref, kwargs, env, cold / "second.log")
+    if "error" in first:  # the phase fails, so the run says so (errors, exit status 1)
+        raise RuntimeError(f"the fresh process never became ready: {first['error']}")
+    warm = _start_engine(model_ref, kwargs, env, cold / "second.log")  # an error here: the caller records it
     return {
         **first,
         "preset": preset,
@@ -63,11 +63,18 @@ def _start_engine(model_ref: str, kwargs: dict[str, Any], env: dict[str, str], l
         assert process.stdout is not None
         child: dict[str, Any] | None = None
         ready_at = None
-        for line in process.stdout:
-            if line.startswith("WANSERVE_READY "):
-                ready_at = time.perf_counter()
-                child = json.loads(line.removeprefix("WANSERVE_READY "))
-        process.wait(timeout=600)
+        try:
+            for line in process.stdout:
+                if line.startswith("WANSERVE_READY "):
+                    ready_at = time.perf_counter()
+                    child = json.loads(line.removeprefix("WANSERVE_READY "))
+            process.wait(timeout=600)
+        finally:
+            # A run stopped meanwhile (a time limit's SIGTERM) or a child that hangs must not leave it behind,
+            # holding device memory and writing into a scratch folder that is being removed.
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         stderr.seek(0)
         last = stderr.read().strip().splitlines()[-1:]
     if child is None or ready_at is None:

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from wanserve.bench.forward import timed_ms
-from wanserve.bench.options import BenchOptions
 from wanserve.bench.requests import peak_memory_gb
 from wanserve.bench.shapes import Shape
 
@@ -39,10 +38,10 @@ def measure_vae_decode(shape: Shape, device: torch.device, tiling: bool = False)
 
 
 def per_step_projection(
-    shape: Shape, options: BenchOptions, forward: dict[str, Any], vae_seconds: float | None = None
+    shape: Shape, layers: int, forward: dict[str, Any], vae_seconds: float | None = None
 ) -> dict[str, Any]:
+    """Per-step figures of a transformer of `layers` layers (the one timed), scaled to the shape's full depth."""
     full_layers = int(shape.transformer["num_layers"])
-    layers = options.layers or full_layers
     scale = full_layers / layers  # block time dominates; embeddings and head are <1% at these sizes
     result: dict[str, Any] = {"measured_layers": layers, "full_layers": full_layers}
     for name, entry in forward.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import math
 import os
 import platform
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
-SCHEMA = 1
+SCHEMA = 2  # 2: each run carries its own environment
+
+log = logging.getLogger(__name__)
 
 
 def describe_environment(device: torch.device) -> dict[str, Any]:
@@ -119,21 +122,80 @@ def device_slug(environment: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "unknown"
 
 
+class ResultsFileError(ValueError):
+    """The day's results file is there but is not one: it is refused, never overwritten with this run alone."""
+
+
+def results_path(environment: dict[str, Any], out_dir: Path) -> Path:
+    return out_dir / f"{device_slug(environment)}-{environment['date']}.json"
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results file at `path`, or an empty one when there is none yet."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ResultsFileError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise ResultsFileError(f"{path} is not JSON ({exc}): move it away, or pick another --out") from None
+    if not isinstance(document, dict) or not isinstance(document.get("runs", {}), dict):
+        raise ResultsFileError(f"{path} is not a wanserve bench results file: move it away, or pick another --out")
+    # Schema 1 kept one environment for the whole file, its last run's: each run now carries its own.
+    legacy = document.pop("environment", None)
+    for run in document.get("runs", {}).values():
+        if isinstance(run, dict) and isinstance(legacy, dict):
+            run.setdefault("environment", legacy)
+    return document
+
+
 def write_report(report: dict[str, Any], environment: dict[str, Any], out_dir: Path) -> Path:
-    """Merge this run into `<out_dir>/<device>-<date>.json` (one file per device per day, runs by name)."""
+    """Merge this run into `<out_dir>/<device>-<date>.json` (one file per device per day, runs by name), with
+    the environment it ran in: runs of one day may come from other commits, sessions and package versions."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{device_slug(environment)}-{environment['date']}.json"
-    document: dict[str, Any] = {}
-    if path.exists():
-        with contextlib.suppress(ValueError):
-            document = json.loads(path.read_text())
+    path = results_path(environment, out_dir)
+    document = read_results(path)
     document["schema"] = SCHEMA
-    document["environment"] = environment
-    document.setdefault("runs", {})[report["run"]] = report
+    runs = document.setdefault("runs", {})
+    report["environment"] = environment
+    key = _key(runs, report)
+    if key not in runs and key != report["run"]:
+        log.warning("bench: %s keeps the earlier whole run %r; this one is saved as %r", path, report["run"], key)
+    for stale in [k for k, run in runs.items() if k != key and _same_run(run, report)]:
+        del runs[stale]  # this run's earlier saves, under the other key
+    runs[key] = report
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(_finite(document), indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _whole(run: Any) -> bool:
+    """Finished, with no phase failed or skipped: a run that measured everything it was asked to."""
+    return (
+        isinstance(run, dict)
+        and run.get("complete") is True
+        and not run.get("errors")
+        and not run.get("skipped_phases")
+    )
+
+
+def _same_run(run: Any, report: dict[str, Any]) -> bool:
+    return isinstance(run, dict) and run.get("run_id") is not None and run.get("run_id") == report.get("run_id")
+
+
+def _key(runs: dict[str, Any], report: dict[str, Any]) -> str:
+    """The run's name; but a run cut short, or with a phase failed or skipped, never replaces a whole run of the
+    same name (a rerun stopped by a time limit would lose the figures the first one had): it sits beside it,
+    as `<name>@<started_at>`, until it finishes whole itself."""
+    name = report["run"]
+    earlier = runs.get(name)
+    if earlier is None or _same_run(earlier, report) or not _whole(earlier) or _whole(report):
+        return name
+    return f"{name}@{report.get('started_at')}"
 
 
 def _finite(value: Any) -> Any:

@@ -175,6 +175,8 @@ def why_no_request(shape: Shape, wanted: bool, pipe: Any, asked: bool | None = N
         return "turned off (--no-request)"
     if not wanted:
         return f"{shape.name} is timed per {shape.unit} only (pass --request to build the whole pipeline)"
+    if pipe is not None:
+        return "not timed: see skipped_phases and errors"
     return "no pipeline"
 
 

@@ -8,6 +8,7 @@ import gc
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from wanserve.bench.forward import forward_inputs, matmul_ceiling, time_cached_u
 from wanserve.bench.models import build_models, save_pipeline
 from wanserve.bench.options import BenchOptions
 from wanserve.bench.projection import check_targets, measure_vae_decode, per_step_projection, ratio
-from wanserve.bench.report import SCHEMA, describe_environment, write_report
+from wanserve.bench.report import SCHEMA, describe_environment, read_results, results_path, write_report
 from wanserve.bench.requests import (
     bench_request,
     compare_frames,
@@ -65,6 +66,7 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "run": _run_name(shape, options),
+        "run_id": uuid.uuid4().hex[:12],  # tells this run's saves from another run's of the same name
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "options": {
             "shape": shape.name,
@@ -84,6 +86,7 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         "published": PUBLISHED if not shape.tiny else None,
     }
     environment = describe_environment(device)
+    read_results(results_path(environment, options.out))  # one that is not a results file: refused, before any work
     run = _Run(report, environment, options.out, options.time_budget, device)
     report["matmul_ceiling"] = matmul_ceiling(device)
     log.info("matmul ceiling: %.2f TFLOP/s", report["matmul_ceiling"]["tflops"])
@@ -98,10 +101,11 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         """The figures computed from the measured ones: refreshed before every save, so a partial file is whole."""
         compare_frames(requests, frames)
         report["request"] = requests or {"skipped": no_request}
-        report["serving"] = serving or {"skipped": "no whole-request pipeline in this run, or --jobs 0"}
+        report["serving"] = serving or {"skipped": _why_no_serving(jobs, requests, no_request)}
         if shape.unit == "cfg_step":
             vae_seconds = report.get("vae_decode", {}).get("seconds")
-            report["per_step"] = per_step_projection(shape, options, forward, vae_seconds)
+            layers = int(report["shape"]["num_layers"])  # what ran: a checkpoint's own, or --layers
+            report["per_step"] = per_step_projection(shape, layers, forward, vae_seconds)
         report["targets"] = check_targets(shape, report)
 
     no_request = ""
@@ -111,13 +115,13 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
             "build", lambda: build_models(shape, options, settings, device, dtype, want_request), required=True
         )
         no_request = why_no_request(shape, want_request, pipe, options.request)
+        config = transformer.config
+        report["shape"] = describe_shape(shape, config)  # before any save: derive() reads it
         run.derive = derive
         want_cold = options.cold_start if options.cold_start is not None else (model_ref is not None)
         if want_cold and model_ref is None and pipe is not None:  # saved before any preset rewrites the modules
             saved = run.phase("save_weights", lambda: save_pipeline(pipe, scratch / "weights"))
             model_ref = str(saved) if saved is not None else None
-        config = transformer.config
-        report["shape"] = describe_shape(shape, config)
         inputs = forward_inputs(shape, config, device, dtype)
         flops = unit_flops(shape, config, inputs.tokens)
         report["shape"]["tokens"] = inputs.tokens
@@ -208,6 +212,8 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
         else:
             cold = run.phase("cold_start", lambda: measure_cold_start(model_ref, presets[0], settings_kwargs, scratch))
             report["cold_start"] = cold or {"skipped": "see errors or skipped_phases"}
+            if cold and "error" in cold.get("warm_cache", {}):
+                run.errors["cold_start_warm_cache"] = cold["warm_cache"]["error"]
     path = run.save(complete=True)
     log.info("wrote %s", path)
     return path, report
@@ -274,6 +280,14 @@ def _ordered(presets: tuple[str, ...]) -> tuple[str, ...]:
         raise ValueError(f"unknown or no preset(s) {', '.join(unknown)}; presets are {', '.join(PRESET_NAMES)}")
     # Each preset adds to the previous one on the same modules, so they run in this order.
     return tuple(p for p in PRESET_NAMES if p in presets)
+
+
+def _why_no_serving(jobs: int, requests: dict[str, Any], no_request: str) -> str:
+    if jobs == 0:
+        return "turned off (--jobs 0)"
+    if not requests and no_request:
+        return f"no whole request in this run: {no_request}"
+    return "not measured: see skipped_phases and errors"
 
 
 def _default_jobs(shape: Shape) -> int:
