@@ -752,3 +752,60 @@ def test_submit_refuses_what_it_cannot_send_and_servers_that_are_not_wanserve(ti
     finally:
         listener.close()
         page.shutdown()
+
+
+def test_a_store_on_a_redis_unix_socket_runs_jobs(tmp_path: Path, tiny_cache: Path) -> None:
+    """`unix:///path/redis.sock`, a documented store URL, refused every command (a 500 for each create, a
+    worker that died at start), while /ready said the store was fine."""
+    import httpx
+
+    from conftest import free_tcp_port, redis_server_binary
+    from service import Process, base_env, wait_for, wait_ready
+
+    sock = tmp_path / "redis.sock"
+    args = [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(tmp_path)]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 15, "the Redis socket")
+        port = free_tcp_port()
+        url = f"http://127.0.0.1:{port}"
+        store = ["--store", f"unix://{sock}", "--data-dir", str(tmp_path / "data")]
+        serve = Process(["serve", "--port", str(port), *store], base_env(tiny_cache), tmp_path / "serve.log")
+        try:
+            wait_ready(url, serve)
+            created = httpx.post(f"{url}/v1/videos", json={"prompt": "a red fox", "seed": 1}, timeout=30)
+            assert created.status_code == 200, created.text
+            video_id = created.json()["id"]
+
+            def done() -> bool:
+                status = httpx.get(f"{url}/v1/videos/{video_id}", timeout=10).json()["status"]
+                assert status != "failed", serve.log()
+                return status == "completed"
+
+            wait_for(done, 120, "the job to complete")
+            (tmp_path / "fox.mp4").write_bytes(httpx.get(f"{url}/v1/videos/{video_id}/content", timeout=30).content)
+            assert decode_mp4(tmp_path / "fox.mp4").frames.shape[0] == 9
+        finally:
+            serve.stop()
+        assert "Traceback" not in serve.log()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_redis_store_url_redis_would_misread_is_a_wrong_setting(tiny_cache: Path) -> None:
+    """redis-py reads a database that is not a number as database 0 (fleets on /staging and /prod shared one
+    queue), and no host as localhost; a port that is not a number was a 'start redis-server' hint in doctor."""
+    for url, said in [
+        ("redis://127.0.0.1:6390/staging", "the database must be a number (such as /0), got 'staging'"),
+        ("redis://:6390/0", "names no host"),
+        ("unix:///", "names no socket"),
+        ("unix:///tmp/redis.sock?db=x", "the database must be a number"),
+        ("redis://127.0.0.1:abc/0", "is not a URL"),
+    ]:
+        done = run(["api", "--store", url, "--port", "0"], tiny_cache, timeout=60)
+        text = " ".join(done.stderr.split())
+        assert done.returncode == 2 and "--store:" in text and said in text, (url, done.stderr[-2000:])
+        doctor = run(["doctor", "--store", url], tiny_cache, timeout=60)
+        text = " ".join((doctor.stdout + doctor.stderr).split())
+        assert said in text and "start redis-server" not in text, (url, text[-2000:])

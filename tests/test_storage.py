@@ -543,3 +543,32 @@ def test_s3_refusing_one_object_is_not_an_outage(s3_env: None, tmp_path: Path) -
         assert public_reason(error.value).endswith(": EntityTooLarge")
     finally:
         refusing.close()
+
+
+def test_s3_tries_each_call_as_often_as_documented(s3_env: None, tmp_path: Path) -> None:
+    """docs/operations.md: an upload three tries, a download's read two, a health check one. botocore's
+    `max_attempts` counts the retries after the first request, so each call made one try more than that (an
+    upload to a hung bucket took 4 x 30 s, a health check twice its two seconds)."""
+    from wanserve.errors import StorageUnavailable
+
+    storage = S3Storage("videos", endpoint_url=f"http://127.0.0.1:{free_tcp_port()}")  # nothing listens there
+    sent: list[str] = []
+
+    def count(**kwargs: Any) -> None:
+        sent.append(kwargs["event_name"])
+
+    for client in {id(c): c for c in (storage.client, storage._reader, storage._probe)}.values():
+        client.meta.events.register("before-send.s3", count)
+    source = tmp_path / "v.mp4"
+    source.write_bytes(b"x" * 100)
+    for call, tries in [
+        (lambda: storage.put_file("a/v.mp4", source, "video/mp4"), 3),
+        (lambda: storage.stat("a/v.mp4"), 2),
+        (storage.ping, 1),
+    ]:
+        sent.clear()
+        try:
+            call()
+        except StorageUnavailable:
+            pass
+        assert len(sent) == tries, sent

@@ -602,6 +602,38 @@ def test_a_failed_upload_tells_the_client_why_but_not_where(
     assert failed.error_message == f"the video could not be stored: {told}"
 
 
+class DownAndCancelled(LocalStorage):
+    """A storage that cannot be reached (S3 down) while its job's user cancels it: `act(job_id)` once, at the
+    first upload."""
+
+    act: Callable[[str], None] = staticmethod(lambda _job_id: None)
+    tries = 0
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        from wanserve.errors import StorageUnavailable
+
+        self.tries += 1
+        if self.tries == 1:
+            self.act(key.split("/")[0])
+        raise StorageUnavailable("the result storage (S3) cannot be reached")
+
+
+def test_a_cancel_while_the_storage_is_down_ends_the_job_cancelled(tmp_path: Path, engine: Engine) -> None:
+    """docs/api.md: a job cancelled while it uploads its video ends cancelled. With the storage down it went on
+    trying for a minute, deaf to the cancel, then ended failed with storage_failed."""
+    storage = DownAndCancelled(tmp_path / "videos")
+    h = Harness(tmp_path, engine, storage=storage, start=False)
+    storage.act = staticmethod(lambda job_id: h.store.request_cancel(job_id, ttl=60))
+    h.thread.start()
+    try:
+        job = h.finished(h.submit(num_inference_steps=2))
+    finally:
+        h.stop()
+    assert job.status == JobStatus.CANCELLED and job.error_code is None, job
+    assert storage.tries < 10  # the retries stopped at the cancel, not after their minute
+    assert not (tmp_path / "videos" / job.id).exists()
+
+
 def test_drain_waits_for_the_video_being_uploaded(tmp_path: Path, engine: Engine) -> None:
     h = Harness(tmp_path, engine, storage=SlowStorage(tmp_path / "videos", delay=1.0))
     job_id = h.submit(num_inference_steps=2)

@@ -69,7 +69,7 @@ def check_environment() -> None:
                         "enableServiceLinks: false on the pod to drop these)"
                     )
             continue
-        if name not in known and not quiet:
+        if name.upper() not in known and not quiet:  # pydantic-settings reads WANSERVE_port as WANSERVE_PORT
             close = difflib.get_close_matches(name, known | _OTHER_VARIABLES, n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]}?)" if close else ""
             console.print(f"[yellow]warning:[/yellow] {escape(name)} is not a wanserve setting; ignored{hint}")
@@ -818,13 +818,15 @@ def prune(
     overrides = {"store": store, "storage": storage, "data_dir": data_dir}
     settings = settings_from(**overrides)
     for key, local_path in (("store", sqlite_path), ("storage", local_storage_path)):
+        # The one the user set: the store or storage itself, else the data dir its default lies under.
+        named = where_set(key if getattr(settings, key) is not None else "data_dir", overrides)
         try:
             path = local_path(getattr(settings, f"{key}_url"))
         except ValueError as exc:
-            fail(f"{where_set(key, overrides)}: {exc}", 2)
+            fail(f"{named}: {exc}", 2)
         # Opening a missing one would make an empty one, in which every file looks orphaned.
         if path is not None and not path.exists():
-            fail(f"{where_set(key, overrides)}: nothing at {path} (is it the one the server uses?)", 2)
+            fail(f"{named}: nothing at {path} (is it the one the server uses?)", 2)
     try:
         job_store, result_storage = open_backends(settings, writes=delete)
     except BadSetting as exc:

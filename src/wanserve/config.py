@@ -13,6 +13,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Preset = Literal["exact", "fast", "fastest"]
 
+# The longest a duration setting may be (ten years): infinity or 1e300 seconds passed every check, then broke
+# the threads that turn it into a wait or a date (an expiry sweeper, a drain, a lease that never ran out).
+MAX_SECONDS = 10 * 365 * 24 * 3600
+
+
+def _seconds(default: float, *, positive: bool = True) -> float:
+    bound = {"gt": 0} if positive else {"ge": 0}
+    return Field(default=default, le=MAX_SECONDS, allow_inf_nan=False, **bound)  # type: ignore[no-any-return]
+
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -64,22 +73,22 @@ class Settings(BaseSettings):
     ring: int = Field(default=1, ge=1)
     cfg_parallel: int = Field(default=1, ge=1, le=2)
     fsdp: bool = False
-    collective_timeout: float = Field(default=300.0, gt=0)
+    collective_timeout: float = _seconds(300.0)
     cfg_batch: bool = False  # one GPU: run the conditional and unconditional passes as one batch of 2
 
     # Jobs.
-    lease_seconds: float = Field(default=30.0, gt=0)
+    lease_seconds: float = _seconds(30.0)
     max_attempts: int = Field(default=3, ge=1)
-    task_timeout: float = Field(default=3600.0, gt=0)
+    task_timeout: float = _seconds(3600.0)
     # An engine call that has not come back this long after its job's task_timeout, or after a cancel it did not
     # act on, is stuck (a hung GPU): the job is ended and the worker's liveness fails. Longer than any VAE
     # decode or upload, so a slow stage is never taken for a hang.
-    stuck_after: float = Field(default=600.0, gt=0)
-    shutdown_grace: float = Field(default=60.0, ge=0)
+    stuck_after: float = _seconds(600.0)
+    shutdown_grace: float = _seconds(60.0, positive=False)
     queue_limit: int = Field(default=100, ge=1)
-    result_ttl: float = Field(default=24 * 3600.0, gt=0)  # seconds a finished job's files are kept
-    progress_interval: float = Field(default=0.5, ge=0)  # min seconds between progress writes
-    poll_interval: float = Field(default=0.2, gt=0)  # worker's idle wait between claims
+    result_ttl: float = _seconds(24 * 3600.0)  # seconds a finished job's files are kept
+    progress_interval: float = _seconds(0.5, positive=False)  # min seconds between progress writes
+    poll_interval: float = _seconds(0.2)  # worker's idle wait between claims
     # While a job denoises, encode the next queued job's prompt, and write/upload/complete the previous job's
     # video on another thread: the GPU goes from one job's last step to the next job's first without waiting.
     overlap_jobs: bool = True
@@ -112,9 +121,26 @@ class Settings(BaseSettings):
     @field_validator("data_dir", "cache_dir", "models_dir", mode="before")
     @classmethod
     def _some_path(cls, value: object) -> object:
-        # Set but empty would quietly mean the working directory.
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("is set but empty; unset it to use the default")
+        # Set but empty would quietly mean the working directory. Spaces and a newline at the ends (a secret
+        # made from a file) would name another folder than the other roles', and `~` the user's home in every
+        # use, as a shell would have read it.
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("is set but empty; unset it to use the default")
+            return Path(value.strip()).expanduser()
+        if isinstance(value, Path):
+            return value.expanduser()
+        return value
+
+    @field_validator("store", "storage", mode="before")
+    @classmethod
+    def _some_url(cls, value: object) -> object:
+        # Set but empty (an empty Kubernetes secret) would quietly mean this host's own SQLite queue or folder:
+        # an API replica and its workers would each have a queue of their own, jobs accepted and never run.
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("is set but empty; unset it to use the default under --data-dir")
+            return value.strip()
         return value
 
     @field_validator("url", "public_url")

@@ -387,12 +387,15 @@ class Worker:
         op = uuid.uuid4().hex
         return self._wait_out(StoreUnavailable, f"job store unavailable while {what}", lambda: write(op), drain=True)
 
-    def _storage_call(self, what: str, call: Callable[[], T], deadline: float | None = None) -> T:
+    def _storage_call(
+        self, what: str, call: Callable[[], T], deadline: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> T:
         """A storage call a job's end depends on (its upload, removing its files), retried while the storage
         cannot be reached, as store writes are: a blip of S3 must not throw away a finished video, nor leave the
-        files of a cancelled or deleted job behind. Tries start until `deadline` (default: a minute from now);
-        a drain waits for them, as it waits for any decoded video to be stored."""
-        return self._wait_out(StorageUnavailable, f"result storage unavailable while {what}", call, deadline)
+        files of a cancelled or deleted job behind. Tries start until `deadline` (default: a minute from now),
+        or until `stop` says they are no longer wanted; a drain waits for them, as it waits for any decoded video
+        to be stored."""
+        return self._wait_out(StorageUnavailable, f"result storage unavailable while {what}", call, deadline, stop=stop)
 
     def _wait_out(
         self,
@@ -401,15 +404,16 @@ class Worker:
         call: Callable[[], T],
         deadline: float | None = None,
         drain: bool = False,
+        stop: Callable[[], bool] | None = None,
     ) -> T:
         """`call`, tried again every STORE_RETRY_INTERVAL_S while it raises `unavailable`, until `deadline`
-        (default: STORE_OUTAGE_WAIT_S from now) or, with `drain`, a drain's deadline passes."""
+        (default: STORE_OUTAGE_WAIT_S from now), `stop()` is true or, with `drain`, a drain's deadline passes."""
         deadline = time.monotonic() + STORE_OUTAGE_WAIT_S if deadline is None else deadline
         while True:
             try:
                 return call()
             except unavailable as exc:
-                if time.monotonic() >= deadline or (drain and self._drain_deadline_passed()):
+                if time.monotonic() >= deadline or (drain and self._drain_deadline_passed()) or (stop and stop()):
                     raise
                 log.warning("%s; trying again: %s", what, exc)
                 time.sleep(STORE_RETRY_INTERVAL_S)
@@ -510,8 +514,15 @@ class Worker:
             deadline = time.monotonic() + STORE_OUTAGE_WAIT_S  # one minute for both files, not one each
             for name, path in ((VIDEO, result.video_path), (THUMBNAIL, result.thumbnail_path)):
                 put = functools.partial(self.storage.put_file, key_for(job.id, name), path, CONTENT_TYPES[name])
-                self._storage_call(f"storing its {name}", put, deadline)
+                # A cancel seen meanwhile (the heartbeat's renewal) ends the retries: the video is not wanted.
+                self._storage_call(f"storing its {name}", put, deadline, stop=lambda: not running.keep_going)
         except Exception as exc:
+            # Asked to stop meanwhile (a cancel, a delete): that is how it ends, not as a storage failure.
+            if not running.keep_going or not self._store_write(
+                "checking for a cancel", lambda _op: self.store.renew(job.id, _holder(job), lease)
+            ):
+                log.warning("job %s: storing the video failed (%s) after it was cancelled", job.id, exc)
+                return self._cancelled_or_lost(running, "cancelled while its video was stored; files removed")
             # Generating again would not help while the storage refuses it; the worker itself keeps serving.
             log.exception("job %s: storing the video failed", job.id)
             status = self._fail(job, "storage_failed", f"the video could not be stored: {public_reason(exc)}")

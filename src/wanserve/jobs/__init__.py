@@ -69,8 +69,30 @@ def check_store_url(url: str) -> str:
             raise ValueError(f"job store URL {redacted(url)!r} names no database file; expected {_SCHEMES}")
         return "sqlite"
     if sep and scheme in ("redis", "rediss", "unix"):
+        _check_redis_url(url, scheme)
         return "redis"
     raise ValueError(f"unsupported job store URL {redacted(url)!r}; expected {_SCHEMES}")
+
+
+def _check_redis_url(url: str, scheme: str) -> None:
+    """What redis-py would read otherwise without a word: a database that is not a number as database 0 (two
+    fleets on `/staging` and `/prod` would share one queue), no host as localhost, no socket path as none."""
+    shown = redacted(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"job store URL {shown!r} is not a URL ({exc})") from None
+    if scheme == "unix":
+        if not parts.path.strip("/"):
+            raise ValueError(f"job store URL {shown!r} names no socket; expected unix:///path/to/redis.sock")
+        db = dict(parse_qsl(parts.query)).get("db", "0")
+    else:
+        if not parts.hostname:
+            raise ValueError(f"job store URL {shown!r} names no host; expected {scheme}://[:password@]host:6379/0")
+        db = parts.path.strip("/") or "0"
+    if not (db.isascii() and db.isdigit()):
+        raise ValueError(f"job store URL {shown!r}: the database must be a number (such as /0), got {db!r}")
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -403,7 +403,8 @@ class RedisJobStore:
             health_check_interval=10,  # PING a connection idle that long before trusting it
             socket_connect_timeout=5,
             socket_timeout=SOCKET_TIMEOUT_S,
-            socket_keepalive=True,
+            # TCP only: a Unix socket's connection takes no keepalive, and refused every command for it.
+            **({} if url.lower().startswith("unix:") else {"socket_keepalive": True}),
         )
         # Health checks want a quick "no", not ten seconds of retries. Probes that overlap (a balancer and
         # Kubernetes, each probing every replica) wait for one of its few connections, up to 2 s, instead of

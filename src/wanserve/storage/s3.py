@@ -94,7 +94,8 @@ class S3Storage:
             # sweep would hang as long.
             connect_timeout=min(timeout, 5),
             read_timeout=timeout,
-            retries={"max_attempts": attempts, "mode": "standard"},
+            # total_max_attempts counts the first request; max_attempts counts the retries after it.
+            retries={"total_max_attempts": attempts, "mode": "standard"},
         )
         region = region or os.environ.get("AWS_REGION")  # boto3 itself only reads AWS_DEFAULT_REGION
         # A session per storage: boto3's default session is not safe to create clients from across threads.
