@@ -500,6 +500,13 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
         # A results folder that cannot be one: each job used to run in full, then fail to store its video.
         (["serve", "--port", port, "--storage", str(a_file / "videos")], {}, f"--storage: {a_file / 'videos'} cannot"),
         (["api", "--port", port, "--storage", f"file://{a_file}"], {}, f"{a_file} is a file, not a folder"),
+        # Infinity passed, then broke the expiry sweeper, the drain and the reaper on their threads.
+        (["api", "--port", port], {"WANSERVE_RESULT_TTL": "inf"}, "WANSERVE_RESULT_TTL: Input should be a finite"),
+        (["serve", "--port", port], {"WANSERVE_LEASE_SECONDS": "1e12"}, "WANSERVE_LEASE_SECONDS: Input should be less"),
+        # Empty (an empty secret): each replica and worker had a private SQLite queue of its own.
+        (["api", "--port", port], {"WANSERVE_STORE": ""}, "WANSERVE_STORE: is set but empty"),
+        (["worker", "--ops-port", port], {"WANSERVE_STORAGE": " \n"}, "WANSERVE_STORAGE: is set but empty"),
+        (["prune", "--data-dir", str(tmp_path / "none")], {}, "--data-dir: nothing at"),  # not WANSERVE_STORE
     ]
     for args, env, message in wrong:
         done = run(args, tiny_cache, timeout=120, **env)
@@ -521,6 +528,16 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
 
     hint = run(["doctor"], tiny_cache, WANSERVE_S3_ENDPOINT="http://minio:9000")
     assert "did you mean WANSERVE_S3_ENDPOINT_URL?" in hint.stderr
+
+    # `~` is the home folder in every folder setting (the cache dir's was; the data dir's was a folder named
+    # `~` in the working directory); a newline from a secret's file is not part of the name; pydantic-settings
+    # reads WANSERVE_port as WANSERVE_PORT, so it is not "ignored".
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "WANSERVE_DATA_DIR": "~/data\n", "WANSERVE_port": "8099"}
+    shown = run(["doctor"], tiny_cache, **env)
+    said = " ".join(shown.stdout.split()) + " ".join(shown.stderr.split())
+    assert f"{home}/data/videos" in said and "~" not in said, said[-2000:]
+    assert "WANSERVE_port is not a wanserve setting" not in said
 
 
 def _copy_of(tiny_cache: Path, name: str, to: Path) -> Path:

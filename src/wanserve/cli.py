@@ -932,12 +932,11 @@ def bench(
     # The shape's layer count is what --layers changes: a checkpoint's and the tiny model's are their own.
     if layers is not None and (checkpoint is not None or shape == "tiny"):
         fail("--layers: applies to the random-weight shapes only, not to --checkpoint or the tiny shape", code=2)
-    try:  # the results file is written after the first phase: a folder that cannot hold it is known now
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        fail(f"--out: {out} cannot hold the results file: {exc.strerror or exc}", code=2)
+    from wanserve.storage import local_folder_problem
+
+    # The results file is written after the first phase: a folder that cannot hold it is known now.
+    if problem := local_folder_problem(out.absolute()):
+        fail(f"--out: {out} cannot hold the results file: {problem}", code=2)
     chosen = tuple(p.strip() for p in presets.split(",") if p.strip())
     unknown = [p for p in chosen if p not in PRESET_NAMES]
     if unknown or not chosen:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -78,4 +79,9 @@ def local_folder_problem(folder: Path) -> str | None:
         return f"{existing} is on a read-only filesystem"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} may not be written by this user"
+    try:  # what the checks above cannot tell, as root above all: /proc, a FUSE mount that refuses writes
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"{existing} cannot hold files: {exc.strerror or exc}"
     return None
