@@ -826,3 +826,27 @@ def test_a_redis_store_url_redis_would_misread_is_a_wrong_setting(tiny_cache: Pa
         doctor = run(["doctor", "--store", url], tiny_cache, timeout=60)
         text = " ".join((doctor.stdout + doctor.stderr).split())
         assert said in text and "start redis-server" not in text, (url, text[-2000:])
+
+
+def test_generate_refuses_before_loading_and_reports_outside_torchrun(tiny_cache: Path, tmp_path: Path) -> None:
+    """A prompt byte that is not UTF-8 was a tokenizer traceback after the model had loaded (minutes for a real
+    one); a refused request still made its --out folders; an empty WORLD_SIZE was a traceback; RANK set by a
+    pod, outside any torchrun group, silenced the only process (no seed, no path)."""
+    out = tmp_path / "a" / "b" / "x.mp4"
+    for args, said in [
+        (["--prompt", b"caf\xe9"], "--prompt: must be UTF-8 text"),
+        (["--prompt", "x", "--negative-prompt", b"caf\xe9"], "--negative-prompt: must be UTF-8 text"),
+        (["--prompt", "x", "--frames", "10"], "--frames: "),
+    ]:
+        command = [*WANSERVE, "generate", *args, "--out", str(out)]
+        env = {**os.environ, "WANSERVE_CACHE_DIR": str(tiny_cache), "COLUMNS": "200"}
+        done = subprocess.run(command, capture_output=True, env=env, timeout=300)
+        stderr = done.stderr.decode(errors="replace")
+        assert done.returncode == 2 and said in " ".join(stderr.split()), (args, stderr[-2000:])
+        assert "loaded" not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "a").exists()
+    done = run(["generate", "--prompt", "x", "--out", str(out)], tiny_cache, WORLD_SIZE="")
+    assert done.returncode == 2 and "WORLD_SIZE: must be a number of processes" in done.stderr, done.stderr[-2000:]
+    alone = tmp_path / "rank.mp4"
+    done = run(["generate", "--prompt", "x", "--steps", "1", "--out", str(alone)], tiny_cache, RANK="1")
+    assert done.returncode == 0 and done.stdout.strip() == str(alone) and "seed " in done.stderr, done.stderr

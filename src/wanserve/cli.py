@@ -219,9 +219,9 @@ def generate(
     if len(settings.model) != 1:
         fail(f"WANSERVE_MODEL: names {len(settings.model)} models; generate runs one: pass --model", code=2)
     model = settings.model[0]
-    # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's.
-    console.quiet = process_rank() != 0
-    check_output(out)
+    # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's. (RANK
+    # alone, without a group, is a pod's own variable: the only process says what it did.)
+    console.quiet = process_rank() != 0 and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
     try:
         width, height = parse_size(size, "--size") if size else (None, None)
         image_bytes = read_image(image) if image is not None else None
@@ -252,6 +252,7 @@ def generate(
         from wanserve.roles import check_engine_settings
 
         check_engine_settings(settings)
+        check_output(out)  # after the request's checks: a refused request leaves no folder made for it
         with console.status(f"loading {escape(model)}…"):
             from wanserve.engine.engine import Engine
 

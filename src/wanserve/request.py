@@ -107,6 +107,17 @@ def _is_number(value: object) -> bool:
         return False
 
 
+def _check_unicode(field: str, text: str) -> None:
+    """A lone surrogate (JSON's "\\ud800", or a command-line byte that is not UTF-8, which Python keeps as one)
+    cannot be tokenized: the engine failed on it after loading the model."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            field, "must be UTF-8 text: it holds a lone surrogate (a byte that is not UTF-8, or JSON's \\ud800)"
+        ) from None
+
+
 def _quoted_number(value: object) -> str:
     """A hint for the commonest slip: a number sent as a JSON string ("5" for 5)."""
     return " (a number, not a string)" if isinstance(value, str) else ""
@@ -270,6 +281,7 @@ def resolve(
         raise InvalidRequest("prompt", "must be a non-empty string")
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequest("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+    _check_unicode("prompt", request.prompt)
     negative = request.negative_prompt
     if negative is None:
         negative = "" if spec.tiny else WAN_NEGATIVE_PROMPT
@@ -277,6 +289,7 @@ def resolve(
         raise InvalidRequest("negative_prompt", "must be a string")
     elif len(negative) > MAX_PROMPT_CHARS:
         raise InvalidRequest("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+    _check_unicode("negative_prompt", negative)
 
     # Task: the image decides between text-to-video and image-to-video.
     image_size: tuple[int, int] | None = None

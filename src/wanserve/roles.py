@@ -341,6 +341,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     SIGTERM or /drain: stop claiming, finish the running job within `shutdown_grace`, else hand it back;
     then exit 0.
     """
+    from wanserve.engine.parallel import world_size_from_env
     from wanserve.metrics import Metrics
     from wanserve.worker import Worker
 
@@ -407,7 +408,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     # that came up for a burst already served) ends the load at once rather than after it, or after the pod's
     # grace period has run out (SIGKILL). Not in a torchrun group: a rank 0 gone mid-load would leave the other
     # ranks waiting in a collective until its timeout.
-    alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    alone = world_size_from_env() <= 1
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining", signum)

@@ -170,7 +170,12 @@ class ParallelContext:
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The processes of this torchrun group (`WORLD_SIZE`); 1 outside torchrun."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        # Set by torchrun, or by hand: a wrong value is a wrong setting, not a traceback.
+        raise LayoutError(f"WORLD_SIZE: must be a number of processes, 1 or more (torchrun sets it), got {text!r}", "")
+    return int(text)
 
 
 def check_layout(settings: Settings, world_size: int) -> None:
