@@ -572,3 +572,22 @@ def test_s3_tries_each_call_as_often_as_documented(s3_env: None, tmp_path: Path)
         except StorageUnavailable:
             pass
         assert len(sent) == tries, sent
+
+
+def test_an_s3_endpoint_that_is_no_url_is_named(tmp_path: Path) -> None:
+    """botocore's "Invalid endpoint: notaurl" was reported as a wrong --storage, which was right."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANSERVE_")}
+    env.update(WANSERVE_S3_ENDPOINT_URL="notaurl", WANSERVE_CACHE_DIR=str(tmp_path), AWS_ACCESS_KEY_ID="x")
+    env.update(AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1")
+    said = "WANSERVE_S3_ENDPOINT_URL: must be an http:// or https:// URL"
+    api = [sys.executable, "-m", "wanserve", "api", "--storage", "s3://videos/x", "--port", str(free_tcp_port())]
+    done = subprocess.run(api, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and said in done.stderr and "--storage" not in done.stderr, done.stderr[-2000:]
+    doctor = [sys.executable, "-m", "wanserve", "doctor", "--storage", "s3://videos/x"]
+    done = subprocess.run(
+        doctor, capture_output=True, text=True, env={**env, "COLUMNS": "300"}, timeout=120, cwd=tmp_path
+    )
+    shown = done.stdout + done.stderr
+    assert said in shown and "does not answer" not in shown, shown[-2000:]

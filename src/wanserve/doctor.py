@@ -12,6 +12,7 @@ from pathlib import Path
 
 from wanserve.config import Settings
 from wanserve.disk import has_room
+from wanserve.errors import BadSetting
 
 
 @dataclass
@@ -180,7 +181,9 @@ def _s3_check(url: str) -> Check:
     endpoint = endpoint_from_env() or "AWS"
     try:
         problem = open_storage(url).bucket_problem()  # type: ignore[attr-defined]
-    except Exception as exc:  # no answer, no credentials at all, a malformed endpoint
+    except BadSetting as exc:  # an endpoint that is no URL: it names the variable
+        return Check("storage", False, f"{url}: {exc}")
+    except Exception as exc:  # no answer, no credentials at all
         if isinstance(exc, NoCredentialsError) or isinstance(exc.__cause__, NoCredentialsError):
             fix = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or role)"
             return Check("storage", False, f"{url}: {fix}")

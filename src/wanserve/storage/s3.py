@@ -7,13 +7,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from wanserve.errors import StorageUnavailable, unavailable_on
+from wanserve.errors import BadSetting, StorageUnavailable, unavailable_on
 from wanserve.storage.base import ENDPOINT_ENV_VARS, ObjectInfo
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -60,6 +61,18 @@ def endpoint_from_env() -> str | None:
     return next((os.environ[name] for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """botocore's "Invalid endpoint: x" names no variable, and was blamed on --storage: say which one is wrong."""
+    name = next((n for n in ENDPOINT_ENV_VARS if os.environ.get(n) == endpoint), "the S3 endpoint")
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise BadSetting(f"{name}: {endpoint!r} is not a URL ({exc})", "") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadSetting(f"{name}: must be an http:// or https:// URL, such as http://minio:9000; got {endpoint!r}", "")
+
+
 @unavailable_on(
     (BotoCoreError, ClientError, S3UploadFailedError), StorageUnavailable, "the result storage (S3)", when=_cannot_serve
 )
@@ -75,6 +88,8 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url or endpoint_from_env()
+        if self.endpoint_url is not None:
+            _check_endpoint(self.endpoint_url)
         self.client = client or self._make_client(region)
         # Reads (a download's HEAD and GET, an input image) answer in well under a second when S3 is up; a
         # client waiting on a download is told 503 in about 10 s of silence, not the 3 x 30 s an upload may
