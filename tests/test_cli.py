@@ -850,3 +850,26 @@ def test_generate_refuses_before_loading_and_reports_outside_torchrun(tiny_cache
     alone = tmp_path / "rank.mp4"
     done = run(["generate", "--prompt", "x", "--steps", "1", "--out", str(alone)], tiny_cache, RANK="1")
     assert done.returncode == 0 and done.stdout.strip() == str(alone) and "seed " in done.stderr, done.stderr
+
+
+def test_serve_says_when_queued_jobs_wait_for_a_model_it_does_not_serve(tmp_path: Path, tiny_cache: Path) -> None:
+    """Jobs queued, then `serve` restarted with other models: they waited for ever, and nothing said so."""
+    from wanserve.jobs.model import Job, new_job_id
+    from wanserve.jobs.sqlite import SQLiteJobStore
+
+    from conftest import free_tcp_port
+    from service import Process, base_env, wait_for, wait_ready
+
+    store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
+    for _ in range(2):
+        store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+    store.close()
+    port = free_tcp_port()
+    args = ["serve", "--model", "tiny-i2v", "--port", str(port), "--data-dir", str(tmp_path / "data")]
+    serve = Process(args, base_env(tiny_cache), tmp_path / "serve.log")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", serve)
+        said = "2 queued job(s) are for tiny-t2v, which this server does not serve"
+        wait_for(lambda: said in serve.log(), 30, "the warning")
+    finally:
+        serve.stop()

@@ -634,6 +634,29 @@ def test_a_cancel_while_the_storage_is_down_ends_the_job_cancelled(tmp_path: Pat
     assert not (tmp_path / "videos" / job.id).exists()
 
 
+def test_no_room_for_scratch_files_fails_the_job_not_the_worker(
+    tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A $TMPDIR that cannot take the job's folder (full, read-only, removed): the error ended the worker, and
+    with it `serve`'s API, and left the job in progress until a restart and a lease."""
+    import tempfile
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    h = Harness(tmp_path, engine)
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(a_file / "tmp"))  # no folder can be made there
+        job = h.finished(h.submit(num_inference_steps=2))
+        assert job.status == JobStatus.FAILED and job.error_code == "generation_failed", job
+        assert job.error_message is not None and job.error_message.startswith("the worker cannot write its files")
+        assert str(a_file) not in job.error_message  # no server path for the client
+        monkeypatch.undo()
+        assert h.finished(h.submit(num_inference_steps=2, seed=2)).status == JobStatus.COMPLETED
+        assert h.thread.is_alive()
+    finally:
+        h.stop()
+
+
 def test_drain_waits_for_the_video_being_uploaded(tmp_path: Path, engine: Engine) -> None:
     h = Harness(tmp_path, engine, storage=SlowStorage(tmp_path / "videos", delay=1.0))
     job_id = h.submit(num_inference_steps=2)

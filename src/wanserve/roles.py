@@ -17,6 +17,7 @@ from starlette.requests import Request  # at module level: FastAPI resolves the 
 from wanserve.catalog import ModelSpec, resolve_spec
 from wanserve.config import Settings, process_rank
 from wanserve.errors import BadSetting, StoreUnavailable, WanserveError
+from wanserve.jobs.model import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def run_serve(settings: Settings) -> None:
     check_engine_settings(settings)
     _check_listen(settings, "port")
     store, storage = open_backends(settings)
+    threading.Thread(target=_warn_of_unserved_jobs, args=(store, specs), name="unserved", daemon=True).start()
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     start_together = threading.Barrier(len(specs))
@@ -296,6 +298,35 @@ def run_serve(settings: Settings) -> None:
         raise wrong_settings[0]
     if broken:
         raise WanserveError("; ".join(broken))
+
+
+def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 100_000) -> None:
+    """Say so when jobs wait for a model this process does not serve (queued, then `serve` restarted with other
+    models): serve is the whole fleet, so no worker will ever claim them, and nothing else would tell."""
+    served = set(specs) | {alias for spec in specs.values() for alias in spec.aliases}
+    waiting: dict[str, int] = {}
+    after, seen = None, 0
+    try:
+        while seen < most:
+            page, more = store.list(limit=500, after=after, order="asc")
+            for job in page:
+                if job.status == JobStatus.QUEUED and job.model not in served:
+                    waiting[job.model] = waiting.get(job.model, 0) + 1
+            seen += len(page)
+            if not more or not page:
+                break
+            after = page[-1].id
+    except Exception as exc:  # only a hint: a store that does not answer says so elsewhere
+        log.debug("could not look for jobs of models not served: %s", exc)
+        return
+    for model, count in sorted(waiting.items()):
+        log.warning(
+            "%d queued job(s) are for %s, which this server does not serve: they wait until it does "
+            "(--model %s), or delete them (DELETE /v1/videos/{id})",
+            count,
+            model,
+            model,
+        )
 
 
 def _readiness(workers: list[Any]) -> dict[str, Any]:

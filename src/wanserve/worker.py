@@ -307,10 +307,18 @@ class Worker:
             target=self._heartbeat, args=(running,), name=f"heartbeat-{job.id}", daemon=True
         )
         running.heartbeat.start()
-        scratch = job_folder(job.id)
+        scratch: Path | None = None
         status = "failed"
         handed_off = False
         try:
+            try:
+                scratch = job_folder(job.id)
+            except OSError as exc:  # a full or read-only $TMPDIR: this job fails, the worker (and serve's API) stays
+                log.error("job %s: no scratch folder for its video: %s", job.id, exc)
+                status = self._fail(
+                    job, "generation_failed", f"the worker cannot write its files: {public_reason(exc)}"
+                )
+                return
             outcome = self._generate(running, scratch)
             if isinstance(outcome, str):
                 status = outcome
@@ -354,7 +362,7 @@ class Worker:
         finally:
             self._end(running, status, scratch)
 
-    def _end(self, running: _Running, status: str, scratch: Path) -> None:
+    def _end(self, running: _Running, status: str, scratch: Path | None) -> None:
         with self._stuck_lock:
             running.done.set()  # wakes the heartbeat: the join no longer costs up to lease/3 after every job
             if running in self._stuck:
@@ -362,7 +370,8 @@ class Worker:
                 log.warning("job %s: the engine came back after all; its result was dropped", running.job.id)
         if running.heartbeat is not None:
             running.heartbeat.join(timeout=5)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if self.metrics is not None and status in ("completed", "failed", "cancelled") and not running.counted:
             self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
 
