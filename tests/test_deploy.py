@@ -378,3 +378,28 @@ def test_a_worker_may_set_its_pods_deletion_cost_and_nothing_more() -> None:
         (binding,) = [b for b in find("RoleBinding") if {"kind": "ServiceAccount", "name": account} in b["subjects"]]
         role = one(binding["roleRef"]["kind"], binding["roleRef"]["name"])
         assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+
+
+def test_the_redis_probe_says_not_ready_for_an_error_reply(tmp_path: Path) -> None:
+    """`redis-cli ping` exits 0 on an error reply (LOADING while the append-only file loads after a restart,
+    NOAUTH): as a readiness probe it could never fail while the process ran."""
+    import subprocess
+
+    from conftest import free_tcp_port, redis_server_binary
+    from service import wait_for
+
+    (container,) = (c for _, c in containers() if c["name"] == "redis")
+    command = container["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    for password, ready in (("", True), ("secret", False)):
+        port = free_tcp_port()
+        args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+        server = subprocess.Popen([*args, *(["--requirepass", password] if password else [])])
+        try:
+            cli = f"redis-cli -p {port}"  # the pod's is the default port, 6379
+            wait_for(lambda: subprocess.run([*cli.split(), "ping"], capture_output=True).stdout, 15, "an answer")  # noqa: B023
+            probe = subprocess.run(["sh", "-c", command[2].replace("redis-cli", cli)], capture_output=True)
+            assert (probe.returncode == 0) is ready, (password, probe)
+        finally:
+            server.terminate()
+            server.wait(10)

@@ -201,6 +201,42 @@ def test_a_replica_refusing_writes_is_the_store_unavailable_not_an_error(tmp_pat
         replica.wait(10)
 
 
+def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> None:
+    """deploy/kubernetes/redis.yaml runs Redis with maxmemory and noeviction, so that a full Redis refuses new
+    jobs instead of evicting accepted ones. Its OOM refusal was a ResponseError: a 500 for every submit, and a
+    worker that died on its next write (a crash loop, an attempt of the job spent each time)."""
+    import redis as redis_py
+
+    from wanserve.errors import StoreUnavailable
+
+    from conftest import redis_server_binary
+    from service import wait_for
+
+    port = free_tcp_port()
+    (tmp_path / "full").mkdir()
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path / "full")]
+    args += ["--save", "", "--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    filler = redis_py.Redis(port=port)
+    try:
+        wait_for(store.ping, 15, "Redis to answer")
+        queued = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        with pytest.raises(redis_py.exceptions.OutOfMemoryError):
+            for n in range(10_000):
+                filler.set(f"junk:{n}", b"x" * 10_000)
+        with pytest.raises(StoreUnavailable, match="is full"):
+            store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        assert store.get(queued.id).status == JobStatus.QUEUED  # reads go on, and nothing accepted was dropped
+        filler.flushdb()  # memory freed (the junk and the job): writes go on
+        store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+    finally:
+        filler.close()
+        store.close()
+        server.terminate()
+        server.wait(10)
+
+
 def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
     tmp_path: Path, tiny_cache: Path
 ) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -374,13 +374,19 @@ def _from_flat(flat: list[str]) -> Job:
 def _state(exc: BaseException) -> str:
     if isinstance(exc, ReadOnlyError):
         return "takes no writes: it is a replica (a failover under way, or the URL names a replica)"
+    if isinstance(exc, OutOfMemoryError):
+        return "is full (maxmemory reached, with noeviction): free memory or raise maxmemory"
     return "cannot be reached"
 
 
-# A replica refuses writes (READONLY) during a failover, until clients reach the new primary: an outage to wait
-# out, as a restart is, not an error of the request.
+# A replica refuses writes (READONLY) during a failover, until clients reach the new primary; a full Redis
+# (OOM, under the noeviction that keeps accepted jobs) refuses them until memory is freed: outages to wait out,
+# as a restart is, not errors of the request (they were 500s, and workers that died on their next write).
 @unavailable_on(
-    (RedisConnectionError, RedisTimeoutError, ReadOnlyError), StoreUnavailable, "the job store (Redis)", state=_state
+    (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError),
+    StoreUnavailable,
+    "the job store (Redis)",
+    state=_state,
 )
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
