@@ -312,3 +312,37 @@ def test_every_video_stays_reachable_past_the_lists_largest_page(page: Any, tmp_
         assert page.evaluate("document.activeElement.classList.contains('delete')")  # where reading had got to
     finally:
         site.process.stop()
+
+
+def test_a_video_pushed_past_the_first_page_is_not_said_to_be_gone(page: Any, tmp_path: Path, tiny_cache: Path) -> None:
+    """A newer video pushes the oldest card off the page's 20: it was announced as "video no longer exists",
+    to whoever was on it, though it was only under Show older."""
+    import httpx
+
+    from wanserve.jobs.model import Job, new_job_id
+    from wanserve.jobs.sqlite import SQLiteJobStore
+
+    store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
+    oldest = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "the oldest"}))
+    store.request_cancel(oldest.id, ttl=3600)
+    for n in range(19):
+        job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": f"video {n}"}))
+        store.request_cancel(job.id, ttl=3600)
+    store.close()
+    site = Site(tmp_path, tiny_cache)
+    try:
+        page.goto(site.url)
+        card = page.locator(".job", has_text="the oldest")
+        card.locator(".delete").focus()
+        created = httpx.post(f"{site.url}/v1/videos", json={"prompt": "made elsewhere", "seed": 1}, timeout=30)
+        assert created.status_code == 200, created.text
+        card.wait_for(state="detached")
+        assert page.locator("#announcer").text_content() == "video moved under Show older"
+        assert page.locator("#more").is_visible()
+        assert page.evaluate("document.activeElement.classList.contains('delete')")  # handed on, not lost
+        # The speed hint speaks of the presets offered here only (on a CPU: no 8-bit maths, so no fastest).
+        offered = page.locator("#preset option").evaluate_all("options => options.map(o => o.textContent)")
+        hint = page.locator("#preset-hint").text_content()
+        assert ("8-bit" in hint) == any("fastest" in text for text in offered), (offered, hint)
+    finally:
+        site.process.stop()

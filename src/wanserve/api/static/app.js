@@ -215,8 +215,17 @@ function fitFormToModel() {
   $("preset").replaceChildren(served, ...others.map((name) => new Option(PRESETS[name] || name, name)));
   if (others.includes(chosen)) $("preset").value = chosen;
   $("preset-label").hidden = $("preset-row").hidden = others.length === 0;
-  $("preset-hint").textContent =
-    "exact: the reference output; fast reuses steps that barely change; fastest also uses 8-bit maths on GPUs that have it";
+  // Only the presets offered here: each one's words, said once.
+  const offered = new Set([presets.served, ...others]);
+  const words = {
+    exact: "exact: the reference output",
+    fast: "fast reuses steps that barely change",
+    fastest: "fastest also uses 8-bit maths on GPUs that have it",
+  };
+  $("preset-hint").textContent = Object.keys(words)
+    .filter((name) => offered.has(name))
+    .map((name) => words[name])
+    .join("; ");
 }
 
 // Creating a video ------------------------------------------------------------------------------------------
@@ -429,7 +438,9 @@ function showJob(video, first = false) {
   const word = statusWord(video);
   if (card.dataset.status && card.dataset.status !== word.replace(" ", "_") && !unfinished(video)) {
     announce(`video ${word}: ${video.prompt.slice(0, 80)}`);
+    state.modelsAt = 0; // the queue line under Model counts it no more: read it now, not in 10 s
   }
+  card.dataset.created = video.created_at;
   card.dataset.status = word.replace(" ", "_");
   card.querySelector(".status").textContent = word;
   card.querySelector(".model").textContent = video.model;
@@ -457,7 +468,7 @@ function showJob(video, first = false) {
 
 // A card that goes while it holds the focus hands it on (to the next card's Delete, else the prompt) and says
 // why, or the focus falls to the page's body and a keyboard or screen-reader user loses their place.
-function forget(id, said = "", hadFocus = null) {
+function forget(id, said = "", hadFocus = null, quiet = false) {
   const card = state.cards.get(id);
   if (card) {
     const focused = hadFocus ?? card.contains(document.activeElement);
@@ -466,7 +477,7 @@ function forget(id, said = "", hadFocus = null) {
     if (focused) {
       (next ? next.querySelector(".delete") : $("prompt")).focus();
       announce(said || "video no longer exists");
-    } else if (said) announce(said);
+    } else if (said && !quiet) announce(said); // quiet: said only to whoever was on it
   }
   state.cards.delete(id);
   for (const url of state.blobUrls.get(id) || []) URL.revokeObjectURL(url);
@@ -526,7 +537,14 @@ async function refresh() {
   if (epoch !== state.epoch) return true; // changed here meanwhile: this answer is older than the page; ask again
   const videos = list.data.filter((video) => !state.gone.has(video.id));
   const seen = new Set(videos.map((video) => video.id));
-  for (const id of [...state.cards.keys()]) if (!seen.has(id)) forget(id); // deleted or expired
+  // Missing: deleted or expired; or, older than the last one listed while there are more, only moved past the
+  // page by newer videos (it still exists, under Show older).
+  const oldest = videos.length ? videos[videos.length - 1].created_at : Infinity;
+  for (const [id, card] of [...state.cards]) {
+    if (seen.has(id)) continue;
+    const moved = list.has_more && Number(card.dataset.created) <= oldest;
+    forget(id, moved ? "video moved under Show older" : "", null, moved);
+  }
   const ol = $("jobs");
   videos.forEach((video, i) => {
     const card = showJob(video);
