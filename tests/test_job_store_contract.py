@@ -630,6 +630,41 @@ def test_sqlite_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
     store.close()
 
 
+def test_sqlite_closes_the_connections_of_threads_that_ended(tmp_path: Path) -> None:
+    """The API's worker threads come and go (anyio ends an idle one after 10 s): each opened a connection that
+    stayed open, burst after burst, until the process had no file descriptors left and every request answered
+    503 store_unavailable for good."""
+    import os
+    import threading
+
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    job = store.enqueue(make_job())
+
+    def open_files() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd") if "jobs.db" in _target(fd))
+
+    def _target(fd: str) -> str:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return ""
+
+    try:
+        counts = []
+        for _burst in range(6):
+            threads = [threading.Thread(target=store.get, args=(job.id,)) for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            counts.append(open_files())
+        # SQLite keeps a closed connection's descriptors for the next one to reuse (POSIX locks are per
+        # process): bounded by one burst's threads, not growing with every burst (203 after five).
+        assert max(counts[2:]) <= counts[1] + 6 and max(counts) < 60, counts
+    finally:
+        store.close()
+
+
 # ---- durability ---------------------------------------------------------------------------------------------
 
 _ENQUEUE_THEN_DIE = """

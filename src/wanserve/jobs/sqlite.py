@@ -84,7 +84,10 @@ class SQLiteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        # Each thread's connection, with its thread: the server's worker threads come and go (anyio lets an idle
+        # one end after 10 s), and a connection left open by each would, burst after burst, use up the process's
+        # file descriptors until the store could not be opened at all.
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._pid = os.getpid()
         try:
             with self._tx() as conn:
@@ -119,7 +122,10 @@ class SQLiteJobStore:
             conn.execute("PRAGMA synchronous = FULL")
             self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                for thread, old in [pair for pair in self._connections if not pair[0].is_alive()]:
+                    old.close()  # its thread has ended: nobody will use it again
+                    self._connections.remove((thread, old))
+                self._connections.append((threading.current_thread(), conn))
         return conn
 
     @contextmanager
@@ -442,6 +448,6 @@ class SQLiteJobStore:
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
-        for conn in connections:
+        for _thread, conn in connections:
             conn.close()
         self._local = threading.local()
