@@ -22,9 +22,12 @@ MAX_FPS = 60
 # sees at a few hundred thousand pixels.
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-# A full decode holds up to ~4 bytes a pixel: an API replica's threads decoding big images at once would each
-# hold hundreds of MB. A few at a time keeps its memory bounded; the rest wait their turn.
-_DECODING = threading.BoundedSemaphore(4)
+# A decode holds up to 4 bytes a pixel (160 MB at the largest image taken), and turning it into the model's
+# RGB as many again for each copy: an API replica, which only checks images (`check_image`: the decode alone),
+# holds at most two at once, 320 MB, well inside its pod's 1 GiB; the rest wait their turn.
+_DECODING = threading.BoundedSemaphore(2)
+# EXIF orientations that turn the picture a quarter: its upright width is its stored height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # Wan's official default negative prompt (from the reference generate.py); used for real checkpoints.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -157,6 +160,18 @@ def decode_image(data: bytes, field: str = "image") -> Any:
     """The input image as the model gets it, RGB and upright: decoded in full (a file cut short or damaged
     past its header is refused here, at submit, not failed minutes later on a worker) and turned as its EXIF
     orientation says, as a browser shows it and diffusers' `load_image` does (phone photos are stored sideways)."""
+    return _read_image(data, field, size_only=False)
+
+
+def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
+    """The (width, height) of the input image as the model will see it, upright, once it has decoded in full
+    (as `decode_image` checks it), without the RGB copies only the model needs: an API's check of a 40 Mpx
+    RGBA image held 760 MB where the decode alone holds 160."""
+    size: tuple[int, int] = _read_image(data, field, size_only=True)
+    return size
+
+
+def _read_image(data: bytes, field: str, size_only: bool) -> Any:
     from PIL import Image, ImageOps
 
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -178,6 +193,9 @@ def decode_image(data: bytes, field: str = "image") -> Any:
                 )
             with _DECODING:
                 img.load()
+                if size_only:
+                    turned = img.getexif().get(0x0112) in _QUARTER_TURNS  # the Orientation tag
+                    return (img.height, img.width) if turned else img.size
                 upright = ImageOps.exif_transpose(img) or img
                 if upright.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                     # 16-bit grey: Pillow's RGB conversion clips at 255, which turns the picture white.
@@ -195,11 +213,6 @@ def decode_image(data: bytes, field: str = "image") -> Any:
     except Exception as exc:  # Pillow's decoders raise much besides OSError (NotImplementedError, struct.error…)
         reason = "" if isinstance(exc, Image.UnidentifiedImageError) else f": {exc}"  # names the BytesIO: noise
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP){reason}") from None
-
-
-def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
-    """The (width, height) of the input image as the model will see it, upright; see `decode_image`."""
-    return decode_image(data, field).size
 
 
 def image_shaped_size(
