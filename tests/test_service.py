@@ -694,3 +694,20 @@ def test_an_api_replica_deletes_expired_results_while_no_worker_runs(tmp_path: P
         if store is not None:
             store.close()
         api.stop()
+
+
+def test_headers_past_their_limit_are_refused_without_holding_up_others(server: Server) -> None:
+    """httptools took headers of any size: one client sending 100 MB of them held the event loop (every
+    request, /health included) for 13 s. They are refused once past 16 KiB, and the server goes on answering."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(1024):  # up to 64 MiB, in 64 KiB pieces: the server answers long before
+                sock.sendall(b"a" * 65536)
+        except OSError:  # answered and closed while more was being sent
+            pass
+        answer = sock.recv(4096)
+    assert answer.split(b" ", 2)[1] in (b"400", b"431"), answer[:200]
+    assert server.http.get("/health").status_code == 200
