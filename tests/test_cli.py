@@ -720,6 +720,20 @@ def test_submit_refuses_what_it_cannot_send_and_servers_that_are_not_wanserve(ti
     import socket
     import threading
 
+    env = {**os.environ, "WANSERVE_CACHE_DIR": str(tiny_cache), "COLUMNS": "200"}
+    for args, said in [
+        ([b"--prompt", b"caf\xe9"], "--prompt: must be UTF-8 text"),  # was an httpx traceback
+        ([b"--prompt", b"p", b"--negative-prompt", b"\xff"], "--negative-prompt: must be UTF-8 text"),
+    ]:
+        done = subprocess.run(
+            [*WANSERVE, b"submit", *args, b"--url", b"http://127.0.0.1:9"], capture_output=True, env=env
+        )
+        stderr = done.stderr.decode(errors="replace")
+        assert done.returncode == 2 and said in stderr and "Traceback" not in stderr, stderr[-2000:]
+    key = run(["submit", "--prompt", "p", "--url", "http://127.0.0.1:9"], tiny_cache, WANSERVE_API_KEY="clé-secrète")
+    assert key.returncode == 2 and "WANSERVE_API_KEY: holds a character that is not printable ASCII" in key.stderr
+    assert "secr" not in key.stderr  # a key is never shown
+
     nan = run(["submit", "--prompt", "p", "--guidance", "nan", "--url", "http://127.0.0.1:9"], tiny_cache)
     assert nan.returncode == 2 and "--guidance: must be a finite number, got nan" in nan.stderr, nan.stderr
     both = run(["submit", "--prompt", "p", "--no-wait", "--out", "x.mp4", "--url", "http://127.0.0.1:9"], tiny_cache)

@@ -403,11 +403,15 @@ def test_a_results_file_that_is_not_one_is_refused_not_overwritten(tmp_path: Pat
     from wanserve.bench.report import describe_environment, results_path
 
     path = results_path(describe_environment(torch.device("cpu")), tmp_path)
-    path.write_text('{"schema": 2, "runs": {"tiny": {"forward": {}')
     command = [sys.executable, "-m", "wanserve", "bench", "--cpu-tiny", "--out", str(tmp_path), "--jobs", "0"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and f"--out: {path} is not JSON" in run.stdout + run.stderr, run.stderr[-2000:]
-    assert path.read_text() == '{"schema": 2, "runs": {"tiny": {"forward": {}'
+    for text, said in [
+        ('{"schema": 2, "runs": {"tiny": {"forward": {}', "is not JSON"),
+        ('{"hello": 1}', "is not a wanserve bench results file"),  # JSON, but another file: was merged into
+    ]:
+        path.write_text(text)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and f"--out: {path} {said}" in run.stdout + run.stderr, run.stderr[-2000:]
+        assert path.read_text() == text
 
 
 def test_wrong_bench_options_exit_2_before_anything_runs(tmp_path: Path) -> None:

@@ -386,6 +386,23 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
             )
         wait_for(lambda: "is full" in log.read_text(), 60, "submit to meet the full queue")
         assert second.poll() is None  # still waiting, not failed
+        # Ctrl-C while it waits for room: said, exit 130 (it was a silent 130, the wait being inside an
+        # except clause that its sibling `except KeyboardInterrupt` does not cover).
+        import signal
+
+        third_log = tmp_path / "third.err"
+        with open(third_log, "w") as err:
+            third = subprocess.Popen(
+                [sys.executable, "-m", "wanserve", "submit", "--prompt", "third", "--no-wait"],
+                env=base_env(tiny_cache, WANSERVE_URL=url),
+                stderr=err,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+            )
+        wait_for(lambda: "is full" in third_log.read_text(), 60, "the third submit to wait")
+        third.send_signal(signal.SIGINT)
+        assert third.wait(60) == 130
+        said = " ".join(third_log.read_text().split())
+        assert "interrupted while sending the job" in said and "Idempotency-Key: wanserve-submit-" in said, said
         assert httpx.delete(f"{url}/v1/videos/{first.stdout.strip()}").status_code == 200
         out, _ = second.communicate(timeout=60)
         assert second.returncode == 0, log.read_text()
@@ -623,6 +640,27 @@ def test_a_worker_stopped_while_it_starts_exits_0_without_loading(tmp_path: Path
     log = worker.log()
     assert "while starting" in log and "stopped" in log
     assert "preset" not in log  # the engine was never loaded (loading logs the preset it applies)
+
+
+def test_a_worker_handles_sigterm_before_it_imports_torch(tmp_path: Path, tiny_cache: Path) -> None:
+    """Importing torch takes seconds on a loaded machine: a SIGTERM then (a pod scaled down as it comes up)
+    ended the worker with 143 and nothing logged, as the handler was installed only after that import."""
+    spy = (
+        "import signal, sys, os\n"
+        "real = signal.signal\n"
+        "def first(signum, handler):\n"
+        "    if signum == signal.SIGTERM:\n"
+        "        print('torch imported:', 'torch' in sys.modules, flush=True)\n"
+        "        os._exit(0)\n"
+        "    return real(signum, handler)\n"
+        "signal.signal = first\n"
+        "sys.argv = ['wanserve', 'worker', '--model', 'tiny-t2v', '--ops-port', sys.argv[1]]\n"
+        "from wanserve.cli import main\n"
+        "main()\n"
+    )
+    env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+    done = subprocess.run([sys.executable, "-c", spy, str(free_port())], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "torch imported: False", (done.stdout, done.stderr[-2000:])
 
 
 @pytest.mark.parametrize("how", ["sigterm", "drain"])

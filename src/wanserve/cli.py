@@ -85,9 +85,8 @@ def settings_from(**overrides: Any) -> Settings:
             key = str(error["loc"][0]) if error["loc"] else "?"
             message = str(error["msg"]).removeprefix("Value error, ")
             value = error.get("input")
-            console.print(
-                f"[red]invalid setting:[/red] {escape(f'{where_set(key, overrides)}: {message}, got {value!r}')}"
-            )
+            got = "" if key == "api_key" else f", got {value!r}"  # a key is a secret: not in a log
+            console.print(f"[red]invalid setting:[/red] {escape(f'{where_set(key, overrides)}: {message}{got}')}")
         raise typer.Exit(2) from None
 
 
@@ -441,7 +440,14 @@ def submit(
             fail(f"--size: {exc.rule}", 2)
         fields["size"] = f"{width}x{height}"
     fields = {name: value for name, value in fields.items() if value is not None}
-    upload = (image.name, read_image(image)) if image is not None else None
+    for name in ("prompt", "negative_prompt"):  # a byte that is not UTF-8 in an argument: a traceback in httpx
+        try:
+            str(fields.get(name, "")).encode("utf-8")
+        except UnicodeEncodeError:
+            fail(f"--{name.replace('_', '-')}: must be UTF-8 text: it holds a byte that is not UTF-8", 2)
+    # The file's name is only a hint in the form: one that is not UTF-8 is sent with its bad bytes replaced.
+    name = image.name.encode("utf-8", "replace").decode("utf-8") if image is not None else ""
+    upload = (name, read_image(image)) if image is not None else None
     client = Client(base, settings.api_keys[0] if settings.api_keys else None)
     outage = _Outage()
     # Every try sends the same key: a try whose answer was lost (a timeout, a dropped connection, a store that
@@ -449,26 +455,31 @@ def submit(
     key = f"wanserve-submit-{uuid.uuid4().hex}"
     heard = False  # a wanserve answered at this URL: a lost answer is then worth sending again for
     try:
-        while True:
-            try:
-                video = client.create(fields, upload, key)
-                break
-            except ApiError as exc:
-                if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
-                    _refused(exc, client)
-                heard = True
-                outage.wait(exc.message, exc.retry_after)
-            except Unreachable as exc:
-                # Tried again only where a wanserve was heard: a connection refused, or one reset or closed by
-                # whatever listens there (TLS, Redis) is most likely the wrong URL.
-                heard = heard or outage.since is not None or (exc.delivered and client.is_wanserve())
-                if not heard:
-                    fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
-                outage.wait(str(exc), None)
-            except NotAnApi as exc:
-                fail(f"{exc} (--url / WANSERVE_URL names another server)")
-            except KeyboardInterrupt:
-                fail("interrupted while sending the job: if the server took it, GET /v1/videos lists it", 130)
+        try:  # around the waits too: a Ctrl-C while one sleeps (inside an except clause) escaped its siblings
+            while True:
+                try:
+                    video = client.create(fields, upload, key)
+                    break
+                except ApiError as exc:
+                    if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
+                        _refused(exc, client)
+                    heard = True
+                    outage.wait(exc.message, exc.retry_after)
+                except Unreachable as exc:
+                    # Tried again only where a wanserve was heard: a connection refused, or one reset or closed by
+                    # whatever listens there (TLS, Redis) is most likely the wrong URL.
+                    heard = heard or outage.since is not None or (exc.delivered and client.is_wanserve())
+                    if not heard:
+                        fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+                    outage.wait(str(exc), None)
+                except NotAnApi as exc:
+                    fail(f"{exc} (--url / WANSERVE_URL names another server)")
+        except KeyboardInterrupt:
+            fail(
+                "interrupted while sending the job: if the server took it, GET /v1/videos lists it "
+                f"(sent with Idempotency-Key: {key}; sending it again with that key gives its id)",
+                130,
+            )
         outage.over()
         video_id = video["id"]
         if not wait:
@@ -489,24 +500,25 @@ def submit(
         target = out or Path(f"{video_id}.mp4")
         for variant, path in (("video", target), ("thumbnail", thumbnail_path_for(target))):
             what = "MP4" if variant == "video" else "thumbnail"
-            while True:
-                try:
-                    client.download(video_id, path, variant)
-                    break
-                except KeyboardInterrupt:
-                    fail(
-                        f"interrupted: {video_id} is completed, its {what} not downloaded: "
-                        f"GET {base}/v1/videos/{video_id}/content{'?variant=thumbnail' if variant != 'video' else ''}",
-                        130,
-                    )
-                except Unreachable as exc:  # the file is stored: a restart or an outage is waited out
-                    outage.wait(str(exc), None)
-                except ApiError as exc:
-                    if exc.status != 503:
-                        fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
-                    outage.wait(exc.message, exc.retry_after)
-                except OSError as exc:
-                    fail(f"--out: could not write {path}: {exc.strerror or exc}")
+            try:  # around the waits too, as above
+                while True:
+                    try:
+                        client.download(video_id, path, variant)
+                        break
+                    except Unreachable as exc:  # the file is stored: a restart or an outage is waited out
+                        outage.wait(str(exc), None)
+                    except ApiError as exc:
+                        if exc.status != 503:
+                            fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
+                        outage.wait(exc.message, exc.retry_after)
+                    except OSError as exc:
+                        fail(f"--out: could not write {path}: {exc.strerror or exc}")
+            except KeyboardInterrupt:
+                fail(
+                    f"interrupted: {video_id} is completed, its {what} not downloaded: "
+                    f"GET {base}/v1/videos/{video_id}/content{'?variant=thumbnail' if variant != 'video' else ''}",
+                    130,
+                )
             outage.over()
         timings = video.get("timings") or {}
         took = f" in {timings['total']:.1f} s" if timings.get("total") is not None else ""
@@ -592,7 +604,11 @@ def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, An
                 continue
             except ApiError as exc:
                 if exc.status == 404:
-                    fail(f"{video['id']} is gone: it was deleted")
+                    outage.over()
+                    fail(
+                        f"the server no longer knows {video['id']}: deleted, expired, or the server now uses "
+                        "another job store"
+                    )
                 if exc.status == 401:
                     _key_refused(client)
                 outage.wait(exc.message, exc.retry_after)

@@ -193,7 +193,7 @@ def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving
         lifespan="on",
         # h11, not httptools: httptools takes headers of any size, and one client sending 100 MB of them held the
         # event loop, every other request waiting, for 13 s (200 MB: a minute). h11 refuses past 16 KiB. Measured
-        # with benchmarks/control_plane.py (SQLite, one API): 8 % fewer submits a second, 5 % fewer status reads,
+        # with benchmarks/control_plane.py (SQLite, one API): 8 % fewer submits a second, 0 to 8 % fewer status reads,
         # still hundreds a second where a GPU finishes a video every minute or so.
         http="h11",
         # After the signal (and a drain), what is still being sent gets this long, not forever.
@@ -377,10 +377,6 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     SIGTERM or /drain: stop claiming, finish the running job within `shutdown_grace`, else hand it back;
     then exit 0.
     """
-    from wanserve.engine.parallel import world_size_from_env
-    from wanserve.metrics import Metrics
-    from wanserve.worker import Worker
-
     # A SIGTERM while the worker starts (imports and the engine check take seconds; a pod scaled down as it
     # comes up gets one) is a drain asked for early: kept, and acted on once the worker exists, instead of
     # an exit 143 with nothing logged. Ranks > 0 of a torchrun group have their own handling (_follow).
@@ -393,6 +389,11 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
 
         signal.signal(signal.SIGTERM, early)
         signal.signal(signal.SIGINT, early)
+
+    # After the handler: these import torch, seconds in which a SIGTERM used to end the process (exit 143).
+    from wanserve.engine.parallel import world_size_from_env
+    from wanserve.metrics import Metrics
+    from wanserve.worker import Worker
 
     specs = served_specs(settings)
     if len(specs) != 1:

@@ -142,7 +142,7 @@ def read_results(path: Path) -> dict[str, Any]:
         document = json.loads(text)
     except ValueError as exc:
         raise ResultsFileError(f"{path} is not JSON ({exc}): move it away, or pick another --out") from None
-    if not isinstance(document, dict) or not isinstance(document.get("runs", {}), dict):
+    if not isinstance(document, dict) or not isinstance(document.get("runs"), dict) or "schema" not in document:
         raise ResultsFileError(f"{path} is not a wanserve bench results file: move it away, or pick another --out")
     # Schema 1 kept one environment for the whole file, its last run's: each run now carries its own.
     legacy = document.pop("environment", None)
