@@ -48,6 +48,9 @@ def test_generate_with_image_size_frames(tiny_cache: Path, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     video = decode_mp4(out)
     assert video.frames.shape == (5, 48, 96, 3) and video.fps == 10
+    # transformers' advice to install torchvision (for CLIP's image processor, whose PIL twin the pipeline
+    # uses): followed, pip would replace the pinned torch with another build and its CUDA wheels.
+    assert "torchvision" not in done.stderr, done.stderr
 
 
 def test_generate_rejects_bad_input_before_loading(tiny_cache: Path, tmp_path: Path) -> None:

@@ -306,7 +306,10 @@ def generate(
     except OSError as exc:  # the checks above cannot foresee everything: a full disk, a folder removed meanwhile
         fail(f"--out: could not write {out}: {exc}")
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    console.print(f"seed {result.seed} · {result.width}x{result.height} · {result.num_frames} frames · {timings}")
+    # Not highlighted: rich colours half of each number ("0." of "0.66s").
+    console.print(
+        f"seed {result.seed} · {result.width}x{result.height} · {result.num_frames} frames · {timings}", highlight=False
+    )
     if not console.quiet:
         print(result.video_path)
 

@@ -45,6 +45,12 @@ def tiny_model_dir(name: str, cache_dir: Path) -> Path:
             return target
         scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
+            import diffusers
+            import transformers
+
+            # A few kB written locally: "Writing model shards 100%" bars only clutter a first `make serve`.
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
             _build(name).save_pretrained(scratch, safe_serialization=True)
             (scratch / "wanserve_tiny.json").write_text(json.dumps({"name": name, "version": TINY_VERSION}))
             scratch.rename(target)
