@@ -363,6 +363,21 @@ def test_reap_requeues_an_expired_lease_keeping_attempts_and_place(store: JobSto
     assert not store.complete(job.id, "w1", {}, TTL)  # the first worker lost it for good
 
 
+def test_a_lease_that_ends_exactly_now_is_not_reaped_yet(store: JobStore) -> None:
+    """Redis rounded a lease to the microsecond: one ending at `now` could read as ended just before it and be
+    reaped, where SQLite keeps it whole. Both take a lease as ended only once `now` is past it."""
+    now, lease = 1_700_000_000.8993092, 7.7
+    for _ in range(3):
+        job = store.enqueue(make_job())
+        claimed = store.claim("tiny-t2v", "w1", lease, now=now)
+        assert claimed is not None and claimed.id == job.id
+        assert claimed.lease_expires_at == now + lease
+        assert store.reap(3, TTL, now=now + lease) == []
+        assert [j.id for j in store.reap(3, TTL, now=now + lease + 0.001)] == [job.id]
+        store.delete(job.id)
+        now += 1 / 3
+
+
 def test_reap_fails_a_job_that_kept_losing_its_worker(store: JobStore) -> None:
     job = store.enqueue(make_job())
     now = T0
@@ -663,6 +678,35 @@ def test_sqlite_closes_the_connections_of_threads_that_ended(tmp_path: Path) -> 
         assert max(counts[2:]) <= counts[1] + 6 and max(counts) < 60, counts
     finally:
         store.close()
+
+
+def _open_and_enqueue(url: str, start: float, answers: Any) -> None:
+    from wanserve.jobs import open_store
+
+    while time.time() < start:
+        pass
+    try:
+        open_store(url).enqueue(make_job())
+        answers.put("")
+    except Exception as exc:
+        answers.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_sqlite_store_together_wait_for_each_other(tmp_path: Path) -> None:
+    """An API and workers started together on a fresh data dir: turning on WAL does not wait in SQLite's busy
+    handler, and one of them ended at start with "database is locked" (3 to 4 % of opens here)."""
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for n in range(40):
+        url, answers = f"sqlite:///{tmp_path / f'new-{n}.db'}", context.Queue()
+        start = time.time() + 0.1
+        processes = [context.Process(target=_open_and_enqueue, args=(url, start, answers)) for _ in range(3)]
+        for process in processes:
+            process.start()
+        failures += [answer for answer in (answers.get(timeout=60) for _ in processes) if answer]
+        for process in processes:
+            process.join(10)
+    assert failures == []
 
 
 # ---- durability ---------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ local function clock(given)
   local t = redis.call('TIME')
   return string.format('%d.%06d', t[1], t[2])
 end
-local function later(t, seconds) return string.format('%.6f', tonumber(t) + tonumber(seconds)) end
+-- %.17g: a double as it is. %.6f rounded the lease, so a lease that ends exactly at `now` could read as ended
+-- before it (SQLite keeps it whole): the two stores disagreed at the boundary.
+local function later(t, seconds) return string.format('%.17g', tonumber(t) + tonumber(seconds)) end
 
 local function publish(id)
   local h = redis.call('HMGET', k('job', id), 'status', 'progress', 'stage')

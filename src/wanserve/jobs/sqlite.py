@@ -117,7 +117,7 @@ class SQLiteJobStore:
             timeout = self._busy_timeout
             conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._wal(conn, timeout)
             # FULL fsyncs the WAL at every commit: an acknowledged enqueue survives power loss, not just kill -9.
             conn.execute("PRAGMA synchronous = FULL")
             self._local.conn = conn
@@ -127,6 +127,21 @@ class SQLiteJobStore:
                     self._connections.remove((thread, old))
                 self._connections.append((threading.current_thread(), conn))
         return conn
+
+    @staticmethod
+    def _wal(conn: sqlite3.Connection, timeout: float) -> None:
+        """Turn on WAL. Changing the journal mode does not wait in the busy handler: processes opening a new
+        store at the same moment (an API and a worker started together on a fresh data dir) were refused at
+        once with "database is locked", one of them ending at start. Tried again, as busy_timeout would."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if _code(exc) != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
