@@ -255,3 +255,46 @@ def test_a_store_outage_longer_than_the_collective_timeout_leaves_an_idle_group_
     finally:
         group.stop()
         stop_redis(redis)
+
+
+def test_an_idle_group_whose_follower_stops_answering_ends(tmp_path: Path, tiny_cache: Path, redis_url: str) -> None:
+    """The leader's keep-alive beat found its follower gone (stopped, or on another node and killed), logged it
+    and went on: rank 0 stayed /ready for ever, then claimed the next job and stranded it in progress. A beat
+    that fails ends the group, as a failed collective does anywhere else (FATAL, exit 3)."""
+    api, env, _url = setup(tmp_path, tiny_cache, redis_url)
+    group = Group(env, tmp_path / "group.log")
+    follower = group.rank_pid(1)
+    leader = group.rank_pid(0)
+    try:
+        os.kill(follower, signal.SIGSTOP)  # a hung host: its sockets stay open, nothing answers
+        wait_for(lambda: not Path(f"/proc/{leader}").exists() or "FATAL" in group.log(), 90, "rank 0 to end")
+        assert "FATAL" in group.log() and "telling the followers: idle" in group.log(), group.log()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(follower, signal.SIGCONT)
+        group.stop()
+        api.stop()
+
+
+def test_a_group_outlives_a_decode_longer_than_its_collective_timeout(
+    tmp_path: Path, tiny_cache: Path, redis_url: str
+) -> None:
+    """Rank 0 alone decodes, writes and stores a video, while its followers wait for the next word; the
+    keep-alive beat held off for the whole job, so a decode (or an upload, or a store outage) longer than
+    COLLECTIVE_TIMEOUT timed the followers out and ended the group after every such job."""
+    api, env, url = setup(tmp_path, tiny_cache, redis_url)
+    env["WANSERVE_COLLECTIVE_TIMEOUT"] = "3"
+    group = Group(env, tmp_path / "group.log")
+    try:
+        job_id = submit(url, width=256, height=256, num_frames=33, num_inference_steps=2)
+        done = wait_for(lambda: (s := status(url, job_id))["status"] in ("completed", "failed") and s, 180, "done")
+        assert done["status"] == "completed", (done, group.log())
+        decode = done["timings"]["vae_decode"]  # about 4 s on a CI core: past the 3 s timeout
+        time.sleep(6)  # two collective timeouts after the job
+        assert group.proc.poll() is None, (decode, group.log())
+        again = submit(url, num_inference_steps=2)
+        done = wait_for(lambda: (s := status(url, again))["status"] in ("completed", "failed") and s, 120, "done")
+        assert done["status"] == "completed", group.log()
+    finally:
+        group.stop()
+        api.stop()

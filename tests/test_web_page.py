@@ -287,17 +287,22 @@ def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
 
 @browser_only
 @pytest.mark.slow
-def test_every_video_stays_reachable_past_the_lists_largest_page(page: Any, tmp_path: Path, tiny_cache: Path) -> None:
-    """The page read at most one list page of 100: "Show older" vanished there, and older videos, a queued one
-    among them, could not be seen, cancelled or deleted from the page."""
+def _cancelled_jobs(tmp_path: Path, prompts: list[str]) -> None:
+    """Jobs in the store the site will use, oldest first, cancelled while queued: listed, and never run."""
     from wanserve.jobs.model import Job, new_job_id
     from wanserve.jobs.sqlite import SQLiteJobStore
 
     store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
-    for n in range(130):
-        job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": f"video {n}"}))
+    for prompt in prompts:
+        job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": prompt}))
         store.request_cancel(job.id, ttl=3600)
     store.close()
+
+
+def test_every_video_stays_reachable_past_the_lists_largest_page(page: Any, tmp_path: Path, tiny_cache: Path) -> None:
+    """The page read at most one list page of 100: "Show older" vanished there, and older videos, a queued one
+    among them, could not be seen, cancelled or deleted from the page."""
+    _cancelled_jobs(tmp_path, [f"video {n}" for n in range(130)])
     site = Site(tmp_path, tiny_cache)
     try:
         page.goto(site.url)
@@ -319,16 +324,7 @@ def test_a_video_pushed_past_the_first_page_is_not_said_to_be_gone(page: Any, tm
     to whoever was on it, though it was only under Show older."""
     import httpx
 
-    from wanserve.jobs.model import Job, new_job_id
-    from wanserve.jobs.sqlite import SQLiteJobStore
-
-    store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
-    oldest = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "the oldest"}))
-    store.request_cancel(oldest.id, ttl=3600)
-    for n in range(19):
-        job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": f"video {n}"}))
-        store.request_cancel(job.id, ttl=3600)
-    store.close()
+    _cancelled_jobs(tmp_path, ["the oldest", *(f"video {n}" for n in range(19))])
     site = Site(tmp_path, tiny_cache)
     try:
         page.goto(site.url)

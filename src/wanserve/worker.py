@@ -452,6 +452,10 @@ class Worker:
             nonlocal last_write
             if event.stage == "done":  # the video is written, not stored: complete() says done, a cancel may not
                 return
+            if event.stage == "vae_decode":
+                # Rank 0 alone decodes, writes and stores from here: its followers wait for the next word, and
+                # the keep-alive beat gives it, or they time out during a decode, an upload or a store outage.
+                self._group_busy = False
             if event.stage == "denoise":
                 if not go_on(lambda: store.renew(job.id, _holder(job), self.settings.lease_seconds)):
                     running.keep_going = False

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -93,9 +93,7 @@ class Watchdog:
             yield
         except Exception as exc:
             if _is_collective_failure(exc):
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
-                self._exit(what, None if timed_out else f"collective failed ({first_line})")
+                self.broken(what, exc)
             raise
         finally:
             with self._lock:
@@ -113,7 +111,13 @@ class Watchdog:
             if expired:
                 self._exit(what, None)
 
-    def _exit(self, what: str, failure: str | None) -> None:
+    def broken(self, what: str, exc: BaseException) -> NoReturn:
+        """A collective of `what` raised: this rank is out of step with its peers for good, so it ends."""
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        self._exit(what, None if timed_out else f"collective failed ({first_line})")
+
+    def _exit(self, what: str, failure: str | None) -> NoReturn:
         problem = failure or f"collective timed out after {self.timeout:g} s"
         log.critical(
             "FATAL: %s on rank %d (a peer rank probably died); exiting so the group can be restarted [during %s]",
@@ -536,16 +540,27 @@ class GroupLeader:
         write_async: bool = False,
     ) -> GenerationResult | Future[GenerationResult]:
         req = self.engine.resolve(request)  # an invalid request never reaches the followers
-        broadcast_object(self.ctx, ("generate", req))
+        self._tell("generate", req)
         if write_async:
             return self.engine.generate(req, out_path, on_progress, should_cancel, write_async=True)
         return self.engine.generate(req, out_path, on_progress, should_cancel)
 
     def idle(self) -> None:
-        broadcast_object(self.ctx, ("idle", None))
+        self._tell("idle", None)
 
     def stop(self) -> None:
-        broadcast_object(self.ctx, ("stop", None))
+        self._tell("stop", None)
+
+    def _tell(self, kind: str, request: Any) -> None:
+        """Guarded, and any failure ends the group: a beat that found a follower dead or stopped was logged and
+        the group went on idling, /ready 200, until it claimed a job and stranded it; gloo's "Application
+        timeout caused pair closure" names no backend, so every error of these broadcasts counts."""
+        what = f"telling the followers: {kind}"
+        with self.ctx.guard(what):
+            try:
+                broadcast_object(self.ctx, (kind, request))
+            except Exception as exc:
+                self.ctx.watchdog.broken(what, exc)
 
 
 def follow(engine: Engine) -> None:
