@@ -385,7 +385,9 @@ def test_a_rerun_cut_short_never_replaces_a_whole_run(
     runs = json.loads(path.read_text())["runs"]
     assert runs[name] == whole
     (beside,) = set(runs) - {name}
-    assert beside.startswith(f"{name}@") and runs[beside]["complete"] is False
+    assert runs[beside]["complete"] is False
+    # Named by its start and its id: a tiny run cut short can start and end within the second another started.
+    assert beside == f"{name}@{runs[beside]['started_at']}-{runs[beside]['run_id'][:6]}"
     assert runs[beside]["errors"] == {"exact_request": "interrupted: KeyboardInterrupt"}
 
     monkeypatch.undo()

@@ -190,12 +190,13 @@ def _same_run(run: Any, report: dict[str, Any]) -> bool:
 def _key(runs: dict[str, Any], report: dict[str, Any]) -> str:
     """The run's name; but a run cut short, or with a phase failed or skipped, never replaces a whole run of the
     same name (a rerun stopped by a time limit would lose the figures the first one had): it sits beside it,
-    as `<name>@<started_at>`, until it finishes whole itself."""
+    as `<name>@<started_at>-<id>`, until it finishes whole itself."""
     name = report["run"]
     earlier = runs.get(name)
     if earlier is None or _same_run(earlier, report) or not _whole(earlier) or _whole(report):
         return name
-    return f"{name}@{report.get('started_at')}"
+    # The run's id too: two runs may start within one second (a tiny run cut short takes less).
+    return f"{name}@{report.get('started_at')}-{str(report.get('run_id'))[:6]}"
 
 
 def _finite(value: Any) -> Any:

@@ -137,8 +137,16 @@ function showServerState(text, bad = false) {
   node.classList.toggle("bad", bad);
 }
 
+// What one refresh has to say is said together: a card gone and another finished in the same refresh each
+// replaced the other's words, and a screen reader heard only the last.
+let toAnnounce = [];
 function announce(text) {
-  $("announcer").textContent = text;
+  toAnnounce.push(text);
+  if (toAnnounce.length > 1) return;
+  queueMicrotask(() => {
+    $("announcer").textContent = toAnnounce.join(". ");
+    toAnnounce = [];
+  });
 }
 
 // Models ------------------------------------------------------------------------------------------------
