@@ -307,7 +307,8 @@ def run_serve(settings: Settings) -> None:
 
 def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 100_000) -> None:
     """Say so when jobs wait for a model this process does not serve (queued, then `serve` restarted with other
-    models): serve is the whole fleet, so no worker will ever claim them, and nothing else would tell."""
+    models): unless a standalone worker shares the store, none will ever claim them, and nothing else would
+    tell."""
     served = set(specs) | {alias for spec in specs.values() for alias in spec.aliases}
     waiting: dict[str, int] = {}
     after, seen = None, 0
@@ -326,8 +327,9 @@ def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 
         return
     for model, count in sorted(waiting.items()):
         log.warning(
-            "%d queued job(s) are for %s, which this server does not serve: they wait until it does "
-            "(--model %s), or delete them (DELETE /v1/videos/{id})",
+            "%d queued job(s) are for %s, which this server does not serve: they wait for a worker that does "
+            "(this server with --model %s, or a `wanserve worker` on the same store), or delete them "
+            "(DELETE /v1/videos/{id})",
             count,
             model,
             model,
