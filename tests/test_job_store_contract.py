@@ -675,7 +675,7 @@ def test_sqlite_closes_the_connections_of_threads_that_ended(tmp_path: Path) -> 
             counts.append(open_files())
         # SQLite keeps a closed connection's descriptors for the next one to reuse (POSIX locks are per
         # process): bounded by one burst's threads, not growing with every burst (203 after five).
-        assert max(counts[2:]) <= counts[1] + 6 and max(counts) < 60, counts
+        assert counts[-1] - counts[1] < 20 and max(counts) < 60, counts  # before: 40 more a burst, to 243
     finally:
         store.close()
 
