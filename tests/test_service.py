@@ -375,6 +375,8 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
     env = base_env(tiny_cache, WANSERVE_QUEUE_LIMIT="1")
     api = Process(["api", "--port", str(port), "--data-dir", str(tmp_path / "data")], env, tmp_path / "api.log")
     log = tmp_path / "submit.err"
+    # Stopped whatever happens: a failed check left them retrying for ever.
+    clients: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = []
     try:
         wait_ready(url, api)  # an API with no worker: what is queued stays queued
         first = _submit(url, tiny_cache, "--prompt", "first", "--no-wait")
@@ -384,6 +386,7 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
             second = subprocess.Popen(
                 command, env=base_env(tiny_cache, WANSERVE_URL=url), stdout=subprocess.PIPE, stderr=err, text=True
             )
+        clients.append(second)
         wait_for(lambda: "is full" in log.read_text(), 60, "submit to meet the full queue")
         assert second.poll() is None  # still waiting, not failed
         # Ctrl-C while it waits for room: said, exit 130 (it was a silent 130, the wait being inside an
@@ -398,6 +401,7 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
                 stderr=err,
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
             )
+        clients.append(third)
         wait_for(lambda: "is full" in third_log.read_text(), 60, "the third submit to wait")
         third.send_signal(signal.SIGINT)
         assert third.wait(60) == 130
@@ -409,6 +413,8 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
         assert out.startswith("video_") and log.read_text().count("warning:") == 1
         assert "the server answers again" in log.read_text()
     finally:
+        for client in clients:
+            client.kill()
         api.stop()
 
 
