@@ -221,19 +221,13 @@ async def _phase(
 
 
 def _counts(store_url: str) -> dict[str, int]:
-    from wanserve.jobs import JobStatus, open_store
+    from wanserve.jobs import JobStatus, every_job, open_store
 
     store = open_store(store_url)
     try:
         counts = {status.value: 0 for status in JobStatus}
-        after: str | None = None
-        for _ in range(10_000):  # paged, and bounded: the list call returns at most `limit` jobs
-            page, more = store.list(limit=500, after=after, order="asc")
-            for job in page:
-                counts[job.status.value] += 1
-            if not more or not page:
-                break
-            after = page[-1].id
+        for job in every_job(store):
+            counts[job.status.value] += 1
         return {"jobs": sum(counts.values()), **counts}
     finally:
         store.close()

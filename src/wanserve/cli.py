@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wanserve.config import Settings, process_rank
+from wanserve.config import Settings, process_rank, world_size_from_env
 from wanserve.errors import BadSetting, InvalidRequest, ModelNotFound, WanserveError
 from wanserve.storage.base import ENDPOINT_ENV_VARS
 
@@ -218,10 +218,10 @@ def generate(
     if len(settings.model) != 1:
         fail(f"WANSERVE_MODEL: names {len(settings.model)} models; generate runs one: pass --model", code=2)
     model = settings.model[0]
-    # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's. (RANK
-    # alone, without a group, is a pod's own variable: the only process says what it did.)
-    console.quiet = process_rank() != 0 and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
     try:
+        # Under torchrun every rank runs this command; rank 0 alone reports, so the output reads as one run's.
+        # (RANK alone, without a group, is a pod's own variable: the only process says what it did.)
+        console.quiet = process_rank() != 0 and world_size_from_env() > 1
         width, height = parse_size(size, "--size") if size else (None, None)
         image_bytes = read_image(image) if image is not None else None
         request = GenerationRequest(

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from wanserve.errors import BadSetting
+
 Preset = Literal["exact", "fast", "fastest"]
 
 # The longest a duration setting may be (ten years): infinity or 1e300 seconds passed every check, then broke
@@ -197,6 +199,15 @@ class Settings(BaseSettings):
     def world_layout(self) -> int:
         """Processes one worker group needs for the configured layout."""
         return self.ulysses * self.ring * self.cfg_parallel
+
+
+def world_size_from_env() -> int:
+    """The processes of this torchrun group (`WORLD_SIZE`); 1 outside torchrun. Torch-free, as `process_rank`."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        # Set by torchrun, or by hand: a wrong value is a wrong setting, not a traceback.
+        raise BadSetting(f"WORLD_SIZE: must be a number of processes, 1 or more (torchrun sets it), got {text!r}", "")
+    return int(text)
 
 
 def process_rank() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.requests import Request  # at module level: FastAPI resolves the route's annotations here
 
 from wanserve.catalog import ModelSpec, resolve_spec
-from wanserve.config import Settings, process_rank
+from wanserve.config import Settings, process_rank, world_size_from_env
 from wanserve.errors import BadSetting, StoreUnavailable, WanserveError
 from wanserve.jobs.model import JobStatus
 
@@ -104,7 +104,7 @@ def check_engine_settings(settings: Settings) -> None:
     """Before any model loads (minutes) or any port opens: a device this machine lacks, or a multi-GPU layout
     that does not fit the process group, is a wrong setting."""
     from wanserve.engine.engine import pick_device
-    from wanserve.engine.parallel import check_layout, world_size_from_env
+    from wanserve.engine.parallel import check_layout
 
     pick_device(settings.device)
     world_size = world_size_from_env()
@@ -309,19 +309,14 @@ def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 
     """Say so when jobs wait for a model this process does not serve (queued, then `serve` restarted with other
     models): unless a standalone worker shares the store, none will ever claim them, and nothing else would
     tell."""
+    from wanserve.jobs import every_job
+
     served = set(specs) | {alias for spec in specs.values() for alias in spec.aliases}
     waiting: dict[str, int] = {}
-    after, seen = None, 0
     try:
-        while seen < most:
-            page, more = store.list(limit=500, after=after, order="asc")
-            for job in page:
-                if job.status == JobStatus.QUEUED and job.model not in served:
-                    waiting[job.model] = waiting.get(job.model, 0) + 1
-            seen += len(page)
-            if not more or not page:
-                break
-            after = page[-1].id
+        for job in every_job(store, most):
+            if job.status == JobStatus.QUEUED and job.model not in served:
+                waiting[job.model] = waiting.get(job.model, 0) + 1
     except Exception as exc:  # only a hint: a store that does not answer says so elsewhere
         log.debug("could not look for jobs of models not served: %s", exc)
         return
@@ -393,7 +388,6 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         signal.signal(signal.SIGINT, early)
 
     # After the handler: these import torch, seconds in which a SIGTERM used to end the process (exit 143).
-    from wanserve.engine.parallel import world_size_from_env
     from wanserve.metrics import Metrics
     from wanserve.worker import Worker
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from wanserve.catalog import ModelSpec
-from wanserve.config import Settings
+from wanserve.config import Settings, world_size_from_env
 from wanserve.engine.loading import LOAD_LOCK, load_pipeline, locate
 from wanserve.engine.parallel import (
     ParallelContext,
@@ -36,7 +36,6 @@ from wanserve.engine.parallel import (
     exchange_cfg,
     fit_sequence,
     init_group,
-    world_size_from_env,
 )
 from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import check_output_path, thumbnail_path_for, write_mp4, write_thumbnail

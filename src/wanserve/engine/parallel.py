@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from wanserve.config import Settings
+from wanserve.config import Settings, world_size_from_env
 from wanserve.errors import BadSetting, Cancelled
 
 if TYPE_CHECKING:
@@ -171,15 +171,6 @@ class ParallelContext:
 
     def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
         return self.watchdog.guard(what)
-
-
-def world_size_from_env() -> int:
-    """The processes of this torchrun group (`WORLD_SIZE`); 1 outside torchrun."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
-        # Set by torchrun, or by hand: a wrong value is a wrong setting, not a traceback.
-        raise LayoutError(f"WORLD_SIZE: must be a number of processes, 1 or more (torchrun sets it), got {text!r}", "")
-    return int(text)
 
 
 def check_layout(settings: Settings, world_size: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -16,6 +17,7 @@ __all__ = [
     "JobStatus",
     "JobStore",
     "check_store_url",
+    "every_job",
     "new_job_id",
     "open_store",
     "sqlite_path",
@@ -101,6 +103,19 @@ def sqlite_path(url: str) -> Path | None:
     if check_store_url(url) != "sqlite":
         return None
     return Path(url[len("sqlite:///") :])
+
+
+def every_job(store: JobStore, most: int = 10_000_000) -> Iterator[Job]:
+    """Every job in the store, oldest first, page by page (the list route's paging), at most `most`."""
+    after: str | None = None
+    seen = 0
+    while seen < most:
+        page, more = store.list(limit=500, after=after, order="asc")
+        yield from page[: most - seen]
+        seen += len(page)
+        if not more or not page:
+            return
+        after = page[-1].id
 
 
 def open_store(url: str) -> JobStore:
