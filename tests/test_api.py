@@ -1098,6 +1098,55 @@ def test_video_surface_errors_are_problem_json(api: Api) -> None:
     assert body["field"] == "image_url" and "data: URLs" in body["detail"]
 
 
+def test_the_video_surface_answers_as_its_own_clients_read_it(api: Api) -> None:
+    """The /video routes' clients (the replaced system's own examples) read `error` and `message` from an
+    error, send its step-cache and sampler fields, and call `sample_shift` the flow shift."""
+    answer = problem(api.client.post("/video/submit", json={"prompt": "p", "image_url": "invalid-url"}), 400)
+    assert answer["error"] == answer["code"] == "invalid_value" and answer["message"] == answer["detail"]
+    assert answer["field"] == "image_url" and "image_url" in answer["message"]
+    # Their example request, less its parallel layout (refused by name, test above).
+    theirs = {
+        "prompt": "a cat",
+        "image_size": "64*48",
+        "num_frames": 5,
+        "guidance_scale": 3.0,
+        "infer_steps": 3,
+        "seed": 42,
+        "negative_prompt": "blurry",
+        "use_attentioncache": False,
+        "start_step": 12,
+        "attentioncache_interval": 4,
+        "end_step": 37,
+        "sample_solver": "UniPC",
+        "sample_shift": 5.5,
+    }
+    response = api.client.post("/video/submit", json=theirs)
+    assert response.status_code == 202, response.text
+    taken = response.json()["requestId"]
+    request = api.store.get(taken).request
+    assert (request["flow_shift"], request["num_inference_steps"], request["width"]) == (5.5, 3, 64)
+    for change, field, words in (
+        ({"use_attentioncache": True}, "use_attentioncache", "preset"),
+        ({"sample_solver": "dpm++"}, "sample_solver", "must be unipc"),
+        ({"sample_shift": 0}, "sample_shift", "greater than 0"),
+        ({"flow_shift": 5.0}, "sample_shift", "send one of the two"),
+    ):
+        refused = problem(api.client.post("/video/submit", json={**theirs, **change}), 400)
+        assert refused["field"] == field and words in refused["detail"], refused
+    # An id that names no job, or is not a string, is named as the field it came in.
+    for route in ("/video/status", "/video/cancel"):
+        missing = problem(api.client.post(route, json={"requestId": "video_nope"}), 404)
+        assert missing["field"] == "requestId" and missing["error"] == "not_found"
+        assert "must be a string" in problem(api.client.post(route, json={"requestId": 5}), 400)["detail"]
+        # These routes take JSON; a form says so instead of quoting the JSON parser.
+        form = problem(api.client.post(route, data={"requestId": "x"}), 400)
+        assert form["field"] == "body" and "Content-Type: application/json" in form["detail"]
+    # Their cancel answered Cancelled at once: a running job's says the cancel was taken.
+    api.run(taken)
+    cancelled = api.client.post("/video/cancel", json={"requestId": taken}).json()
+    assert cancelled["status"] == "InProgress" and "cancel requested" in cancelled["reason"]
+
+
 def test_api_v1_generate_and_status(api: Api) -> None:
     image = data_url(png_bytes((50, 90, 130)))
     response = api.client.post(
@@ -1142,8 +1191,8 @@ def test_the_replaced_systems_own_examples_are_taken(tmp_path: Path, media: tupl
             assert problem(api.client.post(path, json=both), 400)["field"] == "infer_steps"
         both = {"prompt": "p", "image_size": "64*48", "resolution": "64*48"}
         assert "send one of the two" in problem(api.client.post("/api/v1/generate", json=both), 400)["detail"]
-        # Wan's task names pick the model they name, in any case.
-        for task_type, model in (("ti2v-5B", "wan2.2-ti2v-5b"), ("t2v-1.3b", "wan2.1-t2v-1.3b")):
+        # Wan's task names pick the model they name, in any case, as do t2v, i2v and ti2v.
+        for task_type, model in (("ti2v-5B", "wan2.2-ti2v-5b"), ("t2v-1.3b", "wan2.1-t2v-1.3b"), (" T2V ", "tiny-t2v")):
             response = api.client.post("/api/v1/generate", json={"prompt": "a cat", "task_type": task_type})
             assert response.status_code == 202, response.text
             assert api.store.get(response.json()["task_id"]).model == model

@@ -70,6 +70,9 @@ def _error_response(
     }
     if field is not None:
         problem["field"] = field
+    if request.url.path.startswith("/video/"):
+        # The system these routes come from answered {"error", "message"}, and its clients read those two.
+        problem["error"], problem["message"] = code, message
     return JSONResponse(problem, status_code=status, headers=dict(headers or {}), media_type="application/problem+json")
 
 

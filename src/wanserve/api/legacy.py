@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest
+from wanserve.errors import InvalidRequest, JobNotFound
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.metrics import Metrics
 from wanserve.request import GenerationRequest, parse_size
@@ -45,10 +45,17 @@ from .submit import (
 )
 from .web import public_base, read_json_object
 
-# `image_size` and `infer_steps`: what the replaced systems' own examples name the size and the steps.
-OLDER_NAMES = frozenset({"image_size", "infer_steps"})
-VIDEO_FIELDS = EXTENSION_FIELDS | OLDER_NAMES | {"prompt", "model", "image_url", "size", "priority"}
-TASK_FIELDS = EXTENSION_FIELDS | OLDER_NAMES | {"prompt", "model", "image_url", "resolution", "task_type", "priority"}
+# `image_size`, `infer_steps` and `sample_shift`: what the replaced systems' own examples name the size, the
+# steps and the flow shift (Wan's `--sample_shift`).
+OLDER_NAMES = frozenset({"image_size", "infer_steps", "sample_shift"})
+# Their per-step cache knobs: the step cache here is a preset's (`fast`, `fastest`), tuned and measured, so
+# these are refused by name rather than read as unknown fields or ignored.
+STEP_CACHE_FIELDS = frozenset({"use_attentioncache", "start_step", "end_step", "attentioncache_interval"})
+# Their sampler choice: Wan's diffusers repos, and so every model here, sample with UniPC.
+SOLVER_FIELD = "sample_solver"
+_THEIR_FIELDS = OLDER_NAMES | STEP_CACHE_FIELDS | {SOLVER_FIELD}
+VIDEO_FIELDS = EXTENSION_FIELDS | _THEIR_FIELDS | {"prompt", "model", "image_url", "size", "priority"}
+TASK_FIELDS = EXTENSION_FIELDS | _THEIR_FIELDS | {"prompt", "model", "image_url", "resolution", "task_type", "priority"}
 
 # What each task_type asks of the model, and whether it needs (True), forbids (False) or allows (None) an image.
 TASK_TYPES: Mapping[str, tuple[frozenset[str], bool | None]] = MappingProxyType(
@@ -87,10 +94,14 @@ def content_url(base: str, job: Job) -> str | None:
 def video_status(job: Job, queue_position: int | None, base: str) -> dict[str, Any]:
     error = status_words.job_error(job)
     url = content_url(base, job)
+    reason = error["message"] if error else None
+    if reason is None and job.cancel_requested and not job.status.finished:
+        # Their cancel answered Cancelled at once; a running job here stops at its next step.
+        reason = "cancel requested: the job stops at its next denoising step"
     return {
         "requestId": job.id,
         "status": status_words.VIDEO[job.status],
-        "reason": error["message"] if error else None,
+        "reason": reason,
         "results": {"video_url": url} if url else None,
         "queue_position": queue_position,
         "progress": 1.0 if job.status == JobStatus.COMPLETED else round(job.progress, 4),
@@ -129,10 +140,11 @@ def _task_type(body: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...] | N
     task_type = body.get("task_type")
     if task_type is None:
         return None, None
-    if isinstance(task_type, str) and task_type in TASK_TYPES:
-        return task_type, None
-    if isinstance(task_type, str) and task_type.strip().lower() in WAN_TASKS:
-        return WAN_TASKS[task_type.strip().lower()]
+    name = task_type.strip().lower() if isinstance(task_type, str) else None
+    if name in TASK_TYPES:
+        return name, None
+    if name in WAN_TASKS:
+        return WAN_TASKS[name]
     wan_names = ", ".join(("t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-14B", "t2v-1.3B", "i2v-14B"))
     raise InvalidRequest(
         "task_type", f"must be one of {', '.join(TASK_TYPES)}, or one of Wan's ({wan_names}); got {task_type!r}"
@@ -163,19 +175,36 @@ def _task_model(
 
 
 def _older_names(body: Mapping[str, Any], size_field: str) -> tuple[dict[str, Any], str, dict[str, str]]:
-    """`body` with `infer_steps` read as `num_inference_steps`; the field the size came in (`image_size` or
-    the route's own); and how errors name the fields that came under the older names."""
-    given = {
-        name for name in (size_field, "image_size", "num_inference_steps", "infer_steps") if body.get(name) is not None
-    }
-    for older, newer in (("image_size", size_field), ("infer_steps", "num_inference_steps")):
+    """`body` with `infer_steps` read as `num_inference_steps` and `sample_shift` as `flow_shift`; the field
+    the size came in (`image_size` or the route's own); and how errors name the fields that came under the
+    older names. Their step-cache and sampler fields are answered here, by name."""
+    _their_knobs(body)
+    pairs = (("image_size", size_field), ("infer_steps", "num_inference_steps"), ("sample_shift", "flow_shift"))
+    given = {name for pair in pairs for name in pair if body.get(name) is not None}
+    for older, newer in pairs:
         if {older, newer} <= given:
             raise InvalidRequest(older, f"gives what {newer} gives; send one of the two")
     renamed: dict[str, str] = {}
-    if "infer_steps" in given:
-        body = {**body, "num_inference_steps": body["infer_steps"]}
-        renamed["num_inference_steps"] = "infer_steps"
-    return dict(body), "image_size" if "image_size" in given else size_field, renamed
+    body = {k: v for k, v in body.items() if k not in STEP_CACHE_FIELDS and k != SOLVER_FIELD}
+    for older, newer in pairs[1:]:
+        if older in given:
+            body[newer] = body[older]
+            renamed[newer] = older
+    return body, "image_size" if "image_size" in given else size_field, renamed
+
+
+def _their_knobs(body: Mapping[str, Any]) -> None:
+    """Their attention cache and sampler: taken where they ask for nothing other than what is done here (no
+    cache asked for, so its step fields mean nothing; UniPC), else refused with what to send instead."""
+    if body.get("use_attentioncache") not in (None, False):
+        raise InvalidRequest(
+            "use_attentioncache",
+            "the step cache is chosen with preset (fast or fastest, where the server allows it per request: "
+            "GET /v1/models), not with per-step fields",
+        )
+    solver = body.get(SOLVER_FIELD)
+    if solver is not None and not (isinstance(solver, str) and solver.strip().lower() == "unipc"):
+        raise InvalidRequest(SOLVER_FIELD, f"must be unipc, the sampler every model here uses; got {solver!r}")
 
 
 def _check_task(
@@ -244,9 +273,25 @@ def router(
     def request_id(body: Mapping[str, Any]) -> str:
         check_fields(body, ("requestId",))  # `requestid` or `id` must not pass as a request without one
         value = body.get("requestId")
-        if not isinstance(value, str) or not value:
+        if value is None or value == "":
             raise InvalidRequest("requestId", "is required (the id /video/submit returned)")
+        if not isinstance(value, str):
+            raise InvalidRequest("requestId", f"must be a string (the id /video/submit returned), got {value!r}")
         return value
+
+    def job_named(body: Mapping[str, Any]) -> Job:
+        job_id = request_id(body)
+        try:
+            return store.get(job_id)
+        except JobNotFound:
+            raise JobNotFound(job_id, "requestId") from None
+
+    def cancel_named(body: Mapping[str, Any]) -> Job:
+        job_id = request_id(body)
+        try:
+            return cancel(store, storage, settings, metrics, job_id)
+        except JobNotFound:
+            raise JobNotFound(job_id, "requestId") from None
 
     @api.post("/video/submit", status_code=202, openapi_extra=idempotent(json_body(VideoSubmit)))
     async def video_submit(request: Request) -> JSONResponse:
@@ -259,13 +304,13 @@ def router(
     @api.post("/video/status", openapi_extra=json_body(RequestId))
     async def video_status_route(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job = await run_in_threadpool(store.get, request_id(body))
+        job = await run_in_threadpool(job_named, body)
         return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
 
     @api.post("/video/cancel", openapi_extra=json_body(RequestId))
     async def video_cancel(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job = await run_in_threadpool(cancel, store, storage, settings, metrics, request_id(body))
+        job = await run_in_threadpool(cancel_named, body)
         return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
 
     def task_routes(prefix: str, source: str) -> None:

@@ -54,6 +54,14 @@ class OlderNames(WanFields):
 
     image_size: str | None = Field(None, description='the size, as "WIDTH*HEIGHT" (their name)')
     infer_steps: int | None = Field(None, ge=1, le=200, description="num_inference_steps (their name)")
+    sample_shift: float | None = Field(None, gt=0, le=100, description="flow_shift (their name)")
+    use_attentioncache: bool | None = Field(
+        None, description="false only: the step cache is chosen with `preset` (their per-step fields mean nothing)"
+    )
+    start_step: int | None = Field(None, description="taken and unused: their step cache's first step")
+    end_step: int | None = Field(None, description="taken and unused: their step cache's last step")
+    attentioncache_interval: int | None = Field(None, description="taken and unused: their step cache's interval")
+    sample_solver: str | None = Field(None, description='"unipc" only: the sampler every model here uses')
 
 
 class VideoSubmit(OlderNames):

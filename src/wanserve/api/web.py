@@ -120,11 +120,23 @@ class SafeHeadersMiddleware:
 MAX_JSON_VALUES = 200_000
 
 
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The body as a JSON object. Parsed off the event loop: a large body takes long enough to parse that
     every other request, /health included, would wait for it."""
     raw = await request.body()
-    return await run_in_threadpool(parse_json_object, raw)
+    try:
+        return await run_in_threadpool(parse_json_object, raw)
+    except InvalidRequest as exc:
+        form = request.headers.get("content-type", "").lower().startswith(_FORM_TYPES)
+        # curl -F and -d send forms; a JSON text sent as a form (curl -d '{...}') still parses, and is taken.
+        if exc.field == "body" and form:
+            raise InvalidRequest(
+                "body", "must be a JSON object, sent with Content-Type: application/json; this route takes no form"
+            ) from None
+        raise
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
