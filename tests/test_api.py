@@ -210,7 +210,11 @@ def test_openai_lifecycle_create_poll_download_delete(api: Api) -> None:
     assert deleted.json() == {"id": video_id, "object": "video.deleted", "deleted": True}
     assert api.storage.stat(key_for(video_id, VIDEO)) is None
     assert api.storage.stat(key_for(video_id, THUMBNAIL)) is None
-    assert openai_error(api.client.get(f"/v1/videos/{video_id}"), 404)["code"] == "not_found"
+    # A download after its results expired (or after a DELETE) says so, not that the id was never known.
+    for gone in (f"/v1/videos/{video_id}", f"/v1/videos/{video_id}/content"):
+        error = openai_error(api.client.get(gone), 404)
+        assert error["code"] == "not_found" and "no longer exists" in error["message"], error
+    assert "no job with id" in openai_error(api.client.get("/v1/videos/video_never"), 404)["message"]
 
 
 def test_openai_extension_fields_and_explicit_values_win(api: Api) -> None:

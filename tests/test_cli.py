@@ -475,6 +475,10 @@ def test_prune_will_not_empty_the_storage_for_a_store_that_holds_nothing(tiny_ca
     assert not (tmp_path / "typo.db").exists()
 
     SQLiteJobStore(tmp_path / "empty.db").close()
+    # The dry run said "run again with --delete", which then refused.
+    dry = run(["prune", "--store", f"sqlite:///{tmp_path / 'empty.db'}"], tiny_cache, **env)
+    assert dry.returncode == 0 and "holds no job at all" in dry.stderr and "--empty-store-ok" in dry.stderr, dry.stderr
+    assert "run again with --delete" not in dry.stderr
     args = ["prune", "--delete", "--store", f"sqlite:///{tmp_path / 'empty.db'}"]
     refused = run(args, tiny_cache, **env)
     assert refused.returncode == 2 and "holds no job at all" in refused.stderr, refused.stderr

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import redis
 
+from wanserve import expiry
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull
 from wanserve.jobs import Job, JobStatus, JobStore, new_job_id, open_store
 from wanserve.jobs.redis_store import RedisJobStore
 from wanserve.jobs.sqlite import SQLiteJobStore
+from wanserve.storage.local import LocalStorage
 
 from conftest import free_tcp_port
 
@@ -589,7 +591,56 @@ def test_expired_lists_finished_jobs_past_their_expiry(store: JobStore) -> None:
     assert [j.id for j in store.expired(now=now + 15)] == finished[:1]
     assert [j.id for j in store.expired(now=now + 100)] == finished
     assert [j.id for j in store.expired(now=now + 100, limit=2)] == finished[:2]
+    assert [j.id for j in store.expired(now=now + 100, limit=1, skip=1)] == finished[1:2]
     assert running.id not in [j.id for j in store.expired(now=now + 10**9)]
+
+
+def test_a_deleted_job_is_told_apart_from_one_never_known(store: JobStore) -> None:
+    """A download after expiry said only "no job with id": as if the id were a typo."""
+    job = store.enqueue(make_job())
+    store.delete(job.id)
+    with pytest.raises(JobNotFound) as deleted:
+        store.get(job.id)
+    assert deleted.value.deleted and "no longer exists" in str(deleted.value)
+    with pytest.raises(JobNotFound) as unknown:
+        store.get(new_job_id())
+    assert not unknown.value.deleted and "no job with id" in str(unknown.value)
+
+
+class _Undeletable(LocalStorage):
+    """Files that refuse to go (a read-only folder, an immutable file, a bucket policy)."""
+
+    def __init__(self, root: Path, stuck: set[str]) -> None:
+        super().__init__(root)
+        self.stuck = stuck
+
+    def delete_prefix(self, prefix: str) -> None:
+        if prefix in self.stuck:
+            raise PermissionError(f"[Errno 1] Operation not permitted: {prefix!r}")
+        super().delete_prefix(prefix)
+
+
+def test_jobs_whose_files_cannot_be_deleted_do_not_hold_up_the_rest(store: JobStore, tmp_path: Path) -> None:
+    """A sweep read the 100 oldest expired jobs; 100 that could not be deleted kept their place at the head,
+    and no job behind them ever expired again."""
+    finish_in = 0.05
+
+    def finished() -> str:
+        job = store.enqueue(make_job())
+        claimed = store.claim("tiny-t2v", "w1", LEASE)
+        assert claimed is not None
+        store.complete(claimed.id, "w1", {}, finish_in)
+        return job.id
+
+    stuck = {finished() for _ in range(expiry.BATCH + 3)}
+    time.sleep(0.1)  # the free ones expire after every stuck one
+    free = [finished() for _ in range(5)]
+    time.sleep(2 * finish_in)
+    expiry.delete_expired(store, _Undeletable(tmp_path / "videos", stuck))
+    for job_id in free:
+        with pytest.raises(JobNotFound):
+            store.get(job_id)
+    assert all(store.get(job_id).status is JobStatus.COMPLETED for job_id in stuck)  # tried again next round
 
 
 # ---- concurrency --------------------------------------------------------------------------------------------
@@ -715,6 +766,7 @@ _ENQUEUE_THEN_DIE = """
 import os, signal, sys
 from wanserve.jobs import Job
 from wanserve.jobs.sqlite import SQLiteJobStore
+from wanserve.storage.local import LocalStorage
 store = SQLiteJobStore(sys.argv[1])
 for n in range(3):
     store.enqueue(Job(id=f"video_{n}", model="tiny-t2v", request={"n": n}))

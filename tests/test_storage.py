@@ -196,6 +196,20 @@ def test_job_folders_name_each_jobs_folder_once_with_its_newest_write(storage: S
     assert all(before - 5 <= written <= time.time() + 5 for written in folders.values()), folders
 
 
+def test_job_folders_walk_on_past_folders_deleted_while_walking(storage: Storage, tmp_path: Path) -> None:
+    """Expiry, a DELETE or a second prune remove folders while `wanserve prune` walks: it stopped with
+    FileNotFoundError part-way (exit 1)."""
+    for job in ("job1", "job2", "job3"):
+        storage.put_file(key_for(job, VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
+    walk = storage.job_folders()
+    first, _ = next(walk)
+    rest = {"job1", "job2", "job3"} - {first}
+    for job in rest:
+        storage.delete_prefix(job)
+    # (A bucket's listing may still name them, from a page read before: deleting them again is harmless.)
+    assert {name for name, _written in walk} <= rest
+
+
 # ---- S3 only ---------------------------------------------------------------------------------------------------
 
 

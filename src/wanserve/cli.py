@@ -854,8 +854,9 @@ def prune(
     except (StoreUnavailable, StorageUnavailable) as exc:
         fail(str(exc))
     try:
-        # An empty store is read only when it matters: it holds back a delete.
-        held_back = delete and not empty_store_ok and not job_store.list(limit=1)[0]
+        # An empty store holds back a delete; a dry run says so too, rather than advise a --delete it would refuse.
+        store_empty = not empty_store_ok and not job_store.list(limit=1)[0]
+        held_back = delete and store_empty
         deleting = delete and not held_back
         found = 0
         for orphan in find_orphans(job_store, result_storage, older_than * 3600):
@@ -876,13 +877,15 @@ def prune(
     folders, belong = (f"{found} folder", "belongs") if found == 1 else (f"{found} folders", "belong")
     if found == 0:
         console.print(f"no folder older than {older_than:g} h belongs to no job")
-    elif held_back:
-        fail(
+    elif store_empty:
+        empty = (
             f"{folders} {belong} to no job, and the job store ({redacted(settings.store_url)}) holds no job at all:"
-            " is it the one the server uses? Nothing deleted; add --empty-store-ok if its jobs were lost (a Redis"
-            " restarted without its data)",
-            2,
+            " is it the one the server uses?"
         )
+        lost = "if its jobs were lost (a Redis restarted without its data)"
+        if held_back:
+            fail(f"{empty} Nothing deleted; add --empty-store-ok {lost}", 2)
+        console.print(f"{empty} Delete them with --delete --empty-store-ok {lost}")
     elif not delete:
         console.print(f"{folders} {belong} to no job: run again with --delete to delete them")
     else:

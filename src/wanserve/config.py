@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         return tuple(key.strip() for key in self.api_key.get_secret_value().split(",") if key.strip())
 
     @property
+    def housekeeping_interval(self) -> float:
+        """How often workers reap expired leases and every process sweeps expired results: a third of a lease,
+        but never so often that a tiny lease (a test's, a typo's) turns it into a busy loop on the store."""
+        return max(self.lease_seconds / 3, 0.5)
+
+    @property
     def step_cache_possible(self) -> bool:
         """Whether this layout can run a step cache: not where ranks hold shards of one sequence (Ulysses, ring)
         or of the weights (FSDP), whose ranks would take different skip decisions and deadlock."""

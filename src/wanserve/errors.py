@@ -74,10 +74,18 @@ class Cancelled(WanserveError):
 class JobNotFound(WanserveError, LookupError):
     """No such job. `field` names the request field that named it, when not the path (`after` of a list)."""
 
-    def __init__(self, job_id: str, field: str | None = None) -> None:
+    def __init__(self, job_id: str, field: str | None = None, deleted: bool = False) -> None:
         self.job_id = job_id
         self.field = field
-        super().__init__(f"{field}: no job with id {job_id!r}" if field else f"no job with id {job_id!r}")
+        # The store remembers a deleted job's id for a while (CURSOR_TTL_S): a download that comes after its
+        # results expired is told so, not that the id was never known.
+        self.deleted = deleted
+        what = (
+            f"job {job_id!r} no longer exists: it was deleted, or its results expired (WANSERVE_RESULT_TTL)"
+            if deleted
+            else f"no job with id {job_id!r}"
+        )
+        super().__init__(f"{field}: {what}" if field else what)
 
 
 class QueueFull(WanserveError):

@@ -17,28 +17,36 @@ from wanserve.storage.base import Storage
 log = logging.getLogger(__name__)
 
 
+BATCH = 100
+
+
 def delete_expired(store: JobStore, storage: Storage) -> None:
-    try:
-        expired = store.expired()
-    except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
-        log.warning("expiry waits for the store: %s", exc)
-        return
-    except Exception:
-        log.exception("expiry failed")
-        return
-    for job in expired:
-        # One by one: a job whose files cannot be deleted now must not hold up every job behind it.
+    failed = 0  # this round's failures, oldest first: the next batch starts past them
+    while True:
         try:
-            storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
-            store.delete(job.id)
-            log.info("job %s expired: record and files deleted", job.id)
-        except JobNotFound:
-            continue  # another sweeper (a worker, another replica) was first
-        except (StorageUnavailable, StoreUnavailable) as exc:  # the next job would wait out the same outage
-            log.warning("expiry paused until the next round: %s", exc)
+            expired = store.expired(limit=BATCH, skip=failed)
+        except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
+            log.warning("expiry waits for the store: %s", exc)
             return
-        except Exception as exc:
-            log.warning("job %s expired, but deleting it failed (tried again next round): %s", job.id, exc)
+        except Exception:
+            log.exception("expiry failed")
+            return
+        for job in expired:
+            # One by one: a job whose files cannot be deleted now must not hold up every job behind it.
+            try:
+                storage.delete_prefix(job.id)  # files first: a crash in between leaves a record, not orphans
+                store.delete(job.id)
+                log.info("job %s expired: record and files deleted", job.id)
+            except JobNotFound:
+                continue  # another sweeper (a worker, another replica) was first
+            except (StorageUnavailable, StoreUnavailable) as exc:  # the next job would wait out the same outage
+                log.warning("expiry paused until the next round: %s", exc)
+                return
+            except Exception as exc:
+                failed += 1
+                log.warning("job %s expired, but deleting it failed (tried again next round): %s", job.id, exc)
+        if len(expired) < BATCH:
+            return
 
 
 class ExpirySweeper:

@@ -352,7 +352,7 @@ def run_api(settings: Settings) -> None:
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
     # Results expire on time even while no worker runs (scaled to zero), at the pace workers sweep at.
-    sweeper = ExpirySweeper(store, storage, interval=settings.lease_seconds / 3)
+    sweeper = ExpirySweeper(store, storage, interval=settings.housekeeping_interval)
     sweeper.start()
     try:
         log.info(

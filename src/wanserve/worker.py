@@ -275,7 +275,7 @@ class Worker:
 
     def _housekeeping(self) -> None:
         """`_reap` every lease/3, busy or idle, until this worker drains."""
-        interval = max(self.settings.lease_seconds / 3, 0.5)
+        interval = self.settings.housekeeping_interval
         while not self._draining.wait(interval):
             self._reap()
 

@@ -283,15 +283,15 @@ def router(
         job_id = request_id(body)
         try:
             return store.get(job_id)
-        except JobNotFound:
-            raise JobNotFound(job_id, "requestId") from None
+        except JobNotFound as exc:
+            raise JobNotFound(job_id, "requestId", exc.deleted) from None
 
     def cancel_named(body: Mapping[str, Any]) -> Job:
         job_id = request_id(body)
         try:
             return cancel(store, storage, settings, metrics, job_id)
-        except JobNotFound:
-            raise JobNotFound(job_id, "requestId") from None
+        except JobNotFound as exc:
+            raise JobNotFound(job_id, "requestId", exc.deleted) from None
 
     @api.post("/video/submit", status_code=202, openapi_extra=idempotent(json_body(VideoSubmit)))
     async def video_submit(request: Request) -> JSONResponse:

@@ -176,8 +176,9 @@ class JobStore(Protocol):
         """Remove the record (the caller removes files). A running job must be cancelled first."""
         ...
 
-    def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
-        """Finished jobs whose expires_at has passed (their files are due for deletion)."""
+    def expired(self, now: float | None = None, limit: int = 100, skip: int = 0) -> list[Job]:
+        """Finished jobs whose expires_at has passed (their files are due for deletion), oldest first, past the
+        first `skip` of them (those a sweep failed to delete this round)."""
         ...
 
     def ping(self) -> bool: ...

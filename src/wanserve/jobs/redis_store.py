@@ -471,7 +471,7 @@ class RedisJobStore:
     def get(self, job_id: str) -> Job:
         fields = self._redis.hgetall(self._key("job", job_id))
         if not fields:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, deleted=bool(self._redis.exists(self._key("gone", job_id))))
         return _from_fields(fields)
 
     def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
@@ -575,11 +575,11 @@ class RedisJobStore:
             raise InvalidRequest("id", "the job is running; cancel it before deleting it")
         return _from_flat(reply)
 
-    def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
+    def expired(self, now: float | None = None, limit: int = 100, skip: int = 0) -> list[Job]:
         if now is None:
             seconds, micros = self._redis.time()
             now = seconds + micros / 1e6
-        ids = self._redis.zrangebyscore(self._key("expiry"), "-inf", repr(now), start=0, num=limit)
+        ids = self._redis.zrangebyscore(self._key("expiry"), "-inf", repr(now), start=skip, num=limit)
         return self._jobs(ids)
 
     def ping(self) -> bool:

@@ -245,7 +245,13 @@ class SQLiteJobStore:
         return stored
 
     def get(self, job_id: str) -> Job:
-        return self._load(self._conn(), job_id)
+        conn = self._conn()
+        try:
+            return self._load(conn, job_id)
+        except JobNotFound:
+            since = time.time() - CURSOR_TTL_S
+            gone = conn.execute("SELECT 1 FROM gone WHERE id = ? AND gone_at >= ?", (job_id, since)).fetchone()
+            raise JobNotFound(job_id, deleted=gone is not None) from None
 
     def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
@@ -444,11 +450,14 @@ class SQLiteJobStore:
             conn.execute("DELETE FROM gone WHERE gone_at < ?", (now - CURSOR_TTL_S,))
         return job
 
-    def expired(self, now: float | None = None, limit: int = 100) -> list[Job]:
+    def expired(self, now: float | None = None, limit: int = 100, skip: int = 0) -> list[Job]:
         now = time.time() if now is None else now
         rows = (
             self._conn()
-            .execute("SELECT data FROM jobs WHERE expires_at <= ? ORDER BY expires_at LIMIT ?", (now, limit))
+            .execute(
+                "SELECT data FROM jobs WHERE expires_at <= ? ORDER BY expires_at, seq LIMIT ? OFFSET ?",
+                (now, limit, skip),
+            )
             .fetchall()
         )
         return [Job.from_dict(json.loads(data)) for (data,) in rows]

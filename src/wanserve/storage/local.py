@@ -73,7 +73,10 @@ class LocalStorage:
         except FileNotFoundError:  # nothing stored yet
             return
         for folder in folders:
-            times = [folder.stat(follow_symlinks=False).st_mtime]
+            try:
+                times = [folder.stat(follow_symlinks=False).st_mtime]
+            except FileNotFoundError:
+                continue  # removed meanwhile: expiry, a DELETE, another prune
             for parent, _dirs, files in os.walk(folder.path):
                 for name in files:
                     with contextlib.suppress(FileNotFoundError):  # removed meanwhile
