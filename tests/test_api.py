@@ -1396,7 +1396,8 @@ def test_health_answers_while_every_worker_thread_waits_on_the_store(api: Api, m
 def test_metrics_lists_every_metric(api: Api) -> None:
     video_id = api.create()["id"]
     api.client.get(f"/v1/videos/{video_id}")
-    api.metrics.job_finished("tiny-t2v", "completed", 1.5, 12.0)
+    api.metrics.job_claimed("tiny-t2v", 1.5)
+    api.metrics.job_finished("tiny-t2v", "completed", 12.0)
     api.metrics.denoise_step("tiny-t2v", 0.2)
     text = api.client.get("/metrics").text
     for name in (

@@ -464,8 +464,19 @@ def test_queue_depth_and_running_count(store: JobStore) -> None:
     store.complete(running.id, "w1", {}, TTL)
     assert (store.queue_depth("tiny-t2v"), store.running_count("tiny-t2v")) == (1, 1)
     assert (store.queue_depth("nothing"), store.running_count("nothing")) == (0, 0)
-    assert store.counts("tiny-t2v") == (1, 1) and store.counts("tiny-i2v") == (2, 0)
-    assert store.counts("nothing") == (0, 0)
+    assert store.counts("tiny-t2v") == (1, 1, 1) and store.counts("tiny-i2v") == (2, 0, 0)
+    assert store.counts("nothing") == (0, 0, 0)
+
+
+def test_a_worker_holding_two_jobs_is_one_worker_of_demand(store: JobStore) -> None:
+    """A worker stores one video (MP4, upload) while it makes the next: it holds two jobs. `demand` counted
+    jobs, so an autoscaler started a second GPU pod for one busy worker with nothing waiting."""
+    enqueue_many(store, 4)
+    for claim_number in (1, 2):  # what the worker's claims are named: `<worker id>/<claim number>`
+        claim(store, f"host:7:tiny-t2v:ab12cd/{claim_number}")
+    claim(store, "host:8:tiny-t2v:ef34ab/1")
+    counts = store.counts("tiny-t2v")
+    assert counts == (1, 3, 2) and counts.demand == 3
 
 
 def test_counts_of_a_job_moving_between_queue_and_worker_add_up_to_one(store: JobStore) -> None:
@@ -483,11 +494,11 @@ def test_counts_of_a_job_moving_between_queue_and_worker_add_up_to_one(store: Jo
     mover = threading.Thread(target=claim_and_hand_back, daemon=True)
     mover.start()
     try:
-        seen = {sum(store.counts("tiny-t2v")) for _ in range(1500)}
+        seen = {(c.queued + c.running, c.demand) for c in (store.counts("tiny-t2v") for _ in range(1500))}
     finally:
         moving.clear()
         mover.join(10)
-    assert seen == {1}
+    assert seen == {(1, 1)}
 
 
 # ---- list / delete / expired --------------------------------------------------------------------------------

@@ -143,6 +143,27 @@ def test_a_handed_back_jobs_queue_wait_counts_from_its_hand_back(tmp_path: Path,
         h.stop()
 
 
+def test_a_jobs_queue_wait_is_counted_when_it_is_claimed(tmp_path: Path, engine: Engine) -> None:
+    """It was counted when the job ended: an alert on the queue wait lagged by a whole job (an hour for a 14B
+    video), and a job handed back on a drain never counted its wait at all."""
+    from wanserve.metrics import Metrics
+
+    h = Harness(tmp_path, engine, start=False)
+    metrics = Metrics(["tiny-t2v"])
+    h.worker = Worker("tiny-t2v", h.settings, h.store, h.storage, metrics, engine=engine)
+    h.thread = threading.Thread(target=h.worker.run, daemon=True)
+    h.thread.start()
+    try:
+        job_id = h.submit(num_inference_steps=200, width=128, height=128, num_frames=17)
+        wait_for(lambda: h.store.get(job_id).stage == "denoise", 30, "denoising")
+        claims = metrics.registry.get_sample_value("wanserve_job_queue_wait_seconds_count", {"model": "tiny-t2v"})
+        assert claims == 1
+        h.store.request_cancel(job_id, ttl=60)
+        assert h.finished(job_id).status is JobStatus.CANCELLED
+    finally:
+        h.stop()
+
+
 def test_task_timeout_fails_the_job_with_a_reason(
     tmp_path: Path, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -53,9 +53,9 @@ class _StoreCollector(Collector):
             return
         for model in self._models:
             try:
-                queued, busy = self._store.counts(model)
-                depth.add_metric([model], queued)
-                running.add_metric([model], busy)
+                counts = self._store.counts(model)
+                depth.add_metric([model], counts.queued)
+                running.add_metric([model], counts.running)
             except Exception:
                 # A scrape must not fail because the store blinked; the gap in the series shows it. One store
                 # serves every model, so the others would only wait out the same retries.
@@ -134,9 +134,13 @@ class Metrics:
     def job_submitted(self, model: str) -> None:
         self.jobs_submitted.labels(model=model).inc()
 
-    def job_finished(self, model: str, status: str, queue_wait: float, duration: float) -> None:
-        self.jobs_finished.labels(model=model, status=status).inc()
+    def job_claimed(self, model: str, queue_wait: float) -> None:
+        """At the claim, not at the end: a wait seen only when its job ended (an hour later for a 14B video,
+        never for one handed back on a drain) lagged every alert on it by a whole job."""
         self.queue_wait.labels(model=model).observe(max(queue_wait, 0.0))
+
+    def job_finished(self, model: str, status: str, duration: float) -> None:
+        self.jobs_finished.labels(model=model, status=status).inc()
         self.job_duration.labels(model=model).observe(max(duration, 0.0))
 
     def job_ended_unrun(self, model: str, status: str) -> None:

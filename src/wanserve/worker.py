@@ -90,7 +90,6 @@ STORE_RETRY_INTERVAL_S = 1.0
 class _Running:
     job: Job
     started: float
-    queue_wait: float
     keep_going: bool = True  # False once the store says cancel, or the lease was lost
     stop_reason: str | None = None  # "cancel" | "timeout" | "drain" | "lost"
     # Set when the job ends, so the heartbeat stops at once instead of finishing a lease/3 sleep.
@@ -300,9 +299,13 @@ class Worker:
         """Run one claimed job to its end, or (overlap_jobs) until its frames are decoded, handing the rest to
         the finisher thread."""
         assert self.engine is not None
-        running = _Running(job=job, started=time.monotonic(), queue_wait=max(time.time() - job.waiting_since, 0.0))
+        # Both ends by the store's clock (the claim's started_at), not this host's: hosts' clocks disagree.
+        waited = max((job.started_at or time.time()) - job.waiting_since, 0.0)
+        running = _Running(job=job, started=time.monotonic())
         self._running = running
-        log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, running.queue_wait)
+        log.info("job %s claimed (attempt %d, waited %.1f s)", job.id, job.attempts, waited)
+        if self.metrics is not None:
+            self.metrics.job_claimed(job.model, waited)
         running.heartbeat = threading.Thread(
             target=self._heartbeat, args=(running,), name=f"heartbeat-{job.id}", daemon=True
         )
@@ -373,7 +376,7 @@ class Worker:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         if self.metrics is not None and status in ("completed", "failed", "cancelled") and not running.counted:
-            self.metrics.job_finished(running.job.model, status, running.queue_wait, time.monotonic() - running.started)
+            self.metrics.job_finished(running.job.model, status, time.monotonic() - running.started)
 
     def _fail(self, job: Job, code: str, message: str) -> str:
         """Fail the job; "failed", or "lost" when the store took no change (the job was no longer this worker's)."""
@@ -727,5 +730,5 @@ class Worker:
             running.counted = True
             log.error("job %s ended %s: its engine call has not come back for %.0f s", job.id, status, elapsed)
             if self.metrics is not None:
-                self.metrics.job_finished(job.model, status, running.queue_wait, elapsed)
+                self.metrics.job_finished(job.model, status, elapsed)
         return True

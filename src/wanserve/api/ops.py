@@ -76,10 +76,12 @@ def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[st
 
 
 def load(spec: ModelSpec, store: JobStore) -> dict[str, int]:
-    """The jobs a model has waiting and running. `demand`, their sum, is the number of workers that would
-    leave none waiting: what an autoscaler sizes a model's workers by (deploy/kubernetes/autoscaling.yaml)."""
-    queued, running = store.counts(spec.name)
-    return {"queue_depth": queued, "running": running, "demand": queued + running}
+    """The jobs a model has waiting and running. `demand`, the jobs waiting plus the workers busy, is the
+    number of workers that would leave none waiting: what an autoscaler sizes a model's workers by
+    (deploy/kubernetes/autoscaling.yaml). Not jobs running: a worker that stores one video while it makes the
+    next holds two, and counted twice it would start a second GPU pod for nothing."""
+    counts = store.counts(spec.name)
+    return {"queue_depth": counts.queued, "running": counts.running, "demand": counts.demand}
 
 
 def _ping(name: str, check: Callable[[], bool]) -> bool:

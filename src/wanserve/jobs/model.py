@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 
 class JobStatus(StrEnum):
@@ -28,6 +28,26 @@ class JobStatus(StrEnum):
     @property
     def finished(self) -> bool:
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Counts(NamedTuple):
+    """A model's jobs at one moment."""
+
+    queued: int
+    running: int
+    # The workers holding the running jobs: one that finishes a video (MP4, upload) while it runs the next
+    # holds two jobs, and is still one worker.
+    workers: int
+
+    @property
+    def demand(self) -> int:
+        """The workers that would leave no job waiting: what an autoscaler sizes a model's workers by."""
+        return self.queued + self.workers
+
+
+def holder_worker(worker_id: str) -> str:
+    """The worker of a claim (`<worker id>/<claim number>`)."""
+    return worker_id.rsplit("/", 1)[0]
 
 
 def new_job_id() -> str:
@@ -162,9 +182,10 @@ class JobStore(Protocol):
 
     def running_count(self, model: str) -> int: ...
 
-    def counts(self, model: str) -> tuple[int, int]:
-        """(queued, running) for `model`, read in one snapshot: a job being claimed or handed back between
-        the two is counted once, never twice or not at all (what an autoscaler reads must not flicker)."""
+    def counts(self, model: str) -> Counts:
+        """`model`'s queued and running jobs and busy workers, read in one snapshot: a job being claimed or
+        handed back meanwhile is counted once, never twice or not at all (what an autoscaler reads must not
+        flicker)."""
         ...
 
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:

@@ -35,7 +35,7 @@ from redis.retry import Retry
 
 from wanserve.errors import BadSetting, InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
 from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE, redacted
-from wanserve.jobs.model import Job, JobStatus
+from wanserve.jobs.model import Counts, Job, JobStatus
 
 _JSON_FIELDS = ("request", "result")
 _FLOAT_FIELDS = (
@@ -327,6 +327,21 @@ if not rank then return 0 end
 return rank + 1
 """
 
+# A claim's holder is `<worker id>/<claim number>`: the workers are the holders less their claim numbers.
+_COUNTS = """
+local ids = redis.call('SMEMBERS', k('running', ARGV[2]))
+local seen, workers = {}, 0
+for _, id in ipairs(ids) do
+  local holder = redis.call('HGET', k('job', id), 'worker_id') or id
+  local worker = string.match(holder, '^(.*)/[^/]*$') or holder
+  if not seen[worker] then
+    seen[worker] = true
+    workers = workers + 1
+  end
+end
+return {redis.call('ZCARD', k('queue', ARGV[2])), #ids, workers}
+"""
+
 
 def _to_fields(job: Job) -> list[str]:
     """HSET arguments for `job`: None fields are left out, which `_from_fields` reads back as None."""
@@ -434,6 +449,7 @@ class RedisJobStore:
         self._reap = register(_LUA_COMMON + _REAP)
         self._delete = register(_LUA_COMMON + _DELETE)
         self._position = register(_LUA_COMMON + _POSITION)
+        self._counts = register(_LUA_COMMON + _COUNTS)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -532,12 +548,9 @@ class RedisJobStore:
     def running_count(self, model: str) -> int:
         return int(self._redis.scard(self._key("running", model)))
 
-    def counts(self, model: str) -> tuple[int, int]:
-        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: both counts of one moment
-        pipe.zcard(self._key("queue", model))
-        pipe.scard(self._key("running", model))
-        queued, running = pipe.execute()
-        return int(queued), int(running)
+    def counts(self, model: str) -> Counts:
+        queued, running, workers = self._counts(args=[self.prefix, model])  # one script: one moment
+        return Counts(int(queued), int(running), int(workers))
 
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
         if order not in ("asc", "desc"):

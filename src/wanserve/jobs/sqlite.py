@@ -21,7 +21,7 @@ from typing import Any
 from wanserve.disk import has_room
 from wanserve.errors import InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
 from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE
-from wanserve.jobs.model import Job, JobStatus
+from wanserve.jobs.model import Counts, Job, JobStatus, holder_worker
 
 # `seq` is the arrival order: it breaks priority ties and is never rewritten, so a released or reaped job
 # returns to its original place. The columns beside `data` are copies of Job fields, kept for the indexes.
@@ -409,14 +409,20 @@ class SQLiteJobStore:
         row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'in_progress'", (model,))
         return row.fetchone()[0]
 
-    def counts(self, model: str) -> tuple[int, int]:
-        row = self._conn().execute(
-            "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'in_progress'), 0)"
-            " FROM jobs WHERE model = ?",
-            (model,),
+    def counts(self, model: str) -> Counts:
+        # One statement, so one snapshot: the count of the queue, then the holder of each running job.
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'queued' UNION ALL"
+                " SELECT COALESCE(json_extract(data, '$.worker_id'), id) FROM jobs"
+                " WHERE model = ? AND status = 'in_progress'",
+                (model, model),
+            )
+            .fetchall()
         )
-        queued, running = row.fetchone()
-        return int(queued), int(running)
+        holders = [str(holder) for (holder,) in rows[1:]]
+        return Counts(int(rows[0][0]), len(holders), len({holder_worker(h) for h in holders}))
 
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[Job], bool]:
         if order not in ("asc", "desc"):
