@@ -1329,6 +1329,28 @@ def test_ready_without_readiness_callback_checks_the_store(api: Api) -> None:
     assert response.status_code == 503 and response.json()["store"] == "unreachable"
 
 
+def test_an_api_replica_stays_ready_while_only_the_result_storage_is_down(
+    tmp_path: Path, media: tuple[Path, Path]
+) -> None:
+    """Every replica reported not-ready over one bucket's blip and left the Service together, though submits,
+    status reads and cancels did not need the bucket: clients met the balancer's bare 503 for all of them."""
+    from wanserve.roles import api_replica_readiness
+
+    (tmp_path / "not-a-folder").write_text("")
+    unusable = LocalStorage(tmp_path / "not-a-folder" / "videos")  # can never be made: "unreachable"
+    with make_api(tmp_path, media, readiness=api_replica_readiness, storage=unusable) as api:
+        response = api.client.get("/ready")
+        assert response.status_code == 200, response.text
+        assert response.json()["storage"] == "unreachable" and response.json()["store"] == "ok"
+        assert api.client.post("/v1/videos", json={"prompt": "p"}).status_code == 200
+        api.store.close()
+        api.store.path.unlink()
+        api.store.path.mkdir()  # and without the store, it can do nothing: not ready
+        assert api.client.get("/ready").status_code == 503
+    with make_api(tmp_path / "serve", media, storage=unusable) as api:  # a worker's process needs both
+        assert api.client.get("/ready").status_code == 503
+
+
 def test_ready_says_no_when_the_disk_under_the_store_and_storage_is_full(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

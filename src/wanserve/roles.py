@@ -339,6 +339,13 @@ def _readiness(workers: list[Any]) -> dict[str, Any]:
     return {"ready": ready, "models": models, "stuck": stuck, "draining": draining}
 
 
+def api_replica_readiness() -> dict[str, Any]:
+    """An API replica is ready while it answers and reaches the job store. Not the result storage: without it
+    submits, status reads and cancels still work (a download answers 503 storage_unavailable), and as a
+    readiness check it took every replica out of the Service together over one bucket's blip."""
+    return {"ready": True, "models": {}, "needs_storage": False}
+
+
 def run_api(settings: Settings) -> None:
     """A stateless API replica: any number can share one store (Redis) and one storage (S3)."""
     from wanserve.api.app import create_app
@@ -350,7 +357,7 @@ def run_api(settings: Settings) -> None:
     store, storage = open_backends(settings)
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
-    app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: {"ready": True, "models": {}})
+    app = create_app(settings, store, storage, specs, metrics=metrics, readiness=api_replica_readiness)
     # Results expire on time even while no worker runs (scaled to zero), at the pace workers sweep at.
     sweeper = ExpirySweeper(store, storage, interval=settings.housekeeping_interval)
     sweeper.start()

@@ -141,7 +141,7 @@ def router(
             reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")
         if not store_ok:
             reasons.append("job store unreachable, or its disk full")
-        if not storage_ok:
+        if not storage_ok and state.get("needs_storage", True):
             reasons.append("result storage unreachable, or its disk full")
         body = {
             "status": "ready" if not reasons else "not_ready",
