@@ -29,6 +29,7 @@ from wanserve.config import Settings
 from wanserve.jobs.model import Job
 from wanserve.jobs.sqlite import SQLiteJobStore
 from wanserve.metrics import Metrics
+from wanserve.roles import served_specs
 from wanserve.storage.base import THUMBNAIL, VIDEO, key_for
 from wanserve.storage.local import LocalStorage
 
@@ -114,7 +115,7 @@ def make_api(
     settings = Settings(**{"data_dir": tmp_path, "model": ["tiny-t2v", "tiny-i2v"], **overrides})
     store = SQLiteJobStore(tmp_path / "jobs.db")
     storage = storage or LocalStorage(tmp_path / "videos")
-    specs = {name: _spec(name) for name in settings.model}
+    specs = served_specs(settings)  # as the servers read WANSERVE_MODEL and WANSERVE_SHARDED_MODEL
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=readiness)
@@ -1714,6 +1715,17 @@ def test_a_request_may_ask_for_the_presets_its_workers_can_serve(tmp_path: Path,
         t2v = api.client.get("/v1/models").json()["data"][0]
         assert t2v["presets"]["per_request"] == ["exact"]
         error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "preset": "fast"}), 400)
+        assert error["param"] == "preset" and "step cache is off" in error["message"]
+
+    # Only some models run on sharding groups: the layout settings would speak for all of them (a request for
+    # a one-GPU model refused, or, left out, a request for the group's accepted and then failed by it).
+    with make_api(tmp_path / "one-sharded", media, sharded_model=["tiny-i2v"]) as api:
+        t2v, i2v = api.client.get("/v1/models").json()["data"]
+        assert t2v["presets"]["per_request"] == ["exact", "fast"] and i2v["presets"]["per_request"] == ["exact"]
+        assert api.create(preset="fast")["preset"] == "fast"
+        image = {"image_url": data_url(png_bytes((10, 20, 30)))}
+        body = {"prompt": "p", "model": "tiny-i2v", "preset": "fast", "input_reference": image}
+        error = openai_error(api.client.post("/v1/videos", json=body), 400)
         assert error["param"] == "preset" and "step cache is off" in error["message"]
 
 

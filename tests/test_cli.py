@@ -514,6 +514,7 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
         (["api", "--port", port], {"WANSERVE_STORE": ""}, "WANSERVE_STORE: is set but empty"),
         (["worker", "--ops-port", port], {"WANSERVE_STORAGE": " \n"}, "WANSERVE_STORAGE: is set but empty"),
         (["prune", "--data-dir", str(tmp_path / "none")], {}, "--data-dir: nothing at"),  # not WANSERVE_STORE
+        (["api", "--port", port, "--sharded-model", "tiny-i2v"], {}, "--sharded-model: 'tiny-i2v' is not a served"),
     ]
     for args, env, message in wrong:
         done = run(args, tiny_cache, timeout=120, **env)

@@ -47,6 +47,9 @@ class ModelSpec:
     # HF cache knows. `serve` describes it again once its worker has the files.
     provisional: bool = False
     local_path: str | None = None  # set when the model was given as a directory
+    # Served by multi-GPU groups that shard (Ulysses, ring, FSDP), as an API replica is told per model
+    # (WANSERVE_SHARDED_MODEL): such a group runs no step cache, so no request for it may ask for one.
+    sharded: bool = False
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property

@@ -695,6 +695,15 @@ FleetPresetOpt = Annotated[
 FleetUlyssesOpt = Annotated[int | None, setting("the workers' Ulysses degree (no step cache above 1)", "ulysses")]
 FleetRingOpt = Annotated[int | None, setting("the workers' ring degree (no step cache above 1)", "ring")]
 FleetFsdpOpt = Annotated[bool | None, setting("the workers shard weights (no step cache)", "fsdp", "--fsdp/--no-fsdp")]
+ShardedOpt = Annotated[
+    list[str] | None,
+    setting(
+        "a served model whose workers alone are sharding multi-GPU groups (no step cache); repeat for several "
+        "(env: a,b)",
+        "sharded_model",
+        "--sharded-model",
+    ),
+]
 
 
 @app.command()
@@ -710,9 +719,11 @@ def api(
     ulysses: FleetUlyssesOpt = None,
     ring: FleetRingOpt = None,
     fsdp: FleetFsdpOpt = None,
+    sharded_model: ShardedOpt = None,
 ) -> None:
     """A stateless API replica (no torch): run any number against one Redis store and shared storage. Give it
-    the workers' --preset and layout, so that it refuses at submit what they could not run."""
+    the workers' --preset and layout (or, where only some models run on sharding groups, --sharded-model for
+    each), so that it refuses at submit what they could not run."""
     _run_role("api", **locals())  # every parameter is a Settings key
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from wanserve.errors import BadSetting
+
+if TYPE_CHECKING:
+    from wanserve.catalog import ModelSpec
 
 Preset = Literal["exact", "fast", "fastest"]
 
@@ -35,6 +38,9 @@ class Settings(BaseSettings):
 
     # What to serve. Comma-separated in env (WANSERVE_MODEL=tiny-t2v,tiny-i2v), repeatable on the CLI.
     model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny-t2v"])
+    # An API replica's word for which served models run on sharding multi-GPU groups, when not all of them
+    # do (then the layout settings say it for all): it refuses a step-cache preset for those at submit.
+    sharded_model: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Where things live.
     data_dir: Path = Path("./data")
@@ -112,6 +118,11 @@ class Settings(BaseSettings):
         but never so often that a tiny lease (a test's, a typo's) turns it into a busy loop on the store."""
         return max(self.lease_seconds / 3, 0.5)
 
+    def step_cache_for(self, spec: ModelSpec) -> bool:
+        """Whether the workers of `spec` can run a step cache: the layout's word, and not one of the models the
+        API was told run sharded."""
+        return self.step_cache_possible and not spec.sharded
+
     @property
     def step_cache_possible(self) -> bool:
         """Whether this layout can run a step cache: not where ranks hold shards of one sequence (Ulysses, ring)
@@ -170,7 +181,7 @@ class Settings(BaseSettings):
         # The server's root: the OpenAI SDK's base_url ends in /v1, which would make every link /v1/v1/….
         return text.rstrip("/").removesuffix("/v1").rstrip("/")
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "sharded_model", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request  # at module level: FastAPI resolves the route's annotations here
@@ -37,6 +38,14 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
                 "(an API replica elsewhere: put the repo in its HF cache, or serve a local copy)",
                 spec.name,
             )
+    for name in settings.sharded_model:
+        try:
+            sharded = resolve_spec(name).name
+        except BadSetting:
+            sharded = name
+        if sharded not in specs:
+            raise BadSetting(f"{name!r} is not a served model (served: {', '.join(specs)})", "sharded_model")
+        specs[sharded] = replace(specs[sharded], sharded=True)
     return specs
 
 

@@ -68,7 +68,7 @@ def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[st
         "sizes": [f"{w}x{h}" for w, h in spec.sizes],
         "presets": {
             "served": settings.preset,
-            "per_request": list(request_presets(settings.preset, settings.step_cache_possible)),
+            "per_request": list(request_presets(settings.preset, settings.step_cache_for(spec))),
         },
         **load(spec, store),
         "aliases": aliases,

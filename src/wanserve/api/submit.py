@@ -332,7 +332,7 @@ def submit(
     priority = parse_priority(priority)
     fingerprint = None if key is None else request_fingerprint(request, spec.name, priority, source)
     try:
-        resolved = resolve(request, spec, serving=settings.preset, step_cache=settings.step_cache_possible)
+        resolved = resolve(request, spec, serving=settings.preset, step_cache=settings.step_cache_for(spec))
     except InvalidRequest as exc:
         if field_names and exc.field in field_names:
             raise InvalidRequest(field_names[exc.field], exc.rule) from None
