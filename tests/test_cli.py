@@ -568,7 +568,24 @@ def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cac
         return folder
 
     index = lambda folder: folder / "model_index.json"  # noqa: E731
+
+    def edit(file: Path, **changes: Any) -> None:
+        file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
     cases = {
+        # Well-formed JSON with a wrong value: a TypeError traceback, or "invalid literal for int()" naming nothing.
+        "patch-int": (
+            lambda f: edit(f / "transformer" / "config.json", patch_size=2),
+            "transformer/config.json: patch_size must be three positive whole numbers, got 2",
+        ),
+        "stride-word": (
+            lambda f: edit(f / "vae" / "config.json", scale_factor_spatial="eight"),
+            "vae/config.json: scale_factor_spatial must be a positive whole number, got 'eight'",
+        ),
+        "boundary-word": (
+            lambda f: edit(index(f), boundary_ratio="high"),
+            "model_index.json: boundary_ratio must be a number between 0 and 1, got 'high'",
+        ),
         "not-json": (lambda f: index(f).write_text("{bad"), "model_index.json cannot be read as a diffusers config"),
         "a-list": (lambda f: index(f).write_text("[1, 2]"), "model_index.json holds a JSON list"),
         "bad-config": (

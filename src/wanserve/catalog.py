@@ -7,10 +7,11 @@ A model is named by a catalog name (`wan2.1-t2v-1.3b`), an alias users of the ol
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from wanserve.errors import ModelNotFound
 
@@ -389,6 +390,24 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_number(file: Path, config: dict, key: str, default: Any, kind: type, what: str) -> Any:
+    """`config[key]` as `kind` (int: positive), `default` where absent or null; else a ModelNotFound naming the
+    file and the key: a damaged config otherwise ended in a traceback (`'int' object is not subscriptable`)."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if kind is int:
+        if _positive_int(value):
+            return value
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ModelNotFound(f"{file}: {key} must be {what}, got {value!r}")
+
+
 # The pipelines the engine runs. Wan's other ones (VACE, Animate, video-to-video) take inputs it never passes.
 SUPPORTED_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 
@@ -420,11 +439,21 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
     ]
     if missing:
         raise ModelNotFound(f"{path} is incomplete: model_index.json names {', '.join(missing)}, not in the folder")
-    vae = _read_json(path / "vae" / "config.json")
-    transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "transformer_2" / "config.json")
-    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    vae_file = path / "vae" / "config.json"
+    vae = _read_json(vae_file)
+    transformer_file = path / "transformer" / "config.json"
+    transformer = _read_json(transformer_file)
+    if not transformer:
+        transformer_file = path / "transformer_2" / "config.json"
+        transformer = _read_json(transformer_file)
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_file)
+    shift_key = "flow_shift" if "flow_shift" in scheduler else "shift"
     expand = bool(index.get("expand_timesteps"))
-    boundary = index.get("boundary_ratio")
+    between = "a number between 0 and 1"
+    boundary = _config_number(path / "model_index.json", index, "boundary_ratio", None, float, between)
+    if boundary is not None and not boundary < 1:
+        raise ModelNotFound(f"{path / 'model_index.json'}: boundary_ratio must be {between}, got {boundary!r}")
     if pipeline_class == "WanImageToVideoPipeline":
         tasks = frozenset({"t2v", "i2v"}) if expand else frozenset({"i2v"})
     elif expand:
@@ -432,13 +461,16 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
     else:
         tasks = frozenset({"t2v"})
     patch = transformer.get("patch_size", [1, 2, 2])
+    if not (isinstance(patch, list) and len(patch) == 3 and all(_positive_int(p) for p in patch)):
+        raise ModelNotFound(f"{transformer_file}: patch_size must be three positive whole numbers, got {patch!r}")
+    positive = "a positive whole number"
     structural = dict(
         tasks=tasks,
-        vae_stride=int(vae.get("scale_factor_spatial") or 8),
-        temporal_stride=int(vae.get("scale_factor_temporal") or 4),
+        vae_stride=_config_number(vae_file, vae, "scale_factor_spatial", 8, int, positive),
+        temporal_stride=_config_number(vae_file, vae, "scale_factor_temporal", 4, int, positive),
         patch=int(patch[1]),
-        max_side_patches=int(transformer.get("rope_max_seq_len") or 1024),
-        boundary_ratio=float(boundary) if boundary is not None else None,
+        max_side_patches=_config_number(transformer_file, transformer, "rope_max_seq_len", 1024, int, positive),
+        boundary_ratio=boundary,
         family="wan2.2" if (expand or boundary is not None) else "wan2.1",
         local_path=str(path),
     )
@@ -458,7 +490,7 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
         num_inference_steps=50,
         guidance_scale=5.0,
         guidance_scale_2=5.0 if boundary is not None else None,
-        flow_shift=float(scheduler.get("flow_shift") or scheduler.get("shift") or 3.0),
+        flow_shift=_config_number(scheduler_file, scheduler, shift_key, 3.0, float, "a positive number"),
         max_pixels=1280 * 720,
         **structural,  # type: ignore[arg-type]
     )
