@@ -125,11 +125,11 @@ def test_models_and_doctor(tiny_cache: Path) -> None:
     ):
         assert name in models.stdout
     doctor = run(["doctor"], tiny_cache)
-    assert doctor.returncode == 0, doctor.stderr
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     for line in ("python", "torch", "pyav", "model cache"):
-        assert f"OK   {line}" in doctor.stderr
+        assert f"OK   {line}" in doctor.stdout  # the report on stdout: `wanserve doctor | grep FIX` works
     broken = run(["doctor", "--store", "redis://127.0.0.1:1/0"], tiny_cache)
-    assert broken.returncode == 1 and "FIX  redis" in broken.stderr
+    assert broken.returncode == 1 and "FIX  redis" in broken.stdout
 
 
 def test_a_damaged_job_store_is_named_at_start_and_by_doctor(tiny_cache: Path, tmp_path: Path) -> None:
@@ -148,11 +148,24 @@ def test_a_damaged_job_store_is_named_at_start_and_by_doctor(tiny_cache: Path, t
     doctor = run(["doctor", "--data-dir", str(data)], tiny_cache)
     assert doctor.returncode == 1
     assert f"FIX job store: {data / 'jobs.db'}: file is not a database: move it aside" in " ".join(
-        doctor.stderr.split()
+        doctor.stdout.split()
     )
     fresh = run(["doctor", "--data-dir", str(tmp_path / "new")], tiny_cache)
-    assert "OK   job store" in fresh.stderr and "created at the first start" in fresh.stderr
+    assert "OK   job store" in fresh.stdout and "created at the first start" in fresh.stdout
     assert not (tmp_path / "new" / "jobs.db").exists()  # a check creates nothing
+    # A folder where the file goes was "disk I/O error: move it aside (jobs in it are lost)".
+    folder = run(["doctor", "--store", f"sqlite:///{data}"], tiny_cache)
+    assert folder.returncode == 1 and f"FIX job store: {data} is a folder, not a database file" in " ".join(
+        folder.stdout.split()
+    )
+    # An in-memory database, or options SQLite would take as part of the file's name: settings that passed,
+    # then serve stopped on "no such table: jobs" (each thread its own database) or made a file `jobs.db?mode=ro`.
+    for url, says in (
+        ("sqlite:///:memory:", "an in-memory SQLite database is not shared"),
+        (f"sqlite:///{data}/jobs.db?mode=ro", "a SQLite store takes no options"),
+    ):
+        served = run(["serve", "--store", url, "--port", str(free_port())], tiny_cache, timeout=120)
+        assert served.returncode == 2 and says in " ".join(served.stderr.split()), served.stderr[-2000:]
 
 
 def test_compiled_kernels_are_kept_for_the_next_start(tiny_cache: Path, tmp_path: Path) -> None:

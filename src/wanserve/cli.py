@@ -419,8 +419,9 @@ def submit(
         if number is not None and not math.isfinite(number):  # JSON has no NaN or infinity to send them as
             fail(f"{flag}: must be a finite number, got {number}", 2)
     # Before the job is sent: a video nobody can write is a GPU's time wasted. (The default name, the job's id,
-    # is known later; its folder is the working directory.)
-    check_output(out if out is not None else Path(".wanserve-submit.mp4"))
+    # is known later; its folder is the working directory.) With --no-wait nothing is written here.
+    if wait:
+        check_output(out if out is not None else Path(".wanserve-submit.mp4"))
     fields: dict[str, Any] = {
         "prompt": prompt,
         "model": model,
@@ -818,9 +819,10 @@ def doctor(
     )
     settings = settings_from(**overrides)
     failed = 0
+    report = Console(soft_wrap=True)  # the report on stdout (`wanserve doctor | grep FIX`); warnings stay on stderr
     for check in run_checks(settings, lambda key: where_set(key, overrides)):
         mark = "[green]OK[/green]  " if check.ok else "[red]FIX[/red] "
-        console.print(f"{mark} {check.name}: {escape(check.detail)}")
+        report.print(f"{mark} {check.name}: {escape(check.detail)}")
         failed += 0 if check.ok else 1
     raise typer.Exit(1 if failed else 0)
 

@@ -125,8 +125,11 @@ def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
             assert folder is not None
             problem = local_folder_problem(folder.absolute())
             where_from = named("storage") if settings.storage is not None else named("data_dir")
+            existing = next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
             if problem is not None:
                 yield Check("storage", False, f"{folder} cannot hold the videos: {problem}: fix {where_from}")
+            elif existing is not None and not has_room(existing):  # as /ready judges it: a video would not fit
+                yield Check("storage", False, f"{folder} cannot hold the videos: the disk under {existing} is full")
             else:
                 yield Check("storage", True, f"{folder}" + ("" if folder.exists() else " (created at the first start)"))
     except ValueError as exc:
@@ -159,7 +162,11 @@ def _sqlite_check(path: Path, where_from: str) -> Check:
             return Check("job store", False, f"{path} cannot be created: {existing} is a file: fix {where_from}")
         if not os.access(existing, os.W_OK | os.X_OK):
             return Check("job store", False, f"{path} cannot be created: {existing} is not writable: fix {where_from}")
+        if not has_room(existing):
+            return Check("job store", False, f"{path} cannot be created: the disk under {existing} is full")
         return Check("job store", True, f"{path} (created at the first start)")
+    if path.is_dir():
+        return Check("job store", False, f"{path} is a folder, not a database file: fix {where_from}")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as conn:
             problem = conn.execute("PRAGMA quick_check").fetchone()[0]

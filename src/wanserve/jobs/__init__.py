@@ -67,8 +67,16 @@ def check_store_url(url: str) -> str:
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if sep and scheme == "sqlite":
-        if not url.lower().startswith("sqlite:///") or not url[len("sqlite:///") :]:
+        path = url[len("sqlite:///") :]
+        if not url.lower().startswith("sqlite:///") or not path:
             raise ValueError(f"job store URL {redacted(url)!r} names no database file; expected {_SCHEMES}")
+        if path == ":memory:" or path.startswith(":memory:?"):
+            # Each connection (each thread) would get a database of its own: the API's jobs no worker sees.
+            raise ValueError("an in-memory SQLite database is not shared by the API and the workers: name a file")
+        if "?" in path:  # taken as part of the file's name: `jobs.db?mode=ro` would be a new, empty file
+            raise ValueError(f"job store URL {redacted(url)!r}: a SQLite store takes no options after '?'")
+        if path.endswith("/"):
+            raise ValueError(f"job store URL {redacted(url)!r} names a folder, not a database file")
         return "sqlite"
     if sep and scheme in ("redis", "rediss", "unix"):
         _check_redis_url(url, scheme)
