@@ -181,6 +181,29 @@ def test_a_store_outage_mid_stream_is_waited_out_without_hammering_it(
     assert len(refused) == 1, refused
 
 
+def test_a_stream_opened_during_a_store_outage_waits_it_out(videos: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a 503: an EventSource answered anything but 200 gives up for good, and its tab stopped following
+    the job, at the moment reconnects come in a crowd (a Redis restart, an API replica's)."""
+    job_id = videos.create()["id"]
+    real_get = SQLiteJobStore.get
+    down = threading.Event()
+    down.set()
+
+    def flaky_get(self: SQLiteJobStore, wanted: str) -> Any:
+        if down.is_set():
+            down.clear()  # back for the stream's next read
+            raise StoreUnavailable("the job store is not answering")
+        return real_get(self, wanted)
+
+    monkeypatch.setattr(SQLiteJobStore, "get", flaky_get)
+    with stream(videos, job_id) as response:
+        reader = EventReader(response)  # 200, a stream
+        first = reader.next()
+        assert first is not None and first["data"]["id"] == job_id and first["data"]["status"] == "queued"
+    # An unknown id, read while the store answers, is still a 404 before any stream.
+    assert videos.client.get("/v1/videos/video_nope/events").status_code == 404
+
+
 def test_a_quiet_stream_sends_keep_alive_comments(videos: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     from wanserve.api import events
 

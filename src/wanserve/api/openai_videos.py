@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
-from wanserve.errors import InvalidRequest, JobNotFound, NotSupported
+from wanserve.errors import InvalidRequest, JobNotFound, NotSupported, StoreUnavailable
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.metrics import Metrics
 from wanserve.request import MAX_FPS, GenerationRequest, parse_size
@@ -375,13 +376,21 @@ def router(
         return answer(store.get(video_id))
 
     @api.get("/{video_id}/events", response_class=StreamingResponse, responses=EVENT_STREAM_RESPONSES)
-    def video_events(request: Request, video_id: str) -> StreamingResponse:
-        job = store.get(video_id)  # an unknown id is a 404 in the usual envelope, before the stream starts
+    async def video_events(request: Request, video_id: str) -> StreamingResponse:
+        reads = request.app.state.stream_reads  # the streams' own threads, not the pool other requests need
+        job: Job | None
+        try:
+            # An unknown id is a 404 in the usual envelope, before the stream starts.
+            job = await anyio.to_thread.run_sync(store.get, video_id, limiter=reads)
+        except StoreUnavailable:
+            # Opened anyway, to wait the outage out as an open stream does: an EventSource answered 503 gives up
+            # for good, and reconnects come in a crowd exactly then (a Redis restart, a replica's).
+            job = None
         stream = events.job_events(
             lambda: store.get(video_id),
             lambda job: video_object(job, queue_position(store, job)),
             request.app.state.closing,
-            request.app.state.stream_reads,
+            reads,
             first=job,
         )
         return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
