@@ -89,8 +89,9 @@ def test_events_follow_a_job_from_the_queue_to_its_video_and_end(videos: Api) ->
         done = reader.next()
         assert done is not None and done["data"]["status"] == "completed" and done["data"]["progress"] == 100
         assert reader.next() is None  # the server ends the stream after a final status
-        # No ids: a reconnection starts with the current state, whatever the client saw before.
-        assert all(e["id"] is None for e in (queued, moved, started, done))
+        # No ids but the last's: a reconnection starts with the current state, whatever the client saw before,
+        # unless it saw the final one (below, a 204).
+        assert all(e["id"] is None for e in (queued, moved, started)) and done["id"] == "final"
     # Streams stay out of the latency histogram: they last as long as their jobs.
     samples = videos.metrics.registry.get_sample_value(
         "wanserve_http_request_duration_seconds_count",
@@ -115,8 +116,21 @@ def test_a_stream_opened_on_a_finished_job_sends_it_once_and_ends(videos: Api, m
         assert event is not None
         assert event["data"]["status"] == "failed"
         assert event["data"]["error"] == {"code": "generation_failed", "message": "CUDA out of memory"}
+        assert event["id"] == "final"
         assert reader.next() is None
     assert len(reads) == 1  # the read that answers 404 for an unknown id is also the stream's first
+    # An EventSource not closed reconnects with the id it saw last: told 204, it stops. It was sent the same
+    # last state every 2 s for as long as the tab stayed open.
+    again = videos.client.get(f"/v1/videos/{job_id}/events", headers={"Last-Event-ID": "final"})
+    assert again.status_code == 204 and again.content == b""
+    videos.client.delete(f"/v1/videos/{job_id}")
+    gone = videos.client.get(f"/v1/videos/{job_id}/events", headers={"Last-Event-ID": "final"})
+    assert gone.status_code == 204
+    # Any other id is ignored, as before: the current state first.
+    queued = videos.create()["id"]
+    with videos.client.stream("GET", f"/v1/videos/{queued}/events", headers={"Last-Event-ID": "7"}) as response:
+        first = EventReader(response).next()
+        assert first is not None and first["data"]["status"] == "queued" and first["id"] is None
 
 
 def test_a_cancel_ends_the_stream_with_the_cancelled_video(videos: Api) -> None:

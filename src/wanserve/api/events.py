@@ -52,10 +52,22 @@ HEADERS = {
 }
 
 
-def frame(data: dict[str, Any], event: str | None = None) -> str:
+# The id of the event that carries a final status. An EventSource sends it back as Last-Event-ID when it
+# reconnects (a client that did not close() it): the answer is then a 204, which tells it to stop, instead of
+# the same last state every 2 s for as long as the tab stays open.
+FINAL_ID = "final"
+
+
+def frame(data: dict[str, Any], event: str | None = None, event_id: str | None = None) -> str:
     lines = [f"event: {event}"] if event is not None else []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
     lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
     return "\n".join(lines) + "\n\n"
+
+
+def _job_frame(job: Job, body: dict[str, Any]) -> str:
+    return frame(body, event_id=FINAL_ID if job.status.finished else None)
 
 
 def _gone(exc: JobNotFound) -> str:
@@ -110,7 +122,7 @@ async def job_events(
             log.warning("event stream: %s", exc)
         else:
             if body != sent:
-                yield frame(body)
+                yield _job_frame(job, body)
                 sent, quiet_since = body, time.monotonic()
                 if job.status.finished:
                     return
@@ -136,7 +148,7 @@ async def job_events(
         pass
     else:
         if body != sent:
-            yield frame(body)
+            yield _job_frame(job, body)
 
 
 def _started(read: Coroutine[Any, Any, tuple[Job, dict[str, Any]]]) -> asyncio.Task[tuple[Job, dict[str, Any]]]:

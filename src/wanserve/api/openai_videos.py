@@ -376,16 +376,23 @@ def router(
         return answer(store.get(video_id))
 
     @api.get("/{video_id}/events", response_class=StreamingResponse, responses=EVENT_STREAM_RESPONSES)
-    async def video_events(request: Request, video_id: str) -> StreamingResponse:
+    async def video_events(request: Request, video_id: str) -> Response:
         reads = request.app.state.stream_reads  # the streams' own threads, not the pool other requests need
+        ended = request.headers.get("last-event-id") == events.FINAL_ID  # a reconnect after the final event
         job: Job | None
         try:
             # An unknown id is a 404 in the usual envelope, before the stream starts.
             job = await anyio.to_thread.run_sync(store.get, video_id, limiter=reads)
+        except JobNotFound:
+            if ended:  # finished, then deleted or expired: nothing more will come either
+                return Response(status_code=204)
+            raise
         except StoreUnavailable:
             # Opened anyway, to wait the outage out as an open stream does: an EventSource answered 503 gives up
             # for good, and reconnects come in a crowd exactly then (a Redis restart, a replica's).
             job = None
+        if ended and job is not None and job.status.finished:
+            return Response(status_code=204)  # an EventSource stops reconnecting on a 204
         stream = events.job_events(
             lambda: store.get(video_id),
             lambda job: video_object(job, queue_position(store, job)),
