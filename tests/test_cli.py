@@ -300,6 +300,8 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
     cases: list[tuple[list[str], dict[str, str], str]] = [
         (["generate", "--prompt", "a fox", "--out", str(tmp_path / "folder")], {}, "--out: "),
         (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox.webp")], {}, "--out: the thumbnail"),
+        # One file with its thumbnail on a case-insensitive disk (macOS): the video overwritten.
+        (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox.WEBP")], {}, "--out: the thumbnail"),
         (["generate", "--prompt", "a fox", "--out", out, "--steps", "500"], {}, "--steps: must be between 1 and 200"),
         (["generate", "--prompt", "a fox", "--out", out, "--size", "83x48"], {}, "--size: must be a multiple of 16"),
         (["generate", "--prompt", "a fox", "--out", out, "--size", "[/b]"], {}, "--size: must look like WIDTHxHEIGHT"),
@@ -795,7 +797,7 @@ def test_submit_refuses_what_it_cannot_send_and_servers_that_are_not_wanserve(ti
     class Page(http.server.BaseHTTPRequestHandler):
         def _page(self) -> None:
             self.rfile.read(int(self.headers.get("content-length", "0")))
-            self.send_response(200)
+            self.send_response(404 if self.path.startswith("/prefix/") else 200)
             self.send_header("content-type", "text/html")
             self.send_header("content-length", "15")
             self.end_headers()
@@ -816,7 +818,12 @@ def test_submit_refuses_what_it_cannot_send_and_servers_that_are_not_wanserve(ti
         other = run(["submit", "--prompt", "p", "--url", f"http://127.0.0.1:{page.server_address[1]}"], tiny_cache)
         said = " ".join(other.stderr.split())
         assert other.returncode == 1 and "is not a wanserve API: POST /v1/videos answered 200 with text/html" in said
-        for done in (nan, both, reset, other):
+        # A URL with a path (a server that is not there): "the server refused the job: 404 Not Found".
+        prefixed = f"http://127.0.0.1:{page.server_address[1]}/prefix"
+        under = run(["submit", "--prompt", "p", "--no-wait", "--url", prefixed], tiny_cache)
+        said = " ".join(under.stderr.split())
+        assert under.returncode == 1 and "is not a wanserve API: POST /prefix/v1/videos answered 404" in said, said
+        for done in (nan, both, reset, other, under):
             assert "Traceback" not in done.stderr
     finally:
         listener.close()

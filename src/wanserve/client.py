@@ -73,6 +73,12 @@ class Client:
         except (ValueError, KeyError, TypeError):
             if status >= 500:  # a proxy's page while the service restarts
                 return Unreachable(f"{self.url} answered {status} {response.reason_phrase}", delivered=True)
+            if status in (404, 405):  # no such route: a URL with a path, another server, not a refused request
+                kind = response.headers.get("content-type", "no content type").split(";")[0]
+                return NotAnApi(
+                    f"{self.url} is not a wanserve API: {response.request.method} {response.request.url.path} "
+                    f"answered {status} with {kind} (give the server's root, such as http://host:8088)"
+                )
             message, code, param = f"{status} {response.reason_phrase}", None, None
         return ApiError(status, message, code, param, response.headers.get("retry-after"))
 

@@ -61,7 +61,11 @@ def _torch(device: str, named: Callable[[str], str]) -> Iterator[Check]:
         yield Check("cuda", False, f"{named('device')}={device}, but this machine has {count} CUDA device(s)")
     for index in range(count):
         props = torch.cuda.get_device_properties(index)
-        free, total = torch.cuda.mem_get_info(index)
+        try:
+            free, total = torch.cuda.mem_get_info(index)
+        except RuntimeError as exc:  # a GPU in exclusive-process mode that a running worker holds, a bad driver
+            yield Check(f"cuda:{index}", False, f"{props.name}: cannot be used from this process: {exc}")
+            continue
         yield Check(
             f"cuda:{index}",
             True,

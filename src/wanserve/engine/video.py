@@ -36,7 +36,8 @@ def check_output_path(out: Path) -> None:
     if not out.name or out.name in (".", ".."):
         raise InvalidRequest("out_path", f"{str(out)!r} names no file: give the MP4's path, such as fox.mp4")
     thumbnail = thumbnail_path_for(out)
-    if thumbnail == out:
+    # Any case: on a case-insensitive disk (macOS, Windows) fox.WEBP and fox.webp are one file, the video lost.
+    if out.suffix.lower() == thumbnail.suffix:
         raise InvalidRequest(
             "out_path", f"the thumbnail is written beside the video as {out.stem}.webp; name the video {out.stem}.mp4"
         )
