@@ -24,7 +24,9 @@ from wanserve.config import Settings, process_rank, world_size_from_env
 from wanserve.errors import BadSetting, InvalidRequest, ModelNotFound, WanserveError
 from wanserve.storage.base import ENDPOINT_ENV_VARS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Serve the Wan 2.1 / 2.2 video models.", rich_markup_mode=None
+)
 # soft_wrap: a message is one line however narrow the output (a log is 80 columns), so that the command in it
 # can be copied and pasted as it is.
 console = Console(stderr=True, soft_wrap=True)
@@ -104,9 +106,8 @@ def fail_setting(exc: BadSetting, overrides: dict[str, Any]) -> NoReturn:
 
 
 def setting(text: str, key: str, *decls: str) -> Any:
-    """A typer.Option for the Settings key `key`, whose help names its environment variable. Escaped: rich would
-    read a bare `[env ...]` as markup and print nothing."""
-    return typer.Option(*decls, help=f"{text} \\[env WANSERVE_{key.upper()}]")
+    """A typer.Option for the Settings key `key`, whose help names its environment variable."""
+    return typer.Option(*decls, help=f"{text} [env WANSERVE_{key.upper()}]")
 
 
 # Options shared by every command that runs the engine.
