@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -627,6 +628,20 @@ def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cac
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
     missing = run(["generate", "--model", str(tmp_path / "no-such"), "--prompt", "p"], tiny_cache)
     assert missing.returncode == 2 and "no-such is not a directory" in missing.stderr, missing.stderr
+    # doctor said "OK models dir" for these, and nothing of the models a start would serve.
+    models = tmp_path / "models"
+    models.mkdir()
+    _copy_of(tiny_cache, "tiny-t2v", models / "wan2.1-t2v-1.3b")
+    shutil.move(tmp_path / "no-vae", models / "wan2.2-ti2v-5b")
+    args = ["doctor", "--models-dir", str(models), "--model", "wan2.1-t2v-1.3b", "--model", "ti2v-5B"]
+    doctor = run([*args, "--model", str(tmp_path / "patch-int")], tiny_cache, HF_HOME=str(tmp_path / "hf"))
+    said = " ".join(doctor.stdout.split())
+    assert doctor.returncode == 1, said
+    assert f"FIX models dir: {models / 'wan2.2-ti2v-5b'} is incomplete: model_index.json names vae" in said
+    assert f"OK models dir: {models}: wan2.1-t2v-1.3b" in said
+    assert f"OK model wan2.1-t2v-1.3b: {models / 'wan2.1-t2v-1.3b'} (models dir)" in said
+    assert f"FIX model ti2v-5B: {models / 'wan2.2-ti2v-5b'} is incomplete" in said
+    assert "FIX model /" in said and "patch_size must be three positive whole numbers" in said
 
 
 def test_a_local_copy_named_after_a_model_keeps_its_defaults(tiny_cache: Path, tmp_path: Path) -> None:

@@ -340,6 +340,19 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return folder if (folder / "model_index.json").is_file() else None
 
 
+def complete_snapshot(repo_id: str) -> Path | None:
+    """The repo's folder in the Hugging Face cache when every component it names is there: the Hub client
+    names a snapshot before its files are in, so a download cut short leaves one that would not load."""
+    folder = _cached_snapshot(repo_id)
+    if folder is None:
+        return None
+    try:
+        spec_from_directory(folder)
+    except ModelNotFound:
+        return None
+    return folder
+
+
 def repo_spec(described: ModelSpec, repo_id: str) -> ModelSpec:
     """A repo the catalog does not know, described from its files, under its repo id (not its cache folder)."""
     return replace(described, name=repo_id, repo_id=repo_id, local_path=None, description=f"diffusers repo {repo_id}")

@@ -805,6 +805,7 @@ def models() -> None:
 
 @app.command()
 def doctor(
+    model: ModelsOpt = None,
     store: Annotated[str | None, setting("job store URL to check", "store")] = None,
     storage: Annotated[str | None, setting("result storage URL to check", "storage")] = None,
     data_dir: DataDirOpt = None,
@@ -816,7 +817,13 @@ def doctor(
     from wanserve.doctor import run_checks
 
     overrides = dict(
-        store=store, storage=storage, data_dir=data_dir, cache_dir=cache_dir, models_dir=models_dir, device=device
+        model=model,
+        store=store,
+        storage=storage,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        models_dir=models_dir,
+        device=device,
     )
     settings = settings_from(**overrides)
     failed = 0

@@ -101,14 +101,78 @@ def _cache(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     except OSError as exc:
         yield Check("model cache", False, f"{cache} is not writable ({exc}): set {named('cache_dir')}")
     if settings.models_dir is not None:
-        found = sorted(p.name for p in settings.models_dir.glob("*") if (p / "model_index.json").exists())
-        yield Check(
-            "models dir",
-            bool(found),
-            f"{settings.models_dir}: {', '.join(found)}"
-            if found
-            else f"{settings.models_dir} holds no diffusers model (expected <dir>/<name>/model_index.json)",
-        )
+        yield from _models_dir(settings.models_dir, named)
+    yield from _served_models(settings, named)
+
+
+def _models_dir(folder: Path, named: Callable[[str], str]) -> Iterator[Check]:
+    from wanserve.catalog import spec_from_directory
+    from wanserve.errors import ModelNotFound
+
+    if not folder.is_dir():
+        yield Check("models dir", False, f"{folder} does not exist: fix {named('models_dir')}")
+        return
+    found = sorted(p for p in folder.glob("*") if (p / "model_index.json").exists())
+    if not found:
+        yield Check("models dir", False, f"{folder} holds no diffusers model (expected <dir>/<name>/model_index.json)")
+        return
+    good = []
+    for model in found:
+        try:
+            spec_from_directory(model)  # what a start reads: a damaged or incomplete copy is named now
+            good.append(model.name)
+        except ModelNotFound as exc:
+            yield Check("models dir", False, exc.rule)
+    if good:
+        yield Check("models dir", True, f"{folder}: {', '.join(good)}")
+
+
+def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
+    """Where each model a start would serve comes from, as `engine.loading.locate` finds it, without loading or
+    downloading anything: a start that would fail says so here."""
+    from wanserve.catalog import complete_snapshot, resolve_spec, spec_from_directory
+    from wanserve.errors import ModelNotFound
+
+    for name in settings.model:
+        try:
+            spec = resolve_spec(name)
+        except ModelNotFound as exc:
+            yield Check(f"model {name}", False, f"{exc.rule}: fix {named('model')}")
+            continue
+        if spec.tiny:
+            yield Check(f"model {name}", True, "tiny: built offline at the first start")
+            continue
+        if spec.local_path:
+            yield Check(f"model {name}", True, spec.local_path)
+            continue
+        candidates = []
+        if settings.models_dir is not None:
+            candidates = [settings.models_dir / spec.name, settings.models_dir / str(spec.repo_id).split("/")[-1]]
+        local = next((c for c in candidates if (c / "model_index.json").exists()), None)
+        if local is not None:
+            try:
+                spec_from_directory(local)
+                yield Check(f"model {name}", True, f"{local} (models dir)")
+            except ModelNotFound as exc:
+                yield Check(f"model {name}", False, exc.rule)
+            continue
+        cached = complete_snapshot(str(spec.repo_id))
+        if cached is not None:
+            yield Check(f"model {name}", True, f"{spec.repo_id} in the Hugging Face cache ({cached})")
+        elif os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+            yield Check(
+                f"model {name}",
+                False,
+                f"{spec.repo_id} is neither in the Hugging Face cache nor the models dir, and HF_HUB_OFFLINE is set: "
+                f"copy it in (`hf download {spec.repo_id}` on a machine with network)",
+            )
+        else:
+            yield Check(
+                f"model {name}",
+                True,
+                f"{spec.repo_id} is not on this machine yet: the first start downloads it from the Hugging Face Hub "
+                "(it needs the network)",
+            )
 
 
 def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from wanserve.catalog import ModelSpec, repo_spec, resolve_spec, spec_from_directory
+from wanserve.catalog import ModelSpec, complete_snapshot, repo_spec, resolve_spec, spec_from_directory
 from wanserve.config import Settings
 from wanserve.errors import BadSetting, ModelUnavailable
 
@@ -57,14 +57,10 @@ def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
     """A local snapshot of `repo_id`: from the HF cache if complete, else downloaded with a progress bar."""
     from huggingface_hub import snapshot_download
 
-    try:
-        cached = Path(snapshot_download(repo_id, local_files_only=True))
-        # The Hub client names the snapshot before its files are in: a download cut short leaves one without
-        # some components, which the Hub completes (below) where the cached folder would not load.
-        spec_from_directory(cached)
+    cached = complete_snapshot(repo_id)
+    if cached is not None:
         return cached
-    except Exception:
-        pass  # not cached (or incomplete): try the Hub
+    # Not cached, or cut short: the Hub completes it.
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
         raise ModelUnavailable(
             _how_to_fix(repo_id, name, "HF_HUB_OFFLINE is set and it is not in the HF cache", models_dir)
