@@ -218,6 +218,33 @@ def test_openai_lifecycle_create_poll_download_delete(api: Api) -> None:
     assert "no job with id" in openai_error(api.client.get("/v1/videos/video_never"), 404)["message"]
 
 
+def test_what_the_api_accepts_passes_the_workers_check_again(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """The worker checks the stored (resolved) request once more. A guidance_scale of 1 or less (distilled and
+    Lightning weights) was accepted, then failed by the worker on every real model: the default negative prompt
+    and second-expert scale filled in at submit read there as if the client had asked for them."""
+    from wanserve.inputs import load_request
+    from wanserve.request import resolve
+
+    models = ["wan2.1-t2v-1.3b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "tiny-t2v-moe", "wan2.2-ti2v-5b"]
+    with make_api(tmp_path, media, model=models) as api:
+        image = {"image_url": data_url(png_bytes((10, 20, 30), size=(96, 64)))}
+        for model in models:
+            for guidance in (None, 0.0, 0.5, 1.0, 1.5, 5.0):
+                body: dict[str, Any] = {"prompt": "a cat", "model": model}
+                if guidance is not None:
+                    body["guidance_scale"] = guidance
+                if model == "wan2.2-i2v-a14b":
+                    body["input_reference"] = image
+                created = api.client.post("/v1/videos", json=body)
+                assert created.status_code == 200, (model, guidance, created.text)
+                stored = api.store.get(created.json()["id"]).request
+                spec = served_specs(api.settings)[model]
+                again = resolve(load_request(stored, api.storage), spec).to_dict()  # what the worker runs
+                # (The image is stored aside: the record names it, the worker's request holds its bytes.)
+                same = {k: v for k, v in again.items() if not k.startswith("image")}
+                assert same == {k: v for k, v in stored.items() if not k.startswith("image")}, (model, guidance)
+
+
 def test_openai_extension_fields_and_explicit_values_win(api: Api) -> None:
     body = api.create(
         model="tiny-t2v",

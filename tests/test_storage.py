@@ -398,7 +398,7 @@ def test_doctor_tells_a_missing_bucket_from_an_endpoint_that_does_not_answer(
         env = dict(os.environ, WANSERVE_S3_ENDPOINT_URL=endpoint, WANSERVE_DATA_DIR=str(tmp_path))
         command = [sys.executable, "-m", "wanserve", "doctor", "--storage", storage]
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-        return " ".join(done.stderr.split())
+        return " ".join(done.stdout.split())  # the report is on stdout
 
     assert f"OK storage: s3://{s3_server.bucket}/p answers" in doctor(f"s3://{s3_server.bucket}/p", s3_server.endpoint)
     missing = doctor("s3://no-such-bucket/p", s3_server.endpoint)

@@ -296,13 +296,12 @@ def resolve(
         raise InvalidRequest("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
     _check_unicode("prompt", request.prompt)
     negative = request.negative_prompt
-    if negative is None:
-        negative = "" if spec.tiny else WAN_NEGATIVE_PROMPT
-    elif not isinstance(negative, str):
-        raise InvalidRequest("negative_prompt", "must be a string")
-    elif len(negative) > MAX_PROMPT_CHARS:
-        raise InvalidRequest("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
-    _check_unicode("negative_prompt", negative)
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise InvalidRequest("negative_prompt", "must be a string")
+        if len(negative) > MAX_PROMPT_CHARS:
+            raise InvalidRequest("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+        _check_unicode("negative_prompt", negative)
 
     # Task: the image decides between text-to-video and image-to-video.
     image_size: tuple[int, int] | None = None
@@ -381,6 +380,11 @@ def resolve(
             f"takes effect only when guidance_scale is above 1 (it is {guidance:g}): raise guidance_scale, or "
             "leave negative_prompt out",
         )
+    # The defaults are filled so that the resolved request passes these rules again, as the worker checks it:
+    # no default negative prompt where guidance is off (it would never be encoded), and the second expert's
+    # scale then off too. A job accepted here must not fail there.
+    if negative is None:
+        negative = "" if spec.tiny or guidance <= 1 else WAN_NEGATIVE_PROMPT
 
     guidance_2: float | None = None
     boundary: float | None = None
@@ -389,7 +393,7 @@ def resolve(
             "guidance_scale_2",
             request.guidance_scale_2
             if request.guidance_scale_2 is not None
-            else (spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance),
+            else (spec.guidance_scale_2 if spec.guidance_scale_2 is not None and guidance > 1 else guidance),
         )
         if not 0 <= guidance_2 <= 30:
             raise InvalidRequest("guidance_scale_2", f"must be between 0 and 30, got {guidance_2}")
