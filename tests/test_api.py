@@ -668,6 +668,54 @@ def _bomb_png(side: int = 30_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def _many_scan_jpeg(scans: int) -> bytes:
+    """A small progressive JPEG whose first scan's header is repeated: each repeat is one more pass of the
+    decoder over the whole image (a 300 kB file of 20,000 held a decode for 25 s of CPU)."""
+    import struct
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (100, 50, 20)).save(out, "JPEG", quality=10, progressive=True)
+    data = out.getvalue()
+    sos = data.index(b"\xff\xda")
+    header_end = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    return data[:-2] + data[sos:header_end] * scans + b"\xff\xd9"
+
+
+def test_images_that_cost_far_more_than_their_size_are_refused_before_decoding(api: Api) -> None:
+    """Small files the API decoded at great cost: a JPEG of thousands of scans (seconds of CPU each, the decode
+    slots and then the request threads held, /ready with them), a large WebP (libwebp's decode holds four times
+    what the others' do: four at once took an API pod past its 1 GiB)."""
+    from PIL import Image
+
+    many = openai_error(
+        api.client.post(
+            "/v1/videos",
+            data={"prompt": "p", "model": "tiny-i2v"},
+            files={"input_reference": ("s.jpg", _many_scan_jpeg(150))},
+        ),
+        400,
+    )
+    assert many["param"] == "input_reference" and "scans (at most 100" in many["message"], many
+    fine = api.client.post(
+        "/v1/videos",
+        data={"prompt": "p", "model": "tiny-i2v"},
+        files={"input_reference": ("s.jpg", _many_scan_jpeg(5))},
+    )
+    assert fine.status_code == 200, fine.text
+    webp = io.BytesIO()
+    Image.new("RGB", (4100, 4000), (1, 2, 3)).save(webp, "WEBP", lossless=True, method=0)
+    big = problem(
+        api.client.post(
+            "/video/submit",
+            json={"prompt": "p", "model": "tiny-i2v", "image_url": data_url(webp.getvalue(), "image/webp")},
+        ),
+        400,
+    )
+    assert big["field"] == "image_url" and "at most 16,000,000 for WebP" in big["detail"], big
+
+
 def test_an_image_request_without_a_size_is_shaped_like_its_image(api: Api) -> None:
     portrait = png_bytes((10, 20, 30), size=(64, 96))
     created = api.client.post(
@@ -834,6 +882,10 @@ def test_queue_full_is_429_with_retry_after(tmp_path: Path, media: tuple[Path, P
         # The other model's queue is separate.
         image = data_url(png_bytes((9, 9, 9)))
         assert api.client.post("/video/submit", json={"prompt": "p", "image_url": image}).status_code == 202
+        assert api.client.post("/video/submit", json={"prompt": "p", "image_url": image}).status_code == 202
+        # Full, it refuses an image before decoding it: a costly decode was done first, then the 429.
+        timed = {"prompt": "p", "model": "tiny-i2v", "image_url": data_url(_many_scan_jpeg(150), "image/jpeg")}
+        assert problem(api.client.post("/video/submit", json=timed), 429)["code"] == "queue_full"
 
 
 def test_range_requests(api: Api) -> None:

@@ -21,6 +21,12 @@ MAX_FPS = 60
 # An 8K photo is 33 Mpx; past this the decode alone costs the API hundreds of MB for a frame the model
 # sees at a few hundred thousand pixels.
 MAX_IMAGE_PIXELS = 40_000_000
+# libwebp's decode holds about four times what the others' do (611 MB measured at 40 Mpx): a WebP is held to
+# what keeps two at once inside an API pod's memory. A phone's WebP is 12 Mpx.
+MAX_WEBP_PIXELS = 16_000_000
+# A progressive JPEG decodes once per scan: encoders write about ten, and a 300 kB file of 20,000 scans held
+# a decode slot for 25 s of CPU. Counted before decoding (each scan starts with the SOS marker, FF DA).
+MAX_JPEG_SCANS = 100
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # A decode holds up to 4 bytes a pixel (160 MB at the largest image taken), and turning it into the model's
 # RGB as many again for each copy: an API replica, which only checks images (`check_image`: the decode alone),
@@ -183,6 +189,17 @@ def _read_image(data: bytes, field: str, size_only: bool) -> Any:
             if width * height > MAX_IMAGE_PIXELS:
                 raise InvalidRequest(
                     field, f"has too many pixels ({width}x{height}; at most {MAX_IMAGE_PIXELS:,}): scale it down"
+                )
+            if img.format == "WEBP" and width * height > MAX_WEBP_PIXELS:
+                raise InvalidRequest(
+                    field,
+                    f"is a WebP of too many pixels ({width}x{height}; at most {MAX_WEBP_PIXELS:,} for WebP): scale "
+                    "it down, or send it as PNG or JPEG",
+                )
+            if img.format in ("JPEG", "MPO") and (scans := bytes(data).count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                # (Entropy-coded data never holds FF DA, so this counts scans, and an EXIF preview's few.)
+                raise InvalidRequest(
+                    field, f"is a JPEG of {scans} scans (at most {MAX_JPEG_SCANS}; encoders write about ten)"
                 )
             # Only its first frame would reach the model, without a word. Not MPO: a phone's JPEG may carry a
             # second picture (a preview, a depth map) after the photo, which is the first frame.

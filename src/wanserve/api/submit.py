@@ -331,18 +331,19 @@ def submit(
     spec = served_spec(specs, model, frozenset({"i2v"}) if request.image is not None else frozenset({"t2v"}))
     priority = parse_priority(priority)
     fingerprint = None if key is None else request_fingerprint(request, spec.name, priority, source)
+    limit = settings.queue_limit
+    full = request.image is not None and limit is not None and store.queue_depth(spec.name) >= limit
+    if full and key is None:
+        # Refused before the image is decoded (up to seconds of CPU) and stored (up to 20 MiB, removed again);
+        # enqueue checks again, atomically. A keyed create goes on: it may be the retry of one queued already,
+        # which a full queue must not refuse.
+        raise QueueFull(spec.name, limit, QUEUE_FULL_RETRY_AFTER)
     try:
         resolved = resolve(request, spec, serving=settings.preset, step_cache=settings.step_cache_for(spec))
     except InvalidRequest as exc:
         if field_names and exc.field in field_names:
             raise InvalidRequest(field_names[exc.field], exc.rule) from None
         raise
-    limit = settings.queue_limit
-    full = resolved.image is not None and limit is not None and store.queue_depth(spec.name) >= limit
-    if full and key is None:
-        # Refused before the upload (up to 20 MiB stored and removed again); enqueue checks again, atomically.
-        # A keyed create goes on: it may be the retry of one queued already, which a full queue must not refuse.
-        raise QueueFull(spec.name, limit, QUEUE_FULL_RETRY_AFTER)
     job_id = new_job_id()
     record = store_request(resolved, job_id, storage)  # an input image goes to the storage first
     new = Job(
