@@ -870,6 +870,29 @@ def test_upload_larger_than_the_limit_is_413(tmp_path: Path, media: tuple[Path, 
         assert problem(chunked, 413)["field"] == "body"
 
 
+def test_another_sites_page_cannot_queue_cancel_or_delete_through_the_browser(api: Api) -> None:
+    """With no key set, any page the user visited could queue jobs here: a form, or a "simple" POST, needs no
+    CORS preflight. The browser names the sending site (Sec-Fetch-Site); the server's own page is same-origin."""
+    queued = api.create()["id"]
+    other_site = {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+    for same_site in (False, True):
+        headers = {**other_site, "Sec-Fetch-Site": "same-site"} if same_site else other_site
+        form = api.client.post("/v1/videos", data={"prompt": "from a form"}, headers=headers)
+        assert openai_error(form, 403)["code"] == "cross_site_request"
+        plain = api.client.post(
+            "/video/submit", content=b'{"prompt": "p"}', headers={**headers, "content-type": "text/plain"}
+        )
+        assert problem(plain, 403)["code"] == "cross_site_request"
+        for method, path in (("POST", f"/v1/videos/{queued}/cancel"), ("DELETE", f"/v1/videos/{queued}")):
+            assert api.client.request(method, path, headers=headers).status_code == 403
+    assert len(api.store.list()[0]) == 1 and api.store.get(queued).status.value == "queued"
+    # The server's own page, a typed URL, curl and the SDKs (no such header) go through; reads are not refused.
+    for site in ("same-origin", "none", None):
+        headers = {"Sec-Fetch-Site": site} if site else {}
+        assert api.client.post("/v1/videos", json={"prompt": "p"}, headers=headers).status_code == 200
+    assert api.client.get(f"/v1/videos/{queued}", headers=other_site).status_code == 200
+
+
 def test_queue_full_is_429_with_retry_after(tmp_path: Path, media: tuple[Path, Path]) -> None:
     with make_api(tmp_path, media, queue_limit=2) as api:
         api.create()

@@ -196,6 +196,36 @@ class HttpMetricsMiddleware:
                 self.metrics.http_request(method, template, status, time.perf_counter() - started)
 
 
+# What a browser says of a request another site's page made it send (Sec-Fetch-Site, in every browser since
+# 2023). Such a page can send a form or a "simple" POST without asking (no CORS preflight): with no API key
+# set, it would queue jobs on the user's GPU. The server's own page sends `same-origin`; curl and the SDKs none.
+_OTHER_SITES = frozenset({b"cross-site", b"same-site"})
+_CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CrossSiteMiddleware:
+    """Refuses (403) a request that changes something when the browser says another site's page sent it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in _CHANGES:
+            site = dict(scope.get("headers") or []).get(b"sec-fetch-site", b"").strip().lower()
+            if site in _OTHER_SITES:
+                response = _error_response(
+                    Request(scope),
+                    403,
+                    "cross_site_request",
+                    "a page of another site sent this request through the browser: refused, so that no web page "
+                    "can queue, cancel or delete videos here; call the API from a program, or from this server's "
+                    "own page",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _route_label(scope: Scope) -> str:
     """The route template of a routed request; "unmatched" only for a path no route takes (a 404). FastAPI's
     own routes name their template; the static files' mount and FastAPI's documentation routes (fixed paths)
@@ -240,6 +270,7 @@ def create_app(
 
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings), image_limit=settings.max_upload_bytes)
+    app.add_middleware(CrossSiteMiddleware)
     app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     keyed = [Depends(require_key(settings))] if settings.api_keys else []
