@@ -95,6 +95,12 @@ def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path,
     assert done.returncode == 1
     assert f"not in the models dir: no model_index.json in {models / 'wan2.1-t2v-1.3b'}" in message
     assert "set WANSERVE_MODELS_DIR" not in message
+    # Another model's files under its name: an image-to-video copy served as wan2.1-t2v-1.3b served nothing
+    # (the API took text requests the worker then failed, and refused the images the worker needed).
+    _copy_of(tiny_cache, "tiny-i2v", models / "wan2.1-t2v-1.3b")
+    done = run([*args, "--models-dir", str(models)], tiny_cache, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "holds another model (i2v, one transformer) than wan2.1-t2v-1.3b (t2v" in message
 
 
 def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(tiny_cache: Path, tmp_path: Path) -> None:

@@ -371,6 +371,22 @@ def _named_after(path: Path) -> ModelSpec | None:
     return None
 
 
+def copy_of(spec: ModelSpec, path: Path) -> ModelSpec:
+    """`spec`, described from the copy at `path` found under its name (a models dir): refused when the files are
+    another model (an I2V copy under a T2V name served nothing: the API took text requests the workers failed).
+    A repo the catalog does not know is what its files say."""
+    described = spec_from_directory(path)
+    if spec.provisional:
+        return repo_spec(described, str(spec.repo_id))
+    if described.tasks != spec.tasks or described.two_experts != spec.two_experts:
+        experts = {True: "two experts", False: "one transformer"}
+        raise ModelNotFound(
+            f"{path} holds another model ({described.task_label}, {experts[described.two_experts]}) than "
+            f"{spec.name} ({spec.task_label}, {experts[spec.two_experts]}): put {spec.name}'s files there"
+        )
+    return spec_from_directory(path, base=spec)
+
+
 def local_spec(path: Path) -> ModelSpec:
     """A local diffusers folder, described from its files; a copy of a catalog model, named after it, keeps
     that model's official defaults (TI2V-5B's 24 fps, A14B's guidance and steps) and may be asked for by its

@@ -130,7 +130,7 @@ def _models_dir(folder: Path, named: Callable[[str], str]) -> Iterator[Check]:
 def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     """Where each model a start would serve comes from, as `engine.loading.locate` finds it, without loading or
     downloading anything: a start that would fail says so here."""
-    from wanserve.catalog import complete_snapshot, resolve_spec, spec_from_directory
+    from wanserve.catalog import complete_snapshot, copy_of, resolve_spec
     from wanserve.errors import ModelNotFound
 
     for name in settings.model:
@@ -151,7 +151,7 @@ def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[
         local = next((c for c in candidates if (c / "model_index.json").exists()), None)
         if local is not None:
             try:
-                spec_from_directory(local)
+                copy_of(spec, local)
                 yield Check(f"model {name}", True, f"{local} (models dir)")
             except ModelNotFound as exc:
                 yield Check(f"model {name}", False, exc.rule)

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from wanserve.catalog import ModelSpec, complete_snapshot, repo_spec, resolve_spec, spec_from_directory
+from wanserve.catalog import ModelSpec, complete_snapshot, copy_of, repo_spec, resolve_spec, spec_from_directory
 from wanserve.config import Settings
 from wanserve.errors import BadSetting, ModelUnavailable
 
@@ -45,7 +45,7 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
             settings.models_dir / str(spec.repo_id).split("/")[-1],
         ):
             if (candidate / "model_index.json").exists():
-                return spec_from_directory(candidate, base=spec), candidate
+                return copy_of(spec, candidate), candidate
     assert spec.repo_id is not None
     path = download(spec.repo_id, spec.name, settings.models_dir)
     if spec.repo_id == spec.name:  # a repo the catalog does not know: its files say what it is
