@@ -103,6 +103,39 @@ def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path,
     assert done.returncode == 2 and "holds another model (i2v, one transformer) than wan2.1-t2v-1.3b (t2v" in message
 
 
+def test_a_hub_that_never_answers_neither_hangs_a_start_nor_its_stop(tiny_cache: Path, tmp_path: Path) -> None:
+    """A proxy or firewall that takes the connection and never answers: `generate` waited at "downloading"
+    without end (the Hub client's calls had no timeout), and `serve`, told to stop meanwhile, waited twice its
+    grace for the load before it exited, saying nothing."""
+    import socket
+
+    from service import Process, base_env, free_port, wait_for
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # connections are taken (the backlog), never read or answered
+    hub = {"HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "HF_HOME": str(tmp_path / "hf")}
+    try:
+        started = time.monotonic()
+        args = ["generate", "--model", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--prompt", "p"]
+        done = run([*args, "--out", str(tmp_path / "x.mp4")], tiny_cache, timeout=240, **hub)
+        assert done.returncode == 1 and "could not download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in done.stderr
+        assert time.monotonic() - started < 150, time.monotonic() - started
+        env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_SHUTDOWN_GRACE="60", **hub)
+        serve = Process(["serve", "--port", str(free_port()), "--model", "wan2.1-t2v-1.3b"], env, tmp_path / "s.log")
+        try:
+            wait_for(lambda: "downloading" in serve.log(), 60, "the download to start")
+            assert serve.proc is not None
+            serve.proc.send_signal(2)
+            stopped = time.monotonic()
+            assert serve.proc.wait(60) is not None and time.monotonic() - stopped < 20, serve.log()
+            assert "stopping while wan2.1-t2v-1.3b loads" in serve.log()
+        finally:
+            serve.stop()
+    finally:
+        silent.close()
+
+
 def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(tiny_cache: Path, tmp_path: Path) -> None:
     """The text encoder reads the first WANSERVE_MAX_SEQUENCE_LENGTH tokens and dropped the rest silently: two
     prompts differing past it gave the same video, and nothing said why."""

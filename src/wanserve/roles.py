@@ -244,8 +244,7 @@ def run_serve(settings: Settings) -> None:
 
     def stop_once_drained() -> None:
         draining.wait()
-        for worker in workers:
-            worker.wait_stopped(settings.shutdown_grace + 30)
+        _wait_for_workers_with_jobs(workers, settings.shutdown_grace + 30)
         server.should_exit = True
 
     server = _uvicorn(app, settings.host, settings.port, on_signal=drain_then_stop, keep_serving=True)
@@ -303,8 +302,7 @@ def run_serve(settings: Settings) -> None:
         port_error = exc  # the workers are loading already: drain them before saying so
     for worker in workers:
         worker.drain()
-    for worker in workers:
-        worker.wait_stopped(settings.shutdown_grace + 30)
+    _wait_for_workers_with_jobs(workers, settings.shutdown_grace + 30)
     store.close()
     if port_error is not None:
         raise port_error
@@ -312,6 +310,16 @@ def run_serve(settings: Settings) -> None:
         raise wrong_settings[0]
     if broken:
         raise WanserveError("; ".join(broken))
+
+
+def _wait_for_workers_with_jobs(workers: list[Any], timeout: float) -> None:
+    """Each drained worker's end, but not that of one still loading its model (or downloading it), which holds
+    no job: a Ctrl-C then waited up to twice the grace for the load, saying nothing."""
+    for worker in workers:
+        if worker.claiming.is_set():
+            worker.wait_stopped(timeout)
+        elif not worker.wait_stopped(0):
+            log.info("stopping while %s loads (it holds no job; the next start loads it again)", worker.model)
 
 
 def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 100_000) -> None:

@@ -138,6 +138,9 @@ class Worker:
         self._group_lock = threading.Lock()
         self._group_busy = False
         self.loaded = threading.Event()
+        # Set before the first claim: until then the worker holds no job, and a stop need not wait for it
+        # (a load or a download takes minutes, and is taken up again at the next start).
+        self.claiming = threading.Event()
         self.load_error: str | None = None
         self._draining = threading.Event()
         self._drain_deadline: float | None = None
@@ -219,6 +222,7 @@ class Worker:
             self._reap()
             remove_orphaned_scratch()
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
+            self.claiming.set()
             while not self._draining.is_set():
                 try:
                     # Each claim holds the job under a name of its own: a run that lost its lease, while this

@@ -66,13 +66,41 @@ def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
             _how_to_fix(repo_id, name, "HF_HUB_OFFLINE is set and it is not in the HF cache", models_dir)
         )
     try:
-        # Fail fast when the Hub is unreachable instead of retrying for minutes.
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        from huggingface_hub import HfApi
+
+        _hub_timeouts()
         log.info("downloading %s from the Hugging Face Hub", repo_id)
-        return Path(snapshot_download(repo_id))
+        # The commit first, with a timeout: snapshot_download's own call for it passes none (waits for ever).
+        revision = HfApi().repo_info(repo_id, revision="main", timeout=HUB_READ_TIMEOUT_S).sha
+        return Path(snapshot_download(repo_id, revision=revision))
     except Exception as exc:  # network errors, 401/404, disk full: all end the same way for the user
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise ModelUnavailable(_how_to_fix(repo_id, name, reason, models_dir)) from exc
+
+
+# A Hub (or a proxy in front of it) that takes the connection and never answers: the client's own calls wait
+# without end (its listing of the repo sets no timeout), and a start hung at "downloading" for good. A read
+# times out per chunk, so a slow multi-GB download is not cut short.
+HUB_CONNECT_TIMEOUT_S = 10.0
+HUB_READ_TIMEOUT_S = 20.0
+
+
+def _hub_timeouts() -> None:
+    """Give the Hugging Face client's HTTP calls timeouts, where it takes a client factory (huggingface_hub 1.0
+    and newer; older releases, on requests, time their calls out themselves)."""
+    import huggingface_hub
+
+    set_factory = getattr(huggingface_hub, "set_client_factory", None)
+    if set_factory is None:
+        return
+    from huggingface_hub.utils import _http
+
+    def timed_client() -> Any:
+        client = _http.default_client_factory()
+        client.timeout = type(client.timeout)(HUB_READ_TIMEOUT_S, connect=HUB_CONNECT_TIMEOUT_S)
+        return client
+
+    set_factory(timed_client)
 
 
 def _how_to_fix(repo_id: str, name: str, reason: str, models_dir: Path | None) -> str:
