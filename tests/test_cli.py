@@ -644,6 +644,20 @@ def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cac
             lambda f: edit(index(f), boundary_ratio="high"),
             "model_index.json: boundary_ratio must be a number between 0 and 1, got 'high'",
         ),
+        # An IndexError deep in the engine, and a 112-line traceback for a weight file cut short by a copy.
+        "no-transformer": (
+            lambda f: index(f).write_text(
+                json.dumps({k: v for k, v in json.loads(index(f).read_text()).items() if k != "transformer"})
+            ),
+            "model_index.json names no transformer: a Wan pipeline needs each",
+        ),
+        "cut-short": (
+            lambda f: [
+                w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+                for w in (f / "text_encoder").glob("*.safetensors")
+            ],
+            "could not be loaded (SafetensorError",
+        ),
         "not-json": (lambda f: index(f).write_text("{bad"), "model_index.json cannot be read as a diffusers config"),
         "a-list": (lambda f: index(f).write_text("[1, 2]"), "model_index.json holds a JSON list"),
         "bad-config": (

@@ -468,6 +468,11 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
     ]
     if missing:
         raise ModelNotFound(f"{path} is incomplete: model_index.json names {', '.join(missing)}, not in the folder")
+    # What every Wan pipeline runs on; one left out of model_index.json failed deep in the engine (an IndexError).
+    named = {name for name, value in index.items() if isinstance(value, list) and value[:1] != [None]}
+    unnamed = [name for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if name not in named]
+    if unnamed:
+        raise ModelNotFound(f"{path / 'model_index.json'} names no {', no '.join(unnamed)}: a Wan pipeline needs each")
     vae_file = path / "vae" / "config.json"
     vae = _read_json(vae_file)
     transformer_file = path / "transformer" / "config.json"

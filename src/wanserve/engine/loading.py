@@ -12,7 +12,7 @@ from typing import Any
 
 from wanserve.catalog import ModelSpec, complete_snapshot, copy_of, repo_spec, resolve_spec, spec_from_directory
 from wanserve.config import Settings
-from wanserve.errors import BadSetting, ModelUnavailable
+from wanserve.errors import BadSetting, ModelNotFound, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,18 @@ def pipeline_class_name(path: Path) -> str:
 def load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
     """Load the diffusers pipeline stored at `path` (class taken from its model_index.json)."""
     with LOAD_LOCK:
-        return _load_pipeline(path, dtype, vae_dtype)
+        try:
+            return _load_pipeline(path, dtype, vae_dtype)
+        except (MemoryError, ImportError):
+            raise
+        except Exception as exc:
+            # A weight file cut short (an interrupted copy), an empty tokenizer folder: the config files passed
+            # (spec_from_directory), the weights did not. Named, not a hundred lines of diffusers' traceback.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelNotFound(
+                f"{path} could not be loaded ({type(exc).__name__}: {first[:500]}): a file in it may be damaged or "
+                "cut short (compare its files' sizes with the Hub's)"
+            ) from exc
 
 
 def _load_pipeline(path: Path, dtype: Any, vae_dtype: Any) -> Any:
