@@ -103,6 +103,24 @@ def test_real_model_without_network_fails_fast_naming_the_repo(tiny_cache: Path,
     assert done.returncode == 2 and "holds another model (i2v, one transformer) than wan2.1-t2v-1.3b (t2v" in message
 
 
+def test_a_repo_is_downloaded_with_a_progress_bar_and_found_offline_next_time(tiny_cache: Path, tmp_path: Path) -> None:
+    """The download path, against a Hub stand-in: the files come with a progress bar, and the next start, offline,
+    finds them in the cache (the snapshot is named by the branch it was asked as, not only by its commit)."""
+    from hub_standin import hub_serving
+
+    source = _copy_of(tiny_cache, "tiny-t2v", tmp_path / "source")
+    args = ["generate", "--model", "someone/tiny-wan", "--prompt", "a fox", "--steps", "1", "--frames", "1"]
+    cache = {"HF_HOME": str(tmp_path / "hf")}
+    with hub_serving("someone/tiny-wan", source) as endpoint:
+        done = run([*args, "--out", str(tmp_path / "a.mp4")], tiny_cache, HF_ENDPOINT=endpoint, **cache)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "downloading someone/tiny-wan" in done.stderr and "Fetching" in done.stderr, done.stderr[-3000:]
+    offline = run([*args, "--out", str(tmp_path / "b.mp4")], tiny_cache, HF_HUB_OFFLINE="1", **cache)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert "downloading" not in offline.stderr
+    assert decode_mp4(tmp_path / "b.mp4").frames.shape[0] == 1
+
+
 def test_a_hub_that_never_answers_neither_hangs_a_start_nor_its_stop(tiny_cache: Path, tmp_path: Path) -> None:
     """A proxy or firewall that takes the connection and never answers: `generate` waited at "downloading"
     without end (the Hub client's calls had no timeout), and `serve`, told to stop meanwhile, waited twice its

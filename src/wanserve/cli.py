@@ -253,6 +253,15 @@ def generate(
 
         check_engine_settings(settings)
         check_output(out)  # after the request's checks: a refused request leaves no folder made for it
+        if world_size_from_env() == 1 and settings.world_layout == 1:
+            from wanserve.engine.loading import locate
+
+            # Before the spinner, which holds the terminal: a download's own progress bar shows. (A torchrun
+            # group checks its layout first, in Engine.load.)
+            try:
+                locate(model, settings)
+            except OSError as exc:
+                fail(f"could not load {model}: {type(exc).__name__}: {exc}")
         with console.status(f"loading {escape(model)}…"):
             from wanserve.engine.engine import Engine
 
@@ -1061,7 +1070,8 @@ def bench(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "diffusers", "transformers", "huggingface_hub"):
+    # (httpx2: huggingface_hub 2's client, a line for each request of a download)
+    for noisy in ("httpx", "httpx2", "diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

@@ -72,7 +72,13 @@ def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
         log.info("downloading %s from the Hugging Face Hub", repo_id)
         # The commit first, with a timeout: snapshot_download's own call for it passes none (waits for ever).
         revision = HfApi().repo_info(repo_id, revision="main", timeout=HUB_READ_TIMEOUT_S).sha
-        return Path(snapshot_download(repo_id, revision=revision))
+        snapshot = Path(snapshot_download(repo_id, revision=revision))
+        # What snapshot_download writes when given a branch, not a commit: the cache's `main` names this
+        # snapshot, so that the next start (offline too) finds it in the cache.
+        ref = snapshot.parent.parent / "refs" / "main"
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(str(revision))
+        return snapshot
     except Exception as exc:  # network errors, 401/404, disk full: all end the same way for the user
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise ModelUnavailable(_how_to_fix(repo_id, name, reason, models_dir)) from exc
