@@ -295,13 +295,19 @@ def test_a_store_password_is_never_printed(tmp_path: Path, redis_url: str) -> No
 
     with_password = f"redis://:S3cretPass@127.0.0.1:{free_port()}/0"
     in_the_query = f"redis://127.0.0.1:{free_port()}/0?password=S3cretPass"  # redis-py reads this form too
+    # A password with / # ? (base64's): the URL does not parse, and the error printed it whole.
+    unparsed = f"redis://:S3cretPass/9q+Xy#w=@127.0.0.1:{free_port()}/0"
     for args in (
         ["doctor", "--store", with_password],
         ["doctor", "--store", in_the_query],
         ["serve", "--store", "bogus://:S3cretPass@host/0"],
+        ["doctor", "--store", unparsed],
+        ["api", "--store", unparsed, "--port", str(free_port())],
     ):
         done = run(args, tmp_path, timeout=60, WANSERVE_DATA_DIR=str(tmp_path / "data"))
         assert "S3cretPass" not in done.stdout + done.stderr and "***" in done.stdout + done.stderr, args
+        if unparsed in args:
+            assert "must be percent-encoded" in " ".join((done.stdout + done.stderr).split()), args
     # A serve that starts logs where its store is: without the password.
     port, log = free_port(), tmp_path / "serve.log"
     store = redis_url.replace("redis://", "redis://:S3cretPass@")  # a password this Redis does not ask for

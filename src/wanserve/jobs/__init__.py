@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from wanserve.jobs.model import Job, JobStatus, JobStore, new_job_id
 
@@ -45,21 +45,20 @@ _SCHEMES = "sqlite:///<path> (four slashes for an absolute path), redis://, redi
 
 
 def redacted(url: str) -> str:
-    """`url` fit for a log or a message: a password in it (`redis://:secret@host`) shown as `***`."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
+    """`url` fit for a log or a message: a password in it (`redis://:secret@host`) shown as `***`. Read by hand,
+    not by urlsplit, which ends the host part at a `/`, `#` or `?` in the password (a base64 one has them) and
+    then finds none: a URL it cannot read is the one an error message prints."""
+    head, sep, rest = url.partition("://")
+    if not sep:
         return url
-    in_query = "password=" in parts.query  # redis://host/0?password=…, which redis-py reads too
-    if not password and not in_query:
-        return url  # as given: urlunsplit would rewrite `sqlite:///` as `sqlite:/`
-    if password:
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rsplit('@', 1)[1]}")
-    if in_query:
-        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return urlunsplit(parts)
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    path, question, query = rest.partition("?")
+    if question and "password=" in query:  # redis://host/0?password=…, which redis-py reads too
+        pairs = [(k, "***" if k == "password" else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        rest = f"{path}?{urlencode(pairs, safe='*')}"
+    return f"{head}://{rest}"
 
 
 def check_store_url(url: str) -> str:
@@ -91,8 +90,13 @@ def _check_redis_url(url: str, scheme: str) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError as exc:
-        raise ValueError(f"job store URL {shown!r} is not a URL ({exc})") from None
+    except ValueError:
+        # (Not the parser's words: they quote what it took for the port, a piece of the password.)
+        raise ValueError(
+            f"job store URL {shown!r} is not a URL (its host and port cannot be read); a password holding "
+            "/ # ? @ or % must be percent-encoded (python3 -c 'import sys, urllib.parse; "
+            'print(urllib.parse.quote(sys.argv[1], safe=""))\' PASSWORD)'
+        ) from None
     if scheme == "unix":
         if not parts.path.strip("/"):
             raise ValueError(f"job store URL {shown!r} names no socket; expected unix:///path/to/redis.sock")
@@ -102,7 +106,8 @@ def _check_redis_url(url: str, scheme: str) -> None:
             raise ValueError(f"job store URL {shown!r} names no host; expected {scheme}://[:password@]host:6379/0")
         db = parts.path.strip("/") or "0"
     if not (db.isascii() and db.isdigit()):
-        raise ValueError(f"job store URL {shown!r}: the database must be a number (such as /0), got {db!r}")
+        example = "?db=0" if scheme == "unix" else "/0"
+        raise ValueError(f"job store URL {shown!r}: the database must be a number (such as {example}), got {db!r}")
 
 
 def sqlite_path(url: str) -> Path | None:
