@@ -29,7 +29,7 @@ from wanserve.config import Settings
 from wanserve.jobs.model import Job
 from wanserve.jobs.sqlite import SQLiteJobStore
 from wanserve.metrics import Metrics
-from wanserve.roles import served_specs
+from wanserve.roles import api_specs, served_specs
 from wanserve.storage.base import THUMBNAIL, VIDEO, key_for
 from wanserve.storage.local import LocalStorage
 
@@ -115,7 +115,7 @@ def make_api(
     settings = Settings(**{"data_dir": tmp_path, "model": ["tiny-t2v", "tiny-i2v"], **overrides})
     store = SQLiteJobStore(tmp_path / "jobs.db")
     storage = storage or LocalStorage(tmp_path / "videos")
-    specs = served_specs(settings)  # as the servers read WANSERVE_MODEL and WANSERVE_SHARDED_MODEL
+    specs = api_specs(settings)  # as an API replica reads WANSERVE_MODEL and WANSERVE_SHARDED_MODEL
     metrics = Metrics()
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=readiness)

@@ -473,7 +473,9 @@ def test_a_taken_port_is_named_and_nothing_runs_unseen(tiny_cache: Path, tmp_pat
         taken.listen()
         port = str(taken.getsockname()[1])
         env = {"WANSERVE_DATA_DIR": str(tmp_path / "data")}
-        worker = run(["worker", "--model", "tiny-t2v", "--ops-port", port], tiny_cache, timeout=120, **env)
+        # (WANSERVE_SHARDED_MODEL, from a ConfigMap every role reads, is the API's: the worker reads past it.)
+        sharded = {"WANSERVE_SHARDED_MODEL": "tiny-i2v"}
+        worker = run(["worker", "--model", "tiny-t2v", "--ops-port", port], tiny_cache, timeout=120, **env, **sharded)
         serve = run(["serve"], tiny_cache, timeout=120, WANSERVE_PORT=port, **env)
     assert worker.returncode == 2, worker.stderr[-3000:]
     assert f"--ops-port: could not listen on 127.0.0.1:{port}" in worker.stderr

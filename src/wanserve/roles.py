@@ -38,6 +38,13 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
                 "(an API replica elsewhere: put the repo in its HF cache, or serve a local copy)",
                 spec.name,
             )
+    return specs
+
+
+def api_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """An API replica's served models, those its workers run on sharding groups marked (`--sharded-model`). Only
+    the API reads that setting: a worker given it in a ConfigMap every role reads must still start."""
+    specs = served_specs(settings)
     for name in settings.sharded_model:
         try:
             sharded = resolve_spec(name).name
@@ -369,7 +376,7 @@ def run_api(settings: Settings) -> None:
     from wanserve.expiry import ExpirySweeper
     from wanserve.metrics import Metrics
 
-    specs = served_specs(settings)
+    specs = api_specs(settings)
     _check_listen(settings, "port")
     store, storage = open_backends(settings)
     metrics = Metrics(list(specs))
