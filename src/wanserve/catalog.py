@@ -371,6 +371,16 @@ def _named_after(path: Path) -> ModelSpec | None:
     return None
 
 
+def models_dir_copy(spec: ModelSpec, models_dir: Path | None) -> Path | None:
+    """Where a copy of `spec` lies in the models dir: `<dir>/<name>`, or `<dir>/<the repo's own name>`."""
+    if models_dir is None:
+        return None
+    for candidate in (models_dir / spec.name, models_dir / str(spec.repo_id).split("/")[-1]):
+        if (candidate / "model_index.json").exists():
+            return candidate
+    return None
+
+
 def copy_of(spec: ModelSpec, path: Path) -> ModelSpec:
     """`spec`, described from the copy at `path` found under its name (a models dir): refused when the files are
     another model (an I2V copy under a T2V name served nothing: the API took text requests the workers failed).

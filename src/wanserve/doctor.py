@@ -130,7 +130,7 @@ def _models_dir(folder: Path, named: Callable[[str], str]) -> Iterator[Check]:
 def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
     """Where each model a start would serve comes from, as `engine.loading.locate` finds it, without loading or
     downloading anything: a start that would fail says so here."""
-    from wanserve.catalog import complete_snapshot, copy_of, resolve_spec
+    from wanserve.catalog import complete_snapshot, copy_of, models_dir_copy, resolve_spec
     from wanserve.errors import ModelNotFound
 
     for name in settings.model:
@@ -145,10 +145,7 @@ def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[
         if spec.local_path:
             yield Check(f"model {name}", True, spec.local_path)
             continue
-        candidates = []
-        if settings.models_dir is not None:
-            candidates = [settings.models_dir / spec.name, settings.models_dir / str(spec.repo_id).split("/")[-1]]
-        local = next((c for c in candidates if (c / "model_index.json").exists()), None)
+        local = models_dir_copy(spec, settings.models_dir)
         if local is not None:
             try:
                 copy_of(spec, local)

@@ -48,8 +48,8 @@ from .web import public_base, read_json_object
 # `image_size`, `infer_steps` and `sample_shift`: what the replaced systems' own examples name the size, the
 # steps and the flow shift (Wan's `--sample_shift`).
 OLDER_NAMES = frozenset({"image_size", "infer_steps", "sample_shift"})
-# Their per-step cache knobs: the step cache here is a preset's (`fast`, `fastest`), tuned and measured, so
-# these are refused by name rather than read as unknown fields or ignored.
+# Their per-step cache knobs: the step cache here is a preset's (`fast`, `fastest`), tuned and measured. With
+# `use_attentioncache` false (or absent) they ask for nothing and are taken; a cache asked for is refused by name.
 STEP_CACHE_FIELDS = frozenset({"use_attentioncache", "start_step", "end_step", "attentioncache_interval"})
 # Their sampler choice: Wan's diffusers repos, and so every model here, sample with UniPC.
 SOLVER_FIELD = "sample_solver"

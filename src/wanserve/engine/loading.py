@@ -10,7 +10,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from wanserve.catalog import ModelSpec, complete_snapshot, copy_of, repo_spec, resolve_spec, spec_from_directory
+from wanserve.catalog import (
+    ModelSpec,
+    complete_snapshot,
+    copy_of,
+    models_dir_copy,
+    repo_spec,
+    resolve_spec,
+    spec_from_directory,
+)
 from wanserve.config import Settings
 from wanserve.errors import BadSetting, ModelNotFound, ModelUnavailable
 
@@ -39,13 +47,9 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
         return spec_from_directory(path, base=spec), path
     if spec.local_path:
         return spec, Path(spec.local_path)
-    if settings.models_dir is not None:
-        for candidate in (
-            settings.models_dir / spec.name,
-            settings.models_dir / str(spec.repo_id).split("/")[-1],
-        ):
-            if (candidate / "model_index.json").exists():
-                return copy_of(spec, candidate), candidate
+    local = models_dir_copy(spec, settings.models_dir)
+    if local is not None:
+        return copy_of(spec, local), local
     assert spec.repo_id is not None
     path = download(spec.repo_id, spec.name, settings.models_dir)
     if spec.repo_id == spec.name:  # a repo the catalog does not know: its files say what it is
