@@ -1240,6 +1240,8 @@ def test_the_video_surface_answers_as_its_own_clients_read_it(api: Api) -> None:
     ):
         refused = problem(api.client.post("/video/submit", json={**theirs, **change}), 400)
         assert refused["field"] == field and words in refused["detail"], refused
+    # A key with no name before a bracket was named "" (an error naming no field).
+    assert problem(api.client.post("/video/submit", json={"prompt": "p", "[": 1}), 400)["field"] == "["
     # An id that names no job, or is not a string, is named as the field it came in.
     for route in ("/video/status", "/video/cancel"):
         missing = problem(api.client.post(route, json={"requestId": "video_nope"}), 404)

@@ -166,7 +166,8 @@ def check_fields(
         name = base_name(key)
         if name not in allowed_set and name not in ignored_set:
             known = ", ".join(sorted(allowed_set | ignored_set))
-            raise UnknownField(name, f"is not a known field (known fields: {known})")
+            # (`[` or `[x]` alone has no name before its bracket: the key as sent, not an empty one.)
+            raise UnknownField(name or key, f"is not a known field (known fields: {known})")
         if key != name and name not in nested_set:
             raise UnknownField(key, f"is not a known field: {name} takes a single value, sent as {name!r}")
 
