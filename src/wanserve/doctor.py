@@ -131,6 +131,7 @@ def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[
     """Where each model a start would serve comes from, as `engine.loading.locate` finds it, without loading or
     downloading anything: a start that would fail says so here."""
     from wanserve.catalog import complete_snapshot, copy_of, models_dir_copy, resolve_spec
+    from wanserve.engine.loading import hub_offline
     from wanserve.errors import ModelNotFound
 
     for name in settings.model:
@@ -156,7 +157,7 @@ def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[
         cached = complete_snapshot(str(spec.repo_id))
         if cached is not None:
             yield Check(f"model {name}", True, f"{spec.repo_id} in the Hugging Face cache ({cached})")
-        elif os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        elif hub_offline():
             yield Check(
                 f"model {name}",
                 False,

@@ -57,6 +57,11 @@ def locate(model: str, settings: Settings) -> tuple[ModelSpec, Path]:
     return spec_from_directory(path, base=spec), path
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids the Hub: a start then finds a model on disk or not at all."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
 def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
     """A local snapshot of `repo_id`: from the HF cache if complete, else downloaded with a progress bar."""
     from huggingface_hub import snapshot_download
@@ -65,7 +70,7 @@ def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
     if cached is not None:
         return cached
     # Not cached, or cut short: the Hub completes it.
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    if hub_offline():
         raise ModelUnavailable(
             _how_to_fix(repo_id, name, "HF_HUB_OFFLINE is set and it is not in the HF cache", models_dir)
         )
