@@ -317,7 +317,9 @@ def test_a_real_server_streams_a_generation_and_its_shutdown_ends_open_streams(
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+    # A grace that outlasts the job on a loaded machine (its 200 steps took 20 s past the SIGTERM on a shared
+    # 2-core run, and the job was handed back, not finished): the stream must carry it to its end.
+    env = base_env(tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_SHUTDOWN_GRACE="180")
     serve = Process(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     try:
         wait_ready(url, serve)

@@ -960,9 +960,9 @@ def bench(
 
     The file is rewritten after every phase, so a run cut short keeps what it measured. A phase that fails is
     recorded under `errors` and the run goes on; the exit status is then 1."""
-    from wanserve.bench import SHAPES, BenchOptions, run_bench, summary_rows, target_lines
-    from wanserve.bench.report import ResultsFileError
-    from wanserve.engine.presets import PRESET_NAMES
+    # Torch-free: every option is checked before the harness (torch, the engine) is imported.
+    from wanserve.bench.shapes import SHAPES
+    from wanserve.request import PRESET_NAMES
 
     if shape is not None and shape not in SHAPES:
         fail(f"--shape: unknown shape {shape!r}; shapes are {', '.join(SHAPES)}", code=2)
@@ -1009,12 +1009,15 @@ def bench(
     # Before anything runs (the run writes its results file at once), as every command checks its settings.
     try:
         if not cpu_tiny:  # which runs on the CPU whatever the device says
-            from wanserve.engine.engine import pick_device
+            from wanserve.engine.device import check_device
 
-            pick_device(settings.device)
+            check_device(settings.device)
         _check_writable(settings.cache_dir, "cache_dir")
     except BadSetting as exc:
         fail_setting(exc, overrides)
+    from wanserve.bench import BenchOptions, run_bench, summary_rows, target_lines
+    from wanserve.bench.report import ResultsFileError
+
     options = BenchOptions(
         shape=shape or "1.3b-480p",
         checkpoint=checkpoint,

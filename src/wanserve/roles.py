@@ -117,15 +117,20 @@ def open_backends(settings: Settings, writes: bool = True) -> tuple[Any, Any]:
 
 
 def check_engine_settings(settings: Settings) -> None:
-    """Before any model loads (minutes) or any port opens: a device this machine lacks, or a multi-GPU layout
-    that does not fit the process group, is a wrong setting."""
-    from wanserve.engine.engine import pick_device
-    from wanserve.engine.parallel import check_layout
+    """Before any model loads (minutes) or any port opens: a device this machine lacks, a multi-GPU layout
+    that does not fit the process group, or a cache folder that cannot hold a tiny model served here (built
+    there at start), is a wrong setting. Torch-free unless a CUDA device is named: answered in about a second."""
+    from wanserve.engine.device import check_device, check_layout
+    from wanserve.storage import local_folder_problem
 
-    pick_device(settings.device)
+    check_device(settings.device)
     world_size = world_size_from_env()
     if world_size > 1 or settings.world_layout > 1:
         check_layout(settings, world_size)
+    # Only tiny models need the folder: a real one may run from a read-only disk (a models dir, a volume).
+    tiny = any(resolve_spec(name).tiny for name in settings.model)
+    if tiny and (problem := local_folder_problem(settings.cache_dir.expanduser().absolute())):
+        raise BadSetting(f"{settings.cache_dir} cannot hold the tiny model: {problem}", "cache_dir")
 
 
 def _check_listen(settings: Settings, port_key: str) -> None:

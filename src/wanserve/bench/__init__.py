@@ -21,24 +21,28 @@ Modules: `shapes` (what is measured), `options`, `run` (the phases in order), `m
 
 from __future__ import annotations
 
-from wanserve.bench.forward import transformer_flops
-from wanserve.bench.options import BenchOptions
-from wanserve.bench.projection import measure_vae_decode, per_step_projection
-from wanserve.bench.report import summary_rows, target_lines
-from wanserve.bench.requests import psnr
-from wanserve.bench.run import run_bench
-from wanserve.bench.shapes import SHAPES, T2V_1_3B, Shape
+import importlib
+from typing import Any
 
-__all__ = [
-    "SHAPES",
-    "T2V_1_3B",
-    "BenchOptions",
-    "Shape",
-    "measure_vae_decode",
-    "per_step_projection",
-    "psnr",
-    "run_bench",
-    "summary_rows",
-    "target_lines",
-    "transformer_flops",
-]
+# Imported on first use (PEP 562): `wanserve bench` checks its options against `shapes` first, and a wrong
+# option is answered before torch and the engine (seconds) are imported.
+_EXPORTS = {
+    "transformer_flops": "forward",
+    "BenchOptions": "options",
+    "measure_vae_decode": "projection",
+    "per_step_projection": "projection",
+    "summary_rows": "report",
+    "target_lines": "report",
+    "psnr": "requests",
+    "run_bench": "run",
+    "SHAPES": "shapes",
+    "T2V_1_3B": "shapes",
+    "Shape": "shapes",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

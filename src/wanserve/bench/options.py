@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanserve.engine.presets import PRESET_NAMES
+from wanserve.request import PRESET_NAMES
 
 
 @dataclass

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
     """Run one benchmark and merge it into the day's results file; returns that file and this run's report."""
     from wanserve.config import Settings
-    from wanserve.engine.engine import pick_device
+    from wanserve.engine.device import pick_device
 
     if options.cpu_tiny:
         # Tiny tensors gain nothing from intra-op threads, and on a shared CI runner OpenMP threads spinning

@@ -27,6 +27,7 @@ import torch
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings, world_size_from_env
+from wanserve.engine.device import pick_device, pick_dtype
 from wanserve.engine.loading import LOAD_LOCK, load_pipeline, locate
 from wanserve.engine.parallel import (
     ParallelContext,
@@ -39,7 +40,7 @@ from wanserve.engine.parallel import (
 )
 from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import check_output_path, thumbnail_path_for, write_mp4, write_thumbnail
-from wanserve.errors import Cancelled, DeviceUnavailable, InvalidRequest
+from wanserve.errors import Cancelled, InvalidRequest
 from wanserve.progress import ProgressEvent
 from wanserve.request import GenerationRequest, cover_crop, decode_image, resolve
 
@@ -95,25 +96,6 @@ def noise_seed(seed: int) -> int:
     if seed < 2**32:
         return seed
     return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"{setting} was asked for, but torch {torch.__version__} sees no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise DeviceUnavailable(f"{setting} was asked for, but this machine has {count} CUDA device(s)")
-    return device
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
 
 
 class Engine:

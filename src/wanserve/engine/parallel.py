@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from wanserve.config import Settings, world_size_from_env
-from wanserve.errors import BadSetting, Cancelled
+from wanserve.engine.device import LayoutError, check_layout
+from wanserve.errors import Cancelled
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -50,11 +51,6 @@ log = logging.getLogger(__name__)
 
 MESH_DIMS = ("replica", "cfg", "ring", "ulysses")
 WATCHDOG_EXIT_CODE = 3
-
-
-class LayoutError(BadSetting):
-    """The layout settings do not fit the process group or the model: a wrong setting (exit 2 on the command
-    line, named as the user set it)."""
 
 
 # ---- watchdog ----------------------------------------------------------------------------------------------
@@ -171,33 +167,6 @@ class ParallelContext:
 
     def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
         return self.watchdog.guard(what)
-
-
-def check_layout(settings: Settings, world_size: int) -> None:
-    """Raise a `LayoutError` naming the settings when the layout needs another number of processes, or
-    another setting rules it out."""
-    layout = settings.world_layout
-    if settings.cpu_offload and (layout > 1 or world_size > 1):
-        raise LayoutError(
-            "moves whole models in and out of one GPU: it cannot be combined with a multi-GPU layout", "cpu_offload"
-        )
-    if world_size == layout or (settings.fsdp and layout == 1 and world_size > 1):
-        return
-    if layout == 1:  # launched under torchrun with no layout: no setting of the user's is at fault
-        raise LayoutError(
-            f"WORLD_SIZE is {world_size} (torchrun), but the layout asks for one process: set ulysses, ring and "
-            f"cfg_parallel so that their product is {world_size}, or fsdp to shard the weights over the ranks",
-            "",
-        )
-    # Named after the first layout setting that asks for more than one process.
-    named = next(key for key in ("ulysses", "ring", "cfg_parallel") if getattr(settings, key) > 1)
-    raise LayoutError(
-        f"the layout needs ulysses × ring × cfg_parallel = {settings.ulysses} × {settings.ring} × "
-        f"{settings.cfg_parallel} = {layout} processes, but WORLD_SIZE is {world_size}. Launch `wanserve "
-        f"worker` or `wanserve generate` with `torchrun --nproc-per-node {layout}`, or change the layout "
-        "(ulysses, ring, cfg_parallel)",
-        named,
-    )
 
 
 def init_group(settings: Settings) -> ParallelContext:
