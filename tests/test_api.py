@@ -968,7 +968,7 @@ def test_content_before_completion_is_404(api: Api) -> None:
     assert "queued" in error["message"]
     assert openai_error(api.client.get("/v1/videos/video_missing/content"), 404)["code"] == "not_found"
     api.complete(video_id)
-    bad_variant = api.client.get(f"/v1/videos/{video_id}/content", params={"variant": "spritesheet"})
+    bad_variant = api.client.get(f"/v1/videos/{video_id}/content", params={"variant": "gif"})
     assert openai_error(bad_variant, 400)["param"] == "variant"
 
 
@@ -1793,6 +1793,42 @@ def test_official_openai_sdk(api: Api) -> None:
         assert gone.deleted and gone.object == "video.deleted" and gone.id == video.id
         with pytest.raises(openai.NotFoundError):
             client.videos.retrieve(video.id)
+
+
+def test_the_sdk_types_hold_for_models_images_without_a_name_and_the_spritesheet(api: Api) -> None:
+    """What the SDK's own types allow: a model's `created` (an int it reads as a timestamp), an image tuple with
+    an empty or no filename (read as text and refused as "not UTF-8"), and the spritesheet variant (a missing
+    feature, not a malformed request)."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=api.client, max_retries=0)
+    strict = openai.OpenAI(
+        base_url="http://testserver/v1",
+        api_key="x",
+        http_client=api.client,
+        max_retries=0,
+        _strict_response_validation=True,
+    )
+    before = int(time.time()) - 5
+    for listed in (client.models.list().data, strict.models.list().data):
+        assert listed and all(isinstance(m.created, int) and before <= m.created <= time.time() for m in listed)
+    assert client.models.retrieve("tiny-t2v").created == listed[0].created
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks the Videos API deprecated
+        image = png_bytes((9, 9, 9))
+        for upload in (("", image, "image/png"), (None, image), (None, image, "application/octet-stream")):
+            video = client.videos.create(prompt="from an image", model="tiny-i2v", input_reference=upload)
+            assert stored_image(api, video.id) is not None, upload
+        # A text part under the name is still text: refused as before, not taken as an image.
+        refused = api.client.post(
+            "/v1/videos", files={"prompt": (None, "a"), "input_reference": (None, "not an image", "text/plain")}
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input_reference", refused.text
+        video = client.videos.create(prompt="a lighthouse", model="tiny-t2v")
+        api.complete(video.id)
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.videos.download_content(video.id, variant="spritesheet")
+        assert raised.value.code == "unsupported_operation" and "video, thumbnail" in raised.value.message
+        assert raised.value.param == "variant"
 
 
 def test_a_request_may_ask_for_the_presets_its_workers_can_serve(tmp_path: Path, media: tuple[Path, Path]) -> None:

@@ -16,7 +16,12 @@ class WanserveError(Exception):
 
 class NotSupported(WanserveError):
     """An operation of an API wanserve speaks that it does not offer (the OpenAI SDK's `videos.remix`, say):
-    a 400 that says so, rather than a 404 that reads as "your video is gone" or a 405."""
+    a 400 that says so, rather than a 404 that reads as "your video is gone" or a 405. `field`: the parameter
+    that asks for it, where one does (`variant=spritesheet`)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _clipped(text: str, limit: int) -> str:

@@ -110,7 +110,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, 422, "invalid_value", message, field=field)
 
     async def not_supported(request: Request, exc: Exception) -> JSONResponse:
-        return _error_response(request, 400, "unsupported_operation", str(exc))
+        assert isinstance(exc, NotSupported)
+        return _error_response(request, 400, "unsupported_operation", str(exc), field=exc.field)
 
     async def job_not_found(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, JobNotFound)

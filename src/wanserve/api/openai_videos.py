@@ -125,12 +125,14 @@ def poll_headers(job: Job) -> dict[str, str]:
     return {"openai-poll-after-ms": str(after)} if after is not None else {}
 
 
-async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
-    limit = settings.max_upload_bytes
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge("input_reference", f"the upload is larger than {limit} bytes")
+def _within_upload_limit(data: bytes, settings: Settings) -> bytes:
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge("input_reference", f"the upload is larger than {settings.max_upload_bytes} bytes")
     return data
+
+
+async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    return _within_upload_limit(await upload.read(settings.max_upload_bytes + 1), settings)
 
 
 async def read_create_body(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, bool]:
@@ -144,6 +146,7 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
         check_urlencoded(await request.body())
     fields: dict[str, Any] = {}
     upload: bytes | None = None
+    unnamed_image: bytes | None = None
     not_utf8: list[str] = []
     try:
         if content_type.startswith("multipart/form-data"):
@@ -152,6 +155,7 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
             )
             parser.not_utf8 = not_utf8
             form = await parser.parse()
+            unnamed_image = parser.unnamed_image
         else:
             form = await request.form(max_files=1, max_fields=200, max_part_size=body_limit(settings))
     except MultiPartException as exc:
@@ -174,6 +178,9 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
                 elif value.filename:  # (a browser form with no file chosen sends an empty part with no name)
                     raise InvalidRequest("input_reference", f"the uploaded file {value.filename!r} is empty")
                 fields[key] = None
+            elif key == "input_reference" and unnamed_image is not None:
+                upload = _within_upload_limit(unnamed_image, settings) or None
+                fields[key] = None
             else:
                 fields[key] = value if value != "" or key == "prompt" else None
     finally:
@@ -186,14 +193,25 @@ class _TextPartsChecked(MultiPartParser):
     a prompt changed behind the client's back (a urlencoded form's are checked by `check_urlencoded`)."""
 
     not_utf8: list[str]
+    # An image sent with no filename (the SDK's `("", data, "image/png")` and `(None, data)` tuples), which
+    # Starlette reads as text like every part without one: an input_reference part is the upload when its
+    # Content-Type is not text, or, with none given, when its bytes are not text (an image's never are).
+    unnamed_image: bytes | None = None
 
     def on_part_end(self) -> None:
         part = getattr(self, "_current_part", None)
         if part is not None and part.file is None:
+            content_type = dict(part.item_headers).get(b"content-type", b"").split(b";")[0].strip().lower()
             try:
                 bytes(part.data).decode("utf-8")
+                text = not content_type or content_type.startswith(b"text/")
             except UnicodeDecodeError:
-                self.not_utf8.append(part.field_name)
+                text = content_type.startswith(b"text/")
+                if text or part.field_name != "input_reference":
+                    self.not_utf8.append(part.field_name)
+            if part.field_name == "input_reference" and not text:
+                self.unnamed_image = bytes(part.data)
+                part.data = bytearray()  # not decoded as text: kept as the upload instead
         super().on_part_end()
 
 
@@ -420,6 +438,8 @@ def router(
         request: Request, video_id: str, variant: str = "video", disposition: str = "inline"
     ) -> Response:
         name = VARIANTS.get(variant)
+        if variant == "spritesheet":  # one of the SDK's variants: a feature missing here, not a malformed request
+            raise NotSupported("variant: spritesheet is not offered here; the variants are video, thumbnail", "variant")
         if name is None:
             raise InvalidRequest("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
         # `attachment`: a link that saves the file, also where the answer is a redirect to another origin (a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,11 +50,12 @@ def model_defaults(spec: ModelSpec) -> dict[str, Any]:
     return defaults
 
 
-def model_entry(spec: ModelSpec, store: JobStore, settings: Settings) -> dict[str, Any]:
+def model_entry(spec: ModelSpec, store: JobStore, settings: Settings, created: int) -> dict[str, Any]:
     aliases = list(spec.aliases) + ([spec.repo_id] if spec.repo_id else [])
     return {
         "id": spec.name,
         "object": "model",
+        "created": created,
         "owned_by": "wanserve",
         "description": spec.description,
         "tasks": sorted(spec.tasks),
@@ -158,9 +160,13 @@ def router(
     # Where the deploy guides of a system wanserve replaces point their balancers' health checks.
     api.add_api_route("/api/v1/health", health, methods=["GET", "HEAD"], include_in_schema=False, name="health_v1")
 
+    # OpenAI's Model object requires `created` (Unix seconds; the SDK types it int): when this API began serving it.
+    serving_since = int(time.time())
+
     @api.get("/v1/models", dependencies=list(keyed))
     def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry(spec, store, settings) for spec in specs.values()]}
+        entries = [model_entry(spec, store, settings, serving_since) for spec in specs.values()]
+        return {"object": "list", "data": entries}
 
     # `:path`: a served model may be named by its Hugging Face repo id (`Wan-AI/Wan2.2-TI2V-5B-Diffusers`).
     @api.get("/v1/models/{model_id:path}", dependencies=list(keyed))
@@ -171,7 +177,7 @@ def router(
             spec = served_spec(specs, model_id)
         except ModelNotServed as exc:
             raise NoSuchModel("model", str(exc).removeprefix("model: ")) from None
-        return model_entry(spec, store, settings)
+        return model_entry(spec, store, settings, serving_since)
 
     # Scrapes on threads of their own: during a store outage, job requests hold the shared pool for seconds each,
     # and a scrape queued behind them would time out whole, the counters of the outage with it.
