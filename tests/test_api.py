@@ -1683,9 +1683,15 @@ def test_a_drain_is_not_taken_from_a_web_page_nor_without_a_key(tmp_path: Path, 
     app = ops_app(worker, Metrics(), store)
     try:
         with TestClient(app, client=("10.0.0.9", 40000)) as remote:
-            assert remote.post("/drain", headers={"Origin": "http://evil.example"}).status_code == 403
-            assert remote.post("/drain").status_code == 401 and not worker.draining
+            # Shaped as every error off /v1 is (docs/api.md): problem+json with a code.
+            cross_site = remote.post("/drain", headers={"Origin": "http://evil.example"})
+            assert problem(cross_site, 403)["code"] == "cross_site_request"
+            keyless = remote.post("/drain")
+            assert problem(keyless, 401)["code"] == "invalid_api_key"
+            assert keyless.headers["www-authenticate"] == "Bearer" and not worker.draining
             assert remote.get("/health").status_code == 200  # probes need no key
+            assert problem(remote.get("/nope"), 404)["code"] == "not_found"
+            assert problem(remote.get("/drain"), 405)["code"] == "method_not_allowed"
         with TestClient(app, client=("127.0.0.1", 40000)) as local:
             assert local.post("/drain", headers={"Origin": "http://evil.example"}).status_code == 403
             assert not worker.draining

@@ -564,9 +564,11 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from wanserve.api.auth import key_matches, presented_key
+    from wanserve.api.app import error_response, install_error_handlers
+    from wanserve.api.auth import Unauthorized, key_matches, presented_key
 
     app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None)
+    install_error_handlers(app)  # errors (a refused drain, a 404) shaped as the API's, problem+json with a code
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -600,15 +602,13 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
         # cluster network could, with a "simple" cross-site POST); and with API keys set, only the pod itself
         # (a preStop hook on loopback) or a caller with a key may.
         if request.headers.get("origin") is not None:
-            return JSONResponse({"error": "a drain is not taken from a web page (Origin header)"}, status_code=403)
+            return error_response(
+                request, 403, "cross_site_request", "a drain is not taken from a web page (Origin header)"
+            )
         loopback = request.client is not None and _is_loopback(request.client.host)
         keys = worker.settings.api_keys
         if keys and not loopback and not key_matches(presented_key(request), keys):
-            return JSONResponse(
-                {"error": "a valid API key is required (Authorization: Bearer <key>)"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
         worker.drain()
         if stop_load is not None:  # a drain asked for while the model loads ends the load, as SIGTERM does
             stop_load()

@@ -49,7 +49,7 @@ _OPENAI_TYPES: Mapping[int, str] = MappingProxyType(
 _VALIDATION_LOCATIONS = {"body", "query", "path", "header", "cookie"}
 
 
-def _error_response(
+def error_response(
     request: Request,
     status: int,
     code: str,
@@ -95,32 +95,32 @@ def _allowed_methods(request: Request, allow: str) -> str:
     return ", ".join(sorted(methods))
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, InvalidRequest)
         status = getattr(exc, "status_code", 400)
         code = getattr(exc, "code", "invalid_value")
-        return _error_response(request, status, code, str(exc), field=exc.field)
+        return error_response(request, status, code, str(exc), field=exc.field)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = list(exc.errors())
         field = _field_path(errors[0]["loc"]) if errors else None
         message = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
-        return _error_response(request, 422, "invalid_value", message, field=field)
+        return error_response(request, 422, "invalid_value", message, field=field)
 
     async def not_supported(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, NotSupported)
-        return _error_response(request, 400, "unsupported_operation", str(exc), field=exc.field)
+        return error_response(request, 400, "unsupported_operation", str(exc), field=exc.field)
 
     async def job_not_found(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, JobNotFound)
-        return _error_response(request, 404, "not_found", str(exc), field=exc.field)
+        return error_response(request, 404, "not_found", str(exc), field=exc.field)
 
     async def queue_full(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, QueueFull)
         headers = {"Retry-After": str(max(int(exc.retry_after), 1))}
-        return _error_response(request, 429, "queue_full", str(exc), headers=headers)
+        return error_response(request, 429, "queue_full", str(exc), headers=headers)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -129,22 +129,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405 and "Allow" in headers:
             headers["Allow"] = _allowed_methods(request, headers["Allow"])
-        return _error_response(request, exc.status_code, code, detail, headers=headers)
+        return error_response(request, exc.status_code, code, detail, headers=headers)
 
     async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         code = "store_unavailable" if isinstance(exc, StoreUnavailable) else "storage_unavailable"
         message = f"{getattr(exc, 'public', code)}; try again shortly"
-        return _error_response(request, 503, code, message, headers={"Retry-After": "5"})
+        return error_response(request, 503, code, message, headers={"Retry-After": "5"})
 
     async def unauthorized(request: Request, exc: Exception) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"}
-        return _error_response(request, 401, "invalid_api_key", str(exc), headers=headers)
+        return error_response(request, 401, "invalid_api_key", str(exc), headers=headers)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         # Starlette answers this one outside every middleware: SafeHeadersMiddleware's headers are set here.
-        return _error_response(request, 500, "internal_error", "internal server error", headers=JSON_ANSWER_HEADERS)
+        return error_response(request, 500, "internal_error", "internal server error", headers=JSON_ANSWER_HEADERS)
 
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -214,7 +214,7 @@ class CrossSiteMiddleware:
         if scope["type"] == "http" and scope["method"] in _CHANGES:
             site = dict(scope.get("headers") or []).get(b"sec-fetch-site", b"").strip().lower()
             if site in _OTHER_SITES:
-                response = _error_response(
+                response = error_response(
                     Request(scope),
                     403,
                     "cross_site_request",
@@ -269,7 +269,7 @@ def create_app(
     app.state.closing = threading.Event()
     app.state.stream_reads = anyio.CapacityLimiter(events.STREAM_READ_THREADS)
 
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings), image_limit=settings.max_upload_bytes)
     app.add_middleware(CrossSiteMiddleware)
     app.add_middleware(SafeHeadersMiddleware)
