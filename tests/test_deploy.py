@@ -207,6 +207,10 @@ def test_services_select_pods_and_probes_call_real_routes_on_named_ports(tmp_pat
             # /ready is "no" while a model loads or the store is down: as liveness it would restart a worker
             # in the middle of loading, or every replica during a Redis restart.
             assert get["path"] == {"livenessProbe": "/health", "readinessProbe": "/ready"}[probe]
+            if probe == "readinessProbe":
+                # /ready pings the store and (the API) the bucket, up to 2 s each: Kubernetes' default 1 s
+                # timeout read a slow bucket as every replica not ready at once.
+                assert container[probe].get("timeoutSeconds", 1) >= 5, f"{workload['metadata']['name']}: {probe}"
             own_port = "--port" if role == "api" else "--ops-port"
             assert int(flag(container["args"], own_port)) == ports[get["port"]]
         if container["args"][0] == "api":  # behind a Service: kept answering while the endpoints catch up

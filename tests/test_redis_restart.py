@@ -241,7 +241,8 @@ def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
     tmp_path: Path, tiny_cache: Path
 ) -> None:
     """Status polls during an outage hold the API's shared threads for seconds each (the store's timeout), and
-    /metrics queued behind them: scrapes timed out whole, the counters of the outage (its 503s) with them."""
+    /metrics and /ready queued behind them: scrapes timed out whole, the counters of the outage (its 503s) with
+    them, and readiness probes timed out on every replica at once."""
     import httpx
 
     from service import Process, base_env, free_port, wait_ready
@@ -274,6 +275,9 @@ def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
         time.sleep(2)  # the shared threads are all taken, and requests queue behind them
         scrape = httpx.get(f"{url}/metrics", timeout=6)  # the store's gauges give up after the probe's 2 s
         assert scrape.status_code == 200 and "wanserve_jobs_submitted_total" in scrape.text, scrape.text[:500]
+        # Readiness too (it queued behind them, past any probe's timeout): a "no" that says why.
+        ready = httpx.get(f"{url}/ready", timeout=6)
+        assert ready.status_code == 503 and ready.json()["store"] == "unreachable", ready.text
     finally:
         stop.set()
         if paused:

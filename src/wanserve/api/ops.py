@@ -121,8 +121,16 @@ def router(
             return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    # Readiness on threads of its own, as scrapes below: a probe queued behind requests that hold the shared
+    # pool (downloads from a bucket that hangs, status reads during a store outage) timed out on every replica
+    # together, and the Service lost them all, KEDA's polls with them.
+    probes = anyio.CapacityLimiter(2)
+
     @api.get("/ready")
-    def ready() -> JSONResponse:
+    async def ready() -> JSONResponse:
+        return await anyio.to_thread.run_sync(check_ready, limiter=probes)
+
+    def check_ready() -> JSONResponse:
         try:
             state = dict(readiness()) if readiness is not None else {"ready": True, "models": {}}
         except Exception as exc:
