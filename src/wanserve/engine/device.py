@@ -1,8 +1,8 @@
 """Where a model can run here: the device and the multi-GPU layout, checked before anything heavy loads.
 
 Every command checks these settings before it loads a model or opens a port, and a wrong one must be named in
-about a second: this module imports torch only where a CUDA device is asked for by name (torch and the engine
-behind it take seconds to import), and never diffusers.
+about a second: the checks (`check_device`, `check_layout`) import torch only where a CUDA device is named
+(torch and the engine behind it take seconds to import), and nothing here imports diffusers.
 """
 
 from __future__ import annotations
