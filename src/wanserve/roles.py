@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.requests import Request  # at module level: FastAPI resolves the route's annotations here
 
-from wanserve.catalog import ModelSpec, resolve_spec
+from wanserve.catalog import ModelSpec, lookup, resolve_spec
 from wanserve.config import Settings, process_rank, world_size_from_env
 from wanserve.errors import BadSetting, StoreUnavailable, WanserveError
 from wanserve.jobs.model import JobStatus
@@ -128,7 +128,7 @@ def check_engine_settings(settings: Settings) -> None:
     if world_size > 1 or settings.world_layout > 1:
         check_layout(settings, world_size)
     # Only tiny models need the folder: a real one may run from a read-only disk (a models dir, a volume).
-    tiny = any(resolve_spec(name).tiny for name in settings.model)
+    tiny = any((spec := lookup(name)) is not None and spec.tiny for name in settings.model)  # catalog-only
     if tiny and (problem := local_folder_problem(settings.cache_dir.expanduser().absolute())):
         raise BadSetting(f"{settings.cache_dir} cannot hold the tiny model: {problem}", "cache_dir")
 

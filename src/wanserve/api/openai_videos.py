@@ -201,17 +201,19 @@ class _TextPartsChecked(MultiPartParser):
     def on_part_end(self) -> None:
         part = getattr(self, "_current_part", None)
         if part is not None and part.file is None:
+            data = bytes(part.data)
             content_type = dict(part.item_headers).get(b"content-type", b"").split(b";")[0].strip().lower()
             try:
-                bytes(part.data).decode("utf-8")
-                text = not content_type or content_type.startswith(b"text/")
+                data.decode("utf-8")
+                utf8 = True
             except UnicodeDecodeError:
-                text = content_type.startswith(b"text/")
-                if text or part.field_name != "input_reference":
-                    self.not_utf8.append(part.field_name)
+                utf8 = False
+            text = content_type.startswith(b"text/") or (not content_type and utf8)
             if part.field_name == "input_reference" and not text:
-                self.unnamed_image = bytes(part.data)
+                self.unnamed_image = data
                 part.data = bytearray()  # not decoded as text: kept as the upload instead
+            elif not utf8:
+                self.not_utf8.append(part.field_name)
         super().on_part_end()
 
 
@@ -438,9 +440,11 @@ def router(
         request: Request, video_id: str, variant: str = "video", disposition: str = "inline"
     ) -> Response:
         name = VARIANTS.get(variant)
-        if variant == "spritesheet":  # one of the SDK's variants: a feature missing here, not a malformed request
-            raise NotSupported("variant: spritesheet is not offered here; the variants are video, thumbnail", "variant")
         if name is None:
+            if variant == "spritesheet":  # one of the SDK's variants: a feature missing here, not a bad request
+                raise NotSupported(
+                    f"variant: spritesheet is not offered here; the variants are {', '.join(VARIANTS)}", "variant"
+                )
             raise InvalidRequest("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
         # `attachment`: a link that saves the file, also where the answer is a redirect to another origin (a
         # bucket), on which a browser ignores a link's `download` attribute and would show the video instead.
