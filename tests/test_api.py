@@ -745,8 +745,12 @@ def test_damaged_or_unsupported_images_are_refused_at_submit(api: Api) -> None:
         "a JPEG cut in half": jpeg[: len(jpeg) // 2],
         "a PNG cut short": png[: len(png) - 200],
         "a BMP (not a format taken)": encoded("BMP"),
+        "a GIF (not a format taken)": encoded("GIF"),
         "a crafted DDS header": b"DDS " + struct.pack("<I", 124) + b"\x00" * 120,
     }
+    # A whole image of a format not taken is named as one, with what to send instead ("could not be decoded"
+    # read as a damaged file).
+    said = {"a BMP (not a format taken)": "is a BMP image; send it as PNG", "a GIF (not a format taken)": "is a GIF"}
     before = len(api.client.get("/v1/videos", params={"limit": 100}).json()["data"])
     for what, image in damaged.items():
         answer = openai_error(
@@ -755,7 +759,8 @@ def test_damaged_or_unsupported_images_are_refused_at_submit(api: Api) -> None:
             ),
             400,
         )
-        assert answer["param"] == "input_reference" and "could not be decoded" in answer["message"], (what, answer)
+        assert answer["param"] == "input_reference", (what, answer)
+        assert said.get(what, "could not be decoded") in answer["message"], (what, answer)
         legacy = api.client.post(
             "/video/submit", json={"prompt": "p", "model": "tiny-i2v", "image_url": data_url(image)}
         )
@@ -855,9 +860,14 @@ def test_upload_larger_than_the_limit_is_413(tmp_path: Path, media: tuple[Path, 
             data={"prompt": "p", "model": "tiny-i2v"},
             files={"input_reference": ("big.png", big, "image/png")},
         )
-        assert openai_error(response, 413)["param"] == "input_reference"
-        as_url = api.client.post("/video/submit", json={"prompt": "p", "image_url": data_url(big)})
-        assert problem(as_url, 413)["field"] == "image_url"
+        # Sizes as a person reads them, in one wording however the image came: the whole file's size, and a
+        # limit that rounding never shows as more than it is.
+        error = openai_error(response, 413)
+        limit = "an input image may be at most 2.0 KiB (2,000 bytes)"
+        said = f"input_reference: the image is {len(big) / 1024:.1f} KiB ({len(big):,} bytes); {limit}"
+        assert error["param"] == "input_reference" and error["message"] == said
+        as_url = problem(api.client.post("/video/submit", json={"prompt": "p", "image_url": data_url(big)}), 413)
+        assert as_url["field"] == "image_url" and as_url["detail"].endswith(limit)
         # Far past the limit, the body itself is refused while it streams in, declared length or not.
         huge = b"\0" * 400_000
         response = api.client.post(
@@ -865,7 +875,11 @@ def test_upload_larger_than_the_limit_is_413(tmp_path: Path, media: tuple[Path, 
         )
         # A form that large is its image (the web page marked no field and quoted a limit not the image's).
         error = openai_error(response, 413)
-        assert error["param"] == "input_reference" and "an input image may be at most 2000 bytes" in error["message"]
+        assert error["param"] == "input_reference"
+        declared = int(response.request.headers["content-length"])
+        assert (
+            error["message"] == f"input_reference: the form is {declared / 1024:.1f} KiB ({declared:,} bytes); {limit}"
+        )
         chunked = api.client.post("/api/v1/generate", content=iter([b'{"prompt": "', huge, b'"}']))
         assert problem(chunked, 413)["field"] == "body"
 
@@ -1176,8 +1190,10 @@ def test_video_submit_status_and_download(api: Api) -> None:
     api.complete(request_id)
     status = api.client.post("/video/status", json={"requestId": request_id}).json()
     assert status["status"] == "Succeed" and status["progress"] == 1.0 and status["queue_position"] is None
+    # A path, as the replaced system's was (`/videos/<id>.mp4`): its clients join it to the server's address,
+    # which an absolute URL turned into `http://hosthttp://host/…`.
     url = status["results"]["video_url"]
-    assert url == f"http://testserver/v1/videos/{request_id}/content"
+    assert url == f"/v1/videos/{request_id}/content"
     assert api.client.get(url).content == api.media[0].read_bytes()
     job = api.store.get(request_id)
     assert job.source == "video" and job.priority == 1 and job.request["width"] == 64 and job.request["height"] == 48
@@ -1202,7 +1218,11 @@ def test_video_surface_errors_are_problem_json(api: Api) -> None:
         body = problem(api.client.post("/video/submit", json={"prompt": "p", layout: 4}), 400)
         assert body["field"] == layout and "fixed at start" in body["detail"]
     body = problem(api.client.post("/video/submit", json={"prompt": "p", "image_url": "http://x/y.png"}), 400)
-    assert body["field"] == "image_url" and "data: URLs" in body["detail"]
+    # These routes take no file: the refusal pointed to uploads, which they refuse.
+    assert body["field"] == "image_url" and "data: URLs" in body["detail"] and "upload" not in body["detail"]
+    # `image_size` is spelt 1280*720 in their examples, and so in its error.
+    body = problem(api.client.post("/video/submit", json={"prompt": "p", "image_size": "-64*64"}), 400)
+    assert body["field"] == "image_size" and "WIDTH*HEIGHT" in body["detail"]
 
 
 def test_the_video_surface_answers_as_its_own_clients_read_it(api: Api) -> None:
@@ -1234,6 +1254,12 @@ def test_the_video_surface_answers_as_its_own_clients_read_it(api: Api) -> None:
     assert (request["flow_shift"], request["num_inference_steps"], request["width"]) == (5.5, 3, 64)
     for change, field, words in (
         ({"use_attentioncache": True}, "use_attentioncache", "preset"),
+        # Their fields' types: "false" (a string) was told to use preset, 0 and "abc" were taken.
+        ({"use_attentioncache": "false"}, "use_attentioncache", "must be true or false, got 'false'"),
+        ({"use_attentioncache": 0}, "use_attentioncache", "must be true or false"),
+        ({"start_step": "abc"}, "start_step", "whole number"),
+        ({"end_step": [1]}, "end_step", "whole number"),
+        ({"attentioncache_interval": -1}, "attentioncache_interval", "0 or more"),
         ({"sample_solver": "dpm++"}, "sample_solver", "must be unipc"),
         ({"sample_shift": 0}, "sample_shift", "greater than 0"),
         ({"flow_shift": 5.0}, "sample_shift", "send one of the two"),
@@ -1268,7 +1294,7 @@ def test_api_v1_generate_and_status(api: Api) -> None:
     assert body == {
         "task_id": task_id,
         "status": "queued",
-        "status_url": f"http://testserver/api/v1/status/{task_id}",
+        "status_url": f"/api/v1/status/{task_id}",  # a path, as the replaced system's
     }
     assert api.store.get(task_id).model == "tiny-i2v"  # chosen by task_type
     status = api.client.get(f"/api/v1/status/{task_id}").json()
@@ -1276,8 +1302,13 @@ def test_api_v1_generate_and_status(api: Api) -> None:
     assert status["created_at"].endswith("Z") and "T" in status["created_at"]
     api.run(task_id, model="tiny-i2v", progress=0.37)
     assert api.client.get(f"/api/v1/status/{task_id}").json()["progress"] == 37
+    assert api.client.get(f"/api/v1/status/{task_id}").json()["cancel_requested"] is False
+    # A cancel asked for elsewhere (these routes have none) shows until the job stops.
+    api.client.post(f"/v1/videos/{task_id}/cancel")
+    assert api.client.get(f"/api/v1/status/{task_id}").json()["cancel_requested"] is True
     api.store.fail(task_id, WORKER, "timeout", "took too long", TTL)
     failed = api.client.get(f"/api/v1/status/{task_id}").json()
+    assert failed["cancel_requested"] is False
     assert failed["status"] == "failed" and failed["error"] == {"code": "timeout", "message": "took too long"}
 
 
@@ -1315,11 +1346,26 @@ def test_the_replaced_systems_own_examples_are_taken(tmp_path: Path, media: tupl
             assert api.client.request(method, "/api/v1/health").status_code == 200
 
 
+def test_links_follow_the_public_url_behind_a_proxy(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """Behind a proxy that serves the API under a path, the legacy routes' paths carry it and the absolute
+    links are built from WANSERVE_PUBLIC_URL, not from the Host header the client sent."""
+    with make_api(tmp_path, media, public_url="https://videos.example.com/wan/") as api:
+        spoofed = {"Host": "evil.example"}
+        created = api.client.post("/api/v1/generate", json={"prompt": "p"}, headers=spoofed).json()
+        task_id = created["task_id"]
+        assert created["status_url"] == f"/wan/api/v1/status/{task_id}"
+        api.complete(task_id)
+        done = api.client.get(f"/api/v1/status/{task_id}", headers=spoofed).json()
+        assert done["result_url"] == f"https://videos.example.com/wan/v1/videos/{task_id}/content"
+        video = api.client.post("/video/status", json={"requestId": task_id}, headers=spoofed).json()
+        assert video["results"]["video_url"] == f"/wan/v1/videos/{task_id}/content"
+
+
 def test_submit_and_status_at_the_root(api: Api) -> None:
     response = api.client.post("/submit", json={"prompt": "p", "task_type": "t2v", "resolution": "64*64"})
     assert response.status_code == 202
     task_id = response.json()["task_id"]
-    assert response.json()["status_url"] == f"http://testserver/status/{task_id}"
+    assert response.json()["status_url"] == f"/status/{task_id}"
     api.complete(task_id)
     status = api.client.get(f"/status/{task_id}").json()
     assert set(status) == {
@@ -1329,13 +1375,15 @@ def test_submit_and_status_at_the_root(api: Api) -> None:
         "queue_position",
         "result_url",
         "error",
+        "cancel_requested",
         "created_at",
         "updated_at",
     }
     assert status["status"] == "completed" and status["progress"] == 100
     assert status["result_url"] == f"http://testserver/v1/videos/{task_id}/content"
     assert api.store.get(task_id).source == "submit"
-    assert problem(api.client.get("/status/video_nope"), 404)["code"] == "not_found"
+    missing = problem(api.client.get("/status/video_nope"), 404)
+    assert missing["code"] == "not_found" and missing["field"] == "task_id"
 
 
 @pytest.mark.parametrize(

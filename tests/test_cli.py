@@ -182,6 +182,27 @@ def test_models_and_doctor(tiny_cache: Path) -> None:
         "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
     ):
         assert name in models.stdout
+    # The README's table says what the catalog (and so `wanserve models`) says, in the same words.
+    from wanserve.catalog import lookup
+    from wanserve.cli import model_guidance
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `wan")]
+    assert len(rows) == 7
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        spec = lookup(cells[0].strip("`"))
+        assert spec is not None, row
+        assert cells[3:] == [
+            spec.repo_id,
+            f"{spec.width}x{spec.height}",
+            str(spec.num_frames),
+            str(spec.fps),
+            str(spec.num_inference_steps),
+            model_guidance(spec),
+            f"{spec.flow_shift:.1f}",
+        ], row
+        assert model_guidance(spec) in models.stdout
     doctor = run(["doctor"], tiny_cache)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     for line in ("python", "torch", "pyav", "model cache"):
@@ -363,6 +384,7 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
     traceback, no file written. None of these loads a model, so each answers in about a second."""
     (tmp_path / "folder").mkdir()
     (tmp_path / "not-an-image.png").write_text("hello")
+    (tmp_path / "empty.png").write_bytes(b"")
     out = str(tmp_path / "fox.mp4")
     cases: list[tuple[list[str], dict[str, str], str]] = [
         (["generate", "--prompt", "a fox", "--out", str(tmp_path / "folder")], {}, "--out: "),
@@ -383,6 +405,12 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
             ["generate", "--prompt", "a", "--model", "tiny-i2v", "--image", str(tmp_path / "not-an-image.png")],
             {},
             "--image: could not be decoded as an image",
+        ),
+        # An empty file was "could not be decoded" here and "is empty" from submit.
+        (
+            ["generate", "--prompt", "a", "--model", "tiny-i2v", "--image", str(tmp_path / "empty.png")],
+            {},
+            "--image: is empty: send a PNG, JPEG or WebP image",
         ),
         (["bench", "--cpu-tiny", "--repeats", "0"], {}, "--repeats"),
         (["bench", "--cpu-tiny", "--presets", "bogus"], {}, "--presets: unknown preset(s) 'bogus'"),
@@ -747,6 +775,8 @@ def test_an_empty_out_path_is_refused_naming_the_flag(tiny_cache: Path) -> None:
         done = run(["generate", "--model", "tiny-t2v", "--prompt", "p", "--out", out], tiny_cache)
         assert done.returncode == 2 and "--out:" in done.stderr and "names no file" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+        # What was typed, not the '.' an empty path becomes.
+        assert ("an empty path" if out == "" else f"'{out}'") in done.stderr, done.stderr
 
 
 def test_a_repo_the_catalog_does_not_know_is_described_from_its_cached_files(tiny_cache: Path, tmp_path: Path) -> None:

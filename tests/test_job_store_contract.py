@@ -616,6 +616,18 @@ def test_a_deleted_job_is_told_apart_from_one_never_known(store: JobStore) -> No
     with pytest.raises(JobNotFound) as unknown:
         store.get(new_job_id())
     assert not unknown.value.deleted and "no job with id" in str(unknown.value)
+    # Every call that names a job says so: a cancel or a second delete of a deleted job said "no job with id".
+    for call in (
+        lambda job_id: store.request_cancel(job_id, ttl=60),
+        store.delete,
+        store.queue_position,
+    ):
+        with pytest.raises(JobNotFound) as again:
+            call(job.id)
+        assert again.value.deleted and "no longer exists" in str(again.value)
+        with pytest.raises(JobNotFound) as never:
+            call(new_job_id())
+        assert not never.value.deleted
 
 
 class _Undeletable(LocalStorage):

@@ -151,7 +151,8 @@ def test_legacy_routes_round_trip(server: Server) -> None:
         "/video/status Succeed",
     )
     assert status["progress"] == 1.0 and status["reason"] is None
-    assert decode_mp4_bytes(httpx.get(status["results"]["video_url"]).content) == 9
+    # As the replaced system's clients read it: a path, joined to the address they called.
+    assert decode_mp4_bytes(http.get(status["results"]["video_url"]).content) == 9
 
     image_url = "data:image/png;base64," + base64.b64encode(png_bytes((0, 90, 200))).decode()
     for submit_path, status_path in (("/api/v1/generate", "/api/v1/status/"), ("/submit", "/status/")):
@@ -165,7 +166,7 @@ def test_legacy_routes_round_trip(server: Server) -> None:
         created = http.post(submit_path, json=body)
         assert created.status_code == 202, created.text
         task_id = created.json()["task_id"]
-        assert created.json()["status"] == "queued"
+        assert created.json()["status"] == "queued" and created.json()["status_url"] == status_path + task_id
         done = wait_for(
             lambda task_id=task_id, status_path=status_path: (
                 (s := http.get(status_path + task_id).json())["status"] == "completed" and s
@@ -362,7 +363,8 @@ def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server,
     finally:
         follower.kill()
     assert follower.returncode == 130, stderr
-    assert f"interrupted: {running['id']} cancelled" in stderr
+    # A running job stops at its next step: said as under way, not as done.
+    assert f"interrupted: {running['id']} is being cancelled (it stops after its current step)" in stderr
     final = server.wait_finished(running["id"])
     assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
 
@@ -406,12 +408,14 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
         third.send_signal(signal.SIGINT)
         assert third.wait(60) == 130
         said = " ".join(third_log.read_text().split())
-        assert "interrupted while sending the job" in said and "Idempotency-Key: wanserve-submit-" in said, said
+        # The last answer was a full queue: nothing was queued, which is said (not "if the server took it").
+        assert "interrupted while the queue was full: the job was not queued" in said, said
         assert httpx.delete(f"{url}/v1/videos/{first.stdout.strip()}").status_code == 200
         out, _ = second.communicate(timeout=60)
         assert second.returncode == 0, log.read_text()
         assert out.startswith("video_") and log.read_text().count("warning:") == 1
-        assert "the server answers again" in log.read_text()
+        # The server answered all along: the queue is what changed.
+        assert "the queue has room again" in log.read_text() and "answers again" not in log.read_text()
     finally:
         for client in clients:
             client.kill()
@@ -473,6 +477,69 @@ def test_submit_whose_answer_is_lost_sends_again_and_makes_one_job(tmp_path: Pat
         listed = httpx.get(f"{url}/v1/videos").json()["data"]
         assert [video["id"] for video in listed] == [done.stdout.strip()]
     finally:
+        proxy.shutdown()
+        api.stop()
+
+
+class _HoldsStatusReads(_LosesTheFirstAnswer):
+    """A proxy that passes everything on, but, once `hold` is set, keeps each status read waiting (a slow link):
+    the job can end on the server while its follower still waits for the answer."""
+
+    hold = threading.Event()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in ("host", "connection")}
+        self._pass_on(httpx.post(f"{self.upstream}{self.path}", content=body, headers=headers))
+
+    def do_GET(self) -> None:
+        if self.hold.is_set():
+            time.sleep(60)
+        super().do_GET()
+
+
+def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, tiny_cache: Path) -> None:
+    """The job completed while submit waited for a status answer, and Ctrl-C came then: submit said "cancelled"
+    (the server answers a cancel of a finished job with the job as it is), and the user lost a video they had."""
+    import signal
+
+    from wanserve.jobs.sqlite import SQLiteJobStore
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = tmp_path / "data"
+    api = Process(["api", "--port", str(port), "--data-dir", str(data)], base_env(tiny_cache), tmp_path / "api.log")
+    handler = type("Handler", (_HoldsStatusReads,), {"upstream": url, "hold": threading.Event()})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    proxy.daemon_threads = True
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    store = SQLiteJobStore(data / "jobs.db")
+    follower = None
+    try:
+        wait_ready(url, api)  # an API with no worker: the test plays the worker
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "wanserve", "submit", "--prompt", "done meanwhile"],
+            env=base_env(tiny_cache, WANSERVE_URL=f"http://127.0.0.1:{proxy.server_address[1]}"),
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+        )
+        job = wait_for(lambda: store.claim("tiny-t2v", "test-worker", 3600), 60, "the job to be sent")
+        handler.hold.set()
+        request = job.request
+        result = {k: request[k] for k in ("seed", "width", "height", "num_frames", "fps")}
+        assert store.complete(job.id, "test-worker", result, 3600)
+        time.sleep(1.5)  # the follower's next status read is held
+        follower.send_signal(signal.SIGINT)
+        _, stderr = follower.communicate(timeout=60)
+        assert follower.returncode == 130, stderr
+        assert f"interrupted: {job.id} had completed already: GET " in stderr, stderr
+        assert f"/v1/videos/{job.id}/content" in stderr and "cancelled" not in stderr
+        assert store.get(job.id).status.value == "completed"
+    finally:
+        if follower is not None:
+            follower.kill()
+        store.close()
         proxy.shutdown()
         api.stop()
 

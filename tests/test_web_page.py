@@ -286,8 +286,6 @@ def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
         site.process.stop()
 
 
-@browser_only
-@pytest.mark.slow
 def _cancelled_jobs(tmp_path: Path, prompts: list[str]) -> None:
     """Jobs in the store the site will use, oldest first, cancelled while queued: listed, and never run."""
     from wanserve.jobs.model import Job, new_job_id
@@ -300,6 +298,7 @@ def _cancelled_jobs(tmp_path: Path, prompts: list[str]) -> None:
     store.close()
 
 
+@browser_only
 def test_every_video_stays_reachable_past_the_lists_largest_page(page: Any, tmp_path: Path, tiny_cache: Path) -> None:
     """The page read at most one list page of 100: "Show older" vanished there, and older videos, a queued one
     among them, could not be seen, cancelled or deleted from the page."""
@@ -320,6 +319,7 @@ def test_every_video_stays_reachable_past_the_lists_largest_page(page: Any, tmp_
         site.process.stop()
 
 
+@browser_only
 def test_a_video_pushed_past_the_first_page_is_not_said_to_be_gone(page: Any, tmp_path: Path, tiny_cache: Path) -> None:
     """A newer video pushes the oldest card off the page's 20: it was announced as "video no longer exists",
     to whoever was on it, though it was only under Show older."""
@@ -344,3 +344,70 @@ def test_a_video_pushed_past_the_first_page_is_not_said_to_be_gone(page: Any, tm
         assert ("8-bit" in hint) == any("fastest" in text for text in offered), (offered, hint)
     finally:
         site.process.stop()
+
+
+@browser_only
+def test_a_cancel_under_way_a_lost_video_and_a_lost_answer_are_told(
+    page: Any, tmp_path: Path, tiny_cache: Path
+) -> None:
+    """A running video's Cancel answered as a refresh would (in progress, Cancel still offered): on a real model a
+    step takes seconds, and the user pressed it again, unsure. A finished video whose file had gone said "the
+    browser could not play it", with a Try again that could never work. A create whose answer was lost (the
+    connection dropped after the server took it) made a second video when Generate was pressed again."""
+    from wanserve.jobs.sqlite import SQLiteJobStore
+    from wanserve.storage.base import VIDEO, key_for
+
+    # An API with no worker: the test plays the worker, so a cancel waits as one does behind a long step.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["api", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--model", "tiny-t2v"]
+    process = Process(args, base_env(tiny_cache), tmp_path / "api.log")
+    store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
+    try:
+        wait_ready(url, process)
+        made = [httpx.post(f"{url}/v1/videos", json={"prompt": p}).json()["id"] for p in ("file lost", "held")]
+        for job_id in made:
+            job = store.claim("tiny-t2v", "test-worker", lease_seconds=3600)
+            assert job is not None and job.id == job_id
+            assert store.set_progress(job_id, "test-worker", 0.4, "denoise")
+        request = store.get(made[0]).request
+        result = {k: request[k] for k in ("seed", "width", "height", "num_frames", "fps")}
+        result.update(seconds=1, video_key=key_for(made[0], VIDEO), thumbnail_key=None)
+        assert store.complete(made[0], "test-worker", result, 3600)  # and its file never stored (or gone since)
+
+        page.goto(url)
+        held = page.locator(".job", has_text="held")
+        held.locator("button.cancel").click()
+        held.locator(".detail", has_text="cancelling: it stops after the current step").wait_for()
+        assert held.locator("button.cancel").is_disabled()
+        assert "cancel requested" in page.text_content("#announcer")
+        assert held.get_attribute("data-status") == "in_progress"
+
+        lost = page.locator(".job", has_text="file lost")
+        lost.locator(".error", has_text="no longer stored").wait_for()
+        assert "could not play" not in lost.text_content() and lost.locator("button", has_text="Try again").is_hidden()
+
+        # The first create's answer is lost after the server took it; Generate again sends the same key.
+        dropped: list[str] = []
+
+        def drop_answer(route: Any) -> None:
+            if not dropped:
+                dropped.append(route.fetch().status and route.request.headers["idempotency-key"])
+                route.abort()
+            else:
+                route.continue_()
+
+        page.route(
+            "**/v1/videos", lambda route: drop_answer(route) if route.request.method == "POST" else route.continue_()
+        )
+        page.fill("#prompt", "sent twice")
+        page.click("#generate")
+        page.wait_for_function("() => /cannot be reached/.test(document.querySelector('#create-error').textContent)")
+        page.click("#generate")
+        page.locator(".job", has_text="sent twice").wait_for()
+        listed = httpx.get(f"{url}/v1/videos", params={"limit": 100}).json()["data"]
+        assert [v["prompt"] for v in listed].count("sent twice") == 1
+        assert dropped[0].startswith("page-")
+    finally:
+        store.close()
+        process.stop()

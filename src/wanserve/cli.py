@@ -468,6 +468,7 @@ def submit(
     # stalled after queueing it) is answered by the next with the job it made, never a second job.
     key = f"wanserve-submit-{uuid.uuid4().hex}"
     heard = False  # a wanserve answered at this URL: a lost answer is then worth sending again for
+    full = False  # the last answer was a full queue: nothing was queued (a key whose job exists is replayed)
     try:
         try:  # around the waits too: a Ctrl-C while one sleeps (inside an except clause) escaped its siblings
             while True:
@@ -477,9 +478,10 @@ def submit(
                 except ApiError as exc:
                     if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
                         _refused(exc, client)
-                    heard = True
-                    outage.wait(exc.message, exc.retry_after)
+                    heard, full = True, exc.status == 429
+                    outage.wait(exc.message, exc.retry_after, "the queue has room again" if full else None)
                 except Unreachable as exc:
+                    full = False
                     # Tried again only where a wanserve was heard: a connection refused, or one reset or closed by
                     # whatever listens there (TLS, Redis) is most likely the wrong URL.
                     heard = heard or outage.since is not None or (exc.delivered and client.is_wanserve())
@@ -489,6 +491,8 @@ def submit(
                 except NotAnApi as exc:
                     fail(f"{exc} (--url / WANSERVE_URL names another server)")
         except KeyboardInterrupt:
+            if full:
+                fail("interrupted while the queue was full: the job was not queued", 130)
             fail(
                 "interrupted while sending the job: if the server took it, GET /v1/videos lists it "
                 f"(sent with Idempotency-Key: {key}; sending it again with that key gives its id)",
@@ -505,7 +509,7 @@ def submit(
         try:
             video = _follow(client, video, outage)
         except KeyboardInterrupt:
-            _cancel_on_interrupt(client, video_id)
+            _cancel_on_interrupt(client, video_id, base)
         if video["status"] != "completed":
             error = video.get("error") or {}
             if error.get("code") == "cancelled":
@@ -549,10 +553,12 @@ def _connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _key_refused(client: Any) -> NoReturn:
+def _key_refused(client: Any, video_id: str | None = None) -> NoReturn:
+    """`video_id`: a job already queued (the server's keys changed while it was followed), which goes on."""
+    kept = f" ({video_id} is still on the server: follow it with a key the server takes)" if video_id else ""
     if client.key is None:
-        fail("the server asks for an API key: set WANSERVE_API_KEY to one of its keys", 2)
-    fail("WANSERVE_API_KEY: the server refused this key (not one of its WANSERVE_API_KEY keys)", 2)
+        fail(f"the server asks for an API key: set WANSERVE_API_KEY to one of its keys{kept}", 2)
+    fail(f"WANSERVE_API_KEY: the server refused this key (not one of its WANSERVE_API_KEY keys){kept}", 2)
 
 
 def _refused(exc: Any, client: Any) -> NoReturn:
@@ -572,16 +578,19 @@ class _Outage:
 
     def __init__(self) -> None:
         self.since: float | None = None
+        self.ended = "the server answers again"
 
-    def wait(self, why: str, retry_after: str | None) -> None:
+    def wait(self, why: str, retry_after: str | None, ended: str | None = None) -> None:
+        """`ended`: what its end is said as (a full queue was answered all along: it has room again)."""
         if self.since is None:
             self.since = time.monotonic()
             console.print(f"[yellow]warning:[/yellow] {escape(why)}; still trying (Ctrl-C stops)")
+        self.ended = ended or "the server answers again"
         time.sleep(int(retry_after) if retry_after and retry_after.isdigit() else 2)
 
     def over(self) -> None:
         if self.since is not None:
-            console.print("the server answers again")
+            console.print(self.ended)
             self.since = None
 
 
@@ -624,7 +633,7 @@ def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, An
                         "another job store"
                     )
                 if exc.status == 401:
-                    _key_refused(client)
+                    _key_refused(client, video["id"])
                 outage.wait(exc.message, exc.retry_after)
                 continue
             outage.over()
@@ -637,13 +646,21 @@ def _follow(client: Any, video: dict[str, Any], outage: _Outage) -> dict[str, An
     return video
 
 
-def _cancel_on_interrupt(client: Any, video_id: str) -> NoReturn:
+def _cancel_on_interrupt(client: Any, video_id: str, base: str) -> NoReturn:
+    """Says what the cancel's answer says: the job may have ended since it was last read."""
     from wanserve.client import ApiError, NotAnApi, Unreachable
 
     try:
-        client.cancel(video_id)
+        video = client.cancel(video_id)
     except (ApiError, Unreachable, NotAnApi) as exc:
         fail(f"interrupted; {video_id} could not be cancelled: {exc}", 130)
+    error = video.get("error") or {}
+    if video["status"] == "completed":
+        fail(f"interrupted: {video_id} had completed already: GET {base}/v1/videos/{video_id}/content", 130)
+    if video["status"] == "failed" and error.get("code") != "cancelled":
+        fail(f"interrupted: {video_id} had failed already: {error.get('code')}: {error.get('message')}", 130)
+    if video["status"] == "in_progress":
+        fail(f"interrupted: {video_id} is being cancelled (it stops after its current step)", 130)
     fail(f"interrupted: {video_id} cancelled", 130)
 
 
@@ -774,6 +791,14 @@ def worker(
     _run_role("worker", **locals())  # every parameter is a Settings key
 
 
+def model_guidance(spec: Any) -> str:
+    """The guidance column, as the README's table writes it (`4.0 / 3.0, boundary 0.875` for two experts)."""
+    guidance = f"{spec.guidance_scale:.1f}"
+    if spec.two_experts:
+        guidance += f" / {spec.guidance_scale_2:.1f}, boundary {spec.boundary_ratio:.3f}"
+    return guidance
+
+
 @app.command()
 def models() -> None:
     """The model catalog: names, aliases, tasks and official defaults."""
@@ -785,18 +810,16 @@ def models() -> None:
         "aliases",
         "tasks",
         "Hugging Face repo",
-        "size",
+        "default size",
         "frames",
         "fps",
         "steps",
         "guidance",
-        "shift",
+        "flow shift",
     ):
         table.add_column(column, overflow="fold")  # a cut name could not be typed back: fold it
     for spec in ALL_SPECS:
-        guidance = f"{spec.guidance_scale:g}"
-        if spec.two_experts:
-            guidance += f" / {spec.guidance_scale_2:g} (boundary {spec.boundary_ratio:g})"
+        guidance = model_guidance(spec)
         table.add_row(
             spec.name,
             ", ".join(spec.aliases),
@@ -807,7 +830,7 @@ def models() -> None:
             str(spec.fps),
             str(spec.num_inference_steps),
             guidance,
-            f"{spec.flow_shift:g}",
+            f"{spec.flow_shift:.1f}",
         )
     Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: as wide as the table needs
 

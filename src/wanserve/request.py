@@ -154,9 +154,11 @@ def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     """`832x480`, `832*480`, `832X480` or `832×480` -> (width, height)."""
     match = _SIZE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        # Each field's own spelling: the task routes' `resolution` is documented as 1280*704.
+        # Each field's own spelling: the legacy routes' `resolution` and `image_size` are documented as 1280*704.
         example = (
-            "WIDTH*HEIGHT (for example 1280*704)" if field == "resolution" else "WIDTHxHEIGHT (for example 832x480)"
+            "WIDTH*HEIGHT (for example 1280*704)"
+            if field in ("resolution", "image_size")
+            else "WIDTHxHEIGHT (for example 832x480)"
         )
         raise InvalidRequest(field, f"must look like {example}, got {text!r}")
     return int(match[1]), int(match[2])
@@ -228,8 +230,24 @@ def _read_image(data: bytes, field: str, size_only: bool) -> Any:
     except Image.DecompressionBombError as exc:
         raise InvalidRequest(field, f"has too many pixels to decode safely: {exc}") from None
     except Exception as exc:  # Pillow's decoders raise much besides OSError (NotImplementedError, struct.error…)
+        if not data:
+            raise InvalidRequest(field, "is empty: send a PNG, JPEG or WebP image") from None
+        if isinstance(exc, Image.UnidentifiedImageError) and (other := _other_format(data)):
+            raise InvalidRequest(field, f"is a {other} image; send it as PNG, JPEG or WebP") from None
         reason = "" if isinstance(exc, Image.UnidentifiedImageError) else f": {exc}"  # names the BytesIO: noise
         raise InvalidRequest(field, f"could not be decoded as an image (PNG, JPEG or WebP){reason}") from None
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format of an image Pillow reads but the models are not given (GIF, BMP, TIFF…), from its header
+    only: a refusal that names it says what to do, where "could not be decoded" reads as a damaged file."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except Exception:  # not an image at all
+        return None
 
 
 def image_shaped_size(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -91,9 +92,16 @@ def content_url(base: str, job: Job) -> str | None:
     return f"{base}/v1/videos/{job.id}/content" if job.status == JobStatus.COMPLETED else None
 
 
+def base_path(base: str) -> str:
+    """The path part of the public base (`/wan` behind a proxy that serves us there, else empty)."""
+    return urlsplit(base).path.rstrip("/")
+
+
 def video_status(job: Job, queue_position: int | None, base: str) -> dict[str, Any]:
+    """`video_url` is a path, as the replaced system gave (`/videos/<id>.mp4`): its clients join it to the
+    server's address."""
     error = status_words.job_error(job)
-    url = content_url(base, job)
+    url = content_url(base_path(base), job)
     reason = error["message"] if error else None
     if reason is None and job.cancel_requested and not job.status.finished:
         # Their cancel answered Cancelled at once; a running job here stops at its next step.
@@ -118,6 +126,8 @@ def task_status(job: Job, queue_position: int | None, base: str) -> dict[str, An
         "queue_position": queue_position,
         "result_url": content_url(base, job),
         "error": status_words.job_error(job),
+        # Asked for on another route (these have no cancel): the job stops at its next step.
+        "cancel_requested": job.cancel_requested and not job.status.finished,
         "created_at": iso_utc(job.created_at),
         "updated_at": iso_utc(job.updated_at),
     }
@@ -131,7 +141,7 @@ def _request(body: Mapping[str, Any], size_field: str, max_bytes: int) -> Genera
         values.setdefault("width", width)
         values.setdefault("height", height)
     image_url = body.get("image_url")
-    image = decode_data_url(image_url, "image_url", max_bytes) if image_url is not None else None
+    image = decode_data_url(image_url, "image_url", max_bytes, uploads=False) if image_url is not None else None
     return GenerationRequest(prompt=body.get("prompt"), image=image, **values)
 
 
@@ -196,7 +206,15 @@ def _older_names(body: Mapping[str, Any], size_field: str) -> tuple[dict[str, An
 def _their_knobs(body: Mapping[str, Any]) -> None:
     """Their attention cache and sampler: taken where they ask for nothing other than what is done here (no
     cache asked for, so its step fields mean nothing; UniPC), else refused with what to send instead."""
-    if body.get("use_attentioncache") not in (None, False):
+    use_cache = body.get("use_attentioncache")
+    if use_cache is not None and not isinstance(use_cache, bool):
+        raise InvalidRequest("use_attentioncache", f"must be true or false, got {use_cache!r}")
+    for name in sorted(STEP_CACHE_FIELDS - {"use_attentioncache"}):
+        value = body.get(name)
+        # Unused here (no cache asked for), but checked as their server did: a client's slip is not hidden.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidRequest(name, f"must be a whole number of steps, 0 or more, got {value!r}")
+    if use_cache:
         raise InvalidRequest(
             "use_attentioncache",
             "the step cache is chosen with preset (fast or fastest, where the server allows it per request: "
@@ -318,7 +336,8 @@ def router(
             key = idempotency_key(request.headers)
             body = await read_json_object(request)
             job, replayed = await run_in_threadpool(submit_task, body, source, key)
-            status_url = f"{public_base(request, settings)}{prefix}/status/{job.id}"
+            # A path, as the replaced system gave: its clients join it to the address they called.
+            status_url = f"{base_path(public_base(request, settings))}{prefix}/status/{job.id}"
             return JSONResponse(
                 {"task_id": job.id, "status": status_words.API_V1[job.status], "status_url": status_url},
                 status_code=202,
@@ -326,7 +345,10 @@ def router(
             )
 
         def status(request: Request, task_id: str) -> dict[str, Any]:
-            job = store.get(task_id)
+            try:
+                job = store.get(task_id)
+            except JobNotFound as exc:
+                raise JobNotFound(task_id, "task_id", exc.deleted) from None
             return task_status(job, position(job), public_base(request, settings))
 
         path = f"{prefix}/generate" if prefix else "/submit"

@@ -34,7 +34,6 @@ from .schemas import VideoCreate, idempotent, json_or_form_body
 from .submit import (
     EXTENSION_FIELDS,
     REPLAYED,
-    PayloadTooLarge,
     UnknownField,
     base_name,
     cancel,
@@ -44,6 +43,7 @@ from .submit import (
     form_int,
     generation_values,
     idempotency_key,
+    image_too_large,
     optional_str,
     queue_position,
     reject_parallel_layout,
@@ -113,6 +113,9 @@ def video_object(job: Job, queue_position: int | None) -> dict[str, Any]:
         "num_frames": num_frames,
         "fps": fps,
         "stage": job.stage,
+        # A running job's cancel takes effect at its next step: until then it shows, so a client (the page's
+        # Cancel button) can tell a cancel under way from one not taken.
+        "cancel_requested": job.cancel_requested and not job.status.finished,
         "timings": result.get("timings"),
         # What served it once done; before, what the request asked for (null: the workers' own preset).
         "preset": result.get("preset", request.get("preset")),
@@ -125,14 +128,15 @@ def poll_headers(job: Job) -> dict[str, str]:
     return {"openai-poll-after-ms": str(after)} if after is not None else {}
 
 
-def _within_upload_limit(data: bytes, settings: Settings) -> bytes:
+def _within_upload_limit(data: bytes, settings: Settings, size: int | None = None) -> bytes:
+    """`size`: the whole file's, where known (`data` stops one byte past the limit)."""
     if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge("input_reference", f"the upload is larger than {settings.max_upload_bytes} bytes")
+        raise image_too_large("input_reference", settings.max_upload_bytes, size or len(data))
     return data
 
 
 async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
-    return _within_upload_limit(await upload.read(settings.max_upload_bytes + 1), settings)
+    return _within_upload_limit(await upload.read(settings.max_upload_bytes + 1), settings, upload.size)
 
 
 async def read_create_body(request: Request, settings: Settings) -> tuple[dict[str, Any], bytes | None, bool]:

@@ -89,6 +89,23 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+def byte_size(count: int) -> str:
+    """A size as a person reads it (`20 MiB`, `26.9 MiB`, `512 bytes`); where rounding hides the exact number,
+    it follows, so that a limit is never read as more than it is."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            if count % scale == 0:
+                return f"{count // scale} {unit}"
+            return f"{count / scale:.1f} {unit} ({count:,} bytes)"
+    return f"{count} bytes"
+
+
+def image_too_large(field: str, limit: int, size: int | None = None, what: str = "the image") -> PayloadTooLarge:
+    """One wording wherever an input image is found too large: what it is, when known, and the limit."""
+    found = f"{what} is {byte_size(size)}" if size is not None else f"{what} is too large"
+    return PayloadTooLarge(field, f"{found}; an input image may be at most {byte_size(limit)}")
+
+
 class IdempotencyKeyReused(InvalidRequest):
     # 422 as draft-ietf-httpapi-idempotency-key-header asks for a key sent again with another payload.
     status_code = 422
@@ -249,19 +266,17 @@ def optional_str(field: str, value: object) -> str | None:
     return value
 
 
-def decode_data_url(value: object, field: str, max_bytes: int) -> bytes:
+def decode_data_url(value: object, field: str, max_bytes: int, uploads: bool = True) -> bytes:
     """The image inside a base64 `data:` URL. Remote URLs are refused: the API never reaches out to the
-    network on a client's behalf (no SSRF, no hanging on slow hosts)."""
+    network on a client's behalf (no SSRF, no hanging on slow hosts). `uploads`: whether the route also
+    takes the image as a file, so that the refusal points only to what the route takes."""
     if not isinstance(value, str):
         raise InvalidRequest(field, "must be a data: URL string (data:image/png;base64,...)")
     text = value.strip()
     lowered = text[:16].lower()
     if lowered.startswith(("http://", "https://")):
-        raise InvalidRequest(
-            field,
-            "only data: URLs (data:image/png;base64,...) or file uploads are accepted; this server does not fetch "
-            "http(s) URLs",
-        )
+        accepted = "data: URLs (data:image/png;base64,...)" + (" or file uploads" if uploads else "")
+        raise InvalidRequest(field, f"only {accepted} are accepted; this server does not fetch http(s) URLs")
     if not lowered.startswith("data:"):
         raise InvalidRequest(field, "must be a data: URL (data:image/png;base64,...)")
     header, sep, payload = text[5:].partition(",")
@@ -269,13 +284,13 @@ def decode_data_url(value: object, field: str, max_bytes: int) -> bytes:
         raise InvalidRequest(field, "must be a base64 data URL (data:image/png;base64,...)")
     payload = "".join(payload.split())
     if len(payload) // 4 * 3 > max_bytes + 2:  # refuse before decoding a huge string
-        raise PayloadTooLarge(field, f"the image is larger than {max_bytes} bytes")
+        raise image_too_large(field, max_bytes, len(payload) // 4 * 3)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(field, "the data: URL does not hold valid base64") from None
     if len(data) > max_bytes:
-        raise PayloadTooLarge(field, f"the image is larger than {max_bytes} bytes")
+        raise image_too_large(field, max_bytes, len(data))
     if not data:
         raise InvalidRequest(field, "the data: URL holds no image")
     return data

@@ -17,7 +17,7 @@ from wanserve.config import Settings
 from wanserve.errors import InvalidRequest
 from wanserve.storage.base import Storage
 
-from .submit import PayloadTooLarge
+from .submit import PayloadTooLarge, byte_size
 
 # Room for the JSON or multipart framing around an image at the upload limit, and base64's 4/3 growth.
 _FRAMING_BYTES = 256 * 1024
@@ -27,14 +27,14 @@ def body_limit(settings: Settings) -> int:
     return settings.max_upload_bytes * 4 // 3 + _FRAMING_BYTES
 
 
-def _too_large(limit: int, image_limit: int | None = None) -> PayloadTooLarge:
+def _too_large(limit: int, image_limit: int | None = None, declared: int | None = None) -> PayloadTooLarge:
+    """`declared`: the body's Content-Length, where it was sent (else it is known to be past `limit` only)."""
+    size = byte_size(declared) if declared is not None else f"more than {byte_size(limit)}"
     if image_limit is not None:  # a form's bulk is its file: say so, with the limit that applies to it
         return PayloadTooLarge(
-            "input_reference",
-            f"the upload is larger than allowed: an input image may be at most {image_limit} bytes "
-            f"(the form came to more than {limit})",
+            "input_reference", f"the form is {size}; an input image may be at most {byte_size(image_limit)}"
         )
-    return PayloadTooLarge("body", f"the request body is larger than allowed ({limit} bytes)")
+    return PayloadTooLarge("body", f"the request body is {size}; at most {byte_size(limit)} is taken")
 
 
 class UnsupportedEncoding(InvalidRequest):
@@ -70,7 +70,7 @@ class BodyLimitMiddleware:
         async def limited_receive() -> Message:
             nonlocal received
             if declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit, image_limit)
+                raise _too_large(limit, image_limit, int(declared))
             message = await receive()
             if message["type"] == "http.request" and message.get("body") and encoding.lower() not in ("", "identity"):
                 raise UnsupportedEncoding("content-encoding", f"{encoding!r} is not taken: send the body uncompressed")

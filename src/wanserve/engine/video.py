@@ -34,7 +34,9 @@ def check_output_path(out: Path) -> None:
     """Refuse, before any work, a path that could not hold the video and its thumbnail (the error's field is
     `out_path`; the CLI calls it `--out`). Creates the missing folders."""
     if not out.name or out.name in (".", ".."):
-        raise InvalidRequest("out_path", f"{str(out)!r} names no file: give the MP4's path, such as fox.mp4")
+        # An empty path reads as '.': said as what the user may have typed.
+        given = "an empty path or '.'" if str(out) == "." else repr(str(out))
+        raise InvalidRequest("out_path", f"{given} names no file: give the MP4's path, such as fox.mp4")
     thumbnail = thumbnail_path_for(out)
     # Any case: on a case-insensitive disk (macOS, Windows) fox.WEBP and fox.webp are one file, the video lost.
     if out.suffix.lower() == thumbnail.suffix:

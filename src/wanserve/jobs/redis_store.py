@@ -487,8 +487,12 @@ class RedisJobStore:
     def get(self, job_id: str) -> Job:
         fields = self._redis.hgetall(self._key("job", job_id))
         if not fields:
-            raise JobNotFound(job_id, deleted=bool(self._redis.exists(self._key("gone", job_id))))
+            raise self._missing(job_id)
         return _from_fields(fields)
+
+    def _missing(self, job_id: str) -> JobNotFound:
+        """Told apart from an id never known: a job deleted or expired lately "no longer exists"."""
+        return JobNotFound(job_id, deleted=bool(self._redis.exists(self._key("gone", job_id))))
 
     def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
         flat = self._once(self._claim, model, worker_id, _clock(now), repr(float(lease_seconds)))
@@ -528,7 +532,7 @@ class RedisJobStore:
     def request_cancel(self, job_id: str, ttl: float, now: float | None = None) -> tuple[Job, bool]:
         reply = self._once(self._request_cancel, job_id, _clock(now), repr(float(ttl)))
         if reply is False:
-            raise JobNotFound(job_id)
+            raise self._missing(job_id)
         ended, flat = reply
         return _from_flat(flat), bool(ended)
 
@@ -539,7 +543,7 @@ class RedisJobStore:
     def queue_position(self, job_id: str) -> int | None:
         place = int(self._position(args=[self.prefix, job_id]))
         if place < 0:
-            raise JobNotFound(job_id)
+            raise self._missing(job_id)
         return place or None
 
     def queue_depth(self, model: str) -> int:
@@ -583,7 +587,7 @@ class RedisJobStore:
     def delete(self, job_id: str) -> Job:
         reply = self._once(self._delete, job_id, CURSOR_TTL_S)
         if reply == "missing":
-            raise JobNotFound(job_id)
+            raise self._missing(job_id)
         if reply == "running":
             raise InvalidRequest("id", "the job is running; cancel it before deleting it")
         return _from_flat(reply)

@@ -161,8 +161,15 @@ class SQLiteJobStore:
     def _load(conn: sqlite3.Connection, job_id: str) -> Job:
         row = conn.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise JobNotFound(job_id)
+            raise SQLiteJobStore._missing(conn, job_id)
         return Job.from_dict(json.loads(row[0]))
+
+    @staticmethod
+    def _missing(conn: sqlite3.Connection, job_id: str) -> JobNotFound:
+        """Told apart from an id never known: a job deleted or expired lately "no longer exists"."""
+        since = time.time() - CURSOR_TTL_S
+        gone = conn.execute("SELECT 1 FROM gone WHERE id = ? AND gone_at >= ?", (job_id, since)).fetchone()
+        return JobNotFound(job_id, deleted=gone is not None)
 
     @staticmethod
     def _save(conn: sqlite3.Connection, job: Job) -> None:
@@ -245,13 +252,7 @@ class SQLiteJobStore:
         return stored
 
     def get(self, job_id: str) -> Job:
-        conn = self._conn()
-        try:
-            return self._load(conn, job_id)
-        except JobNotFound:
-            since = time.time() - CURSOR_TTL_S
-            gone = conn.execute("SELECT 1 FROM gone WHERE id = ? AND gone_at >= ?", (job_id, since)).fetchone()
-            raise JobNotFound(job_id, deleted=gone is not None) from None
+        return self._load(self._conn(), job_id)
 
     def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
@@ -378,23 +379,20 @@ class SQLiteJobStore:
         return changed
 
     def queue_position(self, job_id: str) -> int | None:
-        row = (
-            self._conn()
-            .execute(
-                """
-                SELECT j.status, (
-                    SELECT COUNT(*) FROM jobs o
-                    WHERE o.model = j.model AND o.status = 'queued'
-                      AND (o.priority > j.priority OR (o.priority = j.priority AND o.seq < j.seq))
-                )
-                FROM jobs j WHERE j.id = ?
-                """,
-                (job_id,),
+        conn = self._conn()
+        row = conn.execute(
+            """
+            SELECT j.status, (
+                SELECT COUNT(*) FROM jobs o
+                WHERE o.model = j.model AND o.status = 'queued'
+                  AND (o.priority > j.priority OR (o.priority = j.priority AND o.seq < j.seq))
             )
-            .fetchone()
-        )
+            FROM jobs j WHERE j.id = ?
+            """,
+            (job_id,),
+        ).fetchone()
         if row is None:
-            raise JobNotFound(job_id)
+            raise self._missing(conn, job_id)
         status, ahead = row
         return ahead + 1 if status == JobStatus.QUEUED.value else None
 

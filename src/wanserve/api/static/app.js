@@ -44,6 +44,10 @@ const state = {
   busy: false, // the last list held an unfinished video
   timer: null,
   modelsAt: 0,
+  // The create's Idempotency-Key, kept with what it sent while its answer may have been lost (no answer, or a
+  // 5xx from a proxy after the server took it): Generate pressed again for the same video sends the same key,
+  // and the server answers with the job it already made instead of queueing a second one.
+  create: null, // {key, sent}
 };
 
 class ApiError extends Error {
@@ -288,21 +292,41 @@ async function createVideo(event) {
   for (const name of ["prompt", "negative_prompt"]) {
     if (body.has(name)) body.set(name, $(name).value.replace(/\r\n?/g, "\n"));
   }
+  const sent = fingerprint(body);
+  if (!state.create || state.create.sent !== sent) state.create = { key: newKey(), sent };
   const button = $("generate");
   button.disabled = true;
   try {
-    const video = await callJson("v1/videos", { method: "POST", body });
+    const headers = { "Idempotency-Key": state.create.key };
+    const video = await callJson("v1/videos", { method: "POST", body, headers });
+    state.create = null;
     state.epoch += 1;
     state.modelsAt = 0; // its queue line counts this video from the next refresh
     showJob(video, true);
     announce(`video queued${video.queue_position ? `, number ${video.queue_position} in the queue` : ""}`);
     schedule(0);
   } catch (error) {
+    if (error.status !== 0 && error.status < 500) state.create = null; // refused: nothing was made
     if (error.status !== 401) showCreateError(error);
   } finally {
     button.disabled = false;
     if (document.activeElement === document.body) button.focus();
   }
+}
+
+// Visible ASCII, as the header takes; crypto.randomUUID is missing where the page is not served over https.
+function newKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `page-${[...bytes].map((byte) => byte.toString(16).padStart(2, "0")).join("")}`;
+}
+
+// What a create sends, to tell a retry of the same video from a new one (an image by its name, size and date).
+function fingerprint(body) {
+  const parts = [];
+  for (const [name, value] of body) {
+    parts.push([name, value instanceof File ? [value.name, value.size, value.lastModified] : value]);
+  }
+  return JSON.stringify(parts);
 }
 
 // The list of videos ---------------------------------------------------------------------------------------
@@ -322,7 +346,8 @@ function detailOf(video) {
   }
   if (video.status === "in_progress") {
     const stage = STAGES[video.stage] || video.stage || "starting";
-    return `${stage} · ${video.progress}%`;
+    const cancelling = video.cancel_requested ? " · cancelling: it stops after the current step" : "";
+    return `${stage} · ${video.progress}%${cancelling}`;
   }
   const parts = [`${video.seconds} s`, `${video.num_frames} frames at ${video.fps} fps`, `seed ${video.seed}`];
   if (video.timings && video.timings.total != null) parts.push(`made in ${video.timings.total.toFixed(1)} s`);
@@ -347,8 +372,24 @@ async function blobUrl(id, variant) {
   return url;
 }
 
-function mediaFailed(card, message) {
+// A media element says only that it failed: ask the server, which says why when it has no file (it expired or
+// was deleted: a 404, for which no retry can help).
+async function whyNotPlayed(card, src) {
+  let message = "the browser could not play it";
+  let again = true;
+  if (!src.startsWith("blob:")) {
+    try {
+      await call(src, { headers: { Range: "bytes=0-0" } });
+    } catch (error) {
+      if (error.status >= 400) [message, again] = [error.message, error.status !== 404];
+    }
+  }
+  if (state.cards.has(card.dataset.id)) mediaFailed(card, message, again);
+}
+
+function mediaFailed(card, message, again = true) {
   const retry = document.createElement("button");
+  retry.hidden = !again;
   retry.type = "button";
   retry.textContent = "Try again";
   retry.addEventListener("click", () => {
@@ -371,7 +412,7 @@ function player(card, src, poster) {
   video.preload = "metadata";
   video.setAttribute("aria-label", `video: ${card.querySelector(".prompt").textContent.slice(0, 80)}`);
   if (poster) video.poster = poster;
-  video.addEventListener("error", () => mediaFailed(card, "the browser could not play it"));
+  video.addEventListener("error", () => whyNotPlayed(card, src));
   video.src = src;
   return video;
 }
@@ -469,6 +510,9 @@ function showJob(video, first = false) {
   const finished = !unfinished(video);
   if (finished && !cancel.hidden && document.activeElement === cancel) card.querySelector(".delete").focus();
   cancel.hidden = finished;
+  // Asked for already: pressed again it would do nothing more, and the detail line says it is under way.
+  card.dataset.cancelling = video.cancel_requested && !finished ? "true" : "";
+  cancel.disabled = Boolean(card.dataset.cancelling);
   if (video.status === "completed") showMedia(card);
   $("no-jobs").hidden = true;
   return card;
@@ -510,14 +554,15 @@ async function act(card, method, action) {
       return;
     }
     showJob(answer);
+    if (answer.cancel_requested) announce("cancel requested: the video stops after its current step");
   } catch (error) {
     // Gone on the server already (deleted elsewhere, or expired): as a delete, said, and the focus kept.
     if (error.status === 404) forget(id, "video no longer exists", card.contains(focused));
     else card.querySelector(".action-error").textContent = error.message; // kept until the next action
   } finally {
-    for (const button of buttons) button.disabled = false;
+    for (const button of buttons) button.disabled = button.classList.contains("cancel") && Boolean(card.dataset.cancelling);
     if (card.isConnected && card.contains(focused) && document.activeElement === document.body) {
-      [...buttons].find((button) => !button.hidden)?.focus();
+      [...buttons].find((button) => !button.hidden && !button.disabled)?.focus();
     }
   }
 }
