@@ -195,8 +195,14 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert "guidance_scale: must be a number" in page.text_content("#create-error")
         page.fill("#guidance_scale", "")
 
-        # A job waiting behind a slow one is cancelled from its card; the slow one then deleted.
+        # Settings typed stay when another model is chosen, where it takes them (they were all cleared, without a
+        # word); what it cannot take is cleared, and said.
+        _fill(page, {"#num_frames": "5", "#num_inference_steps": "2", "#size": "63x64"})
         page.select_option("#model", "tiny-t2v")
+        assert page.input_value("#num_frames") == "5" and page.input_value("#num_inference_steps") == "2"
+        assert page.input_value("#size") == "" and "size cleared" in page.text_content("#announcer")
+
+        # A job waiting behind a slow one is cancelled from its card; the slow one then deleted.
         _fill(page, {"#prompt": "slow one", **SLOW})
         page.click("#generate")
         _fill(page, {"#prompt": "waiting one"})

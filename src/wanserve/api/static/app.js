@@ -164,6 +164,11 @@ async function loadModels() {
   if (select.options.length !== state.models.size || [...select.options].some((o) => !state.models.has(o.value))) {
     select.replaceChildren(...body.data.map((model) => new Option(model.id, model.id)));
     if (state.models.has(chosen)) select.value = chosen;
+    else if (chosen) {
+      // Gone from the server (a restart with other models): said, not switched under the user's hands unseen.
+      $("create-error").textContent = `model ${chosen} is no longer served here; ${select.value} is chosen instead`;
+      announce($("create-error").textContent);
+    }
     fitFormToModel();
   }
   showModelInfo();
@@ -216,7 +221,11 @@ function fitFormToModel() {
   frames.placeholder = `${d.num_frames} (${d.seconds} s at ${d.fps} fps)`;
   $("num_inference_steps").placeholder = d.num_inference_steps;
   $("guidance_scale").placeholder = d.guidance_scale;
-  for (const name of ["size", "num_frames", "num_inference_steps", "guidance_scale"]) $(name).value = "";
+  // What was typed stays where this model takes it too (steps and guidance: every model's rules are the same);
+  // what it cannot take is cleared, and said, where it used to be cleared all, without a word.
+  const cleared = ["size", "num_frames"].filter((name) => $(name).value.trim() && !takes(model, name, $(name).value));
+  for (const name of cleared) $(name).value = "";
+  if (cleared.length) announce(`${cleared.join(" and ")} cleared: ${model.id} does not take the value given`);
 
   // The workers' own preset (sent as nothing), or another one a request may ask them for; a choice made for
   // one model stays when another is picked, where that one offers it too.
@@ -238,6 +247,21 @@ function fitFormToModel() {
     .filter((name) => offered.has(name))
     .map((name) => words[name])
     .join("; ");
+}
+
+// Whether `model` takes a size or frame count typed for another (the server's rules, from its limits).
+function takes(model, name, text) {
+  const limits = model.limits;
+  if (name === "size") {
+    const match = /^\s*(\d+)\s*[xX*×]\s*(\d+)\s*$/.exec(text);
+    if (!match) return false;
+    const [width, height] = [Number(match[1]), Number(match[2])];
+    const fits = (side) => side > 0 && side % limits.size_multiple === 0 && side <= limits.max_side;
+    return fits(width) && fits(height) && width * height <= limits.max_pixels;
+  }
+  const frames = Number(text);
+  const inRange = Number.isInteger(frames) && frames >= 1 && frames <= limits.max_frames;
+  return inRange && (frames - 1) % limits.frame_stride === 0;
 }
 
 // Creating a video ------------------------------------------------------------------------------------------
@@ -560,7 +584,8 @@ async function act(card, method, action) {
     if (error.status === 404) forget(id, "video no longer exists", card.contains(focused));
     else card.querySelector(".action-error").textContent = error.message; // kept until the next action
   } finally {
-    for (const button of buttons) button.disabled = button.classList.contains("cancel") && Boolean(card.dataset.cancelling);
+    const cancelling = Boolean(card.dataset.cancelling);
+    for (const button of buttons) button.disabled = cancelling && button.classList.contains("cancel");
     if (card.isConnected && card.contains(focused) && document.activeElement === document.body) {
       [...buttons].find((button) => !button.hidden && !button.disabled)?.focus();
     }
