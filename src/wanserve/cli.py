@@ -388,7 +388,9 @@ def submit(
     url: Annotated[
         str | None, setting("the wanserve API to send the job to (default http://<host>:<port>)", "url")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="a model the server serves (default: its first)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="a model the server serves (default: the first served that does the task)")
+    ] = None,
     image: ImageOpt = None,
     negative_prompt: NegativeOpt = None,
     size: SizeOpt = None,

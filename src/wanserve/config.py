@@ -1,4 +1,5 @@
-"""One `Settings` object for every role. The same key is the env var (`WANSERVE_<KEY>`) and the CLI flag."""
+"""One `Settings` object for every role. Each key is the env var `WANSERVE_<KEY>`; the most used also have a
+CLI flag of the same name (docs/operations.md lists which)."""
 
 from __future__ import annotations
 

@@ -567,7 +567,8 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
     from wanserve.api.app import error_response, install_error_handlers
     from wanserve.api.auth import Unauthorized, key_matches, presented_key
 
-    app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None)
+    # No schema either: four routes for probes, a scraper and a preStop hook (docs/operations.md).
+    app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)  # errors (a refused drain, a 404) shaped as the API's, problem+json with a code
 
     @app.get("/health")

@@ -40,7 +40,11 @@ class WanFields(_Strict):
 
 class VideoCreate(WanFields):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
-    model: str | None = Field(None, description="a served model's name or alias; omitted: the first served")
+    model: str | None = Field(
+        None,
+        description="a served model's name or alias; omitted: the first served that does the task (an image: "
+        "image-to-video)",
+    )
     seconds: str | float | None = Field(None, description='e.g. "4": the nearest valid frame count at the fps')
     size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "832x480"')
     input_reference: dict[str, str] | str | None = Field(
