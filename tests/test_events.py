@@ -126,6 +126,9 @@ def test_a_stream_opened_on_a_finished_job_sends_it_once_and_ends(videos: Api, m
     videos.client.delete(f"/v1/videos/{job_id}")
     gone = videos.client.get(f"/v1/videos/{job_id}/events", headers={"Last-Event-ID": "final"})
     assert gone.status_code == 204
+    # An id never known is a 404 with it too (it was a 204: a typo, or the wrong server, stopped in silence).
+    unknown = videos.client.get("/v1/videos/video_never/events", headers={"Last-Event-ID": "final"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
     # Any other id is ignored, as before: the current state first.
     queued = videos.create()["id"]
     with videos.client.stream("GET", f"/v1/videos/{queued}/events", headers={"Last-Event-ID": "7"}) as response:

@@ -407,8 +407,8 @@ def router(
         try:
             # An unknown id is a 404 in the usual envelope, before the stream starts.
             job = await anyio.to_thread.run_sync(store.get, video_id, limiter=reads)
-        except JobNotFound:
-            if ended:  # finished, then deleted or expired: nothing more will come either
+        except JobNotFound as exc:
+            if ended and exc.deleted:  # finished, then deleted or expired: nothing more will come either
                 return Response(status_code=204)
             raise
         except StoreUnavailable:
