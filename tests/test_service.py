@@ -581,9 +581,10 @@ def test_kill_9_loses_no_acknowledged_job(tmp_path: Path, tiny_cache: Path) -> N
 
 def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_cache: Path) -> None:
     """SIGTERM drains: the API goes on answering while the job finishes (it closed its port at once, so every
-    client polling a status, and /health, got "connection refused" for up to the grace), then stops. An
-    impatient second signal (Ctrl-C) changes nothing; one used to kill the process mid-job (SIGABRT), leaving
-    the job in_progress until its lease ran out."""
+    client polling a status, and /health, got "connection refused" for up to the grace), then stops, and says
+    so (the process went quiet for up to the grace). An impatient second signal (Ctrl-C) hands the job back to
+    the queue at its next step and exits 0; it used to kill the process mid-job (SIGABRT), leaving the job
+    in_progress until its lease ran out, and then did nothing at all."""
     import signal
 
     srv = Server(tmp_path, tiny_cache, ["tiny-t2v"], name="drain", WANSERVE_SHUTDOWN_GRACE="300")
@@ -598,11 +599,21 @@ def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_
         assert httpx.get(f"{srv.url}/v1/videos/{job_id}").json()["status"] == "in_progress"
         draining = httpx.get(f"{srv.url}/ready")  # balancers send new work elsewhere
         assert draining.status_code == 503 and draining.json()["reasons"] == ["draining (shutting down): tiny-t2v"]
-        process.send_signal(signal.SIGINT)
         assert httpx.get(f"{srv.url}/health").status_code == 200
-        assert process.wait(300) == 0
+        said = " ".join(srv.process.log().split())
+        assert "the running job of tiny-t2v may finish first (up to 300 s" in said, said[-2000:]
+        assert "stop again (Ctrl-C) to hand it back now" in said
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == 0
+        assert "handing the running job of tiny-t2v back to the queue now" in srv.process.log()
+        from wanserve.jobs import open_store
+
+        store = open_store(f"sqlite:///{srv.data.resolve() / 'jobs.db'}")
+        handed_back = store.get(job_id)
+        store.close()
+        assert handed_back.status == "queued" and handed_back.worker_id is None  # not lost, not run twice
         srv.restart()
-        assert srv.job(job_id)["status"] == "completed"  # finished before the process exited
+        assert srv.wait_finished(job_id, timeout=120)["status"] == "completed"
     finally:
         srv.process.stop()
 

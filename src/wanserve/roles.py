@@ -180,6 +180,29 @@ def _listen(server: Any, settings: Settings, port_key: str) -> None:
 SHUTDOWN_CONNECTIONS_S = 10
 
 
+def _drain_on_stop(workers: list[Any], settings: Settings, stops: list[int]) -> None:
+    """A stop signal (Ctrl-C, SIGTERM): the first lets running jobs finish within the grace, and says so (the
+    process went quiet for up to a minute, and a second Ctrl-C did nothing); a second hands them back to the
+    queue now, where they wait for the next start or another worker. `stops` counts the signals so far."""
+    stops[0] += 1
+    busy = [worker.model for worker in workers if worker.busy]
+    if stops[0] > 1:
+        if busy:
+            log.warning("stop asked again: handing the running job of %s back to the queue now", ", ".join(busy))
+        for worker in workers:
+            worker.drain(grace=0)
+        return
+    if busy:
+        log.warning(
+            "stopping: the running job of %s may finish first (up to %.0f s, WANSERVE_SHUTDOWN_GRACE; then it goes "
+            "back to the queue); stop again (Ctrl-C) to hand it back now",
+            ", ".join(busy),
+            settings.shutdown_grace,
+        )
+    for worker in workers:
+        worker.drain()
+
+
 def _uvicorn(app: Any, host: str, port: int, on_signal: Any = None, keep_serving: bool = False) -> Any:
     """A uvicorn server that calls `on_signal` on SIGTERM/SIGINT. With `keep_serving`, it goes on answering
     (status polls, /health, cancels) until `on_signal`'s drain sets `should_exit`, rather than closing the port
@@ -248,10 +271,10 @@ def run_serve(settings: Settings) -> None:
     # The API answers throughout a drain (a job's status, /health; /ready says no), and stops after it. The
     # thread that stops it waits from the start: none is started from inside a signal handler.
     draining = threading.Event()
+    stops = [0]  # signals so far, whichever handler took them
 
     def drain_then_stop() -> None:
-        for worker in workers:
-            worker.drain()
+        _drain_on_stop(workers, settings, stops)
         draining.set()
 
     def stop_once_drained() -> None:
@@ -301,8 +324,7 @@ def run_serve(settings: Settings) -> None:
     def drain_on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining", signum)
         server.should_exit = True
-        for worker in workers:
-            worker.drain()
+        _drain_on_stop(workers, settings, stops)
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -479,9 +501,11 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     # ranks waiting in a collective until its timeout.
     alone = world_size_from_env() <= 1
 
+    stops = [0]
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining", signum)
-        worker.drain()
+        _drain_on_stop([worker], settings, stops)
         if loading.is_set():
             loading.clear()
             raise _LoadStopped

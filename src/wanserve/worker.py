@@ -192,13 +192,18 @@ class Worker:
         return self._draining.is_set()
 
     def drain(self, grace: float | None = None) -> None:
-        """Stop claiming; let the running job finish within `grace` seconds, else hand it back."""
+        """Stop claiming; let the running job finish within `grace` seconds, else hand it back. Called again
+        with a shorter grace (a second Ctrl-C), the job goes back sooner."""
         grace = self.settings.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
         with self._lock:
             if not self._draining.is_set():
-                self._drain_deadline = time.monotonic() + grace
+                self._drain_deadline = deadline
                 self._draining.set()
                 log.info("worker %s draining (grace %.0f s)", self.worker_id, grace)
+            elif self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+                log.info("worker %s draining: grace cut to %.0f s", self.worker_id, grace)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
