@@ -8,7 +8,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.wanserve-installed
 TORCH_STAMP := $(VENV)/.torch-spec
 
-.PHONY: install test lint serve demo clean bench-cpu FORCE
+.PHONY: help install test lint serve demo clean bench-cpu FORCE
+
+help:
+	@echo "make serve      set up .venv (once) and start the service on http://127.0.0.1:8088 (WANSERVE_PORT=...)"
+	@echo "make test       set up .venv (once), lint, and run the whole test suite (PYTEST_ARGS='-k ...')"
+	@echo "make demo       generate a clip with the tiny model into data/demo.mp4"
+	@echo "make lint       ruff check and format check"
+	@echo "make bench-cpu  run the benchmark harness on the tiny CPU models into data/bench"
+	@echo "make install    only set up .venv (TORCH_SPEC='torch==2.13.0 --index-url ...' picks the torch build)"
+	@echo "make clean      remove .venv and data/"
 
 install: $(STAMP)
 
