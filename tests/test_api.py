@@ -1997,6 +1997,14 @@ def test_form_and_json_numbers_are_ascii_digits_and_json_numbers_are_numbers(api
         "/v1/videos", data={"prompt": "p", "priority": " 5 ", "seed": "+7", "guidance_scale": "2.5e0"}
     )
     assert taken.status_code == 200 and taken.json()["seed"] == 7, taken.text  # a form's strings, read as numbers
+    # A whole number written 9.0, taken in JSON, was a 400 in a form (the SDK sends extra_body floats so).
+    written = api.client.post("/v1/videos", data={"prompt": "p", "num_frames": "9.0", "fps": "16.00"})
+    assert written.status_code == 200 and (written.json()["num_frames"], written.json()["fps"]) == (9, 16), written.text
+    error = openai_error(api.client.post("/v1/videos", data={"prompt": "p", "num_frames": "9.5"}), 400)
+    assert error["param"] == "num_frames" and "must be an integer" in error["message"]
+    # True is 1 to Python: it was told its range, not that it is no number of seconds.
+    error = openai_error(api.client.post("/v1/videos", json={"prompt": "p", "seconds": True}), 400)
+    assert error["param"] == "seconds" and 'a number of seconds such as "4", got True' in error["message"]
 
 
 def test_a_field_given_twice_or_text_that_is_not_utf8_is_refused(api: Api) -> None:
@@ -2086,4 +2094,10 @@ def test_a_side_given_for_an_image_keeps_its_shape_or_is_refused(api: Api) -> No
     error = openai_error(create(height="512"), 400)
     assert error["param"] == "height" and "give a smaller height" in error["message"], error
     assert create(height="64").json()["size"] == "128x64"
+    # At the least height there is, "give a smaller height" could not be followed.
+    thin = png_bytes((200, 40, 90), size=(4000, 100))
+    form = {"prompt": "p", "model": "tiny-i2v", "height": "16"}
+    error = openai_error(api.client.post("/v1/videos", data=form, files={"input_reference": ("t.png", thin)}), 400)
+    assert error["param"] == "height" and "give both width and height" in error["message"], error
+    assert "smaller" not in error["message"]
     assert create(width="512", height="512").status_code == 400  # both sides: the model's pixel limit says so

@@ -359,6 +359,25 @@ def test_a_16_bit_grey_png_reaches_the_model_as_it_looks(engines: dict[str, Engi
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_a_16_bit_grey_png_with_a_transparent_grey_is_laid_over_white() -> None:
+    """Its tRNS grey was dropped with the 8-bit conversion: the transparent pixels reached the model grey, not
+    over white as every other transparent image is."""
+    import io
+
+    from PIL import Image
+
+    from wanserve.request import decode_image
+
+    pixels = np.full((10, 20), 40000, dtype=np.uint16)
+    pixels[:, :5] = 10000
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", transparency=40000)
+    assert Image.open(io.BytesIO(out.getvalue())).info.get("transparency") == 40000
+    picture = decode_image(out.getvalue())
+    assert picture.mode == "RGB" and picture.getpixel((10, 5)) == (255, 255, 255)  # transparent: white
+    assert picture.getpixel((1, 5)) == (39, 39, 39)  # 10000 / 256: the opaque grey as it looks
+
+
 def test_an_image_whose_scale_rounds_a_hair_past_its_edge_is_still_cropped(engines: dict[str, Engine]) -> None:
     """176 / (176 / 4000) is 4000.0000000000005: the crop box reached a hair outside the image, PIL refused it
     ("box offset can't be negative"), and the job, accepted at submit, failed on the worker."""

@@ -218,7 +218,7 @@ def _read_image(data: bytes, field: str, size_only: bool) -> Any:
                 upright = ImageOps.exif_transpose(img) or img
                 if upright.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                     # 16-bit grey: Pillow's RGB conversion clips at 255, which turns the picture white.
-                    upright = upright.convert("I").point(lambda v: v / 256).convert("L")
+                    upright = _sixteen_bit_grey(upright)
                 if upright.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in upright.info:
                     # Dropping the alpha shows what lies under transparent pixels, mostly black: a cut-out
                     # subject reached the model on black. Over white, as a page shows it.
@@ -248,6 +248,21 @@ def _other_format(data: bytes) -> str | None:
             return img.format
     except Exception:  # not an image at all
         return None
+
+
+def _sixteen_bit_grey(img: Any) -> Any:
+    """A 16-bit grey picture as 8-bit, as a viewer shows it; its transparent grey (a PNG's tRNS) kept as an
+    alpha channel, which the conversion to 8 bits would drop (the picture then reached the model unwhitened)."""
+    import numpy as np
+    from PIL import Image
+
+    wide = img.convert("I")
+    grey = wide.point(lambda v: v / 256).convert("L")
+    transparent = img.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    alpha = Image.fromarray(np.where(np.asarray(wide) == transparent, 0, 255).astype(np.uint8), "L")
+    return Image.merge("LA", (grey, alpha))
 
 
 def image_shaped_size(
@@ -287,8 +302,10 @@ def image_shaped_size(
             raise InvalidRequest(
                 name,
                 f"{given} with this {image[0]}x{image[1]} image makes a {frame} video, larger than {spec.name} "
-                f"supports ({spec.max_pixels} pixels per frame, {longest} a side): give a smaller {name}, or "
-                "both width and height (the image is then cropped to fit)",
+                f"supports ({spec.max_pixels} pixels per frame, {longest} a side): "
+                # The least side there is cannot be made smaller: only both sides given can help then.
+                + (f"give a smaller {name}, or both" if given > multiple else "give both")
+                + " width and height (the image is then cropped to fit)",
             )
         return min(wanted, longest)  # a side given wrong is named by the checks that follow
 

@@ -68,11 +68,13 @@ VARIANTS: Mapping[str, str] = MappingProxyType({"video": VIDEO, "thumbnail": THU
 def seconds_to_frames(seconds: object, fps: int, spec: ModelSpec) -> int:
     """The nearest valid frame count (stride·k + 1) to `seconds` of video at `fps`, capped by the model."""
     try:
+        if isinstance(seconds, bool):  # a number to Python (True is 1), not to a client
+            raise TypeError
         # OpenAI sends a string ("4"); ASCII digits, as every number a form carries.
         value = float(form_float("seconds", seconds)) if isinstance(seconds, str) else float(seconds)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError, InvalidRequest):
         raise InvalidRequest("seconds", f'must be a number of seconds such as "4", got {seconds!r}') from None
-    if isinstance(seconds, bool) or not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
         raise InvalidRequest("seconds", f"must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
     stride = spec.temporal_stride
     k = max(round((value * fps - 1) / stride), 0)

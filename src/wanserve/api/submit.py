@@ -203,7 +203,8 @@ def size_field_names(body: Mapping[str, Any], size_field: str) -> dict[str, str]
 
 # ASCII digits only, as `parse_size` takes them: int() and float() also read `1_0` and Arabic-Indic or
 # full-width digits, which no client means as a number.
-_INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
+# A whole number, also written `9.0`, as JSON's 9.0 is taken (the OpenAI SDK sends extra_body floats so).
+_INTEGER_TEXT = re.compile(r"\s*([+-]?\d+)(\.0*)?\s*", re.ASCII)
 _NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
 
 
@@ -211,10 +212,11 @@ def form_int(field: str, value: object) -> object:
     """Multipart values are strings; JSON values are left for `resolve` to judge, so the rules live there."""
     if not isinstance(value, str):
         return value
-    if not _INTEGER_TEXT.fullmatch(value):
+    match = _INTEGER_TEXT.fullmatch(value)
+    if match is None:
         raise InvalidRequest(field, f"must be an integer, got {value!r}")
     try:
-        return int(value)
+        return int(match[1])
     except ValueError:  # past Python's 4300-digit conversion limit: far past every field's range anyway
         raise InvalidRequest(field, f"must be an integer of at most 4300 digits, got {len(value.strip())}") from None
 
