@@ -1522,13 +1522,13 @@ def test_ready_says_no_when_the_disk_under_the_store_and_storage_is_full(
 
 def test_a_full_storage_disk_is_said_to_be_full_not_unreachable(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client retrying after "cannot be reached" looks for a network fault: the answer says the disk is full,
-    and names no server path."""
+    and names no server path. Nor is an empty folder left for a job that was never made (one per refusal)."""
     import errno
 
-    def full(*_args: object) -> None:
+    def full(*_args: object) -> None:  # the disk fills as the image is copied in
         raise OSError(errno.ENOSPC, "No space left on device", str(api.storage.root / "x"))
 
-    monkeypatch.setattr("wanserve.storage.local._write_atomically", full)
+    monkeypatch.setattr("wanserve.storage.local.shutil.copyfileobj", full)
     response = api.client.post(
         "/v1/videos",
         data={"prompt": "p", "model": "tiny-i2v"},
@@ -1537,6 +1537,7 @@ def test_a_full_storage_disk_is_said_to_be_full_not_unreachable(api: Api, monkey
     error = openai_error(response, 503)
     assert error["code"] == "storage_unavailable"
     assert error["message"] == "the result storage cannot be written: No space left on device; try again shortly"
+    assert not api.storage.root.exists() or list(api.storage.root.iterdir()) == []
 
 
 def test_health_answers_while_every_worker_thread_waits_on_the_store(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -175,6 +175,31 @@ def test_delete_prefix_removes_one_jobs_files_and_leaves_the_others(storage: Sto
     storage.delete_prefix("never-existed")
 
 
+def test_a_delete_racing_a_file_being_stored_removes_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE while the worker stores the video: its file landed in the folder between rmtree emptying it
+    and removing it, and the DELETE was a 500 ("Directory not empty")."""
+    import os
+
+    storage = LocalStorage(tmp_path / "videos")
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(b"x" * 100)
+    storage.put_file("video_race/video.mp4", source, "video/mp4")
+    real_rmdir = os.rmdir
+    landed: list[str] = []
+
+    def rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith("video_race") and not landed:  # the worker's rename lands just now
+            landed.append(str(path))
+            storage.put_file("video_race/thumbnail.webp", source, "image/webp")
+        real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    storage.delete_prefix("video_race")
+    assert landed and not (tmp_path / "videos" / "video_race").exists()
+
+
 def test_delete_prefix_refuses_an_empty_prefix(storage: Storage, tmp_path: Path) -> None:
     storage.put_file(key_for("job1", VIDEO), write(tmp_path, DATA), CONTENT_TYPES[VIDEO])
     for prefix in ("", "/"):

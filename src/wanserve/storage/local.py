@@ -4,6 +4,7 @@ replicas and workers that share a filesystem."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import mimetypes
 import os
 import shutil
@@ -17,6 +18,7 @@ from wanserve.errors import StorageUnavailable
 from wanserve.storage.base import CONTENT_TYPES, ObjectInfo
 
 _COPY_CHUNK = 1 << 20
+_DELETE_TRIES = 5
 
 
 class LocalStorage:
@@ -38,10 +40,7 @@ class LocalStorage:
         try:
             _write_atomically(target, Path(path))
         except OSError as exc:  # a full disk, a folder gone read-only or missing: it cannot take files now
-            unavailable = StorageUnavailable(f"the result storage cannot write {key}: {exc}")
-            # Clients are told why (the disk is full), not where (a server path).
-            unavailable.public = f"the result storage cannot be written: {exc.strerror or type(exc).__name__}"
-            raise unavailable from exc
+            raise _unavailable(f"write {key}", "written", exc) from exc
 
     def stat(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -62,10 +61,19 @@ class LocalStorage:
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix.rstrip("/"))
-        # Only a directory has anything "under" it; a file named like the prefix is not a job's files.
-        with contextlib.suppress(FileNotFoundError):  # already gone, or removed concurrently
-            if path.is_dir():
-                shutil.rmtree(path)
+        # A file written meanwhile (a worker storing the video the DELETE races: its temp file, then the
+        # rename) makes rmtree's last rmdir fail "Directory not empty", a 500: removed again, it goes too.
+        for attempt in range(_DELETE_TRIES):
+            try:
+                # Only a directory has anything "under" it; a file named like the prefix is not a job's files.
+                if path.is_dir():
+                    shutil.rmtree(path)
+                return
+            except FileNotFoundError:  # already gone, or removed concurrently
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY or attempt == _DELETE_TRIES - 1:
+                    raise _unavailable(f"remove {prefix}", "emptied", exc) from exc
 
     def job_folders(self) -> Iterator[tuple[str, float]]:
         try:
@@ -103,6 +111,13 @@ class LocalStorage:
         return has_room(self.root)  # a full disk still lets an empty file be made
 
 
+def _unavailable(what: str, done: str, exc: OSError) -> StorageUnavailable:
+    unavailable = StorageUnavailable(f"the result storage cannot {what}: {exc}")
+    # Clients are told why (the disk is full), not where (a server path).
+    unavailable.public = f"the result storage cannot be {done}: {exc.strerror or type(exc).__name__}"
+    return unavailable
+
+
 def _content_type(name: str) -> str:
     return CONTENT_TYPES.get(name) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
@@ -120,9 +135,11 @@ def _read_span(file: BinaryIO, remaining: int, chunk_size: int) -> Iterator[byte
 def _write_atomically(target: Path, source: Path) -> None:
     """Copy to a temp name in the target's folder, then rename over it: the rename is atomic, so a reader (or
     a re-run overwriting the key) never sees half a file."""
+    made = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as dst, source.open("rb") as src:
             shutil.copyfileobj(src, dst, _COPY_CHUNK)
             dst.flush()
@@ -130,6 +147,16 @@ def _write_atomically(target: Path, source: Path) -> None:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may run as another user
         os.replace(tmp, target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _remove_if_empty(target.parent, made)
         raise
+
+
+def _remove_if_empty(folder: Path, made: bool) -> None:
+    """The folder a failed write made, removed again: a submit refused on a full disk left an empty job folder
+    for an id no job has."""
+    if made:
+        with contextlib.suppress(OSError):  # not empty (another file came), or gone
+            folder.rmdir()
