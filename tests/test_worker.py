@@ -655,6 +655,39 @@ def test_a_cancel_while_the_storage_is_down_ends_the_job_cancelled(tmp_path: Pat
     assert not (tmp_path / "videos" / job.id).exists()
 
 
+class DownEntirely(DownAndCancelled):
+    """As above, and removing files fails too (the whole S3 is down)."""
+
+    removals = 0
+
+    def delete_prefix(self, prefix: str) -> None:
+        from wanserve.errors import StorageUnavailable
+
+        self.removals += 1
+        raise StorageUnavailable("the result storage (S3) cannot be reached")
+
+
+def test_a_cancel_while_the_whole_storage_is_down_is_written_without_waiting_on_it(
+    tmp_path: Path, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cancelled job's files were tried for a minute more before the cancel was written: the job read
+    in_progress all that while, the worker took no other job, and the log then said "files removed"."""
+    storage = DownEntirely(tmp_path / "videos")
+    h = Harness(tmp_path, engine, storage=storage, start=False)
+    storage.act = staticmethod(lambda job_id: h.store.request_cancel(job_id, ttl=60))
+    h.thread.start()
+    try:
+        with caplog.at_level("INFO", logger="wanserve.worker"):
+            job = h.finished(h.submit(num_inference_steps=2))
+    finally:
+        h.stop()
+    assert job.status == JobStatus.CANCELLED and job.error_code is None, job
+    assert storage.removals == 1  # one try: its files go with the record at its expiry
+    said = caplog.text
+    assert "cancelled while its video was stored: its files go when it expires" in said, said
+    assert "files removed" not in said
+
+
 def test_no_room_for_scratch_files_fails_the_job_not_the_worker(
     tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

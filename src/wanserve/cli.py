@@ -929,7 +929,8 @@ def prune(
         fail(f"{type(exc).__name__}: {exc}")
     finally:
         job_store.close()
-    folders, belong = (f"{found} folder", "belongs") if found == 1 else (f"{found} folders", "belong")
+    one = found == 1
+    folders, belong, them = (f"{found} folder", "belongs", "it") if one else (f"{found} folders", "belong", "them")
     if found == 0:
         console.print(f"no folder older than {older_than:g} h belongs to no job")
     elif store_empty:
@@ -942,7 +943,7 @@ def prune(
             fail(f"{empty} Nothing deleted; add --empty-store-ok {lost}", 2)
         console.print(f"{empty} Delete them with --delete --empty-store-ok {lost}")
     elif not delete:
-        console.print(f"{folders} {belong} to no job: run again with --delete to delete them")
+        console.print(f"{folders} {belong} to no job: run again with --delete to delete {them}")
     else:
         console.print(f"deleted {folders} that belonged to no job")
 
@@ -1099,7 +1100,8 @@ def bench(
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # (httpx2: huggingface_hub 2's client, a line for each request of a download)
-    for noisy in ("httpx", "httpx2", "diffusers", "transformers", "huggingface_hub"):
+    # (botocore.credentials: "Found credentials in environment variables", once for each client made)
+    for noisy in ("httpx", "httpx2", "diffusers", "transformers", "huggingface_hub", "botocore.credentials"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

@@ -108,12 +108,32 @@ def open_backends(settings: Settings, writes: bool = True) -> tuple[Any, Any]:
                     problem = f"it cannot be made a folder: {exc.strerror or exc}"
             if problem is not None:
                 raise BadSetting(f"{folder} cannot hold the videos: {problem}", storage_key)
+        if folder is None and writes:
+            _check_bucket(storage, settings.storage_url)
     except BaseException as exc:
         store.close()
         if isinstance(exc, ValueError) and not isinstance(exc, BadSetting):  # the storage URL's form
             raise BadSetting(str(exc), "storage") from None
         raise
     return store, storage
+
+
+def _check_bucket(storage: Any, url: str) -> None:
+    """An S3 bucket that does not exist is a wrong setting, refused now: every job ran in full and then failed
+    to store its video a minute later. Credentials refused are said, not refused (HeadBucket needs
+    s3:ListBucket, which a policy of object rights alone lacks); an endpoint that does not answer is an outage,
+    waited out as every storage call does."""
+    from wanserve.storage.s3 import BUCKET_MISSING
+
+    try:
+        problem = storage.bucket_problem()
+    except Exception as exc:
+        log.warning("the result storage %s does not answer now (%s); jobs wait for it", url, type(exc).__name__)
+        return
+    if problem == BUCKET_MISSING:
+        raise BadSetting(f"{url}: {problem}", "storage")
+    if problem is not None:
+        log.error("the result storage %s: %s; jobs cannot store their videos until it is fixed", url, problem)
 
 
 def check_engine_settings(settings: Settings) -> None:

@@ -533,7 +533,7 @@ class Worker:
         if not running.keep_going or not self._store_write(
             "checking for a cancel", lambda _op: self.store.renew(job.id, _holder(job), lease)
         ):
-            return self._cancelled_or_lost(running, "cancelled after its last step; nothing stored")
+            return self._cancelled_or_lost(running, "cancelled after its last step")
         try:
             # Keys are the job id, so a redelivered job overwrites its files instead of duplicating them.
             deadline = time.monotonic() + STORE_OUTAGE_WAIT_S  # one minute for both files, not one each
@@ -547,7 +547,9 @@ class Worker:
                 "checking for a cancel", lambda _op: self.store.renew(job.id, _holder(job), lease)
             ):
                 log.warning("job %s: storing the video failed (%s) after it was cancelled", job.id, exc)
-                return self._cancelled_or_lost(running, "cancelled while its video was stored; files removed")
+                # The storage just failed: its files are left to its expiry rather than tried for a minute, while
+                # the cancel the user waits to see is not written.
+                return self._cancelled_or_lost(running, "cancelled while its video was stored", patient=False)
             # Generating again would not help while the storage refuses it; the worker itself keeps serving.
             log.exception("job %s: storing the video failed", job.id)
             status = self._fail(job, "storage_failed", f"the video could not be stored: {public_reason(exc)}")
@@ -578,7 +580,7 @@ class Worker:
         if self._store_write("completing it", lambda op: complete(op=op)):
             log.info("job %s completed in %.1f s", job.id, result.timings.get("total", 0.0))
             return "completed"
-        return self._cancelled_or_lost(running, "cancelled while its video was stored; files removed")
+        return self._cancelled_or_lost(running, "cancelled while its video was stored")
 
     # ---- prompt prefetch ---------------------------------------------------------------------------------
 
@@ -624,22 +626,24 @@ class Worker:
             log.error("job %s stopped (%s), but %s; leaving it to its lease", job.id, exc, error)
             return "lost"
 
-    def _cancelled_or_lost(self, running: _Running, what: str) -> str:
+    def _cancelled_or_lost(self, running: _Running, what: str, patient: bool = True) -> str:
         """End a job the user cancelled or deleted before it completed, leaving no file of it; or let go of one
-        the store gave to another worker (its files, under the same keys, are that worker's now)."""
+        the store gave to another worker (its files, under the same keys, are that worker's now). `patient`:
+        see `_remove_files`."""
         job = running.job
         try:
             current = self._store_write("reading it", lambda _op: self.store.get(job.id))
         except JobNotFound:  # DELETE while it ran: the record is gone already, the files go now
-            self._remove_files(job)
-            log.info("job %s deleted while running (%s): files removed", job.id, what)
+            removed = self._remove_files(job, patient)
+            log.info("job %s deleted while running (%s): %s", job.id, what, _files_said(removed))
             return "cancelled"
         if current.status == JobStatus.IN_PROGRESS and current.worker_id == job.worker_id:
-            # Files first: once it reads cancelled, nothing of it is left.
-            self._remove_files(job)
+            # Files first: once it reads cancelled, nothing of it is left (what a storage refuses to remove goes
+            # with the record at its expiry).
+            removed = self._remove_files(job, patient)
             ttl = self.settings.result_ttl
             if self._store_write("cancelling it", lambda op: self.store.mark_cancelled(job.id, _holder(job), ttl, op)):
-                log.info("job %s %s", job.id, what)
+                log.info("job %s %s: %s", job.id, what, _files_said(removed))
                 return "cancelled"
             # Ended meanwhile by another hand (this worker's heartbeat, the reaper): theirs to count.
             return "lost"
@@ -650,13 +654,19 @@ class Worker:
         self._after_lost(job)
         return "lost"
 
-    def _remove_files(self, job: Job) -> None:
-        """Remove what a job that will not complete may have stored; a storage that still refuses after its
-        retries costs the files (logged), never the worker: it goes on to the next job."""
+    def _remove_files(self, job: Job, patient: bool = True) -> bool:
+        """Remove what a job that will not complete may have stored, saying whether it is gone; a storage that
+        still refuses after its retries (one try only, not `patient`) costs the files (logged), never the
+        worker: it goes on to the next job."""
         try:
-            self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
+            if patient:
+                self._storage_call("removing its files", lambda: self.storage.delete_prefix(job.id))
+            else:
+                self.storage.delete_prefix(job.id)
+            return True
         except Exception as exc:
-            log.error("job %s: its files could not be removed and may stay in the storage: %s", job.id, exc)
+            log.error("job %s: its files could not be removed now (they go when it expires): %s", job.id, exc)
+            return False
 
     def _after_lost(self, job: Job) -> None:
         log.warning("job %s is no longer held by this worker (lease lost or deleted); result dropped", job.id)
@@ -741,3 +751,7 @@ class Worker:
             if self.metrics is not None:
                 self.metrics.job_finished(job.model, status, elapsed)
         return True
+
+
+def _files_said(removed: bool) -> str:
+    return "files removed" if removed else "its files go when it expires"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 _SCHEMES = "file:///absolute/dir, file://relative/dir, a plain directory path, or s3://bucket[/prefix]"
+# What botocore takes as a bucket name (S3 itself is stricter; S3-compatible stores vary).
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 
 def check_storage_url(url: str) -> str:
@@ -36,6 +39,15 @@ def check_storage_url(url: str) -> str:
     if scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"storage URL {url!r} names no bucket; expected {_SCHEMES}")
+        # A `#` or `?` cut the prefix short without a word (s3://videos/run#2 stored under `run`, beside another
+        # deployment's files, which its prune then listed), and a bucket of `user@host:port` was no bucket.
+        if "?" in url or "#" in url:
+            raise ValueError(f"storage URL {url!r} holds a ? or #, which an S3 prefix cannot; expected {_SCHEMES}")
+        if not _BUCKET.fullmatch(parts.netloc):
+            raise ValueError(
+                f"storage URL {url!r} names the bucket {parts.netloc!r}, which is no bucket name (letters, digits, "
+                f"., - and _; the endpoint goes in WANSERVE_S3_ENDPOINT_URL); expected {_SCHEMES}"
+            )
         return "s3"
     if not scheme and url:
         return "file"
@@ -50,7 +62,8 @@ def open_storage(url: str) -> Storage:
         # Imported here so that local deployments never pay for importing boto3.
         from wanserve.storage.s3 import S3Storage
 
-        return S3Storage(parts.netloc, prefix=parts.path.strip("/"))
+        # `a//b` is `a/b`: keys with empty parts are other objects than the same keys without.
+        return S3Storage(parts.netloc, prefix="/".join(part for part in parts.path.split("/") if part))
     from wanserve.storage.local import LocalStorage
 
     folder = local_storage_path(url)

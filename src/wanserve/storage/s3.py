@@ -230,11 +230,14 @@ class S3Storage:
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if status == "404" or code in _MISSING_CODES:
-                return "the bucket does not exist: create it (wanserve does not)"
+                return BUCKET_MISSING
             if status == "403":
                 return "the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the role)"
             return f"the endpoint answered {status} {code}".strip()
         return None
+
+
+BUCKET_MISSING = "the bucket does not exist: create it (wanserve does not)"
 
 
 def _is_missing(error: ClientError) -> bool:
