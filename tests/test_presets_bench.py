@@ -314,6 +314,29 @@ def test_lossy_targets_say_what_share_of_skipped_steps_meets_them() -> None:
     assert target["met"] is False and target["met_at_skipped_fraction"] is None
 
 
+def test_targets_are_judged_on_the_figures_they_are_for_and_say_which() -> None:
+    """A request timed at 4 steps (to fit a GPU session) was judged on its 4-step ratio, which the fixed decode and
+    MP4 pull towards 1, though its projection to the model's 50 steps was in the same file; the busy target was
+    judged on a figure the docs did not name."""
+    from wanserve.bench.requests import projected_seconds
+
+    request = {
+        "diffusers": {"speedup_vs_diffusers": None},
+        "exact": {"speedup_vs_diffusers": 1.1, "projected_50_step_speedup_vs_diffusers": 1.3},
+    }
+    serving = {"busy_fraction": 0.93, "busy_fraction_to_last_frames": 0.98}
+    targets = check_targets(SHAPES["1.3b-480p"], {"forward": {}, "request": request, "serving": serving})
+    assert targets["request_speedup_exact"] == {"projected": True, "goal": 1.25, "measured": 1.3, "met": True}
+    busy = targets["serving_busy_fraction"]
+    assert busy["measured"] == 0.98 and busy["figure"] == "busy_fraction_to_last_frames"
+    lines = bench.target_lines({"targets": targets})
+    assert "request_speedup_exact: goal 1.25, measured 1.300: met (projected to the model's steps)" in lines
+    assert any("(busy_fraction_to_last_frames; over the whole run 0.930)" in line for line in lines), lines
+    # Projected at the mean step: with a step cache half skipped, the median was a skipped step's cost.
+    entry = {"seconds": 10.0, "steps": 4, "timings": {"denoise": 4.0}, "step_seconds_median": 0.2}
+    assert projected_seconds(entry, 50) == 10.0 + 46 * 1.0
+
+
 def _tiny_options(tiny_cache: Path, out: Path, **kwargs: object) -> BenchOptions:
     given: dict[str, object] = {"cold_start": False, **kwargs}
     return BenchOptions(cpu_tiny=True, cache_dir=tiny_cache, out=out, repeats=1, **given)  # type: ignore[arg-type]

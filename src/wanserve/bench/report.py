@@ -241,6 +241,10 @@ def target_lines(report: dict[str, Any]) -> list[str]:
             continue
         verdict = {True: "met", False: "missed", None: "not measured"}[target["met"]]
         line = f"{key}: goal {target['goal']:g}, measured {_fmt(target['measured'], 3)}: {verdict}"
+        if target.get("projected"):
+            line += " (projected to the model's steps)"
+        if target.get("figure"):
+            line += f" ({target['figure']}; over the whole run {_fmt(target.get('busy_fraction'), 3)})"
         if target["met"] is False and "met_at_skipped_fraction" in target:
             share = target["met_at_skipped_fraction"]
             line += " with every step computed; " + (

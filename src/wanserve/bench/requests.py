@@ -77,7 +77,11 @@ def plain_pipeline_request(pipe: Any, req: Any, device: torch.device, scratch: P
         return pipe(**kwargs).frames[0]
 
     with torch.no_grad():
-        call(2)  # warm-up: kernels, cuDNN heuristics, the allocator
+        warm = call(2)  # warm-up: kernels, cuDNN heuristics, the allocator
+        # and the process's first MP4 and thumbnail (codec set-up), which the engine's warm-up pays too
+        first = np.ascontiguousarray((np.asarray(warm) * 255).round().clip(0, 255).astype(np.uint8))
+        write_mp4(first, scratch / "diffusers-warm-up.mp4", fps=req.fps)
+        write_thumbnail(first, thumbnail_path_for(scratch / "diffusers-warm-up.mp4"))
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -182,9 +186,12 @@ def why_no_request(shape: Shape, wanted: bool, pipe: Any, asked: bool | None = N
 
 def projected_seconds(entry: dict[str, Any], steps: int) -> float | None:
     """A measured request re-projected to `steps` denoising steps: its time outside the denoising loop plus
-    `steps` x its median step. The issue's request target is for the model's default step count, at which
-    the fixed VAE decode and MP4 weigh far less than in a short timed request."""
-    median, measured = entry.get("step_seconds_median"), entry.get("steps")
-    if not median or not measured or "seconds" not in entry:
+    `steps` x its mean step. The issue's request target is for the model's default step count, at which
+    the fixed VAE decode and MP4 weigh far less than in a short timed request. The mean, not the median: with a
+    step cache, steps are full or skipped, and once half are skipped the median prices every step as a skip."""
+    measured = entry.get("steps")
+    denoise = (entry.get("timings") or {}).get("denoise")
+    step = denoise / measured if denoise and measured else entry.get("step_seconds_median")
+    if not step or not measured or "seconds" not in entry:
         return None
-    return round(entry["seconds"] + (steps - measured) * median, 3)
+    return round(entry["seconds"] + (steps - measured) * step, 3)

@@ -199,7 +199,8 @@ def run_bench(options: BenchOptions) -> tuple[Path, dict[str, Any]]:
                     serving.update(served, preset=preset)  # the first preset whose request ran
 
         # The fresh process needs the device to itself: free this one's models first.
-        engine = pipe = transformer = inputs = None  # the phases' closures hold these names, so no `del`
+        # (warm, info and args hold the transformer too)
+        engine = pipe = transformer = inputs = warm = info = args = None  # the phases' closures hold these names
         _free(device)
         if options.cold_start is False:
             report["cold_start"] = {"skipped": "turned off (--no-cold-start)"}
