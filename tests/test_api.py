@@ -900,11 +900,45 @@ def test_another_sites_page_cannot_queue_cancel_or_delete_through_the_browser(ap
         for method, path in (("POST", f"/v1/videos/{queued}/cancel"), ("DELETE", f"/v1/videos/{queued}")):
             assert api.client.request(method, path, headers=headers).status_code == 403
     assert len(api.store.list()[0]) == 1 and api.store.get(queued).status.value == "queued"
-    # The server's own page, a typed URL, curl and the SDKs (no such header) go through; reads are not refused.
-    for site in ("same-origin", "none", None):
-        headers = {"Sec-Fetch-Site": site} if site else {}
-        assert api.client.post("/v1/videos", json={"prompt": "p"}, headers=headers).status_code == 200
+    # Over plain http to a host name or a LAN address browsers send no Sec-Fetch-Site: the Origin tells (a form
+    # or a simple POST from any page went through there).
+    for origin in ("http://evil.example", "null", "http://testserver:8080", "http://testserver.evil.example"):
+        form = api.client.post("/v1/videos", data={"prompt": "no metadata"}, headers={"Origin": origin})
+        assert openai_error(form, 403)["code"] == "cross_site_request", origin
+        cancel = api.client.post(f"/v1/videos/{queued}/cancel", headers={"Origin": origin})
+        assert cancel.status_code == 403, origin
+    assert len(api.store.list()[0]) == 1 and api.store.get(queued).status.value == "queued"
+    # The server's own page (its Origin is the Host it was reached at, default port or not, or the Host a proxy
+    # noted), a typed URL, curl and the SDKs (no such headers) go through; reads are not refused.
+    for headers in (
+        {"Sec-Fetch-Site": "same-origin"},
+        {"Sec-Fetch-Site": "none"},
+        {},
+        {"Origin": "http://testserver"},
+        {"Origin": "http://TESTSERVER:80"},
+        {"Origin": "https://testserver"},  # a proxy that ends TLS: the page is https, the server reached over http
+        {"Origin": "https://videos.example.com", "X-Forwarded-Host": "videos.example.com"},
+    ):
+        assert api.client.post("/v1/videos", json={"prompt": "p"}, headers=headers).status_code == 200, headers
     assert api.client.get(f"/v1/videos/{queued}", headers=other_site).status_code == 200
+
+
+def test_a_trailing_slash_is_named_not_redirected_to_the_host_the_client_sent(api: Api) -> None:
+    """Starlette redirected `/v1/videos/` (307, the body kept) to `http://<the Host header>/v1/videos`: any host a
+    client, or a proxy, put there."""
+    answer = api.client.post("/v1/videos/", json={"prompt": "p"}, headers={"Host": "evil.example"})
+    error = openai_error(answer, 404)
+    assert "location" not in answer.headers and error["message"].endswith("without the trailing slash, /v1/videos")
+    assert "trailing slash" not in openai_error(api.client.get("/v1/nothing/"), 404)["message"]
+
+
+def test_the_public_url_is_this_servers_origin(tmp_path: Path, media: tuple[Path, Path]) -> None:
+    """Behind a proxy that passes its own Host on, the page's Origin is the public URL's."""
+    with make_api(tmp_path, media, public_url="https://videos.example.com/wan") as api:
+        own = api.client.post("/v1/videos", json={"prompt": "p"}, headers={"Origin": "https://videos.example.com"})
+        assert own.status_code == 200
+        other = api.client.post("/v1/videos", json={"prompt": "p"}, headers={"Origin": "https://example.com"})
+        assert openai_error(other, 403)["code"] == "cross_site_request"
 
 
 def test_queue_full_is_429_with_retry_after(tmp_path: Path, media: tuple[Path, Path]) -> None:
@@ -1676,7 +1710,9 @@ def test_with_api_keys_set_every_job_route_asks_for_one(tmp_path: Path, media: t
     """Without keys anyone who reaches the port reads, cancels and deletes everyone's jobs; with
     WANSERVE_API_KEY each job route wants one of the keys (two: a new one rolls out before the old goes)."""
     openai = pytest.importorskip("openai")
-    with make_api(tmp_path, media, api_key="old-key,new-key") as api:
+    # A secret made from a file ends in a newline: it is no part of the key (it stopped the server, "not
+    # printable ASCII").
+    with make_api(tmp_path, media, api_key="old-key, new-key\n") as api:
         refused = api.client.post("/v1/videos", json={"prompt": "p"})
         error = openai_error(refused, 401)
         assert error["code"] == "invalid_api_key" and refused.headers["www-authenticate"] == "Bearer"
@@ -2040,6 +2076,13 @@ def test_a_field_given_twice_or_text_that_is_not_utf8_is_refused(api: Api) -> No
     assert _listed(api) == before
     ok = api.client.post("/v1/videos", content=b"prompt=caf%C3%A9&seed=", headers=form)
     assert ok.status_code == 200 and ok.json()["prompt"] == "café", ok.text  # UTF-8; an input left empty
+    plus = api.client.post("/v1/videos", content=b"prompt=a+red%2Bfox&model=tiny-t2v", headers=form)
+    assert plus.status_code == 200 and plus.json()["prompt"] == "a red+fox", plus.text
+    # Millions of `&` (empty fields, which Starlette's field limit did not count) held the event loop for 25 s,
+    # every other request with it: refused before any parsing.
+    flood = openai_error(api.client.post("/v1/videos", content=b"prompt=p" + b"&" * 2_000_000, headers=form), 400)
+    assert flood["param"] == "body" and "more than 200 fields" in flood["message"]
+    assert _listed(api) == before + 2
     # A multipart form's text parts too: Starlette read them as Latin-1 ("cafÃ©" for a UTF-8 client's bytes
     # sent in another encoding), a prompt the client never wrote.
     boundary = "wanserve-boundary"
@@ -2052,7 +2095,7 @@ def test_a_field_given_twice_or_text_that_is_not_utf8_is_refused(api: Api) -> No
     multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
     error = openai_error(api.client.post("/v1/videos", content=body, headers=multipart), 400)
     assert error["param"] == "prompt" and "not UTF-8" in error["message"]
-    assert _listed(api) == before + 1
+    assert _listed(api) == before + 2
     utf8 = api.client.post("/v1/videos", data={"prompt": "café"}, files={"input_reference": ("", b"")})
     assert utf8.status_code == 200 and utf8.json()["prompt"] == "café", utf8.text
 

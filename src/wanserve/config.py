@@ -136,7 +136,9 @@ class Settings(BaseSettings):
         # Set but empty (an empty Kubernetes secret, a stray comma) would quietly mean "no key asked for".
         if value is not None and not any(part.strip() for part in value.get_secret_value().split(",")):
             raise ValueError("is set but holds no key; unset it to run without keys")
-        if value is not None and not all(c.isascii() and c.isprintable() for c in value.get_secret_value()):
+        # Each key without the spaces around it (a secret made from a file ends in a newline), as api_keys reads it.
+        keys = value.get_secret_value().split(",") if value is not None else []
+        if not all(c.isascii() and c.isprintable() for key in keys for c in key.strip()):
             # An HTTP header carries ASCII: no client could send such a key (and the error must not show it).
             raise ValueError("holds a character that is not printable ASCII, which no HTTP header can carry")
         return value

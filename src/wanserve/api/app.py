@@ -14,13 +14,14 @@ from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve.catalog import ModelSpec
@@ -127,6 +128,9 @@ def install_error_handlers(app: FastAPI) -> None:
         code = HTTPStatus(exc.status_code).name.lower()
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         headers = dict(exc.headers or {})
+        path, bare = request.url.path, request.url.path.rstrip("/")
+        if exc.status_code == 404 and detail == "Not Found" and bare and bare != path and _routed(request, bare):
+            detail = f"no route {path}: without the trailing slash, {bare}"
         if exc.status_code == 405 and "Allow" in headers:
             headers["Allow"] = _allowed_methods(request, headers["Allow"])
         return error_response(request, exc.status_code, code, detail, headers=headers)
@@ -205,15 +209,34 @@ _CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class CrossSiteMiddleware:
-    """Refuses (403) a request that changes something when the browser says another site's page sent it."""
+    """Refuses (403) a request that changes something when the browser says another site's page sent it: by
+    Sec-Fetch-Site, or, where the browser sends none (plain http to a host name or a LAN address: browsers send
+    fetch metadata only to https and localhost), by an `Origin` that is not this server's own. A browser sends
+    `Origin` with every POST, the server's own page's included; curl and the SDKs send neither."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, public_url: str | None = None) -> None:
         self.app = app
+        self.public = _host_port(public_url) if public_url else None
+
+    def _own_origin(self, origin: bytes, headers: dict[bytes, bytes]) -> bool:
+        text = origin.decode("latin-1").strip()
+        if text.lower() == "null":  # a sandboxed frame, a data: URL, a redirect across sites
+            return False
+        mine = _host_port(text)
+        # The Host the browser used, or a proxy's note of it; a page cannot set X-Forwarded-Host on a request it
+        # sends without a CORS preflight, which this server never grants.
+        scheme = text.partition(":")[0].lower()
+        for value in (headers.get(b"host"), headers.get(b"x-forwarded-host")):
+            if value and _host_port(f"{scheme}://{value.decode('latin-1').split(',')[0].strip()}") == mine:
+                return True
+        return mine == self.public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in _CHANGES:
-            site = dict(scope.get("headers") or []).get(b"sec-fetch-site", b"").strip().lower()
-            if site in _OTHER_SITES:
+            headers = dict(scope.get("headers") or [])
+            site = headers.get(b"sec-fetch-site", b"").strip().lower()
+            origin = headers.get(b"origin")
+            if site in _OTHER_SITES or (not site and origin is not None and not self._own_origin(origin, headers)):
                 response = error_response(
                     Request(scope),
                     403,
@@ -225,6 +248,22 @@ class CrossSiteMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _routed(request: Request, path: str) -> bool:
+    """Whether a route of the app takes `path` (for any method)."""
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
+
+
+def _host_port(url: str) -> str:
+    """`host:port` of an http(s) URL, the scheme's default port written out, lower case."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:  # a port that is no number: matches nothing
+        return "?"
+    return f"{(parts.hostname or '').lower()}:{port}"
 
 
 def _route_label(scope: Scope) -> str:
@@ -259,6 +298,9 @@ def create_app(
         title="wanserve",
         version="0.1.0",
         description="Wan video generation: durable jobs over HTTP.",
+        # Starlette's redirect of `/v1/videos/` was built from the Host header the client sent (a 307, body
+        # kept, to any host); the 404 names the path without the slash instead.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.store = store
@@ -271,7 +313,7 @@ def create_app(
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings), image_limit=settings.max_upload_bytes)
-    app.add_middleware(CrossSiteMiddleware)
+    app.add_middleware(CrossSiteMiddleware, public_url=settings.public_url)
     app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     keyed = [Depends(require_key(settings))] if settings.api_keys else []
