@@ -486,6 +486,7 @@ class _HoldsStatusReads(_LosesTheFirstAnswer):
     the job can end on the server while its follower still waits for the answer."""
 
     hold = threading.Event()
+    held = threading.Event()  # a status read is being held now
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
@@ -494,6 +495,7 @@ class _HoldsStatusReads(_LosesTheFirstAnswer):
 
     def do_GET(self) -> None:
         if self.hold.is_set():
+            self.held.set()
             time.sleep(60)
         super().do_GET()
 
@@ -509,7 +511,9 @@ def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, ti
     url = f"http://127.0.0.1:{port}"
     data = tmp_path / "data"
     api = Process(["api", "--port", str(port), "--data-dir", str(data)], base_env(tiny_cache), tmp_path / "api.log")
-    handler = type("Handler", (_HoldsStatusReads,), {"upstream": url, "hold": threading.Event()})
+    handler = type(
+        "Handler", (_HoldsStatusReads,), {"upstream": url, "hold": threading.Event(), "held": threading.Event()}
+    )
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     proxy.daemon_threads = True
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
@@ -529,7 +533,7 @@ def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, ti
         request = job.request
         result = {k: request[k] for k in ("seed", "width", "height", "num_frames", "fps")}
         assert store.complete(job.id, "test-worker", result, 3600)
-        time.sleep(1.5)  # the follower's next status read is held
+        wait_for(handler.held.is_set, 60, "the follower's next status read to be held")
         follower.send_signal(signal.SIGINT)
         _, stderr = follower.communicate(timeout=60)
         assert follower.returncode == 130, stderr
