@@ -1059,3 +1059,31 @@ def test_serve_says_when_queued_jobs_wait_for_a_model_it_does_not_serve(tmp_path
         wait_for(lambda: said in serve.log(), 30, "the warning")
     finally:
         serve.stop()
+
+
+def test_doctor_says_whether_the_redis_keeps_the_jobs(redis_url: str, tiny_cache: Path, tmp_path: Path) -> None:
+    """docs/operations.md asks the queue's Redis for an append-only file and no eviction; doctor said "OK" of
+    one that would lose every job at its next restart, or evict them when full."""
+    import redis
+
+    from conftest import free_tcp_port, start_redis, stop_redis
+
+    def said(url: str) -> tuple[int, str]:
+        done = run(["doctor", "--store", url], tiny_cache, COLUMNS="300")
+        return done.returncode, " ".join((done.stdout + done.stderr).split())
+
+    code, text = said(redis_url)  # the tests' own Redis: no append-only file
+    assert code == 1 and "FIX redis jobs: its append-only file is off" in text, text[-2000:]
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "aof", appendonly=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        assert "OK redis jobs: kept across a restart" in said(url)[1]
+        client = redis.Redis.from_url(url)
+        client.config_set("maxmemory", "64mb")
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.close()
+        code, text = said(url)
+        assert code == 1 and "it evicts keys when full (allkeys-lru)" in text, text[-2000:]
+    finally:
+        stop_redis(server)

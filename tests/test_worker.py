@@ -378,11 +378,42 @@ class DownStore:
         self._maybe_down()
         return bool(self.store.set_progress(*args, **kwargs))
 
+    claims_too = False  # claims fail too while down (else only a running job's writes do)
 
-def test_a_store_outage_does_not_hold_up_every_denoising_step(tmp_path: Path, engine: Engine) -> None:
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        if self.claims_too:
+            self._maybe_down()
+        return self.store.claim(*args, **kwargs)
+
+
+def test_an_idle_worker_says_when_the_store_answers_again(
+    tmp_path: Path, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each outage was logged ("trying again"), its end never: an operator could not tell when work resumed."""
+    caplog.set_level("INFO", logger="wanserve.worker")
+    h = Harness(tmp_path, engine, start=False)
+    down = DownStore(h.store, stall=0.05)
+    down.claims_too = True
+    h.worker.store = down  # type: ignore[assignment]
+    down.down.set()
+    h.thread.start()
+    try:
+        wait_for(lambda: "trying again" in caplog.text, 30, "a claim to find the store down")
+        down.down.clear()
+        wait_for(lambda: "the job store answers again (after" in caplog.text, 30, "the worker to say it is back")
+        assert h.finished(h.submit(num_inference_steps=1)).status is JobStatus.COMPLETED
+    finally:
+        h.stop()
+
+
+def test_a_store_outage_does_not_hold_up_every_denoising_step(
+    tmp_path: Path, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     """While the store is down, each per-step write waited out the client's retries (~9 s for Redis) before
     the step went on: a job all but stopped. One write finds it down; the rest wait for the heartbeat to
-    reach the store again, and the job goes on at full speed, writing its progress again once it can."""
+    reach the store again, and the job goes on at full speed, writing its progress again once it can, which
+    the log says as it said the outage."""
+    caplog.set_level("INFO", logger="wanserve.worker")
     h = Harness(tmp_path, engine, start=False, overlap_jobs=False, lease_seconds=3)
     down = DownStore(h.store, stall=0.3)
     h.worker.store = down  # type: ignore[assignment]
@@ -397,6 +428,7 @@ def test_a_store_outage_does_not_hold_up_every_denoising_step(tmp_path: Path, en
         assert calls <= 2, calls
         down.down.clear()  # the store is back: the heartbeat reaches it, and progress is written again
         wait_for(lambda: h.store.get(job_id).progress > 0, 30, "progress written again")
+        assert f"job {job_id}: the job store answers again; progress writes resume" in caplog.text
         h.store.request_cancel(job_id, ttl=60)
         assert h.finished(job_id).status is JobStatus.CANCELLED
     finally:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from wanserve.config import Settings
 from wanserve.disk import has_room
@@ -210,11 +211,34 @@ def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
 
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         info = client.info("server")
-        yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
     except (redis.AuthenticationError, redis.ResponseError) as exc:  # it answers, but not to this URL
         yield Check("redis", False, f"{shown} refuses it ({exc}): fix {named('store')}")
+        return
     except Exception as exc:
         yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix {named('store')}")
+        return
+    yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
+    yield from _redis_keeps_jobs(client)
+
+
+def _redis_keeps_jobs(client: Any) -> Iterator[Check]:
+    """What docs/operations.md asks of the Redis that holds the queue: an append-only file (a restart without
+    one loses every job since the last snapshot) and no eviction (a full Redis that evicts drops jobs). Read
+    with INFO, which managed services allow where they refuse CONFIG; a field not reported is not judged."""
+    try:
+        persistence, memory = client.info("persistence"), client.info("memory")
+    except Exception:  # INFO refused or cut short: the connection check above already spoke
+        return
+    problems = []
+    if persistence.get("aof_enabled") == 0:
+        problems.append("its append-only file is off: a restart loses the jobs since a snapshot (appendonly yes)")
+    policy = memory.get("maxmemory_policy")
+    if memory.get("maxmemory") and policy not in (None, "noeviction"):
+        problems.append(f"it evicts keys when full ({policy}), jobs among them (maxmemory-policy noeviction)")
+    if problems:
+        yield Check("redis jobs", False, "; ".join(problems) + ": docs/operations.md, section 1")
+    else:
+        yield Check("redis jobs", True, "kept across a restart (append-only file) and never evicted")
 
 
 def _sqlite_check(path: Path, where_from: str) -> Check:

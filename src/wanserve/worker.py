@@ -228,6 +228,7 @@ class Worker:
             remove_orphaned_scratch()
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
             self.claiming.set()
+            down_since: float | None = None
             while not self._draining.is_set():
                 try:
                     # Each claim holds the job under a name of its own: a run that lost its lease, while this
@@ -236,8 +237,16 @@ class Worker:
                     job = self.store.claim(self.model, holder, self.settings.lease_seconds)
                 except StoreUnavailable as exc:  # wait it out: /ready says so meanwhile
                     log.warning("worker %s: %s; trying again", self.worker_id, exc)
+                    down_since = down_since or time.monotonic()
                     self._draining.wait(STORE_RETRY_INTERVAL_S)
                     continue
+                if down_since is not None:  # the outage's end, in the log as its start is
+                    log.info(
+                        "worker %s: the job store answers again (after %.0f s)",
+                        self.worker_id,
+                        time.monotonic() - down_since,
+                    )
+                    down_since = None
                 if job is None:
                     self._draining.wait(self.settings.poll_interval)
                     continue
@@ -291,7 +300,13 @@ class Worker:
         """Housekeeping every worker shares: requeue jobs of dead workers, delete expired results."""
         try:
             for job in self.store.reap(self.settings.max_attempts, self.settings.result_ttl):
-                log.warning("job %s lost its worker: now %s (attempt %d)", job.id, job.status, job.attempts)
+                log.warning(
+                    "job %s lost its worker on attempt %d of %d: now %s",
+                    job.id,
+                    job.attempts,
+                    self.settings.max_attempts,
+                    job.status,
+                )
                 if job.status.finished and self.metrics is not None:  # failed (worker_lost) or cancelled
                     self.metrics.job_ended_unrun(job.model, job.status.value)
         except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
@@ -703,6 +718,8 @@ class Worker:
             except Exception:
                 log.exception("lease renewal failed for job %s", running.job.id)
             else:
+                if running.store_down:  # said when it went, said when it is back
+                    log.info("job %s: the job store answers again; progress writes resume", running.job.id)
                 running.store_down = False
                 if not renewed:
                     running.keep_going = False
