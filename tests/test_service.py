@@ -548,6 +548,31 @@ def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, ti
         api.stop()
 
 
+def test_an_api_replica_requeues_the_job_of_a_worker_that_died(tmp_path: Path, tiny_cache: Path) -> None:
+    """Only workers reaped lost leases: with no worker running (scaled to zero, a torchrun group that died with
+    its job), the job read "in_progress" at its last progress for as long as none started."""
+    from wanserve.jobs.sqlite import SQLiteJobStore
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = tmp_path / "data"
+    env = base_env(tiny_cache, WANSERVE_LEASE_SECONDS="3")  # the API sweeps every lease / 3
+    api = Process(["api", "--port", str(port), "--data-dir", str(data)], env, tmp_path / "api.log")
+    store = SQLiteJobStore(data / "jobs.db")
+    try:
+        wait_ready(url, api)  # no worker: the test's claim plays one that then dies
+        job_id = httpx.post(f"{url}/v1/videos", json={"prompt": "orphaned"}).json()["id"]
+        assert (claimed := store.claim("tiny-t2v", "dead-worker", 1.0)) is not None and claimed.id == job_id
+        assert store.set_progress(job_id, "dead-worker", 0.73, "denoise")
+        wait_for(lambda: httpx.get(f"{url}/v1/videos/{job_id}").json()["status"] == "queued", 30, "the requeue")
+        video = httpx.get(f"{url}/v1/videos/{job_id}").json()
+        assert video["queue_position"] == 1 and video["progress"] == 0, video
+        assert f"job {job_id} lost its worker on attempt 1 of 3: now queued" in api.log()
+    finally:
+        store.close()
+        api.stop()
+
+
 def test_submit_sends_the_key_of_the_environment(tmp_path: Path, tiny_cache: Path) -> None:
     """An API replica with keys (no worker needed to take a job): the key is WANSERVE_API_KEY, as on the server."""
     port = free_port()

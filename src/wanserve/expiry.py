@@ -1,14 +1,16 @@
-"""Deleting finished jobs whose time is up (`WANSERVE_RESULT_TTL`): their files first, then their records.
+"""Housekeeping every worker and API replica shares: requeueing the jobs of workers that died (their leases ran
+out), and deleting finished jobs whose time is up (`WANSERVE_RESULT_TTL`): their files first, then their records.
 
-Workers sweep on their housekeeping thread and API replicas on one of their own, so results go on time while
-no worker runs (KEDA has scaled a model's workers to zero). Sweepers may race: a job another one deleted first
-is simply gone.
+Workers sweep on their housekeeping thread and API replicas on one of their own, so both happen on time while
+no worker runs (KEDA has scaled a model's workers to zero, or a torchrun group died with its job). Sweepers
+may race: the store hands each lost job to one of them, and a job another one deleted first is simply gone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from wanserve.errors import JobNotFound, StorageUnavailable, StoreUnavailable
 from wanserve.jobs.model import JobStore
@@ -18,6 +20,26 @@ log = logging.getLogger(__name__)
 
 
 BATCH = 100
+
+
+def housekeeping(store: JobStore, storage: Storage, max_attempts: int, ttl: float, metrics: Any = None) -> None:
+    """Requeue (or, past `max_attempts`, fail `worker_lost`) the jobs whose leases ran out, then delete expired
+    results. An API replica does it too: a job whose worker died read "in_progress" at its last progress for as
+    long as no worker ran."""
+    try:
+        for job in store.reap(max_attempts, ttl):
+            log.warning(
+                "job %s lost its worker on attempt %d of %d: now %s", job.id, job.attempts, max_attempts, job.status
+            )
+            if job.status.finished and metrics is not None:  # failed (worker_lost) or cancelled
+                metrics.job_ended_unrun(job.model, job.status.value)
+    except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
+        log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
+        return
+    except Exception:
+        log.exception("housekeeping (reap, expiry) failed")
+        return
+    delete_expired(store, storage)
 
 
 def delete_expired(store: JobStore, storage: Storage) -> None:
@@ -49,11 +71,14 @@ def delete_expired(store: JobStore, storage: Storage) -> None:
             return
 
 
-class ExpirySweeper:
-    """`delete_expired` every `interval` seconds on a daemon thread, from `start()` until `stop()`."""
+class Housekeeper:
+    """`housekeeping` every `interval` seconds on a daemon thread, from `start()` until `stop()`."""
 
-    def __init__(self, store: JobStore, storage: Storage, interval: float) -> None:
+    def __init__(
+        self, store: JobStore, storage: Storage, interval: float, max_attempts: int, ttl: float, metrics: Any = None
+    ) -> None:
         self.store, self.storage, self.interval = store, storage, interval
+        self.max_attempts, self.ttl, self.metrics = max_attempts, ttl, metrics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="expiry", daemon=True)
 
@@ -66,4 +91,4 @@ class ExpirySweeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            delete_expired(self.store, self.storage)
+            housekeeping(self.store, self.storage, self.max_attempts, self.ttl, self.metrics)

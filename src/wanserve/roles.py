@@ -420,7 +420,7 @@ def api_replica_readiness() -> dict[str, Any]:
 def run_api(settings: Settings) -> None:
     """A stateless API replica: any number can share one store (Redis) and one storage (S3)."""
     from wanserve.api.app import create_app
-    from wanserve.expiry import ExpirySweeper
+    from wanserve.expiry import Housekeeper
     from wanserve.metrics import Metrics
 
     specs = api_specs(settings)
@@ -429,8 +429,11 @@ def run_api(settings: Settings) -> None:
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=api_replica_readiness)
-    # Results expire on time even while no worker runs (scaled to zero), at the pace workers sweep at.
-    sweeper = ExpirySweeper(store, storage, interval=settings.housekeeping_interval)
+    # Results expire, and dead workers' jobs go back to the queue, on time even while no worker runs (scaled to
+    # zero), at the pace workers sweep at.
+    sweeper = Housekeeper(
+        store, storage, settings.housekeeping_interval, settings.max_attempts, settings.result_ttl, metrics
+    )
     sweeper.start()
     try:
         log.info(

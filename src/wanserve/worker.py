@@ -36,7 +36,7 @@ from wanserve.errors import (
     StoreUnavailable,
     public_reason,
 )
-from wanserve.expiry import delete_expired
+from wanserve.expiry import housekeeping
 from wanserve.inputs import InputMissing, load_request
 from wanserve.jobs.model import Job, JobStatus, JobStore
 from wanserve.progress import ProgressEvent
@@ -298,24 +298,7 @@ class Worker:
 
     def _reap(self) -> None:
         """Housekeeping every worker shares: requeue jobs of dead workers, delete expired results."""
-        try:
-            for job in self.store.reap(self.settings.max_attempts, self.settings.result_ttl):
-                log.warning(
-                    "job %s lost its worker on attempt %d of %d: now %s",
-                    job.id,
-                    job.attempts,
-                    self.settings.max_attempts,
-                    job.status,
-                )
-                if job.status.finished and self.metrics is not None:  # failed (worker_lost) or cancelled
-                    self.metrics.job_ended_unrun(job.model, job.status.value)
-        except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
-            log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
-            return
-        except Exception:
-            log.exception("housekeeping (reap, expiry) failed")
-            return
-        delete_expired(self.store, self.storage)
+        housekeeping(self.store, self.storage, self.settings.max_attempts, self.settings.result_ttl, self.metrics)
 
     # ---- one job -----------------------------------------------------------------------------------------
 
