@@ -902,7 +902,8 @@ def test_another_sites_page_cannot_queue_cancel_or_delete_through_the_browser(ap
     assert len(api.store.list()[0]) == 1 and api.store.get(queued).status.value == "queued"
     # Over plain http to a host name or a LAN address browsers send no Sec-Fetch-Site: the Origin tells (a form
     # or a simple POST from any page went through there).
-    for origin in ("http://evil.example", "null", "http://testserver:8080", "http://testserver.evil.example"):
+    bad = ("http://evil.example", "null", "http://testserver:8080", "http://testserver.evil.example", "http://a:b")
+    for origin in bad:
         form = api.client.post("/v1/videos", data={"prompt": "no metadata"}, headers={"Origin": origin})
         assert openai_error(form, 403)["code"] == "cross_site_request", origin
         cancel = api.client.post(f"/v1/videos/{queued}/cancel", headers={"Origin": origin})

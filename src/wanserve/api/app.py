@@ -223,6 +223,8 @@ class CrossSiteMiddleware:
         if text.lower() == "null":  # a sandboxed frame, a data: URL, a redirect across sites
             return False
         mine = _host_port(text)
+        if mine is None:
+            return False
         # The Host the browser used, or a proxy's note of it; a page cannot set X-Forwarded-Host on a request it
         # sends without a CORS preflight, which this server never grants.
         scheme = text.partition(":")[0].lower()
@@ -256,14 +258,14 @@ def _routed(request: Request, path: str) -> bool:
     return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
-def _host_port(url: str) -> str:
-    """`host:port` of an http(s) URL, the scheme's default port written out, lower case."""
+def _host_port(url: str) -> str | None:
+    """`host:port` of an http(s) URL, the scheme's default port written out, lower case; None for no such URL."""
     parts = urlsplit(url)
     try:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    except ValueError:  # a port that is no number: matches nothing
-        return "?"
-    return f"{(parts.hostname or '').lower()}:{port}"
+    except ValueError:  # a port that is no number
+        return None
+    return f"{parts.hostname.lower()}:{port}" if parts.hostname else None
 
 
 def _route_label(scope: Scope) -> str:
