@@ -530,10 +530,12 @@ def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, ti
         )
         job = wait_for(lambda: store.claim("tiny-t2v", "test-worker", 3600), 60, "the job to be sent")
         handler.hold.set()
+        # The follower waits on a status read from here on: only then does the job complete (a read that passed
+        # the proxy just before could otherwise find it completed, and the download be what is interrupted).
+        wait_for(handler.held.is_set, 60, "the follower's next status read to be held")
         request = job.request
         result = {k: request[k] for k in ("seed", "width", "height", "num_frames", "fps")}
         assert store.complete(job.id, "test-worker", result, 3600)
-        wait_for(handler.held.is_set, 60, "the follower's next status read to be held")
         follower.send_signal(signal.SIGINT)
         _, stderr = follower.communicate(timeout=60)
         assert follower.returncode == 130, stderr
