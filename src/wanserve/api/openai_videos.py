@@ -150,11 +150,6 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
     content_type = request.headers.get("content-type", "").lower()
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         return await read_json_object(request), None, False
-    urlencoded: FormData | None = None
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        # Off the event loop: a body of millions of `&` (empty fields, which Starlette's field limit does not
-        # count) took 25 s to split and decode there, and /health waited with every other request.
-        urlencoded = await run_in_threadpool(read_urlencoded, await request.body())
     fields: dict[str, Any] = {}
     upload: bytes | None = None
     unnamed_image: bytes | None = None
@@ -172,8 +167,9 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
             form = await parser.parse()
             unnamed_image = parser.unnamed_image
         else:
-            assert urlencoded is not None
-            form = urlencoded
+            # Off the event loop: a body of millions of `&` (empty fields, which Starlette's field limit does
+            # not count) took 25 s to split and decode there, and /health waited with every other request.
+            form = await run_in_threadpool(read_urlencoded, await request.body())
     except MultiPartException as exc:
         raise InvalidRequest("body", f"is not a valid form: {exc.message}") from None
     except HTTPException as exc:  # starlette's word for a malformed form (no boundary, too many parts)

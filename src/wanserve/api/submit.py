@@ -100,10 +100,9 @@ def byte_size(count: int) -> str:
     return f"{count} bytes"
 
 
-def image_too_large(field: str, limit: int, size: int | None = None, what: str = "the image") -> PayloadTooLarge:
-    """One wording wherever an input image is found too large: what it is, when known, and the limit."""
-    found = f"{what} is {byte_size(size)}" if size is not None else f"{what} is too large"
-    return PayloadTooLarge(field, f"{found}; an input image may be at most {byte_size(limit)}")
+def image_too_large(field: str, limit: int, size: int) -> PayloadTooLarge:
+    """One wording wherever an input image is found too large: its size, and the limit."""
+    return PayloadTooLarge(field, f"the image is {byte_size(size)}; an input image may be at most {byte_size(limit)}")
 
 
 class IdempotencyKeyReused(InvalidRequest):

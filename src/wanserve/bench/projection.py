@@ -77,6 +77,7 @@ def check_targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
     for key, goal in shape.targets.items():
         kind, _, preset = key.rpartition("_")
         value: float | None = None
+        projected = False
         if key == "serving_busy_fraction":
             serving = report.get("serving", {})
             value = serving.get("busy_fraction_to_last_frames")
@@ -87,10 +88,10 @@ def check_targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
         elif kind == "request_speedup" and preset in request:
             # A request timed at fewer steps than the model's (to fit a GPU session) is judged on its
             # projection to the model's steps, which the target is for; the short ratio leans towards 1.
-            projected = next((v for k, v in request[preset].items() if k.endswith("_step_speedup_vs_diffusers")), None)
-            value = projected if projected is not None else request[preset].get("speedup_vs_diffusers")
-            if projected is not None:
-                out[key] = {"projected": True}
+            entry = request[preset]
+            projected_ratio = next((v for k, v in entry.items() if k.endswith("_step_speedup_vs_diffusers")), None)
+            projected = projected_ratio is not None
+            value = projected_ratio if projected else entry.get("speedup_vs_diffusers")
         elif kind == "step_seconds" and preset in per_step:
             value = per_step[preset]["seconds_per_step"]
         elif kind == "projected_seconds" and preset in per_step:
@@ -98,7 +99,8 @@ def check_targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
             value = row.get("projected_total_seconds", row.get("projected_denoise_seconds"))
         at_least = "speedup" in kind or key == "serving_busy_fraction"
         met = None if value is None else (value >= goal if at_least else value <= goal)
-        out[key] = {**out.get(key, {}), "goal": goal, "measured": value, "met": met}
+        out[key] = {"projected": True} if projected else {}
+        out[key].update(goal=goal, measured=value, met=met)
         if key == "serving_busy_fraction" and value is not None:
             out[key]["figure"] = "busy_fraction_to_last_frames"
             out[key]["busy_fraction"] = report.get("serving", {}).get("busy_fraction")
