@@ -20,15 +20,22 @@ from service import Process, base_env, free_port, wait_for, wait_ready
 from videos import decode_mp4
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+MODULE = ("-m", "wanserve")
 SLOW = {"width": 128, "height": 128, "num_frames": 17, "num_inference_steps": 200}
 
 
 class Group:
     """`torchrun ... -m wanserve worker --ulysses 2` with its log; rank 0 serves the ops port."""
 
-    def __init__(self, env: dict[str, str], log: Path, launcher: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path,
+        launcher: tuple[str, ...] = (),
+        entry: tuple[str, ...] = ("-m", "wanserve"),
+    ) -> None:
         self.ops_port = free_port()
-        args = [*TORCHRUN, *launcher, "-m", "wanserve", "worker", "--model", "tiny-t2v", "--ulysses", "2"]
+        args = [*TORCHRUN, *launcher, *entry, "worker", "--model", "tiny-t2v", "--ulysses", "2"]
         args += ["--ops-port", str(self.ops_port)]
         self.log_path = log
         output = open(log, "ab")  # noqa: SIM115 - owned by the group process for its lifetime
@@ -83,14 +90,18 @@ class Group:
             self.proc.wait(10)
 
 
-def setup(tmp: Path, cache: Path, store: str) -> tuple[Process, dict[str, str], str]:
-    env = base_env(
+def group_env(tmp: Path, cache: Path, store: str) -> dict[str, str]:
+    return base_env(
         cache,
         WANSERVE_STORE=store,
         WANSERVE_STORAGE=f"file://{tmp / 'videos'}",
         WANSERVE_COLLECTIVE_TIMEOUT="10",
         OMP_NUM_THREADS="1",
     )
+
+
+def setup(tmp: Path, cache: Path, store: str) -> tuple[Process, dict[str, str], str]:
+    env = group_env(tmp, cache, store)
     port = free_port()
     api = Process(["api", "--model", "tiny-t2v", "--port", str(port)], env, tmp / "api.log")
     url = f"http://127.0.0.1:{port}"
@@ -274,6 +285,76 @@ def test_an_idle_group_whose_follower_stops_answering_ends(tmp_path: Path, tiny_
             os.kill(follower, signal.SIGCONT)
         group.stop()
         api.stop()
+
+
+def test_an_idle_group_whose_leader_stops_answering_ends_with_one_fatal_line(
+    tmp_path: Path, tiny_cache: Path, redis_url: str
+) -> None:
+    """Between jobs a follower waits for rank 0's next word. Rank 0 hung (or killed): the follower's wait failed
+    with a 116-line traceback and exit 1, where a failure mid-job gives the documented FATAL line and code 3."""
+    env = group_env(tmp_path, tiny_cache, redis_url)
+    group = Group(env, tmp_path / "group.log")
+    leader, follower = group.rank_pid(0), group.rank_pid(1)
+    try:
+        os.kill(leader, signal.SIGSTOP)  # no word comes: the follower's collective times out (10 s here)
+        wait_for(lambda: not Path(f"/proc/{follower}").exists(), 90, "rank 1 to end")
+        log = group.log()
+        assert "FATAL" in log and "on rank 1" in log and "[during waiting for rank 0's next word]" in log, log
+        assert "Traceback" not in log, log
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGCONT)
+        group.stop()
+
+
+SLOW_LOAD = """
+import os, sys, time
+import wanserve.engine.engine as engine
+real = engine.load_pipeline
+def slow(*args, **kwargs):
+    if os.environ.get("RANK") == "1":
+        time.sleep(float(os.environ["TEST_SLOW_LOAD_S"]))
+    return real(*args, **kwargs)
+engine.load_pipeline = slow
+from wanserve.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_follower_that_loads_slower_than_the_collective_timeout_joins_the_group(
+    tmp_path: Path, tiny_cache: Path, redis_url: str
+) -> None:
+    """Rank 1's load ends 20 s after rank 0's (another node's cold cache), twice the collective timeout: rank 0
+    said /ready at once and its first keep-alive beat timed out, ending the group at start with "a peer rank
+    probably died". Now every rank waits for all to load, and rank 0 is ready only then."""
+    script = tmp_path / "slow_load.py"
+    script.write_text(SLOW_LOAD)
+    env = group_env(tmp_path, tiny_cache, redis_url)
+    started = time.monotonic()
+    group = Group({**env, "TEST_SLOW_LOAD_S": "20"}, tmp_path / "group.log", entry=(str(script),))
+    try:
+        assert time.monotonic() - started > 20, "rank 0 was ready before rank 1 had loaded"
+        time.sleep(15)  # more than the collective timeout, idle: the beats go on
+        assert group.proc.poll() is None, group.log()
+        assert "FATAL" not in group.log(), group.log()
+    finally:
+        group.stop()
+
+
+def test_a_wrong_layout_is_said_once_per_node_and_serve_refuses_torchrun(tiny_cache: Path) -> None:
+    """Each rank printed the same layout error, indistinguishably; `serve` under torchrun started one API per
+    rank, and all but one blamed "another process" for the port."""
+    env = base_env(tiny_cache, OMP_NUM_THREADS="1")
+    args = [*TORCHRUN, "-m", "wanserve", "worker", "--model", "tiny-t2v", "--ulysses", "4"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("WORLD_SIZE is 2") == 1, output[-3000:]
+
+    serve = [sys.executable, "-m", "wanserve", "serve", "--model", "tiny-t2v", "--port", str(free_port())]
+    done = subprocess.run(serve, env={**env, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "`wanserve serve` runs in one process, not under torchrun" in done.stdout + done.stderr
 
 
 def test_a_group_outlives_a_decode_longer_than_its_collective_timeout(

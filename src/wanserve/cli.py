@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from wanserve.config import Settings, process_rank, world_size_from_env
+from wanserve.engine.device import LayoutError
 from wanserve.errors import BadSetting, InvalidRequest, ModelNotFound, WanserveError
 from wanserve.storage.base import ENDPOINT_ENV_VARS
 
@@ -102,6 +103,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def fail_setting(exc: BadSetting, overrides: dict[str, Any]) -> NoReturn:
     """A setting that cannot work here is a usage error (exit 2), named as the user set it."""
+    if isinstance(exc, LayoutError) and world_size_from_env() > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
+        # The same settings and WORLD_SIZE give every rank the same words: one copy a node says it.
+        raise typer.Exit(2)
     fail(f"{where_set(exc.setting, overrides)}: {exc.rule}" if exc.setting else exc.rule, code=2)
 
 

@@ -153,6 +153,15 @@ def check_engine_settings(settings: Settings) -> None:
         raise BadSetting(f"{settings.cache_dir} cannot hold the tiny model: {problem}", "cache_dir")
 
 
+def _one_process(role: str) -> None:
+    """Under torchrun every rank would open the same port, and all but one would blame "another process"."""
+    if world_size_from_env() > 1:
+        raise BadSetting(
+            f"`wanserve {role}` runs in one process, not under torchrun (WORLD_SIZE is {world_size_from_env()}): "
+            "run `wanserve worker` under torchrun, and `wanserve api` on its own beside it (docs/parallelism.md)"
+        )
+
+
 def _check_listen(settings: Settings, port_key: str) -> None:
     """Before any model loads: can this process listen where it is told to? Each address the host resolves to
     is tried as uvicorn binds it (IPv6 sockets IPv6-only); a taken port names the port setting, an address
@@ -274,6 +283,7 @@ def run_serve(settings: Settings) -> None:
     from wanserve.worker import Worker
 
     specs = served_specs(settings)
+    _one_process("serve")
     check_engine_settings(settings)
     _check_listen(settings, "port")
     store, storage = open_backends(settings)
@@ -424,6 +434,7 @@ def run_api(settings: Settings) -> None:
     from wanserve.metrics import Metrics
 
     specs = api_specs(settings)
+    _one_process("api")
     _check_listen(settings, "port")
     store, storage = open_backends(settings)
     metrics = Metrics(list(specs))

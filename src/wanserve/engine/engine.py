@@ -37,6 +37,7 @@ from wanserve.engine.parallel import (
     exchange_cfg,
     fit_sequence,
     init_group,
+    wait_until_loaded,
 )
 from wanserve.engine.presets import PresetInfo, apply_preset
 from wanserve.engine.video import check_output_path, thumbnail_path_for, write_mp4, write_thumbnail
@@ -156,6 +157,8 @@ class Engine:
                 apply_layout(engine, parallel)
             # After the layout, which decides what a preset may still change.
             engine.preset_info = apply_preset(engine, settings.preset)
+        if parallel is not None:
+            wait_until_loaded(parallel)  # outside the lock: another model of this process may load meanwhile
         log.info(
             "loaded %s from %s in %.1f s on %s (%s)",
             spec.name,

@@ -105,15 +105,16 @@ class Watchdog:
                 expired = self._deadline is not None and time.monotonic() > self._deadline
                 what = self._what
             if expired:
-                self._exit(what, None)
+                self.end(what, None)
 
     def broken(self, what: str, exc: BaseException) -> NoReturn:
         """A collective of `what` raised: this rank is out of step with its peers for good, so it ends."""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
-        self._exit(what, None if timed_out else f"collective failed ({first_line})")
+        self.end(what, None if timed_out else f"collective failed ({first_line})")
 
-    def _exit(self, what: str, failure: str | None) -> NoReturn:
+    def end(self, what: str, failure: str | None) -> NoReturn:
+        """Log one FATAL line naming `what` was under way, and exit `WATCHDOG_EXIT_CODE` at once."""
         problem = failure or f"collective timed out after {self.timeout:g} s"
         log.critical(
             "FATAL: %s on rank %d (a peer rank probably died); exiting so the group can be restarted [during %s]",
@@ -231,6 +232,39 @@ def agree(ctx: ParallelContext, flag: bool) -> bool:
         value = torch.tensor([int(flag)], dtype=torch.int32, device=ctx.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+
+# The slowest rank's load (a cold download of 14B weights on another node) may end this long after the
+# fastest's; past it, a rank still loading is taken for hung.
+LOAD_WAIT_S = 3600.0
+
+
+def wait_until_loaded(ctx: ParallelContext, timeout: float = LOAD_WAIT_S) -> None:
+    """Return once every rank has loaded its model. Not a collective: those time out after `collective_timeout`,
+    so a rank that loaded slower than the others by more than that (another node's cold cache) ended the group
+    at start, blaming a dead peer, and rank 0 said /ready meanwhile. The c10d store counts the ranks instead,
+    with a deadline of its own."""
+    what = "waiting for the other ranks to load the model"
+    key = "wanserve/loaded"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add(key, 1)
+        started = time.monotonic()
+        next_note = started + 30.0
+        while (loaded := store.add(key, 0)) < ctx.world_size:
+            now = time.monotonic()
+            if now - started > timeout:
+                ctx.watchdog.end(
+                    what, f"{ctx.world_size - loaded} of {ctx.world_size} ranks not loaded after {timeout:g} s"
+                )
+            if now >= next_note:
+                log.info(
+                    "rank %d: loaded; %d of %d ranks still loading", ctx.rank, ctx.world_size - loaded, ctx.world_size
+                )
+                next_note = now + 30.0
+            time.sleep(0.1)
+    except Exception as exc:  # the store's host (torchrun's agent on the first node) went away
+        ctx.watchdog.broken(what, exc)
 
 
 def broadcast_object(ctx: ParallelContext, obj: Any) -> Any:
@@ -529,7 +563,10 @@ def follow(engine: Engine) -> None:
     assert ctx is not None and not ctx.is_leader
     scratch = Path(os.devnull)  # followers write no file
     while True:
-        kind, request = broadcast_object(ctx, None)
+        try:
+            kind, request = broadcast_object(ctx, None)
+        except Exception as exc:  # rank 0 died or hung between jobs: the same FATAL line and code as mid-job
+            ctx.watchdog.broken("waiting for rank 0's next word", exc)
         if kind == "stop":
             return
         if kind == "generate":
