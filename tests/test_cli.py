@@ -17,11 +17,11 @@ WANSERVE = [sys.executable, "-m", "wanserve"]
 
 
 def run(
-    args: list[str], cache: Path, unset: tuple[str, ...] = (), timeout: float = 300, **env: str
+    args: list[str], cache: Path, unset: tuple[str, ...] = (), timeout: float = 300, cwd: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k not in unset}
     environment.update({"WANSERVE_CACHE_DIR": str(cache), "COLUMNS": "200", **env})
-    return subprocess.run([*WANSERVE, *args], capture_output=True, text=True, env=environment, timeout=timeout)
+    return subprocess.run([*WANSERVE, *args], capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd)
 
 
 def test_generate_writes_a_playable_mp4_and_shows_steps(tiny_cache: Path, tmp_path: Path) -> None:
@@ -722,6 +722,11 @@ def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cac
             lambda f: __import__("shutil").rmtree(f / "vae"),
             "is incomplete: model_index.json names vae, not in the folder",
         ),
+        # Taken for a two-expert model that ran its one expert at every step, ignoring the second's settings.
+        "one-expert": (
+            lambda f: edit(index(f), boundary_ratio=0.875),
+            "model_index.json sets boundary_ratio, which switches to a second expert, but names no transformer_2",
+        ),
         "vace": (
             lambda f: index(f).write_text(
                 json.dumps({**json.loads(index(f).read_text()), "_class_name": "WanVACEPipeline"})
@@ -735,6 +740,14 @@ def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cac
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
     missing = run(["generate", "--model", str(tmp_path / "no-such"), "--prompt", "p"], tiny_cache)
     assert missing.returncode == 2 and "no-such is not a directory" in missing.stderr, missing.stderr
+    # `rel/model` looks like a Hub repo id too: a file of that name here was downloaded from the Hub instead.
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "model").write_text("not a model")
+    relative = run(["generate", "--model", "rel/model", "--prompt", "p"], tiny_cache, cwd=tmp_path, HF_HUB_OFFLINE="1")
+    assert relative.returncode == 2 and "rel/model is not a directory" in relative.stderr, relative.stderr
+    typo = run(["generate", "--model", "rel/modle", "--prompt", "p"], tiny_cache, cwd=tmp_path, HF_HUB_OFFLINE="1")
+    said = " ".join(typo.stderr.split())
+    assert typo.returncode != 0 and f"Nor is there a folder {tmp_path / 'rel' / 'modle'} here" in said, said
     # doctor said "OK models dir" for these, and nothing of the models a start would serve.
     models = tmp_path / "models"
     models.mkdir()

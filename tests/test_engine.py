@@ -107,6 +107,39 @@ def test_ti2v_serves_text_only_and_image_requests(engines: dict[str, Engine], tm
     assert not np.array_equal(decode_mp4(text_only.video_path).frames, decode_mp4(with_image.video_path).frames)
 
 
+def test_a_ti2v_folder_saved_as_image_to_video_serves_text_only_requests(
+    engines: dict[str, Engine], tiny_cache: Path, tmp_path: Path
+) -> None:
+    """TI2V-5B loaded as WanImageToVideoPipeline and saved is described as doing both tasks, but a text-only
+    request crashed in that class's prepare_latents (it wants an image first). It now gives WanPipeline's video."""
+    import json
+    import shutil
+
+    (source,) = (tiny_cache / "tiny").glob("tiny-ti2v-v*")
+    folder = shutil.copytree(source, tmp_path / "ti2v-as-i2v")
+    (folder / "wanserve_tiny.json").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
+    engine = Engine.load(str(folder), Settings(cache_dir=tiny_cache))
+    assert type(engine.pipe).__name__ == "WanImageToVideoPipeline" and "t2v" in engine.spec.tasks
+    # Every setting given: a folder of another name gets generic defaults, not tiny-ti2v's.
+    request = GenerationRequest(
+        prompt="a ball",
+        negative_prompt="blur",
+        seed=1,
+        width=64,
+        height=64,
+        num_frames=5,
+        fps=8,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        flow_shift=3.0,
+    )
+    saved_as_i2v = engine.generate(request, tmp_path / "i2v-class.mp4")
+    reference = engines["tiny-ti2v"].generate(request, tmp_path / "t2v-class.mp4")
+    assert np.array_equal(decode_mp4(saved_as_i2v.video_path).frames, decode_mp4(reference.video_path).frames)
+
+
 def test_two_experts_switch_at_the_boundary(engines: dict[str, Engine], tmp_path: Path) -> None:
     engine = engines["tiny-t2v-moe"]
     first, second = engine.pipe.transformer, engine.pipe.transformer_2

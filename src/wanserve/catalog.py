@@ -298,6 +298,8 @@ def resolve_spec(name: str) -> ModelSpec:
     path = Path(name).expanduser()
     if path.is_dir():
         return local_spec(path)
+    if path.exists():  # `models/wan` is a file here: a local path, not a Hub repo id to download
+        raise ModelNotFound(f"{name} is not a directory (a local model is a diffusers folder with model_index.json)")
     if looks_like_repo_id(name):
         snapshot = _cached_snapshot(name)
         if snapshot is not None:
@@ -498,6 +500,11 @@ def spec_from_directory(path: Path, base: ModelSpec | None = None) -> ModelSpec:
     boundary = _config_number(path / "model_index.json", index, "boundary_ratio", None, float, between)
     if boundary is not None and not boundary < 1:
         raise ModelNotFound(f"{path / 'model_index.json'}: boundary_ratio must be {between}, got {boundary!r}")
+    if boundary is not None and "transformer_2" not in named:  # one expert would run every step, silently
+        raise ModelNotFound(
+            f"{path / 'model_index.json'} sets boundary_ratio, which switches to a second expert, "
+            "but names no transformer_2"
+        )
     if pipeline_class == "WanImageToVideoPipeline":
         tasks = frozenset({"t2v", "i2v"}) if expand else frozenset({"i2v"})
     elif expand:

@@ -375,7 +375,12 @@ class Engine:
         # Noise is drawn on the CPU so a seed gives the same video on any device.
         generator = torch.Generator(device="cpu").manual_seed(noise_seed(req.seed))
         if req.image is None:
-            latents = pipe.prepare_latents(
+            from diffusers import WanPipeline
+
+            # Text-only noise is WanPipeline's whatever class the folder loaded: a TI2V checkpoint saved as
+            # WanImageToVideoPipeline does text-to-video too, and its own prepare_latents wants an image first.
+            latents = WanPipeline.prepare_latents(
+                pipe,
                 1,
                 self.transformers[0].config.out_channels,
                 req.height,

@@ -120,6 +120,8 @@ def _hub_timeouts() -> None:
 
 def _how_to_fix(repo_id: str, name: str, reason: str, models_dir: Path | None) -> str:
     download = f"could not download {repo_id} from the Hugging Face Hub ({reason})."
+    if Path(repo_id).parent.is_dir():  # `models/wan` names a folder here as well as a repo: say it is not one
+        download += f" (Nor is there a folder {Path(repo_id).absolute()} here.)"
     if models_dir is not None:  # the user has said where local copies are: say where this one was looked for
         missing = "" if models_dir.is_dir() else f" ({models_dir} does not exist)"
         return (
