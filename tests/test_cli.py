@@ -783,6 +783,27 @@ def test_a_local_copy_named_after_a_model_keeps_its_defaults(tiny_cache: Path, t
     assert done.returncode == 0 and decode_mp4(out).frames.shape == (1, 64, 64, 3), done.stderr[-3000:]
 
 
+def test_an_out_that_names_a_folder_or_the_input_image_is_refused(tiny_cache: Path, tmp_path: Path) -> None:
+    """`--out clips/` wrote a file named `clips`, and `--out cat.mp4` wrote its thumbnail over `--image cat.webp`
+    (the image the video is made from, lost)."""
+    from videos import png_bytes
+
+    image = tmp_path / "cat.webp"
+    image.write_bytes(png_bytes((200, 40, 40)))
+    args = ["generate", "--model", "tiny-i2v", "--prompt", "p", "--image", str(image), "--frames", "1", "--steps", "1"]
+    for out, message in (
+        (tmp_path / "cat.mp4", f"--out: the thumbnail, {image}, would be written over --image {image}"),
+        (image, "--out: the thumbnail is written beside the video as cat.webp"),
+    ):
+        done = run([*args, "--out", str(out)], tiny_cache)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and message in said, said
+    assert image.read_bytes() == png_bytes((200, 40, 40))
+    done = run([*args, "--out", f"{tmp_path / 'clips'}/"], tiny_cache)
+    assert done.returncode == 2 and "names a folder: give the MP4's path in it" in done.stderr, done.stderr
+    assert not (tmp_path / "clips").exists()
+
+
 def test_an_empty_out_path_is_refused_naming_the_flag(tiny_cache: Path) -> None:
     for out in ("", "/"):
         done = run(["generate", "--model", "tiny-t2v", "--prompt", "p", "--out", out], tiny_cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -340,33 +341,93 @@ def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server,
     assert queued.returncode == 0, queued.stderr
     assert server.job(queued.stdout.strip())["id"] == queued.stdout.strip()
 
-    args = ["--prompt", "too slow", "--size", "128x128", "--frames", "17", "--steps", "200"]
-    command = [sys.executable, "-m", "wanserve", "submit", *args]
-    follower = subprocess.Popen(
-        command,
-        env=base_env(tiny_cache, WANSERVE_URL=server.url),
-        stderr=subprocess.PIPE,
-        text=True,
-        # As from a terminal: a test run started in the background (`make test &`) ignores SIGINT, and its
-        # children would inherit that, so Ctrl-C would never reach submit.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        running = wait_for(
-            lambda: next((v for v in server.http.get("/v1/videos").json()["data"] if v["prompt"] == "too slow"), None),
-            60,
-            "the job to be sent",
+    # SIGTERM (`timeout`, a CI job stopped) and SIGHUP (a closed terminal) ended submit silently, the job left
+    # running for nobody; they now do what Ctrl-C does.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        prompt = f"too slow {stop.name}"
+        args = ["--prompt", prompt, "--size", "128x128", "--frames", "17", "--steps", "200"]
+        command = [sys.executable, "-m", "wanserve", "submit", *args]
+        follower = subprocess.Popen(
+            command,
+            env=base_env(tiny_cache, WANSERVE_URL=server.url),
+            stderr=subprocess.PIPE,
+            text=True,
+            # As from a terminal: a test run started in the background (`make test &`) ignores SIGINT, and its
+            # children would inherit that, so Ctrl-C would never reach submit.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-        wait_for(lambda: server.job(running["id"])["status"] == "in_progress", 60, "the job to run")
-        follower.send_signal(signal.SIGINT)
-        _, stderr = follower.communicate(timeout=60)
+        try:
+            running = wait_for(
+                lambda p=prompt: next(
+                    (v for v in server.http.get("/v1/videos").json()["data"] if v["prompt"] == p), None
+                ),
+                60,
+                "the job to be sent",
+            )
+            wait_for(lambda r=running: server.job(r["id"])["status"] == "in_progress", 60, "the job to run")
+            follower.send_signal(stop)
+            _, stderr = follower.communicate(timeout=60)
+        finally:
+            follower.kill()
+        assert follower.returncode == 130, (stop, stderr)
+        # A running job stops at its next step: said as under way, not as done.
+        assert f"interrupted: {running['id']} is being cancelled (it stops after its current step)" in stderr
+        final = server.wait_finished(running["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
+
+
+def test_submit_refuses_an_out_that_would_lose_a_file_and_a_url_that_is_no_root(
+    server: Server, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """`--out cat.mp4` wrote its thumbnail over `--image cat.webp`; `--out clips/` wrote a file named `clips`;
+    a `--url` naming a route, holding a query or redirecting was "the server refused the job", and a password
+    in it was printed in every message."""
+    image = tmp_path / "cat.webp"
+    image.write_bytes(png_bytes((200, 40, 40)))
+    before = image.read_bytes()
+    i2v = ["--prompt", "x", "--model", "tiny-i2v", "--image", str(image)]
+    over = _submit(server.url, tiny_cache, *i2v, "--out", str(tmp_path / "cat.mp4"))
+    said = " ".join(over.stderr.split())
+    assert over.returncode == 2 and f"--out: the thumbnail, {image}, would be written over --image {image}" in said
+    assert image.read_bytes() == before
+    folder = _submit(server.url, tiny_cache, "--prompt", "x", "--out", f"{tmp_path / 'clips'}/")
+    assert folder.returncode == 2 and "names a folder: give the MP4's path in it" in folder.stderr, folder.stderr
+    assert not (tmp_path / "clips").exists()
+
+    for url, message in (
+        (f"{server.url}/v1/videos", f"names an API route, not the server's root: give {server.url}"),
+        (f"{server.url}/?x=1", "must hold no query"),
+    ):
+        refused = _submit(url, tiny_cache, "--prompt", "x")
+        assert refused.returncode == 2 and message in " ".join(refused.stderr.split()), (url, refused.stderr)
+    elsewhere = _submit(f"{server.url}/v1/video", tiny_cache, "--prompt", "x")  # this API's own 404, typed
+    said = " ".join(elsewhere.stderr.split())
+    assert elsewhere.returncode == 1 and f"{server.url}/v1/video has no route POST /v1/videos" in said, said
+    assert "refused" not in said and "Traceback" not in said
+
+    class Moved(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(308)
+            self.send_header("location", f"https://videos.example.com{self.path}")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    moved = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Moved)
+    threading.Thread(target=moved.serve_forever, daemon=True).start()
+    try:
+        redirected = _submit(f"http://127.0.0.1:{moved.server_address[1]}", tiny_cache, "--prompt", "x")
     finally:
-        follower.kill()
-    assert follower.returncode == 130, stderr
-    # A running job stops at its next step: said as under way, not as done.
-    assert f"interrupted: {running['id']} is being cancelled (it stops after its current step)" in stderr
-    final = server.wait_finished(running["id"])
-    assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
+        moved.shutdown()
+    said = " ".join(redirected.stderr.split())
+    assert redirected.returncode == 1 and "redirects POST /v1/videos to https://videos.example.com/v1/videos" in said
+    assert "refused" not in said and "Traceback" not in said, said
+
+    secret = _submit(f"http://me:hunter2@127.0.0.1:{free_port()}", tiny_cache, "--prompt", "x")
+    assert secret.returncode == 1 and "http://me:***@127.0.0.1" in secret.stderr, secret.stderr
+    assert "hunter2" not in secret.stderr + secret.stdout
 
 
 def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path) -> None:
@@ -498,6 +559,79 @@ class _HoldsStatusReads(_LosesTheFirstAnswer):
             self.held.set()
             time.sleep(60)
         super().do_GET()
+
+
+class _NoContentRoute(_LosesTheFirstAnswer):
+    """A proxy that routes the API but answers its own HTML 404 for the files (a path rule left out)."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in ("host", "connection")}
+        self._pass_on(httpx.post(f"{self.upstream}{self.path}", content=body, headers=headers))
+
+    def do_GET(self) -> None:
+        if "/content" not in self.path:
+            return super().do_GET()
+        page = b"<html><body>404 Not Found</body></html>"
+        self.send_response(404)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+
+class _OpenAiLike(http.server.BaseHTTPRequestHandler):
+    """A server with OpenAI's video object only: no num_frames, seed or size, which wanserve adds."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self._json({"id": "video_abc", "object": "video", "model": "sora-2", "status": "queued", "progress": 0})
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/videos/video_abc/content"):
+            self.send_response(200)
+            self.send_header("content-length", "4")
+            self.end_headers()
+            self.wfile.write(b"mp4!")
+            return
+        self._json({"id": "video_abc", "object": "video", "model": "sora-2", "status": "completed", "progress": 100})
+
+    def _json(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_submit_says_what_failed_where_the_server_is_not_wanserve_alone(
+    server: Server, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """A proxy's HTML 404 for the video, and an OpenAI-like server's video object without wanserve's fields,
+    were each a traceback (NotAnApi, KeyError)."""
+    handler = type("Handler", (_NoContentRoute,), {"upstream": server.url, "creates": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    openai_like = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenAiLike)
+    for running in (proxy, openai_like):
+        threading.Thread(target=running.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "fox.mp4"
+        args = ["--prompt", "a fox", "--frames", "1", "--steps", "1", "--out", str(out)]
+        done = _submit(f"http://127.0.0.1:{proxy.server_address[1]}", tiny_cache, *args)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 1 and "is done, but its MP4 could not be downloaded" in said, said
+        assert "Traceback" not in said and not out.exists()
+
+        elsewhere = _submit(f"http://127.0.0.1:{openai_like.server_address[1]}", tiny_cache, *args)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert "video_abc: sora-2" in elsewhere.stderr and out.read_bytes() == b"mp4!"
+    finally:
+        proxy.shutdown()
+        openai_like.shutdown()
 
 
 def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, tiny_cache: Path) -> None:

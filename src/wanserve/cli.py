@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -165,9 +166,7 @@ SeedOpt = Annotated[int | None, typer.Option(help="random seed; the same seed gi
 @app.command()
 def generate(
     prompt: PromptOpt,
-    out: Annotated[Path, typer.Option(help="MP4 to write; a WebP thumbnail is written beside it")] = Path(
-        "wanserve.mp4"
-    ),
+    out: Annotated[str, typer.Option(help="MP4 to write; a WebP thumbnail is written beside it")] = "wanserve.mp4",
     model: Annotated[
         str | None, setting("catalog name, alias, local directory or repo id (default tiny-t2v)", "model")
     ] = None,
@@ -256,7 +255,7 @@ def generate(
         from wanserve.roles import check_engine_settings
 
         check_engine_settings(settings)
-        check_output(out)  # after the request's checks: a refused request leaves no folder made for it
+        out_file = check_output(out, image)  # after the request's checks: a refused request leaves no folder
         if world_size_from_env() == 1 and settings.world_layout == 1:
             from wanserve.engine.loading import locate
 
@@ -286,7 +285,7 @@ def generate(
                 elif event.seconds is not None:
                     console.print(f"{event.stage.replace('_', ' ')} {event.seconds:.2f}s")
 
-            result = engine.generate(request, out, on_progress=on_progress)
+            result = engine.generate(request, out_file, on_progress=on_progress)
         else:
             with Progress(
                 TextColumn("[bold]{task.description}"),
@@ -310,7 +309,7 @@ def generate(
                     elif event.stage in ("vae_decode", "video_encode"):
                         bar.update(task, description=event.stage.replace("_", " "))
 
-                result = engine.generate(request, out, on_progress=on_progress)
+                result = engine.generate(request, out_file, on_progress=on_progress)
     except InvalidRequest as exc:  # name the flag the user typed, not the request field behind it
         fail(f"{FLAG_OF_FIELD.get(exc.field, exc.field)}: {exc.rule}", code=2)
     except BadSetting as exc:
@@ -357,14 +356,24 @@ def _check_writable(folder: Path, key: str) -> None:
         raise BadSetting(f"{folder} cannot hold files: {exc.strerror or exc}", key) from None
 
 
-def check_output(out: Path) -> None:
-    """Refuse, before any model is loaded, an --out that could not hold the video and its thumbnail."""
-    from wanserve.engine.video import check_output_path
+def check_output(out: str, image: Path | None) -> Path:
+    """Refuse, before any model is loaded, an --out that could not hold the video and its thumbnail, or whose
+    writing would replace the --image it is made from."""
+    from wanserve.engine.video import check_output_path, thumbnail_path_for
 
+    if out.rstrip("/" + os.sep) and out.endswith(("/", os.sep)):  # Path forgets the slash: a file named `dir`
+        fail(f"--out: {out!r} names a folder: give the MP4's path in it, such as {out}fox.mp4", 2)
+    path = Path(out)
     try:
-        check_output_path(out)
+        check_output_path(path)
     except InvalidRequest as exc:
         fail(f"--out: {exc.rule}", 2)
+    if image is not None and image.is_file():
+        for written in (path, thumbnail_path_for(path)):
+            if written.is_file() and os.path.samefile(written, image):
+                what = "the video" if written == path else f"the thumbnail, {written},"
+                fail(f"--out: {what} would be written over --image {image}: give the video another name", 2)
+    return path
 
 
 def read_image(image: Path) -> bytes:
@@ -409,7 +418,7 @@ def submit(
     priority: Annotated[int | None, typer.Option(help="higher runs first, -1000 to 1000 (default 0)")] = None,
     preset: Annotated[str | None, typer.Option(help="exact, fast or fastest (default: the workers')")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="MP4 to write, a WebP thumbnail beside it (default <video id>.mp4)")
+        str | None, typer.Option(help="MP4 to write, a WebP thumbnail beside it (default <video id>.mp4)")
     ] = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="follow the job and download the video; --no-wait prints its id")
@@ -436,8 +445,10 @@ def submit(
             fail(f"{flag}: must be a finite number, got {number}", 2)
     # Before the job is sent: a video nobody can write is a GPU's time wasted. (The default name, the job's id,
     # is known later; its folder is the working directory.) With --no-wait nothing is written here.
+    out_file = None
     if wait:
-        check_output(out if out is not None else Path(".wanserve-submit.mp4"))
+        out_file = check_output(out if out is not None else ".wanserve-submit.mp4", image)
+        out_file = out_file if out is not None else None
     fields: dict[str, Any] = {
         "prompt": prompt,
         "model": model,
@@ -468,6 +479,9 @@ def submit(
     # The file's name is only a hint in the form: one that is not UTF-8 is sent with its bad bytes replaced.
     name = image.name.encode("utf-8", "replace").decode("utf-8") if image is not None else ""
     upload = (name, read_image(image)) if image is not None else None
+    # A closed terminal, `timeout` or a CI job's stop is Ctrl-C's: the job cancelled, no part file left behind.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _interrupted)
     client = Client(base, settings.api_keys[0] if settings.api_keys else None)
     outage = _Outage()
     # Every try sends the same key: a try whose answer was lost (a timeout, a dropped connection, a store that
@@ -483,7 +497,7 @@ def submit(
                     break
                 except ApiError as exc:
                     if exc.status not in (429, 503):  # a full queue or a store restarting: the job is not taken yet
-                        _refused(exc, client)
+                        _refused(exc, client, upload is not None, key)
                     heard, full = True, exc.status == 429
                     outage.wait(exc.message, exc.retry_after, "the queue has room again" if full else None)
                 except Unreachable as exc:
@@ -492,36 +506,38 @@ def submit(
                     # whatever listens there (TLS, Redis) is most likely the wrong URL.
                     heard = heard or outage.since is not None or (exc.delivered and client.is_wanserve())
                     if not heard:
-                        fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another)")
+                        maybe = f"; {_maybe_taken(key)}" if exc.delivered else ""
+                        fail(f"{exc} (is `wanserve serve` running there? --url / WANSERVE_URL names another){maybe}")
                     outage.wait(str(exc), None)
                 except NotAnApi as exc:
                     fail(f"{exc} (--url / WANSERVE_URL names another server)")
         except KeyboardInterrupt:
             if full:
                 fail("interrupted while the queue was full: the job was not queued", 130)
-            fail(
-                "interrupted while sending the job: if the server took it, GET /v1/videos lists it "
-                f"(sent with Idempotency-Key: {key}; sending it again with that key gives its id)",
-                130,
-            )
+            fail(f"interrupted while sending the job: {_maybe_taken(key)}", 130)
         outage.over()
         video_id = video["id"]
         if not wait:
             print(video_id)
             return
-        console.print(
-            f"{video_id}: {video['model']}, {video['size']}, {video['num_frames']} frames, seed {video['seed']}"
-        )
+        shown = [
+            f"{video[name]}{unit}"
+            for name, unit in (("model", ""), ("size", ""), ("num_frames", " frames"), ("seed", ""))
+            if video.get(name) is not None
+        ]
+        if video.get("seed") is not None:  # an OpenAI-like server may leave wanserve's fields out
+            shown[-1] = f"seed {shown[-1]}"
+        console.print(f"{video_id}: {', '.join(shown)}")
         try:
             video = _follow(client, video, outage)
         except KeyboardInterrupt:
-            _cancel_on_interrupt(client, video_id, base)
+            _cancel_on_interrupt(client, video_id, client.url)
         if video["status"] != "completed":
             error = video.get("error") or {}
             if error.get("code") == "cancelled":
                 fail(f"{video_id} was cancelled")
             fail(f"{video_id} failed: {error.get('code')}: {error.get('message')}")
-        target = out or Path(f"{video_id}.mp4")
+        target = out_file or Path(f"{video_id}.mp4")
         for variant, path in (("video", target), ("thumbnail", thumbnail_path_for(target))):
             what = "MP4" if variant == "video" else "thumbnail"
             try:  # around the waits too, as above
@@ -535,12 +551,15 @@ def submit(
                         if exc.status != 503:
                             fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
                         outage.wait(exc.message, exc.retry_after)
+                    except NotAnApi as exc:  # a proxy that routes the API but not /content
+                        fail(f"{video_id} is done, but its {what} could not be downloaded: {exc}")
                     except OSError as exc:
                         fail(f"--out: could not write {path}: {exc.strerror or exc}")
             except KeyboardInterrupt:
+                query = "?variant=thumbnail" if variant != "video" else ""
                 fail(
                     f"interrupted: {video_id} is completed, its {what} not downloaded: "
-                    f"GET {base}/v1/videos/{video_id}/content{'?variant=thumbnail' if variant != 'video' else ''}",
+                    f"GET {client.url}/v1/videos/{video_id}/content{query}",
                     130,
                 )
             outage.over()
@@ -567,13 +586,28 @@ def _key_refused(client: Any, video_id: str | None = None) -> NoReturn:
     fail(f"WANSERVE_API_KEY: the server refused this key (not one of its WANSERVE_API_KEY keys){kept}", 2)
 
 
-def _refused(exc: Any, client: Any) -> NoReturn:
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _maybe_taken(key: str) -> str:
+    return (
+        "if the server took the job, GET /v1/videos lists it "
+        f"(sent with Idempotency-Key: {key}; sending it again with that key gives its id)"
+    )
+
+
+def _refused(exc: Any, client: Any, with_image: bool, key: str) -> NoReturn:
     """A refused job, worded as generate words its own checks: the flag, then the rule."""
     if exc.status == 401:
         _key_refused(client)
     if exc.status in (400, 413, 422) and exc.param:
         flag = SUBMIT_FLAG_OF_FIELD.get(exc.param, exc.param)
         fail(f"{flag}: {exc.message.removeprefix(f'{exc.param}: ')}", 2)
+    if exc.status == 413 and with_image:  # a proxy's own limit (nginx: 1 MiB), before the server saw it
+        fail(f"--image: the request was too large for the server or a proxy in front of it ({exc.message})", 2)
+    if exc.status >= 500:  # the server failed while taking it: it may be queued all the same
+        fail(f"the server failed while taking the job: {exc.message}; {_maybe_taken(key)}")
     retry = f" (try again in {exc.retry_after} s)" if exc.retry_after else ""
     fail(f"the server refused the job: {exc.message}{retry}")
 

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -46,11 +47,21 @@ def _umask() -> int:
     return mask
 
 
+def shown_url(url: str) -> str:
+    """`url` as said in messages: a password in it (`https://user:pass@host`) is not printed."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class Client:
     def __init__(self, url: str, key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.url, self.key = url.rstrip("/"), key or None
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.key = key or None
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.url = shown_url(url.rstrip("/"))  # what messages name
 
     def close(self) -> None:
         self.http.close()
@@ -73,6 +84,12 @@ class Client:
         except (ValueError, KeyError, TypeError):
             if status >= 500:  # a proxy's page while the service restarts
                 return Unreachable(f"{self.url} answered {status} {response.reason_phrase}", delivered=True)
+            if response.is_redirect:  # http:// to https://, or another host: a wanserve answers where it is asked
+                where = shown_url(response.headers.get("location", "nowhere"))
+                return NotAnApi(
+                    f"{self.url} redirects {response.request.method} {response.request.url.path} to {where} "
+                    f"({status} {response.reason_phrase}): give the address it redirects to"
+                )
             if status in (404, 405):  # no such route: a URL with a path, another server, not a refused request
                 kind = response.headers.get("content-type", "no content type").split(";")[0]
                 return NotAnApi(
@@ -111,11 +128,20 @@ class Client:
         """Create a video: JSON, or a form with the image as `input_reference` (values as strings, as a form has).
         Sent again with the same idempotency `key`, it answers with the video the first call made."""
         headers = {"Idempotency-Key": key} if key else None
-        if image is None:
-            return self._video(self._call("POST", "/v1/videos", json=dict(fields), headers=headers))
-        form = {name: str(value) for name, value in fields.items()}
-        files = {"input_reference": image}
-        return self._video(self._call("POST", "/v1/videos", data=form, files=files, headers=headers))
+        try:
+            if image is None:
+                return self._video(self._call("POST", "/v1/videos", json=dict(fields), headers=headers))
+            form = {name: str(value) for name, value in fields.items()}
+            files = {"input_reference": image}
+            return self._video(self._call("POST", "/v1/videos", data=form, files=files, headers=headers))
+        except ApiError as exc:
+            if exc.status not in (404, 405):
+                raise
+            # A create names no job: a JSON "no such route" is a URL with a path too many (`/v1/videos`, `/v1/v1`).
+            raise NotAnApi(
+                f"{self.url} has no route POST /v1/videos ({exc.status}: {exc.message}): give the server's root, "
+                "such as http://host:8088"
+            ) from None
 
     def retrieve(self, video_id: str) -> tuple[dict[str, Any], float]:
         """The video object, and how long to wait before asking again."""
@@ -133,6 +159,14 @@ class Client:
             with self.http.stream("GET", path, follow_redirects=True) as response:
                 if not response.is_success:
                     response.read()
+                    if response.history:  # the bucket's answer, not this server's: no API, no --url at fault
+                        where = shown_url(str(response.url.copy_with(query=None)))
+                        raise ApiError(
+                            response.status_code,
+                            f"{where} answered {response.status_code} {response.reason_phrase}",
+                            None,
+                            None,
+                        )
                     raise self._failure(response)
                 fd, part = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
                 try:

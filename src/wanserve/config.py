@@ -181,8 +181,15 @@ class Settings(BaseSettings):
             raise ValueError(f"is not a URL ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host, such as https://videos.example.com")
+        if parts.query or parts.fragment or text.endswith(("?", "#")):  # paths are appended: ?x=1v1/videos
+            raise ValueError(
+                "must hold no query (?…) or fragment (#…): give the server's root, such as http://host:8088"
+            )
         # The server's root: the OpenAI SDK's base_url ends in /v1, which would make every link /v1/v1/….
-        return text.rstrip("/").removesuffix("/v1").rstrip("/")
+        root = text.rstrip("/").removesuffix("/v1").rstrip("/")
+        if root.endswith(("/v1/videos", "/v1")):
+            raise ValueError(f"names an API route, not the server's root: give {root.split('/v1')[0] or text}")
+        return root
 
     @field_validator("model", "sharded_model", mode="before")
     @classmethod
