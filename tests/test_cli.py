@@ -1083,14 +1083,22 @@ def test_serve_says_when_queued_jobs_wait_for_a_model_it_does_not_serve(tmp_path
     store = SQLiteJobStore(tmp_path / "data" / "jobs.db")
     for _ in range(2):
         store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+    # The job a `serve` killed mid-run left in progress: it is requeued only once its lease runs out, after the
+    # start-up check, which did not count it.
+    store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}, priority=1))
+    interrupted = store.claim("tiny-t2v", "killed-serve/1", 2)
+    assert interrupted is not None
     store.close()
     port = free_tcp_port()
     args = ["serve", "--model", "tiny-i2v", "--port", str(port), "--data-dir", str(tmp_path / "data")]
-    serve = Process(args, base_env(tiny_cache), tmp_path / "serve.log")
+    serve = Process(args, base_env(tiny_cache, WANSERVE_LEASE_SECONDS="3"), tmp_path / "serve.log")
     try:
         wait_ready(f"http://127.0.0.1:{port}", serve)
         said = "2 queued job(s) are for tiny-t2v, which this server does not serve"
         wait_for(lambda: said in serve.log(), 30, "the warning")
+        requeued = f"job {interrupted.id} lost its worker on attempt 1 of 3: now queued"
+        wait_for(lambda: requeued in serve.log(), 30, "the interrupted job to be requeued")
+        wait_for(lambda: "1 queued job(s) are for tiny-t2v, which this server" in serve.log(), 10, "its warning")
     finally:
         serve.stop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from typing import Any
 
 from wanserve.errors import JobNotFound, StorageUnavailable, StoreUnavailable
@@ -22,10 +23,17 @@ log = logging.getLogger(__name__)
 BATCH = 100
 
 
-def housekeeping(store: JobStore, storage: Storage, max_attempts: int, ttl: float, metrics: Any = None) -> None:
+def housekeeping(
+    store: JobStore,
+    storage: Storage,
+    max_attempts: int,
+    ttl: float,
+    metrics: Any = None,
+    served: Collection[str] | None = None,
+) -> None:
     """Requeue (or, past `max_attempts`, fail `worker_lost`) the jobs whose leases ran out, then delete expired
     results. An API replica does it too: a job whose worker died read "in_progress" at its last progress for as
-    long as no worker ran."""
+    long as no worker ran. `served`: every model `serve` runs (with aliases), where it alone claims jobs."""
     try:
         for job in store.reap(max_attempts, ttl):
             log.warning(
@@ -33,6 +41,10 @@ def housekeeping(store: JobStore, storage: Storage, max_attempts: int, ttl: floa
             )
             if job.status.finished and metrics is not None:  # failed (worker_lost) or cancelled
                 metrics.job_ended_unrun(job.model, job.status.value)
+            elif served is not None and job.model not in served:
+                # A `serve` killed mid-job and started with other models: its start-up check saw the job still
+                # in progress, and nothing else would say that it now waits for good.
+                log.warning(unserved_words(1, job.model))
     except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
         log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
         return
@@ -40,6 +52,14 @@ def housekeeping(store: JobStore, storage: Storage, max_attempts: int, ttl: floa
         log.exception("housekeeping (reap, expiry) failed")
         return
     delete_expired(store, storage)
+
+
+def unserved_words(count: int, model: str) -> str:
+    return (
+        f"{count} queued job(s) are for {model}, which this server does not serve: they wait for a worker that does "
+        f"(this server with --model {model}, or a `wanserve worker` on the same store), or delete them "
+        "(DELETE /v1/videos/{id})"
+    )
 
 
 def delete_expired(store: JobStore, storage: Storage) -> None:

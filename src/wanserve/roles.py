@@ -291,7 +291,10 @@ def run_serve(settings: Settings) -> None:
     metrics = Metrics(list(specs))
     metrics.watch_store(store, list(specs))
     start_together = threading.Barrier(len(specs))
-    workers = [Worker(name, settings, store, storage, metrics, start_together=start_together) for name in specs]
+    workers = [
+        Worker(name, settings, store, storage, metrics, start_together=start_together, served=served_names(specs))
+        for name in specs
+    ]
     app = create_app(settings, store, storage, specs, metrics=metrics, readiness=lambda: _readiness(workers))
     for worker in workers:
         if specs[worker.model].provisional:
@@ -386,13 +389,18 @@ def _wait_for_workers_with_jobs(workers: list[Any], timeout: float) -> None:
             log.info("stopping while %s loads (it holds no job; the next start loads it again)", worker.model)
 
 
+def served_names(specs: dict[str, ModelSpec]) -> frozenset[str]:
+    return frozenset(specs) | {alias for spec in specs.values() for alias in spec.aliases}
+
+
 def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 100_000) -> None:
     """Say so when jobs wait for a model this process does not serve (queued, then `serve` restarted with other
     models): unless a standalone worker shares the store, none will ever claim them, and nothing else would
     tell."""
+    from wanserve.expiry import unserved_words
     from wanserve.jobs import every_job
 
-    served = set(specs) | {alias for spec in specs.values() for alias in spec.aliases}
+    served = served_names(specs)
     waiting: dict[str, int] = {}
     try:
         for job in every_job(store, most):
@@ -402,14 +410,7 @@ def _warn_of_unserved_jobs(store: Any, specs: dict[str, ModelSpec], most: int = 
         log.debug("could not look for jobs of models not served: %s", exc)
         return
     for model, count in sorted(waiting.items()):
-        log.warning(
-            "%d queued job(s) are for %s, which this server does not serve: they wait for a worker that does "
-            "(this server with --model %s, or a `wanserve worker` on the same store), or delete them "
-            "(DELETE /v1/videos/{id})",
-            count,
-            model,
-            model,
-        )
+        log.warning(unserved_words(count, model))
 
 
 def _readiness(workers: list[Any]) -> dict[str, Any]:

@@ -122,8 +122,11 @@ class Worker:
         engine: GenerationEngine | None = None,
         worker_id: str | None = None,
         start_together: threading.Barrier | None = None,
+        served: frozenset[str] | None = None,
     ) -> None:
         self.model = model  # canonical served name (spec.name): the queue it claims from
+        # Every model of this `serve` process, which alone claims from its store: a requeued job of another waits.
+        self.served = served
         # Workers of one process wait here, loaded or failed, before their first claim: loading a model changes
         # process-wide torch state (default dtype, parameter creation) that a job running beside it would see.
         self.start_together = start_together
@@ -298,7 +301,8 @@ class Worker:
 
     def _reap(self) -> None:
         """Housekeeping every worker shares: requeue jobs of dead workers, delete expired results."""
-        housekeeping(self.store, self.storage, self.settings.max_attempts, self.settings.result_ttl, self.metrics)
+        settings = self.settings
+        housekeeping(self.store, self.storage, settings.max_attempts, settings.result_ttl, self.metrics, self.served)
 
     # ---- one job -----------------------------------------------------------------------------------------
 
