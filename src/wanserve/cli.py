@@ -1013,6 +1013,12 @@ def bench(
     cold_start: Annotated[
         bool | None, typer.Option("--cold-start/--no-cold-start", help="time a fresh process to engine ready")
     ] = None,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--baseline/--no-baseline", help="time plain diffusers too (off: the presets alone, no speed-ups)"
+        ),
+    ] = True,
     time_budget: Annotated[
         float | None,
         typer.Option(help="seconds after which no new phase starts; the report lists what was skipped"),
@@ -1088,6 +1094,7 @@ def bench(
         presets=chosen,
         steps=steps,
         repeats=repeats,
+        baseline=baseline,
         cpu_tiny=cpu_tiny,
         out=out,
         jobs=jobs,
@@ -1101,7 +1108,6 @@ def bench(
         cache_dir=settings.cache_dir,
         time_budget=time_budget,
     )
-    import signal
 
     def stopped(signum: int, _frame: Any) -> None:  # a time limit's SIGTERM: the run saves where it stopped
         raise KeyboardInterrupt(f"signal {signum}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from wanserve.bench.memory import peaks, start_window
 from wanserve.bench.shapes import Shape
 from wanserve.engine.presets import IMAGE_TOKENS, TEXT_TOKENS
 
@@ -143,10 +144,7 @@ def time_unit(
     """Median time of one forward (or CFG step). Under a step cache the cache is reset before every call,
     so each timed call is a full computation; what caching saves shows in the per-request figures."""
     call = unit_call(transformer, inputs, unit, cfg_batch)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    window = start_window(device)
     first = timed_ms(call, device)  # includes compilation when the preset compiles
     timed_ms(call, device)
     times = [timed_ms(call, device) for _ in range(max(repeats, 1))]
@@ -158,7 +156,7 @@ def time_unit(
         "first_call_ms": round(first, 3),
         "tflops": round(tflops, 4),
         "percent_of_ceiling": round(100 * tflops / ceiling_tflops, 2) if ceiling_tflops else None,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
+        **peaks(device, window),
     }
 
 

@@ -23,6 +23,7 @@ class BenchOptions:
     text_encoder_cpu: bool = False  # the engine's memory settings, as on a 24 GB card
     vae_tiling: bool = False
     request: bool | None = None  # None: the shape's default
+    baseline: bool = True  # plain diffusers timed too; off for a run about the presets' memory alone
     cold_start: bool | None = None  # None: when weights are on disk already (tiny, --checkpoint)
     device: str = "auto"
     cache_dir: Path | None = None

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from wanserve.bench.forward import timed_ms
-from wanserve.bench.requests import peak_memory_gb
+from wanserve.bench.memory import peaks, start_window
 from wanserve.bench.shapes import Shape
 
 
@@ -25,15 +25,13 @@ def measure_vae_decode(shape: Shape, device: torch.device, tiling: bool = False)
     latents = torch.randn(size, generator=torch.Generator("cpu").manual_seed(0)).to(device)
     with torch.no_grad():
         vae.decode(latents[:, :, :2], return_dict=False)  # kernels and cuDNN's convolution choices, once
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        window = start_window(device)
         ms = timed_ms(lambda: vae.decode(latents, return_dict=False), device)
     return {
         "seconds": round(ms / 1000, 3),
         "latents": list(size),
         "tiling": tiling,
-        "peak_memory_gb": peak_memory_gb(device),
+        **peaks(device, window),
     }
 
 
@@ -104,7 +102,10 @@ def check_targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
         if key == "serving_busy_fraction" and value is not None:
             out[key]["figure"] = "busy_fraction_to_last_frames"
             out[key]["busy_fraction"] = report.get("serving", {}).get("busy_fraction")
-        row = per_step.get(preset, {}) if kind in ("step_seconds", "projected_seconds") else {}
+        seconds_target = kind in ("step_seconds", "projected_seconds")
+        if seconds_target and value is not None and shape.reference_seconds and "diffusers" in per_step:
+            out[key]["as_ratio"] = _as_ratio(shape.reference_seconds, goal, per_step["diffusers"], kind, value)
+        row = per_step.get(preset, {}) if seconds_target else {}
         if value is not None and "cached_seconds_per_step" in row:
             # The goal as a share of skipped steps: random weights cannot say what share the cache will skip
             # on a real checkpoint, but they do fix what a full and a skipped step cost.
@@ -114,6 +115,24 @@ def check_targets(shape: Shape, report: dict[str, Any]) -> dict[str, Any]:
     if shape.published_diffusers_ms and "diffusers" in forward:
         out["diffusers_vs_published"] = ratio(shape.published_diffusers_ms, forward["diffusers"]["ms"])
     return out
+
+
+def _as_ratio(
+    reference: tuple[str, float], goal: float, diffusers: dict[str, Any], kind: str, value: float
+) -> dict[str, Any]:
+    """A seconds goal as the speed-up it asks for over its reference, judged against diffusers in this run: the
+    seconds depend on the card (an H200 is faster), the ratio much less."""
+    what, seconds = reference
+    theirs = diffusers["seconds_per_step"] if kind == "step_seconds" else diffusers.get("projected_total_seconds")
+    if theirs is None:
+        theirs = diffusers.get("projected_denoise_seconds")
+    wanted, measured = round(seconds / goal, 3), ratio(theirs, value)
+    return {
+        "goal": wanted,
+        "measured": measured,
+        "met": None if measured is None else measured >= wanted,
+        "basis": f"{seconds:g} s ({what}) / {goal:g} s, measured as diffusers in this run / this preset",
+    }
 
 
 def _fraction_needed(excess: float, saved_if_all_skipped: float) -> float | None:

@@ -216,7 +216,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for name, entry in report["forward"].items():
         req = report.get("request", {}).get(name, {}) if isinstance(report.get("request"), dict) else {}
-        psnr_value = req.get("psnr_vs_exact_db", req.get("psnr_vs_diffusers_db"))
+        # Against exact where exact ran; else against diffusers, said so (a run without exact has no other).
+        psnr_value, against = req.get("psnr_vs_exact_db"), ""
+        identical = req.get("identical_to_exact", req.get("identical_to_diffusers"))
+        if psnr_value is None and req.get("psnr_vs_diffusers_db") is not None:
+            psnr_value, against = req["psnr_vs_diffusers_db"], " vs diffusers"
         rows.append(
             (
                 name,
@@ -227,7 +231,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"{entry['speedup_vs_diffusers']:.3f}x" if entry.get("speedup_vs_diffusers") else "-",
                 f"{req['seconds']:.2f}" if "seconds" in req else "-",
                 f"{req['skipped_fraction']:.2f}" if "skipped_fraction" in req else "-",
-                "identical" if req and psnr_value is None and name != "diffusers" else _fmt(psnr_value),
+                "identical" if identical and psnr_value is None else _fmt(psnr_value) + against,
             )
         )
     return rows
@@ -245,6 +249,12 @@ def target_lines(report: dict[str, Any]) -> list[str]:
             line += " (projected to the model's steps)"
         if target.get("figure"):
             line += f" ({target['figure']}; over the whole run {_fmt(target.get('busy_fraction'), 3)})"
+        if as_ratio := target.get("as_ratio"):
+            ratio_verdict = {True: "met", False: "missed", None: "not measured"}[as_ratio["met"]]
+            line += (
+                f"; as a speed-up over diffusers in this run: goal {as_ratio['goal']:g}, "
+                f"measured {_fmt(as_ratio['measured'], 3)}: {ratio_verdict}"
+            )
         if target["met"] is False and "met_at_skipped_fraction" in target:
             share = target["met_at_skipped_fraction"]
             line += " with every step computed; " + (

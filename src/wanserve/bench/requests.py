@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wanserve.bench.memory import peaks, start_window
 from wanserve.bench.shapes import Shape
 
 
@@ -82,9 +83,7 @@ def plain_pipeline_request(pipe: Any, req: Any, device: torch.device, scratch: P
         first = np.ascontiguousarray((np.asarray(warm) * 255).round().clip(0, 255).astype(np.uint8))
         write_mp4(first, scratch / "diffusers-warm-up.mp4", fps=req.fps)
         write_thumbnail(first, thumbnail_path_for(scratch / "diffusers-warm-up.mp4"))
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    window = start_window(device)
     step_ends.clear()
     started = time.perf_counter()
     video = call(req.num_inference_steps)
@@ -111,7 +110,7 @@ def plain_pipeline_request(pipe: Any, req: Any, device: torch.device, scratch: P
         "video_encode_seconds": round(total - (decoded - started), 4),
         "step_seconds_median": round(median, 4) if median is not None else None,
         "steps": req.num_inference_steps,
-        "peak_memory_gb": peak_memory_gb(device),
+        **peaks(device, window),
     }, frames
 
 
@@ -130,8 +129,7 @@ def engine_request(engine: Any, req: Any, device: torch.device, scratch: Path) -
         engine.generate(replace(req, num_inference_steps=2), scratch / "warm-up.mp4")
         captured.clear()
         engine.clear_prompt_cache()  # WanPipeline encodes the prompts of every call: so does the timed request
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        window = start_window(device)
         started = time.perf_counter()
         result = engine.generate(req, scratch / f"{engine.preset_info.preset}.mp4")
         total = time.perf_counter() - started
@@ -144,12 +142,8 @@ def engine_request(engine: Any, req: Any, device: torch.device, scratch: Path) -
         "steps": len(result.step_seconds),
         "skipped_fraction": result.skipped_fraction,
         "skipped_steps": result.skipped_steps,
-        "peak_memory_gb": peak_memory_gb(device),
+        **peaks(device, window),
     }, captured[-1]
-
-
-def peak_memory_gb(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -14,28 +14,23 @@ from typing import Any
 
 import torch
 
-from wanserve.bench.projection import ratio
-
 log = logging.getLogger(__name__)
 
 
-def measure_serving(engine: Any, req: Any, jobs: int, scratch: Path) -> dict[str, Any]:
+def measure_serving(engine: Any, req: Any, jobs: int, scratch: Path, overlap: bool = True) -> dict[str, Any]:
     """Busy time over wall time across `jobs` back-to-back jobs through the real Worker, with `overlap_jobs`
-    (the default: the next prompt encoded ahead, the previous MP4 written and stored on another thread) and
-    without it, on the same engine; or, when the worker cannot be used here, back-to-back `Engine.generate`."""
+    (the default: the next prompt encoded ahead, the previous MP4 written and stored on another thread) or
+    without it; or, when the worker cannot be used here, back-to-back `Engine.generate`."""
+    root = scratch / ("serving-overlapped" if overlap else "serving-sequential")
+    if not overlap:  # the comparison's other half: a Worker that failed here has failed the first half already
+        return _serve_through_worker(engine, req, jobs, root, overlap=False)
     try:
-        sequential = _serve_through_worker(engine, req, jobs, scratch / "serving-sequential", overlap=False)
-        overlapped = _serve_through_worker(engine, req, jobs, scratch / "serving-overlapped", overlap=True)
+        return _serve_through_worker(engine, req, jobs, root, overlap=True)
     except Exception as exc:
         log.warning("serving through the Worker failed (%s); timing Engine.generate back to back", exc)
         result = _serve_back_to_back(engine, req, jobs, scratch)
         result["via"] = f"Engine.generate x {jobs} (Worker unusable: {type(exc).__name__}: {exc})"[:500]
         return result
-    return {
-        **overlapped,
-        "sequential": sequential,
-        "overlap_wall_speedup": ratio(sequential["wall_seconds"], overlapped["wall_seconds"]),
-    }
 
 
 # A job's stages up to its decoded frames; after them come MP4 encoding, upload and completion.
