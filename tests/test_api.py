@@ -1632,6 +1632,11 @@ def test_metrics_lists_every_metric(api: Api) -> None:
     text = api.client.get("/metrics").text
     assert 'route="/static/{path}",status="200"' in text and 'route="/openapi.json",status="200"' in text
     assert 'route="unmatched",status="200"' not in text and 'route="unmatched",status="404"' in text
+    # A cross-site refusal comes before routing: it is labelled by the route it was for all the same.
+    refused = api.client.post("/v1/videos", json={"prompt": "x"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert refused.status_code == 403
+    text = api.client.get("/metrics").text
+    assert 'method="POST",route="/v1/videos",status="403"' in text and 'route="unmatched",status="403"' not in text
     # Nor by any method a client invents: each would be a new series for good.
     for verb in ("FROB", "XYZZY"):
         api.client.request(verb, "/v1/videos")

@@ -193,7 +193,9 @@ def test_models_and_doctor(tiny_cache: Path) -> None:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         spec = lookup(cells[0].strip("`"))
         assert spec is not None, row
-        assert cells[3:] == [
+        assert cells[1:] == [
+            ", ".join(f"`{alias}`" for alias in spec.aliases),
+            spec.task_label,
             spec.repo_id,
             f"{spec.width}x{spec.height}",
             str(spec.num_frames),

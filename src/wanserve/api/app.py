@@ -239,6 +239,10 @@ class CrossSiteMiddleware:
             site = headers.get(b"sec-fetch-site", b"").strip().lower()
             origin = headers.get(b"origin")
             if site in _OTHER_SITES or (not site and origin is not None and not self._own_origin(origin, headers)):
+                # Refused before routing: the metrics label it by the route it was for, not as "unmatched".
+                route = _route_of(scope["app"].router.routes, scope)
+                if route is not None:
+                    scope["route"] = route
                 response = error_response(
                     Request(scope),
                     403,
@@ -250,6 +254,17 @@ class CrossSiteMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route_of(routes: Any, scope: Scope) -> Any:
+    """The route that takes this request, looked up before routing. FastAPI nests the routes of an included
+    router (prefix "") in one route of its own, which matches for them all and names no template."""
+    for route in routes:
+        if route.matches(scope)[0] != Match.FULL:
+            continue
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        return _route_of(inner, scope) if inner is not None else route
+    return None
 
 
 def _routed(request: Request, path: str) -> bool:
