@@ -634,6 +634,48 @@ def test_submit_says_what_failed_where_the_server_is_not_wanserve_alone(
         openai_like.shutdown()
 
 
+class _FailsTheCreate(http.server.BaseHTTPRequestHandler):
+    """In front of nothing: a proxy's 413 page for an upload, a server error on a JSON create."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        if self.headers.get("content-type", "").startswith("multipart/"):
+            page, status, kind = b"<html>413 Request Entity Too Large</html>", 413, "text/html"
+        else:
+            error = {"message": "the store raised", "type": "server_error", "param": None, "code": "internal_error"}
+            page, status, kind = json.dumps({"error": error}).encode(), 500, "application/json"
+        self.send_response(status)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_submit_names_the_image_for_a_proxys_413_and_gives_the_key_when_the_job_may_be_taken(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """A proxy's 413 (nginx: 1 MiB) was "the server refused the job" (exit 1), naming no flag; a 500 on the
+    create was "refused" too, though the job may be queued, with no Idempotency-Key to find it by."""
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailsTheCreate)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    image = tmp_path / "big.png"
+    image.write_bytes(png_bytes((1, 2, 3)))
+    try:
+        too_big = _submit(url, tiny_cache, "--prompt", "x", "--image", str(image), "--no-wait")
+        said = " ".join(too_big.stderr.split())
+        assert too_big.returncode == 2 and "--image: the request was too large for the server or a proxy" in said, said
+        failed = _submit(url, tiny_cache, "--prompt", "x", "--no-wait")
+        said = " ".join(failed.stderr.split())
+        assert failed.returncode == 1 and "the server failed while taking the job: the store raised" in said, said
+        assert "sent with Idempotency-Key: wanserve-submit-" in said and "refused" not in said
+    finally:
+        stub.shutdown()
+
+
 def test_ctrl_c_after_the_job_completed_says_so_not_cancelled(tmp_path: Path, tiny_cache: Path) -> None:
     """The job completed while submit waited for a status answer, and Ctrl-C came then: submit said "cancelled"
     (the server answers a cancel of a finished job with the job as it is), and the user lost a video they had."""

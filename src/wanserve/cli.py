@@ -517,6 +517,7 @@ def submit(
             fail(f"interrupted while sending the job: {_maybe_taken(key)}", 130)
         outage.over()
         video_id = video["id"]
+        outage.ctrl_c = "Ctrl-C cancels the job"
         if not wait:
             print(video_id)
             return
@@ -538,6 +539,7 @@ def submit(
                 fail(f"{video_id} was cancelled")
             fail(f"{video_id} failed: {error.get('code')}: {error.get('message')}")
         target = out_file or Path(f"{video_id}.mp4")
+        outage.ctrl_c = "Ctrl-C stops; the video stays on the server"
         for variant, path in (("video", target), ("thumbnail", thumbnail_path_for(target))):
             what = "MP4" if variant == "video" else "thumbnail"
             try:  # around the waits too, as above
@@ -619,12 +621,13 @@ class _Outage:
     def __init__(self) -> None:
         self.since: float | None = None
         self.ended = "the server answers again"
+        self.ctrl_c = "Ctrl-C stops"  # what Ctrl-C does now: once the job is taken, it cancels it
 
     def wait(self, why: str, retry_after: str | None, ended: str | None = None) -> None:
         """`ended`: what its end is said as (a full queue was answered all along: it has room again)."""
         if self.since is None:
             self.since = time.monotonic()
-            console.print(f"[yellow]warning:[/yellow] {escape(why)}; still trying (Ctrl-C stops)")
+            console.print(f"[yellow]warning:[/yellow] {escape(why)}; still trying ({self.ctrl_c})")
         self.ended = ended or "the server answers again"
         time.sleep(int(retry_after) if retry_after and retry_after.isdigit() else 2)
 
