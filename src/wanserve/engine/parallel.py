@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -237,6 +238,7 @@ def agree(ctx: ParallelContext, flag: bool) -> bool:
 # The slowest rank's load (a cold download of 14B weights on another node) may end this long after the
 # fastest's; past it, a rank still loading is taken for hung.
 LOAD_WAIT_S = 3600.0
+_LOADS = itertools.count()
 
 
 def wait_until_loaded(ctx: ParallelContext, timeout: float = LOAD_WAIT_S) -> None:
@@ -245,7 +247,7 @@ def wait_until_loaded(ctx: ParallelContext, timeout: float = LOAD_WAIT_S) -> Non
     at start, blaming a dead peer, and rank 0 said /ready meanwhile. The c10d store counts the ranks instead,
     with a deadline of its own."""
     what = "waiting for the other ranks to load the model"
-    key = "wanserve/loaded"
+    key = f"wanserve/loaded/{next(_LOADS)}"  # every rank loads its models in the same order
     try:
         store = dist.distributed_c10d._get_default_store()
         store.add(key, 1)
