@@ -393,7 +393,54 @@ def test_a_keyed_image_create_retried_on_a_full_queue_gets_its_video_and_leaves_
         assert openai_error(api.client.post("/v1/videos", data=form, files=other, headers=key), 422)
         fresh = api.client.post("/v1/videos", data=form, files=image, headers={"Idempotency-Key": "upload-2"})
         assert openai_error(fresh, 429)["code"] == "queue_full"
+        # Refused before its image is decoded, as without a key: a flood of fresh keys each made the server
+        # decode (seconds of CPU, on the pool every route shares) an image that was then refused.
+        junk = {"input_reference": ("big.png", b"\x89PNG not an image at all")}
+        flood = api.client.post("/v1/videos", data=form, files=junk, headers={"Idempotency-Key": "upload-3"})
+        assert openai_error(flood, 429)["code"] == "queue_full"
         assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [first.json()["id"]]
+
+
+def test_image_creates_waiting_to_decode_leave_status_reads_answered(tmp_path: Path) -> None:
+    """Image creates wait their turn to decode (two at a time); they waited on Starlette's thread pool, which
+    every route shares, so forty of them left status reads, cancels and deletes waiting (a flood of image
+    creates stalled status polls for 20 s). Both decode slots are held here while 45 creates arrive."""
+    import anyio
+
+    from wanserve import request as request_module
+
+    settings = Settings(data_dir=tmp_path, model=["tiny-t2v", "tiny-i2v"])
+    store, storage = SQLiteJobStore(tmp_path / "jobs.db"), LocalStorage(tmp_path / "videos")
+    app = create_app(settings, store, storage, api_specs(settings), metrics=Metrics())
+    form, image = {"prompt": "p", "model": "tiny-i2v"}, {"input_reference": png_bytes((1, 2, 3))}
+    answers: dict[str, int] = {}
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+
+            async def create() -> None:
+                response = await client.post("/v1/videos", data=form, files=image)
+                answers[response.json()["id"]] = response.status_code
+
+            async with anyio.create_task_group() as creates:
+                held = [request_module._DECODING.acquire() for _ in range(2)]
+                try:
+                    for _ in range(45):
+                        creates.start_soon(create)
+                    await anyio.sleep(0.5)
+                    with anyio.move_on_after(20) as waited:
+                        answers["read"] = (await client.get("/v1/videos?limit=1")).status_code
+                    assert not waited.cancelled_caught, "a status read waited behind the creates"
+                finally:
+                    for _ in held:
+                        request_module._DECODING.release()
+
+    try:
+        anyio.run(main)
+    finally:
+        store.close()
+    assert answers.pop("read") == 200 and list(answers.values()) == [200] * 45
 
 
 class AnswerLost:

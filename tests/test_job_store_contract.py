@@ -104,6 +104,7 @@ def test_an_idempotency_key_returns_the_job_it_created_instead_of_a_second(store
     # The retry of a create whose answer was lost: the same key finds the first job, even with the queue full.
     again = store.enqueue(make_job(idempotency_key="order-17", fingerprint="f1"), max_queued=1)
     assert again.id == first.id and again.fingerprint == "f1" and again.idempotency_key == "order-17"
+    assert store.keyed("order-17") and not store.keyed("order-99")
     assert store.queue_depth("tiny-t2v") == 1 and [j.id for j in store.list()[0]] == [first.id]
     # Whatever became of it since: a finished job is still the answer.
     claim(store, "w1")
@@ -118,6 +119,7 @@ def test_an_idempotency_key_whose_job_was_deleted_is_free_again(store: JobStore)
     first = store.enqueue(make_job(idempotency_key="k"))
     store.request_cancel(first.id, TTL)
     store.delete(first.id)
+    assert not store.keyed("k")
     second = store.enqueue(make_job(idempotency_key="k"))
     assert second.id != first.id and store.get(second.id).idempotency_key == "k"
     assert store.enqueue(make_job(idempotency_key="k")).id == second.id

@@ -38,7 +38,7 @@ from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
 from wanserve.storage.base import Storage
 
-from . import events, legacy, openai_videos, ops, page
+from . import events, legacy, openai_videos, ops, page, submit
 from .auth import Unauthorized, require_key
 from .web import JSON_ANSWER_HEADERS, BodyLimitMiddleware, SafeHeadersMiddleware, body_limit
 
@@ -327,6 +327,7 @@ def create_app(
     # Set when the server stops, so that open event streams end instead of holding its shutdown.
     app.state.closing = threading.Event()
     app.state.stream_reads = anyio.CapacityLimiter(events.STREAM_READ_THREADS)
+    app.state.creates = anyio.CapacityLimiter(submit.CREATE_THREADS)
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings), image_limit=settings.max_upload_bytes)

@@ -37,6 +37,7 @@ from .submit import (
     decode_data_url,
     generation_values,
     idempotency_key,
+    in_create_thread,
     optional_str,
     queue_position,
     reject_parallel_layout,
@@ -315,7 +316,7 @@ def router(
     async def video_submit(request: Request) -> JSONResponse:
         key = idempotency_key(request.headers)
         body = await read_json_object(request)
-        job, replayed = await run_in_threadpool(submit_video, body, key)
+        job, replayed = await in_create_thread(request, submit_video, body, key)
         # 202, as the system this route comes from answered: taken, not done.
         return JSONResponse({"requestId": job.id}, status_code=202, headers=REPLAYED if replayed else None)
 
@@ -335,7 +336,7 @@ def router(
         async def generate(request: Request) -> JSONResponse:
             key = idempotency_key(request.headers)
             body = await read_json_object(request)
-            job, replayed = await run_in_threadpool(submit_task, body, source, key)
+            job, replayed = await in_create_thread(request, submit_task, body, source, key)
             # A path, as the replaced system gave: its clients join it to the address they called.
             status_url = f"{base_path(public_base(request, settings))}{prefix}/status/{job.id}"
             return JSONResponse(

@@ -44,6 +44,7 @@ from .submit import (
     generation_values,
     idempotency_key,
     image_too_large,
+    in_create_thread,
     optional_str,
     queue_position,
     reject_parallel_layout,
@@ -390,7 +391,7 @@ def router(
     async def create_video(request: Request) -> JSONResponse:
         key = idempotency_key(request.headers)
         fields, upload, from_form = await read_create_body(request, settings)
-        return await run_in_threadpool(create, fields, upload, from_form, key)
+        return await in_create_thread(request, create, fields, upload, from_form, key)
 
     @api.get("")
     def list_videos(

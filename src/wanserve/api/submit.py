@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
 import math
 import re
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import anyio.to_thread
+from starlette.requests import Request
 
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
@@ -325,6 +329,17 @@ def served_spec(specs: Mapping[str, ModelSpec], model: object, needs: frozenset[
     raise ModelNotServed("model", f"{model!r} is not served here; served models: {', '.join(specs)}")
 
 
+# Creates run on threads of their own: each may wait its turn to decode an image (two at a time, per process),
+# and on Starlette's pool, which every route shares, forty such waits held every status read, cancel and
+# delete behind them (a flood of image creates stalled status polls for 20 s). Here they wait on the event loop.
+CREATE_THREADS = 8
+T = TypeVar("T")
+
+
+async def in_create_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=request.app.state.creates)
+
+
 def submit(
     store: JobStore,
     storage: Storage,
@@ -350,10 +365,11 @@ def submit(
     fingerprint = None if key is None else request_fingerprint(request, spec.name, priority, source)
     limit = settings.queue_limit
     full = request.image is not None and limit is not None and store.queue_depth(spec.name) >= limit
-    if full and key is None:
-        # Refused before the image is decoded (up to seconds of CPU) and stored (up to 20 MiB, removed again);
-        # enqueue checks again, atomically. A keyed create goes on: it may be the retry of one queued already,
-        # which a full queue must not refuse.
+    if full and (key is None or not store.keyed(key)):
+        # Refused before the image is decoded (up to seconds of CPU, on a pool every route shares) and stored (up
+        # to 20 MiB, removed again); enqueue checks again, atomically. A create under a key whose job exists goes
+        # on: it is the retry of one queued already, which a full queue must not refuse (a fresh key per
+        # request made every create of a flood decode its image, only to be refused).
         raise QueueFull(spec.name, limit, QUEUE_FULL_RETRY_AFTER)
     try:
         resolved = resolve(request, spec, serving=settings.preset, step_cache=settings.step_cache_for(spec))

@@ -180,6 +180,11 @@ class JobStore(Protocol):
 
     def queue_depth(self, model: str) -> int: ...
 
+    def keyed(self, key: str) -> bool:
+        """Whether a job made under this idempotency key in the last IDEMPOTENCY_TTL_S still exists (a create
+        under it would be answered with that job)."""
+        ...
+
     def running_count(self, model: str) -> int: ...
 
     def counts(self, model: str) -> Counts:

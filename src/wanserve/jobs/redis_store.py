@@ -549,6 +549,10 @@ class RedisJobStore:
     def queue_depth(self, model: str) -> int:
         return int(self._redis.zcard(self._key("queue", model)))
 
+    def keyed(self, key: str) -> bool:
+        job_id = self._redis.get(self._key("idem", key))
+        return job_id is not None and bool(self._redis.exists(self._key("job", job_id)))
+
     def running_count(self, model: str) -> int:
         return int(self._redis.scard(self._key("running", model)))
 

@@ -403,6 +403,14 @@ class SQLiteJobStore:
     def queue_depth(self, model: str) -> int:
         return self._depth(self._conn(), model)
 
+    def keyed(self, key: str) -> bool:
+        row = self._conn().execute(
+            "SELECT 1 FROM idempotency JOIN jobs ON jobs.id = idempotency.job_id"
+            " WHERE idempotency.key = ? AND idempotency.expires_at > ?",
+            (key, time.time()),
+        )
+        return row.fetchone() is not None
+
     def running_count(self, model: str) -> int:
         row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND status = 'in_progress'", (model,))
         return row.fetchone()[0]
