@@ -375,6 +375,27 @@ def test_submit_no_wait_prints_the_id_and_ctrl_c_cancels_the_job(server: Server,
         final = server.wait_finished(running["id"])
         assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
 
+    # Under `nohup` (SIGHUP ignored) a logout must not cancel the job: the handler replaced nohup's ignore.
+    args = ["--prompt", "kept", "--size", "128x128", "--frames", "17", "--steps", "200"]
+    kept = subprocess.Popen(
+        [sys.executable, "-m", "wanserve", "submit", *args],
+        env=base_env(tiny_cache, WANSERVE_URL=server.url),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        listed = lambda: [v for v in server.http.get("/v1/videos").json()["data"] if v["prompt"] == "kept"]  # noqa: E731
+        (job,) = wait_for(listed, 60, "the kept job to be sent")
+        wait_for(lambda: server.job(job["id"])["status"] == "in_progress", 60, "the kept job to run")
+        kept.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert kept.poll() is None and server.job(job["id"])["cancel_requested"] is False
+    finally:
+        kept.kill()
+        kept.communicate(timeout=30)
+    server.http.post(f"/v1/videos/{job['id']}/cancel")  # not to hold up the module's other tests
+
 
 def test_submit_refuses_an_out_that_would_lose_a_file_and_a_url_that_is_no_root(
     server: Server, tiny_cache: Path, tmp_path: Path
@@ -425,6 +446,9 @@ def test_submit_refuses_an_out_that_would_lose_a_file_and_a_url_that_is_no_root(
     assert redirected.returncode == 1 and "redirects POST /v1/videos to https://videos.example.com/v1/videos" in said
     assert "refused" not in said and "Traceback" not in said, said
 
+    routed = _submit("https://alice:s3cret@v1.example.com/v1/videos", tiny_cache, "--prompt", "x")
+    said = " ".join(routed.stderr.split())
+    assert routed.returncode == 2 and "give https://alice:***@v1.example.com," in said and "s3cret" not in said, said
     secret = _submit(f"http://me:hunter2@127.0.0.1:{free_port()}", tiny_cache, "--prompt", "x")
     assert secret.returncode == 1 and "http://me:***@127.0.0.1" in secret.stderr, secret.stderr
     assert "hunter2" not in secret.stderr + secret.stdout

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wanserve.config import Settings, process_rank, world_size_from_env
+from wanserve.config import Settings, process_rank, url_shown, world_size_from_env
 from wanserve.engine.device import LayoutError
 from wanserve.errors import BadSetting, InvalidRequest, ModelNotFound, WanserveError
 from wanserve.storage.base import ENDPOINT_ENV_VARS
@@ -89,6 +89,8 @@ def settings_from(**overrides: Any) -> Settings:
             key = str(error["loc"][0]) if error["loc"] else "?"
             message = str(error["msg"]).removeprefix("Value error, ")
             value = error.get("input")
+            if key in ("url", "public_url") and isinstance(value, str):
+                value = url_shown(value)  # a password in it is a secret too
             got = "" if key == "api_key" else f", got {value!r}"  # a key is a secret: not in a log
             console.print(f"[red]invalid setting:[/red] {escape(f'{where_set(key, overrides)}: {message}{got}')}")
         raise typer.Exit(2) from None
@@ -481,7 +483,8 @@ def submit(
     upload = (name, read_image(image)) if image is not None else None
     # A closed terminal, `timeout` or a CI job's stop is Ctrl-C's: the job cancelled, no part file left behind.
     for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, _interrupted)
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # `nohup wanserve submit &` keeps its job on logout
+            signal.signal(stop, _interrupted)
     client = Client(base, settings.api_keys[0] if settings.api_keys else None)
     outage = _Outage()
     # Every try sends the same key: a try whose answer was lost (a timeout, a dropped connection, a store that

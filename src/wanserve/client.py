@@ -8,10 +8,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from wanserve.config import url_shown
 from wanserve.errors import WanserveError
 
 # Between two status calls when the server gives no `openai-poll-after-ms`.
@@ -47,21 +47,12 @@ def _umask() -> int:
     return mask
 
 
-def shown_url(url: str) -> str:
-    """`url` as said in messages: a password in it (`https://user:pass@host`) is not printed."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class Client:
     def __init__(self, url: str, key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.key = key or None
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.url = shown_url(url.rstrip("/"))  # what messages name
+        self.url = url_shown(url.rstrip("/"))  # what messages name
 
     def close(self) -> None:
         self.http.close()
@@ -85,7 +76,7 @@ class Client:
             if status >= 500:  # a proxy's page while the service restarts
                 return Unreachable(f"{self.url} answered {status} {response.reason_phrase}", delivered=True)
             if response.is_redirect:  # http:// to https://, or another host: a wanserve answers where it is asked
-                where = shown_url(response.headers.get("location", "nowhere"))
+                where = url_shown(response.headers.get("location", "nowhere"))
                 return NotAnApi(
                     f"{self.url} redirects {response.request.method} {response.request.url.path} to {where} "
                     f"({status} {response.reason_phrase}): give the address it redirects to"
@@ -160,7 +151,7 @@ class Client:
                 if not response.is_success:
                     response.read()
                     if response.history:  # the bucket's answer, not this server's: no API, no --url at fault
-                        where = shown_url(str(response.url.copy_with(query=None)))
+                        where = url_shown(str(response.url.copy_with(query=None)))
                         raise ApiError(
                             response.status_code,
                             f"{where} answered {response.status_code} {response.reason_phrase}",

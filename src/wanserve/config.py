@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +32,21 @@ def _seconds(default: float, *, positive: bool = True) -> float:
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "wanserve"
+
+
+def url_netloc_shown(parts: SplitResult) -> str:
+    """The netloc of a URL as messages show it: a password in it (`https://user:pass@host`) is never printed."""
+    if parts.password is None:
+        return parts.netloc
+    return f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
+
+
+def url_shown(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(netloc=url_netloc_shown(parts)))
+    except ValueError:  # no URL: nothing in it is known to be a password
+        return url
 
 
 class Settings(BaseSettings):
@@ -187,8 +202,10 @@ class Settings(BaseSettings):
             )
         # The server's root: the OpenAI SDK's base_url ends in /v1, which would make every link /v1/v1/….
         root = text.rstrip("/").removesuffix("/v1").rstrip("/")
-        if root.endswith(("/v1/videos", "/v1")):
-            raise ValueError(f"names an API route, not the server's root: give {root.split('/v1')[0] or text}")
+        path = parts.path.rstrip("/").removesuffix("/v1").rstrip("/")
+        if path.endswith(("/v1/videos", "/v1")):
+            hint = urlunsplit(parts._replace(netloc=url_netloc_shown(parts), path=path[: path.rfind("/v1")]))
+            raise ValueError(f"names an API route, not the server's root: give {hint}")
         return root
 
     @field_validator("model", "sharded_model", mode="before")

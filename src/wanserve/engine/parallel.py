@@ -247,7 +247,9 @@ def wait_until_loaded(ctx: ParallelContext, timeout: float = LOAD_WAIT_S) -> Non
     at start, blaming a dead peer, and rank 0 said /ready meanwhile. The c10d store counts the ranks instead,
     with a deadline of its own."""
     what = "waiting for the other ranks to load the model"
-    key = f"wanserve/loaded/{next(_LOADS)}"  # every rank loads its models in the same order
+    # Every rank loads its models in the same order; torchrun keeps one store across the restarts of a group.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"wanserve/loaded/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}/{next(_LOADS)}"
     try:
         store = dist.distributed_c10d._get_default_store()
         store.add(key, 1)
