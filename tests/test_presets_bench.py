@@ -181,6 +181,24 @@ def test_warm_up_failure_drops_compilation_and_serves(
     assert result.skipped_fraction > 0
 
 
+@pytest.mark.parametrize(
+    "failure", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: an illegal memory access")]
+)
+def test_a_warm_up_out_of_memory_blames_no_feature(failure: Exception) -> None:
+    """Out of memory (a 720p warm-up) or a sticky CUDA error was blamed on the attention backend, which was
+    dropped and recorded as the cause, then on compilation, with two retries that could only fail again."""
+    info = presets.PresetInfo(preset="fast", device="cuda", attention_backend="_native_cudnn", compiled=True)
+    calls: list[int] = []
+
+    def run() -> None:
+        calls.append(1)
+        raise failure
+
+    with pytest.raises(type(failure)):
+        presets.warm_up_with_fallback([], info, run)
+    assert calls == [1] and info.attention_backend == "_native_cudnn" and info.compiled and info.skipped == {}
+
+
 def test_regional_compile_composes_with_the_step_cache(
     tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

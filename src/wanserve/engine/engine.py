@@ -660,8 +660,10 @@ class Engine:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> uint8 frames (T, H, W, 3)."""
         vae = self.pipe.vae
-        vae_device = next(vae.parameters()).device
-        latents = latents.to(vae_device, vae.dtype)
+        # Under model CPU offload the VAE's weights wait on the CPU until its hook moves them, and that hook
+        # (diffusers' apply_forward_hook) moves the module, not its inputs: the latents go where it runs.
+        offloaded = self.settings.cpu_offload and self.device.type != "cpu"
+        latents = latents.to(self.device if offloaded else next(vae.parameters()).device, vae.dtype)
         z_dim = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)

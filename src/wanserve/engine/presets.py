@@ -670,7 +670,9 @@ def warm_up_with_fallback(transformers: Sequence[Any], info: PresetInfo, run: Ca
             run()
             return time.perf_counter() - started
         except Exception as exc:
-            if not undo:
+            if not undo or _device_failure(exc):
+                # Out of memory, or a sticky CUDA error that every later call repeats: no feature is to blame,
+                # and dropping one would put a wrong reason in the record and retry for nothing.
                 raise
             # Dynamo and inductor errors point at compilation; anything else more likely at the kernel.
             compiler_error = isinstance(exc, _COMPILER_ERRORS)
@@ -693,6 +695,12 @@ _COMPILER_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.TorchDynamoException,
     getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException),
 )
+
+
+def _device_failure(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, torch.OutOfMemoryError) or type(exc).__name__ == "AcceleratorError" or "CUDA error" in str(exc)
+    )
 
 
 def _reset_attention(transformers: Iterable[Any]) -> None:
