@@ -30,7 +30,14 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wanserve needs Python 3.11 or newer (set PYTHON=python3.11)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	@# Another build of the same version satisfies `torch==X` as it stands: a changed TORCH_SPEC reinstalls.
+	@if [ -f $(VENV)/.torch-installed ] && ! cmp -s $(TORCH_STAMP) $(VENV)/.torch-installed; then \
+		echo "TORCH_SPEC changed: reinstalling torch ($(TORCH_SPEC))"; \
+		$(BIN)/python -m pip install --quiet --force-reinstall $(TORCH_SPEC); \
+	else \
+		$(BIN)/python -m pip install --quiet $(TORCH_SPEC); \
+	fi
+	cp $(TORCH_STAMP) $(VENV)/.torch-installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@command -v redis-server >/dev/null || echo "note: redis-server is not on PATH; the Redis tests need it (Debian: apt-get install redis-server)"
 	touch $(STAMP)

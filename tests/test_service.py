@@ -449,6 +449,10 @@ def test_submit_refuses_an_out_that_would_lose_a_file_and_a_url_that_is_no_root(
     routed = _submit("https://alice:s3cret@v1.example.com/v1/videos", tiny_cache, "--prompt", "x")
     said = " ".join(routed.stderr.split())
     assert routed.returncode == 2 and "give https://alice:***@v1.example.com," in said and "s3cret" not in said, said
+    # `export WANSERVE_URL=` clears it (was "invalid setting"): the default URL, here on a port nobody holds.
+    port = free_port()
+    cleared = _submit("", tiny_cache, "--prompt", "x", WANSERVE_PORT=str(port))
+    assert cleared.returncode == 1 and f"http://127.0.0.1:{port} does not answer" in cleared.stderr, cleared.stderr
     secret = _submit(f"http://me:hunter2@127.0.0.1:{free_port()}", tiny_cache, "--prompt", "x")
     assert secret.returncode == 1 and "http://me:***@127.0.0.1" in secret.stderr, secret.stderr
     assert "hunter2" not in secret.stderr + secret.stdout

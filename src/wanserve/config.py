@@ -186,7 +186,7 @@ class Settings(BaseSettings):
     @field_validator("url", "public_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
+        if value is None or not value.strip():  # `export WANSERVE_URL=` clears it: the default, as if unset
             return None
         text = value.strip()
         try:
