@@ -26,7 +26,7 @@ from wanserve.api.app import create_app
 from wanserve.api.openai_videos import seconds_to_frames
 from wanserve.catalog import ModelSpec, lookup
 from wanserve.config import Settings
-from wanserve.jobs.model import Job
+from wanserve.jobs.model import Job, new_job_id
 from wanserve.jobs.sqlite import SQLiteJobStore
 from wanserve.metrics import Metrics
 from wanserve.roles import api_specs, served_specs
@@ -441,6 +441,37 @@ def test_image_creates_waiting_to_decode_leave_status_reads_answered(tmp_path: P
     finally:
         store.close()
     assert answers.pop("read") == 200 and list(answers.values()) == [200] * 45
+
+
+class ClaimedWhileRead:
+    """A store whose worker claims the job between the API's read of it and its queue-place lookup."""
+
+    def __init__(self, store: SQLiteJobStore) -> None:
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def queue_position(self, job_id: str) -> int | None:
+        self.store.claim("tiny-t2v", "w/1", 60)
+        return self.store.queue_position(job_id)
+
+
+def test_a_job_claimed_while_it_is_read_is_never_queued_with_no_place(tmp_path: Path) -> None:
+    """Read as queued, then claimed before its place was asked: the video showed "queued" with queue_position
+    null, which the docs say a waiting job never has (the page's first event showed it so)."""
+    settings = Settings(data_dir=tmp_path, model=["tiny-t2v"])
+    real = SQLiteJobStore(tmp_path / "jobs.db")
+    store: Any = ClaimedWhileRead(real)
+    app = create_app(settings, store, LocalStorage(tmp_path / "videos"), api_specs(settings))
+    try:
+        with TestClient(app) as client:
+            for route in ("/v1/videos/{id}", "/api/v1/status/{id}"):
+                job = real.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "p"}))
+                shown = client.get(route.format(id=job.id)).json()
+                assert shown["status"] in ("in_progress", "processing") and shown["queue_position"] is None, shown
+    finally:
+        real.close()
 
 
 class AnswerLost:

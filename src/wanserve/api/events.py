@@ -78,13 +78,14 @@ def _gone(exc: JobNotFound) -> str:
 
 async def job_events(
     load: Callable[[], Job],
-    render: Callable[[Job], dict[str, Any]],
+    render: Callable[[Job], tuple[Job, dict[str, Any]]],
     closing: threading.Event,
     limiter: anyio.CapacityLimiter,
     first: Job | None = None,
 ) -> AsyncIterator[str]:
     """The frames of one job's stream. `load` reads the job (raising JobNotFound once it is gone) and
-    `render` turns it into what the client sees; both run on a thread, since stores block, taken under
+    `render` turns it into what the client sees, with the job that shows (read again if it had moved on: the
+    stream ends on the job it showed, never on an older read); both run on a thread, since stores block, taken under
     `limiter` (shared by the process's streams, see STREAM_READ_THREADS). `first`, the job as the route just
     read it, spares the first read."""
     unread = [first] if first is not None else []
@@ -93,8 +94,7 @@ async def job_events(
         return await anyio.to_thread.run_sync(snapshot, limiter=limiter)
 
     def snapshot() -> tuple[Job, dict[str, Any]]:
-        job = unread.pop() if unread else load()
-        return job, render(job)
+        return render(unread.pop() if unread else load())
 
     yield f"retry: {RETRY_MS}\n\n"
     sent: dict[str, Any] | None = None

@@ -34,12 +34,12 @@ from .submit import (
     Submitted,
     cancel,
     check_fields,
+    current,
     decode_data_url,
     generation_values,
     idempotency_key,
     in_create_thread,
     optional_str,
-    queue_position,
     reject_parallel_layout,
     served_spec,
     size_field_names,
@@ -257,9 +257,6 @@ def router(
     api = APIRouter(tags=["legacy"])
     image_names = {"image": "image_url"}
 
-    def position(job: Job) -> int | None:
-        return queue_position(store, job)
-
     def submit_video(body: dict[str, Any], key: str | None) -> Submitted:
         reject_parallel_layout(body)
         check_fields(body, VIDEO_FIELDS)
@@ -323,14 +320,14 @@ def router(
     @api.post("/video/status", openapi_extra=json_body(RequestId))
     async def video_status_route(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job = await run_in_threadpool(job_named, body)
-        return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
+        job, place = await run_in_threadpool(lambda: current(store, job_named(body)))
+        return video_status(job, place, public_base(request, settings))
 
     @api.post("/video/cancel", openapi_extra=json_body(RequestId))
     async def video_cancel(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job = await run_in_threadpool(cancel_named, body)
-        return video_status(job, await run_in_threadpool(position, job), public_base(request, settings))
+        job, place = await run_in_threadpool(lambda: current(store, cancel_named(body)))
+        return video_status(job, place, public_base(request, settings))
 
     def task_routes(prefix: str, source: str) -> None:
         async def generate(request: Request) -> JSONResponse:
@@ -350,7 +347,7 @@ def router(
                 job = store.get(task_id)
             except JobNotFound as exc:
                 raise JobNotFound(task_id, "task_id", exc.deleted) from None
-            return task_status(job, position(job), public_base(request, settings))
+            return task_status(*current(store, job), public_base(request, settings))
 
         path = f"{prefix}/generate" if prefix else "/submit"
         api.add_api_route(

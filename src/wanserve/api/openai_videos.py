@@ -38,6 +38,7 @@ from .submit import (
     base_name,
     cancel,
     check_fields,
+    current,
     decode_data_url,
     form_float,
     form_int,
@@ -46,7 +47,6 @@ from .submit import (
     image_too_large,
     in_create_thread,
     optional_str,
-    queue_position,
     reject_parallel_layout,
     served_spec,
     size_field_names,
@@ -355,8 +355,13 @@ def router(
 ) -> APIRouter:
     api = APIRouter(prefix="/v1/videos", tags=["openai"])
 
+    def shown(job: Job) -> tuple[Job, dict[str, Any]]:
+        """The job as it is now, and its video object."""
+        job, place = current(store, job)
+        return job, video_object(job, place)
+
     def answer(job: Job, status_code: int = 200, replayed: bool = False) -> JSONResponse:
-        body = video_object(job, queue_position(store, job))
+        job, body = shown(job)
         headers = {**poll_headers(job), **(REPLAYED if replayed else {})}
         return JSONResponse(body, status_code=status_code, headers=headers)
 
@@ -404,7 +409,7 @@ def router(
             jobs, has_more = store.list(limit=limit, after=after or None, order=order)
         except JobNotFound as exc:  # the id of a video long deleted, or of no video
             raise JobNotFound(exc.job_id, field="after") from None
-        data = [video_object(j, queue_position(store, j)) for j in jobs]
+        data = [shown(j)[1] for j in jobs]
         return {
             "object": "list",
             "data": data,
@@ -437,7 +442,7 @@ def router(
             return Response(status_code=204)  # an EventSource stops reconnecting on a 204
         stream = events.job_events(
             lambda: store.get(video_id),
-            lambda job: video_object(job, queue_position(store, job)),
+            shown,
             request.app.state.closing,
             reads,
             first=job,

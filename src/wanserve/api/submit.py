@@ -436,6 +436,19 @@ def queue_position(store: JobStore, job: Job) -> int | None:
         return None
 
 
+def current(store: JobStore, job: Job) -> tuple[Job, int | None]:
+    """The job as it is now, with its place if it waits: one read as queued that a worker claimed (or a client
+    cancelled) before its place was asked is read again, so it never shows as "queued" with no place."""
+    place = queue_position(store, job)
+    if job.status == JobStatus.QUEUED and place is None:
+        try:
+            job = store.get(job.id)
+        except JobNotFound:  # deleted meanwhile: what was read is the answer
+            return job, None
+        place = queue_position(store, job)  # handed back meanwhile: queued again, with a place
+    return job, place
+
+
 def cancel(
     store: JobStore,
     storage: Storage,
