@@ -428,10 +428,7 @@ def test_submit_refuses_an_out_that_would_lose_a_file_and_a_url_that_is_no_root(
 
     class Moved(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            self.send_response(308)
-            self.send_header("location", f"https://videos.example.com{self.path}")
-            self.send_header("content-length", "0")
-            self.end_headers()
+            _reply(self, 308, headers={"location": f"https://videos.example.com{self.path}"})
 
         def log_message(self, *args: object) -> None:
             pass
@@ -511,6 +508,18 @@ def test_submit_waits_for_room_in_a_full_queue(tmp_path: Path, tiny_cache: Path)
         api.stop()
 
 
+def _reply(
+    handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict[str, str] | None = None
+) -> None:
+    """A stub server's whole answer: status, headers, the body and its length."""
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _LosesTheFirstAnswer(http.server.BaseHTTPRequestHandler):
     """A proxy in front of the API that passes the first create on and then drops the connection without its
     answer, as a balancer's timeout or a network fault does: the job is queued, and the client does not know."""
@@ -532,13 +541,10 @@ class _LosesTheFirstAnswer(http.server.BaseHTTPRequestHandler):
         self._pass_on(httpx.get(f"{self.upstream}{self.path}"))
 
     def _pass_on(self, answer: httpx.Response) -> None:
-        self.send_response(answer.status_code)
-        for name in ("content-type", "idempotent-replayed"):
-            if name in answer.headers:
-                self.send_header(name, answer.headers[name])
-        self.send_header("content-length", str(len(answer.content)))
-        self.end_headers()
-        self.wfile.write(answer.content)
+        kept = {
+            name: answer.headers[name] for name in ("content-type", "idempotent-replayed") if name in answer.headers
+        }
+        _reply(self, answer.status_code, answer.content, kept)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -600,12 +606,7 @@ class _NoContentRoute(_LosesTheFirstAnswer):
     def do_GET(self) -> None:
         if "/content" not in self.path:
             return super().do_GET()
-        page = b"<html><body>404 Not Found</body></html>"
-        self.send_response(404)
-        self.send_header("content-type", "text/html")
-        self.send_header("content-length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
+        _reply(self, 404, b"<html><body>404 Not Found</body></html>", {"content-type": "text/html"})
 
 
 class _OpenAiLike(http.server.BaseHTTPRequestHandler):
@@ -617,20 +618,11 @@ class _OpenAiLike(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.startswith("/v1/videos/video_abc/content"):
-            self.send_response(200)
-            self.send_header("content-length", "4")
-            self.end_headers()
-            self.wfile.write(b"mp4!")
-            return
+            return _reply(self, 200, b"mp4!")
         self._json({"id": "video_abc", "object": "video", "model": "sora-2", "status": "completed", "progress": 100})
 
     def _json(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _reply(self, 200, json.dumps(body).encode(), {"content-type": "application/json"})
 
     def log_message(self, *args: object) -> None:
         pass
@@ -672,11 +664,7 @@ class _FailsTheCreate(http.server.BaseHTTPRequestHandler):
         else:
             error = {"message": "the store raised", "type": "server_error", "param": None, "code": "internal_error"}
             page, status, kind = json.dumps({"error": error}).encode(), 500, "application/json"
-        self.send_response(status)
-        self.send_header("content-type", kind)
-        self.send_header("content-length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
+        _reply(self, status, page, {"content-type": kind})
 
     def log_message(self, *args: object) -> None:
         pass

@@ -447,10 +447,9 @@ def submit(
             fail(f"{flag}: must be a finite number, got {number}", 2)
     # Before the job is sent: a video nobody can write is a GPU's time wasted. (The default name, the job's id,
     # is known later; its folder is the working directory.) With --no-wait nothing is written here.
-    out_file = None
     if wait:
-        out_file = check_output(out if out is not None else ".wanserve-submit.mp4", image)
-        out_file = out_file if out is not None else None
+        check_output(out if out is not None else ".wanserve-submit.mp4", image)
+    out_file = Path(out) if out is not None else None  # --out without --wait was refused above
     fields: dict[str, Any] = {
         "prompt": prompt,
         "model": model,
