@@ -121,6 +121,34 @@ def test_a_repo_is_downloaded_with_a_progress_bar_and_found_offline_next_time(ti
     assert decode_mp4(tmp_path / "b.mp4").frames.shape[0] == 1
 
 
+def test_doctor_asks_the_hub_for_a_model_not_on_this_machine(tiny_cache: Path, tmp_path: Path) -> None:
+    """doctor said OK ("the first start downloads it") for a model on no disk here, with the Hub unreachable or
+    no such repo on it: the start it vouched for then failed."""
+    import socket
+
+    from hub_standin import hub_serving
+
+    source = _copy_of(tiny_cache, "tiny-t2v", tmp_path / "source")
+    cache = {"HF_HOME": str(tmp_path / "hf")}
+    args = ["doctor", "--model", "someone/tiny-wan", "--model", "someone/other"]
+    with hub_serving("someone/tiny-wan", source) as endpoint:
+        done = run(args, tiny_cache, HF_ENDPOINT=endpoint, **cache)
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 1, said
+    assert "OK model someone/tiny-wan: someone/tiny-wan is not on this machine yet" in said, said
+    assert "FIX model someone/other: someone/other is neither" in said, said
+    assert "the Hub has no repo of that name" in said, said
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connections are refused
+    done = run(args[:3], tiny_cache, HF_ENDPOINT=f"http://127.0.0.1:{port}", **cache)
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 1, said
+    assert f"the Hugging Face Hub (http://127.0.0.1:{port}) cannot be reached from here" in said, said
+    assert "a start would fail" in said, said
+
+
 def test_a_hub_that_never_answers_neither_hangs_a_start_nor_its_stop(tiny_cache: Path, tmp_path: Path) -> None:
     """A proxy or firewall that takes the connection and never answers: `generate` waited at "downloading"
     without end (the Hub client's calls had no timeout), and `serve`, told to stop meanwhile, waited twice its

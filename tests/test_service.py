@@ -614,7 +614,7 @@ class _OpenAiLike(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
-        self._json({"id": "video_abc", "object": "video", "model": "sora-2", "status": "queued", "progress": 0})
+        self._json({"id": "video_abc", "object": "video", "model": "sora-2 [beta]", "status": "queued", "progress": 0})
 
     def do_GET(self) -> None:
         if self.path.startswith("/v1/videos/video_abc/content"):
@@ -632,7 +632,7 @@ def test_submit_says_what_failed_where_the_server_is_not_wanserve_alone(
     server: Server, tiny_cache: Path, tmp_path: Path
 ) -> None:
     """A proxy's HTML 404 for the video, and an OpenAI-like server's video object without wanserve's fields,
-    were each a traceback (NotAnApi, KeyError)."""
+    were each a traceback (NotAnApi, KeyError); a model name in brackets was read as rich markup and dropped."""
     handler = type("Handler", (_NoContentRoute,), {"upstream": server.url, "creates": []})
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     openai_like = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenAiLike)
@@ -648,7 +648,8 @@ def test_submit_says_what_failed_where_the_server_is_not_wanserve_alone(
 
         elsewhere = _submit(f"http://127.0.0.1:{openai_like.server_address[1]}", tiny_cache, *args)
         assert elsewhere.returncode == 0, elsewhere.stderr
-        assert "video_abc: sora-2" in elsewhere.stderr and out.read_bytes() == b"mp4!"
+        # The server's model name as it is: rich took `[beta]` for markup, and printed "sora-2 ".
+        assert "video_abc: sora-2 [beta]" in elsewhere.stderr and out.read_bytes() == b"mp4!"
     finally:
         proxy.shutdown()
         openai_like.shutdown()
@@ -829,6 +830,8 @@ def test_sigterm_finishes_the_running_job_within_the_grace(tmp_path: Path, tiny_
         process.send_signal(signal.SIGINT)
         assert process.wait(120) == 0
         assert "handing the running job of tiny-t2v back to the queue now" in srv.process.log()
+        # Why it went back: the second stop, not a grace (of 300 s) that ran out.
+        assert f"job {job_id} handed back to the queue (stop asked again)" in srv.process.log(), srv.process.log()
         from wanserve.jobs import open_store
 
         store = open_store(f"sqlite:///{srv.data.resolve() / 'jobs.db'}")

@@ -530,7 +530,7 @@ def submit(
         ]
         if video.get("seed") is not None:  # an OpenAI-like server may leave wanserve's fields out
             shown[-1] = f"seed {shown[-1]}"
-        console.print(f"{video_id}: {', '.join(shown)}")
+        console.print(escape(f"{video_id}: {', '.join(shown)}"))  # the server's words: `[beta]` is no markup
         try:
             video = _follow(client, video, outage)
         except KeyboardInterrupt:
@@ -569,7 +569,7 @@ def submit(
             outage.over()
         timings = video.get("timings") or {}
         took = f" in {timings['total']:.1f} s" if timings.get("total") is not None else ""
-        console.print(f"{video_id}: completed{took}")
+        console.print(escape(f"{video_id}: completed{took}"))
         print(target)
     finally:
         client.close()

@@ -132,7 +132,7 @@ def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[
     """Where each model a start would serve comes from, as `engine.loading.locate` finds it, without loading or
     downloading anything: a start that would fail says so here."""
     from wanserve.catalog import complete_snapshot, copy_of, models_dir_copy, resolve_spec
-    from wanserve.engine.loading import hub_offline
+    from wanserve.engine.loading import hub_offline, hub_refuses
     from wanserve.errors import ModelNotFound
 
     for name in settings.model:
@@ -166,12 +166,21 @@ def _served_models(settings: Settings, named: Callable[[str], str]) -> Iterator[
                 f"copy it in (`hf download {spec.repo_id}` on a machine with network)",
             )
         else:
-            yield Check(
-                f"model {name}",
-                True,
-                f"{spec.repo_id} is not on this machine yet: the first start downloads it from the Hugging Face Hub "
-                "(it needs the network)",
-            )
+            problem = hub_refuses(str(spec.repo_id))
+            if problem is None:
+                yield Check(
+                    f"model {name}",
+                    True,
+                    f"{spec.repo_id} is not on this machine yet: the first start downloads it from the Hugging Face "
+                    "Hub (which answers from here)",
+                )
+            else:
+                yield Check(
+                    f"model {name}",
+                    False,
+                    f"{spec.repo_id} is neither in the Hugging Face cache nor the models dir, and {problem}: a start "
+                    f"would fail; copy it in (`hf download {spec.repo_id}` on a machine with network)",
+                )
 
 
 def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:

@@ -147,6 +147,7 @@ class Worker:
         self.load_error: str | None = None
         self._draining = threading.Event()
         self._drain_deadline: float | None = None
+        self._drain_why = "drain grace ran out"  # what the log says of a job handed back at the deadline
         self._stopped = threading.Event()
         self._running: _Running | None = None
         self._stuck: list[_Running] = []  # jobs whose engine call has not come back for stuck_after
@@ -202,10 +203,13 @@ class Worker:
         with self._lock:
             if not self._draining.is_set():
                 self._drain_deadline = deadline
+                if grace <= 0:
+                    self._drain_why = "stopped with no grace"
                 self._draining.set()
                 log.info("worker %s draining (grace %.0f s)", self.worker_id, grace)
             elif self._drain_deadline is None or deadline < self._drain_deadline:
                 self._drain_deadline = deadline
+                self._drain_why = "stop asked again"
                 log.info("worker %s draining: grace cut to %.0f s", self.worker_id, grace)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
@@ -620,7 +624,7 @@ class Worker:
             return self._fail(job, "timeout", message)
         try:
             if reason == "drain" and store.release(job.id, _holder(job)):
-                log.info("job %s handed back to the queue (drain grace ran out)", job.id)
+                log.info("job %s handed back to the queue (%s)", job.id, self._drain_why)
                 return "released"
             # A release is refused when the user cancelled meanwhile: then it ends cancelled.
             return self._cancelled_or_lost(running, str(exc))

@@ -93,6 +93,28 @@ def download(repo_id: str, name: str, models_dir: Path | None = None) -> Path:
         raise ModelUnavailable(_how_to_fix(repo_id, name, reason, models_dir)) from exc
 
 
+def hub_refuses(repo_id: str) -> str | None:
+    """Why a start here could not download `repo_id` (the Hub unreachable, no such repo, a gated one without a
+    token), asking what a start asks first; None when the Hub answers with the repo."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import ENDPOINT
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    _hub_timeouts()
+    try:
+        HfApi().repo_info(repo_id, revision="main", timeout=HUB_READ_TIMEOUT_S)
+    except GatedRepoError:
+        return "it is gated on the Hub: accept its terms on its page, then `hf auth login` (or set HF_TOKEN)"
+    except RepositoryNotFoundError:
+        return "the Hub has no repo of that name (or it is private, and no HF_TOKEN is set)"
+    except HfHubHTTPError as exc:
+        return f"the Hugging Face Hub ({ENDPOINT}) answers {str(exc).splitlines()[0]}"
+    except Exception as exc:  # connection refused, DNS, timeouts, a proxy's TLS: the network, for the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"the Hugging Face Hub ({ENDPOINT}) cannot be reached from here ({reason})"
+    return None
+
+
 # A Hub (or a proxy in front of it) that takes the connection and never answers: the client's own calls wait
 # without end (its listing of the repo sets no timeout), and a start hung at "downloading" for good. A read
 # times out per chunk, so a slow multi-GB download is not cut short.
