@@ -1308,6 +1308,16 @@ def test_video_submit_status_and_download(api: Api) -> None:
     url = status["results"]["video_url"]
     assert url == f"/v1/videos/{request_id}/content"
     assert api.client.get(url).content == api.media[0].read_bytes()
+    # The replaced system's own file path, for links kept from it and clients that build it: the same file,
+    # with ranges; anything else under /videos/ is a 404 that says what is there.
+    old_path = api.client.get(f"/videos/{request_id}.mp4")
+    assert old_path.status_code == 200 and old_path.content == api.media[0].read_bytes()
+    assert old_path.headers["content-type"] == "video/mp4"
+    ranged = api.client.get(f"/videos/{request_id}.mp4", headers={"Range": "bytes=0-3"})
+    assert ranged.status_code == 206 and ranged.content == api.media[0].read_bytes()[:4]
+    assert api.client.head(f"/videos/{request_id}.mp4").status_code == 200
+    assert "/videos/<requestId>.mp4" in problem(api.client.get(f"/videos/{request_id}.webm"), 404)["detail"]
+    assert problem(api.client.get("/videos/video_nothing.mp4"), 404)["code"] == "not_found"
     job = api.store.get(request_id)
     assert job.source == "video" and job.priority == 1 and job.request["width"] == 64 and job.request["height"] == 48
 
@@ -1457,6 +1467,7 @@ def test_the_replaced_systems_own_examples_are_taken(tmp_path: Path, media: tupl
         assert unknown["field"] == "task_type" and "ti2v-5B" in unknown["detail"]
         for method in ("GET", "HEAD"):
             assert api.client.request(method, "/api/v1/health").status_code == 200
+        assert api.client.get("/api/v1/health").json()["status"] == "healthy"  # their body said "healthy"
 
 
 def test_links_follow_the_public_url_behind_a_proxy(tmp_path: Path, media: tuple[Path, Path]) -> None:
@@ -1534,7 +1545,9 @@ def test_api_v1_validation(api: Api, body: dict[str, Any], field: str, needle: s
 def test_health_ready_and_models(tmp_path: Path, media: tuple[Path, Path]) -> None:
     state: dict[str, Any] = {"ready": False, "models": {"tiny-t2v": "loading", "tiny-i2v": "ready"}}
     with make_api(tmp_path, media, readiness=lambda: state) as api:
-        assert api.client.get("/health").json() == {"status": "ok"}
+        health = api.client.get("/health").json()  # the replaced systems' body: their uptime checks look for it
+        assert health["status"] == "healthy" and set(health) == {"status", "timestamp", "uptime"}, health
+        assert abs(health["timestamp"] - time.time()) < 60 and health["uptime"] >= 0
         not_ready = api.client.get("/ready")
         assert not_ready.status_code == 503
         assert not_ready.json()["status"] == "not_ready" and "tiny-t2v" in not_ready.json()["reasons"][0]

@@ -284,6 +284,7 @@ def test_a_job_whose_engine_call_hangs_still_ends_and_the_worker_says_it_is_stuc
             h.settings.task_timeout = 3600.0
             assert h.finished(h.submit(num_inference_steps=2, seed=2)).status is JobStatus.COMPLETED
             assert ops.get("/health").status_code == 200 and h.worker.stuck is None
+            assert ops.get("/health").json()["status"] == "healthy"  # the API's body, on the worker's port too
     finally:
         hung.release.set()
         h.stop()

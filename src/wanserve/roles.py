@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -625,6 +626,9 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
 
     from wanserve.api.app import error_response, install_error_handlers
     from wanserve.api.auth import Unauthorized, key_matches, presented_key
+    from wanserve.api.ops import liveness
+
+    started = time.monotonic()
 
     # No schema either: four routes for probes, a scraper and a preStop hook (docs/operations.md).
     app = FastAPI(title="wanserve worker", docs_url=None, redoc_url=None, openapi_url=None)
@@ -635,10 +639,7 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
         # Liveness: a worker whose engine call never came back (a hung GPU) is restarted by its orchestrator.
         # On the event loop, not in the thread pool: threads held by calls waiting on a store outage must not
         # make the process look dead.
-        stuck = worker.stuck
-        if stuck:
-            return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return liveness(worker.stuck, started)
 
     @app.get("/ready")
     def ready() -> JSONResponse:

@@ -15,8 +15,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from wanserve.catalog import ModelSpec
 from wanserve.config import Settings
@@ -27,6 +28,7 @@ from wanserve.request import GenerationRequest, parse_size
 from wanserve.storage.base import Storage
 
 from . import status_words
+from .openai_videos import video_content
 from .schemas import RequestId, TaskGenerate, VideoSubmit, idempotent, json_body
 from .submit import (
     EXTENSION_FIELDS,
@@ -99,8 +101,9 @@ def base_path(base: str) -> str:
 
 
 def video_status(job: Job, queue_position: int | None, base: str) -> dict[str, Any]:
-    """`video_url` is a path, as the replaced system gave (`/videos/<id>.mp4`): its clients join it to the
-    server's address."""
+    """`video_url` is a path, as the replaced system gave: its clients join it to the server's address. It
+    names the content route (`/v1/videos/<id>/content`); the replaced system's `/videos/<id>.mp4` serves the
+    same file, for links kept from it."""
     error = status_words.job_error(job)
     url = content_url(base_path(base), job)
     reason = error["message"] if error else None
@@ -328,6 +331,16 @@ def router(
         body = await read_json_object(request)
         job, place = await run_in_threadpool(lambda: current(store, cancel_named(body)))
         return video_status(job, place, public_base(request, settings))
+
+    def video_file(request: Request, filename: str) -> Response:
+        # The replaced system served its videos as files at `/videos/<id>.mp4`: links stored from it, clients
+        # that build the path themselves, and proxy rules written for it still find the video.
+        if not filename.endswith(".mp4"):
+            raise HTTPException(404, f"no file /videos/{filename}: the videos here are /videos/<requestId>.mp4")
+        return video_content(request, store, storage, settings, filename.removesuffix(".mp4"))
+
+    api.add_api_route("/videos/{filename}", video_file, methods=["GET"], response_class=Response)
+    api.add_api_route("/videos/{filename}", video_file, methods=["HEAD"], include_in_schema=False, name="head_file")
 
     def task_routes(prefix: str, source: str) -> None:
         async def generate(request: Request) -> JSONResponse:

@@ -346,6 +346,41 @@ def _refusal(what: str) -> Callable[[], None]:
     return refuse
 
 
+def video_content(
+    request: Request,
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    video_id: str,
+    variant: str = "video",
+    disposition: str = "inline",
+) -> Response:
+    """A finished job's file (the MP4 or its thumbnail), with ranges and validators: `/v1/videos/{id}/content`,
+    and the replaced systems' `/videos/<id>.mp4`."""
+    name = VARIANTS.get(variant)
+    if name is None:
+        if variant == "spritesheet":  # one of the SDK's variants: a feature missing here, not a bad request
+            raise NotSupported(
+                f"variant: spritesheet is not offered here; the variants are {', '.join(VARIANTS)}", "variant"
+            )
+        raise InvalidRequest("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    # `attachment`: a link that saves the file, also where the answer is a redirect to another origin (a
+    # bucket), on which a browser ignores a link's `download` attribute and would show the video instead.
+    if disposition not in ("inline", "attachment"):
+        raise InvalidRequest("disposition", f"must be inline or attachment, got {disposition!r}")
+    job = store.get(video_id)
+    if job.status != JobStatus.COMPLETED:
+        raise HTTPException(404, f"video {video_id} has no content: its status is {status_words.OPENAI[job.status]}")
+    key = (job.result or {}).get(f"{variant}_key") or key_for(job.id, name)
+    try:
+        filename = f"{job.id}.{name.split('.')[-1]}"
+        return content_response(request, storage, settings, key, CONTENT_TYPES[name], filename, disposition)
+    except FileNotFoundError:
+        raise HTTPException(
+            404, f"the {variant} of {video_id} is no longer stored (it expired or was deleted)"
+        ) from None
+
+
 def router(
     settings: Settings,
     store: JobStore,
@@ -466,30 +501,7 @@ def router(
     def download_content(
         request: Request, video_id: str, variant: str = "video", disposition: str = "inline"
     ) -> Response:
-        name = VARIANTS.get(variant)
-        if name is None:
-            if variant == "spritesheet":  # one of the SDK's variants: a feature missing here, not a bad request
-                raise NotSupported(
-                    f"variant: spritesheet is not offered here; the variants are {', '.join(VARIANTS)}", "variant"
-                )
-            raise InvalidRequest("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        # `attachment`: a link that saves the file, also where the answer is a redirect to another origin (a
-        # bucket), on which a browser ignores a link's `download` attribute and would show the video instead.
-        if disposition not in ("inline", "attachment"):
-            raise InvalidRequest("disposition", f"must be inline or attachment, got {disposition!r}")
-        job = store.get(video_id)
-        if job.status != JobStatus.COMPLETED:
-            raise HTTPException(
-                404, f"video {video_id} has no content: its status is {status_words.OPENAI[job.status]}"
-            )
-        key = (job.result or {}).get(f"{variant}_key") or key_for(job.id, name)
-        try:
-            filename = f"{job.id}.{name.split('.')[-1]}"
-            return content_response(request, storage, settings, key, CONTENT_TYPES[name], filename, disposition)
-        except FileNotFoundError:
-            raise HTTPException(
-                404, f"the {variant} of {video_id} is no longer stored (it expired or was deleted)"
-            ) from None
+        return video_content(request, store, storage, settings, video_id, variant, disposition)
 
     api.add_api_route(
         "/{video_id}/content",

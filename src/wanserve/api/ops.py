@@ -94,6 +94,16 @@ def _ping(name: str, check: Callable[[], bool]) -> bool:
         return False
 
 
+def liveness(stuck: str | None, started: float) -> JSONResponse:
+    """`/health`'s answer, the API's and a standalone worker's: 503 `stuck` for a worker whose engine call never
+    came back (a hung GPU, which only a restart cures), else 200 in the replaced systems' words and fields
+    (uptime checks written for them look for "healthy")."""
+    if stuck:
+        return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
+    uptime = round(time.monotonic() - started, 1)
+    return JSONResponse({"status": "healthy", "timestamp": round(time.time(), 3), "uptime": uptime})
+
+
 def router(
     settings: Settings,
     store: JobStore,
@@ -106,6 +116,7 @@ def router(
     """`keyed`: the API-key dependency, for the one route here that shows what is served (probes and scrapes
     stay open)."""
     api = APIRouter(tags=["ops"])
+    started = time.monotonic()
 
     @api.get("/health")
     async def health() -> JSONResponse:
@@ -117,9 +128,7 @@ def router(
             stuck = dict(readiness()).get("stuck") if readiness is not None else None
         except Exception:
             stuck = None  # /ready reports a failing check; liveness stays about the process
-        if stuck:
-            return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return liveness(stuck, started)
 
     # Readiness on threads of its own, as scrapes below: a probe queued behind requests that hold the shared
     # pool (downloads from a bucket that hangs, status reads during a store outage) timed out on every replica
