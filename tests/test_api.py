@@ -509,6 +509,10 @@ def test_an_image_create_whose_answer_was_lost_keeps_its_image_for_the_retry(
             form, files = {"prompt": "p"}, {"input_reference": ("a.png", image)}
             first = client.post("/v1/videos", data=form, files=files, headers=key)
             assert first.status_code == 503, first.text
+            # What to do: the same key again (it said "try again shortly", as for any read).
+            assert first.json()["error"]["message"].endswith(
+                "send it again with the same Idempotency-Key, which queues it once"
+            ), first.text
             (queued,) = store.list()[0]
             again = client.post("/v1/videos", data=form, files=files, headers=key)
             assert again.status_code == 200 and again.json()["id"] == queued.id, again.text
@@ -1643,7 +1647,7 @@ def test_ready_says_no_when_the_disk_under_the_store_and_storage_is_full(
     assert response.status_code == 503
     body = response.json()
     assert body["store"] == body["storage"] == "unreachable"
-    assert "job store unreachable, or its disk full" in body["reasons"]
+    assert "job store unreachable, slow (no answer within 2 s) or full" in body["reasons"]
 
 
 def test_a_full_storage_disk_is_said_to_be_full_not_unreachable(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1901,12 +1905,18 @@ def test_a_workers_ready_body_agrees_with_its_status(tmp_path: Path, tiny_cache:
         with TestClient(ops_app(worker, Metrics(), store)) as client:
             ready = client.get("/ready")
             assert ready.status_code == 200 and ready.json()["ready"] is True
+            assert ready.json()["status"] == "ready" and ready.json()["reasons"] == [], ready.text
             store.path.unlink()
             store.path.mkdir()  # the database is gone and cannot be made again: the store is unreachable
             store.close()
             refused = client.get("/ready")
             assert refused.status_code == 503 and refused.json()["store"] == "unreachable"
             assert refused.json()["ready"] is False
+            # The API's body: a status and reasons (a worker's had neither).
+            assert refused.json()["status"] == "not_ready"
+            assert refused.json()["reasons"] == ["job store unreachable, slow (no answer within 2 s) or full"], (
+                refused.text
+            )
     finally:
         store.close()
 

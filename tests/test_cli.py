@@ -919,6 +919,49 @@ def test_a_redis_that_refuses_the_store_url_is_a_wrong_setting(redis_url: str, t
     assert "refuses it (DB index is out of range): fix --store" in said and "start redis-server" not in said
 
 
+def test_a_redis_that_would_refuse_or_lose_jobs_is_said_at_start(tmp_path: Path, tiny_cache: Path) -> None:
+    """An ACL user that may read but not run the scripts started fine and answered every submit with a bare
+    500; a TLS URL for a Redis without TLS was an outage for ever (each request waiting 5 s for a 503); a
+    Redis that evicts keys when full, or keeps no append-only file, was said by doctor alone."""
+    import redis as redis_py
+
+    from conftest import free_tcp_port, start_redis, stop_redis
+    from service import Process, base_env, wait_ready
+
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    admin = redis_py.Redis(port=port)
+    try:
+        admin.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~wanserve:*", "&*", "+@read", "+ping")
+        api = ["api", "--port", str(free_tcp_port()), "--data-dir", str(tmp_path / "data")]
+        done = run([*api, "--store", f"redis://reader:pw@127.0.0.1:{port}/0"], tiny_cache, timeout=120)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and "--store: redis://reader:***@127.0.0.1" in said, said
+        assert "Redis refuses it" in said and "no permissions" in said and "Traceback" not in said, said
+        started = time.monotonic()
+        done = run([*api, "--store", f"rediss://127.0.0.1:{port}/0"], tiny_cache, timeout=120)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and "the server there speaks Redis without TLS: use redis://" in said, said
+        assert time.monotonic() - started < 60
+        admin.config_set("maxmemory", "100mb")
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        url = f"http://127.0.0.1:{free_tcp_port()}"
+        env = base_env(
+            tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_STORE=f"redis://127.0.0.1:{port}/0"
+        )
+        process = Process(["api", "--port", url.rsplit(":", 1)[1]], env, tmp_path / "api.log")
+        try:
+            wait_ready(url, process)
+            said = " ".join(process.log().split())
+            assert "it evicts keys when full (allkeys-lru), jobs among them" in said, said
+            assert "its append-only file is off" in said, said
+        finally:
+            process.stop()
+    finally:
+        admin.close()
+        stop_redis(server)
+
+
 def test_prune_says_what_is_wrong_in_one_line(tiny_cache: Path, tmp_path: Path) -> None:
     """An S3 that does not answer or a damaged SQLite file were tracebacks; a typo in a plain-path --storage said
     "nothing to prune" where a file:// one was refused."""

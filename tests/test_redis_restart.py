@@ -221,15 +221,30 @@ def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> N
     filler = redis_py.Redis(port=port)
     try:
         wait_for(store.ping, 15, "Redis to answer")
+        running = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        assert store.claim("tiny-t2v", "w/1", 30, now=time.time() - 60) is not None  # its lease ran out
         queued = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        # Full: filling it up to the limit left it a few bytes under, or over, as the last refused command's
+        # buffer was counted or freed. A limit below what it holds is full for certain.
+        filler.config_set("maxmemory", 1)
         with pytest.raises(redis_py.exceptions.OutOfMemoryError):
-            for n in range(10_000):
-                filler.set(f"junk:{n}", b"x" * 10_000)
+            filler.set("junk", b"x")
         with pytest.raises(StoreUnavailable, match="is full"):
             store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
         assert store.get(queued.id).status == JobStatus.QUEUED  # reads go on, and nothing accepted was dropped
-        filler.flushdb()  # memory freed (the junk and the job): writes go on
+        # Nor claimed, nor requeued: a claim (its first write a ZREM, taken when full) went through, and the
+        # renewals and results of the run it began were refused; the reaper requeued it, and again.
+        with pytest.raises(StoreUnavailable, match="is full"):
+            store.claim("tiny-t2v", "w/2", 30)
+        with pytest.raises(StoreUnavailable, match="is full"):
+            store.reap(3, 60)
+        assert store.get(queued.id).status == JobStatus.QUEUED and store.queue_depth("tiny-t2v") == 1
+        assert store.get(running.id).status == JobStatus.IN_PROGRESS and store.get(running.id).attempts == 1
+        assert not store.ping()  # /ready says no: PING alone is answered when full
+        filler.config_set("maxmemory", "3mb")  # room again: writes go on
+        assert store.ping()
         store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        assert [job.id for job in store.reap(3, 60)] == [running.id]
     finally:
         filler.close()
         store.close()
@@ -284,3 +299,42 @@ def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
             redis.send_signal(signal.SIGCONT)
         api.stop()
         stop_redis(redis)
+
+
+def test_a_create_redis_took_too_long_to_answer_says_it_may_be_queued(tmp_path: Path) -> None:
+    """A Redis stalled past the client's timeout (a fork, a slow disk under appendfsync always) runs the create
+    when it wakes: the 503 said "cannot be reached; try again shortly", and a client that did, without an
+    Idempotency-Key, had two jobs."""
+    from fastapi.testclient import TestClient
+
+    from wanserve.api.app import create_app
+    from wanserve.catalog import lookup
+    from wanserve.config import Settings
+    from wanserve.storage import open_storage
+
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = Settings(data_dir=tmp_path, store=url, model=["tiny-t2v"])
+    store = RedisJobStore(url)
+    app = create_app(settings, store, open_storage(settings.storage_url), {"tiny-t2v": lookup("tiny-t2v")})
+    try:
+        with TestClient(app) as client:
+            assert client.post("/v1/videos", json={"prompt": "first"}).status_code == 200  # the scripts loaded
+            server.send_signal(signal.SIGSTOP)
+            try:
+                stalled = client.post("/v1/videos", json={"prompt": "sent once"})
+            finally:
+                server.send_signal(signal.SIGCONT)
+            assert stalled.status_code == 503, stalled.text
+            message = stalled.json()["error"]["message"]
+            assert message.startswith("the job store (Redis) did not answer within 5 s; it may have been queued"), (
+                message
+            )
+            assert "try again shortly" not in message, message
+            # It was: Redis ran it once it woke.
+            listed = client.get("/v1/videos").json()["data"]
+            assert [video["prompt"] for video in listed] == ["sent once", "first"], listed
+    finally:
+        store.close()
+        stop_redis(server)

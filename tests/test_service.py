@@ -990,6 +990,14 @@ def test_a_worker_stopped_while_it_loads_its_model_exits_at_once(tmp_path: Path,
     try:
         loading = wait_for(lambda: _ready_state(port) == "loading", 120, "the worker's ops port to say loading")
         assert loading
+        # The API's /ready body (a status and the reasons), and a start line as serve's and api's: a worker
+        # said neither which model nor which store it had.
+        waiting = httpx.get(f"http://127.0.0.1:{port}/ready")
+        assert waiting.status_code == 503 and waiting.json()["status"] == "not_ready", waiting.text
+        assert waiting.json()["reasons"] == ["models not ready: {'tiny-t2v': 'loading'}"], waiting.text
+        said = " ".join(worker.log().split())
+        assert "wanserve worker " in said and f": tiny-t2v (store sqlite:///{tmp_path / 'data'}" in said, said
+        assert f"ops on http://127.0.0.1:{port}; no API key required" in said, said
         if how == "sigterm":
             worker.proc.send_signal(signal.SIGTERM)
         else:

@@ -495,6 +495,46 @@ def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, 
     assert metrics.registry.get_sample_value("wanserve_jobs_finished_total", labels) == 1
 
 
+class LosesOneClaim:
+    """A store whose first claim that takes a job goes through but whose reply is lost (a Redis that answered
+    after the client's timeout): the worker asks again, and must hear of that job."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.lost = store, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        job = self.store.claim(*args, **kwargs)
+        if job is not None and not self.lost:
+            self.lost = True
+            from wanserve.errors import StoreUnavailable
+
+            raise StoreUnavailable("the job store (Redis) cannot be reached: Timeout reading from socket")
+        return job
+
+
+def test_a_claim_whose_reply_was_lost_runs_its_job_at_once(tmp_path: Path, engine: Engine) -> None:
+    """The retry was a new claim (a new holder, a new token): the job the first one took sat in_progress for
+    nobody until its lease ran out, and ran on its second attempt (three such moments failed it)."""
+    from conftest import free_tcp_port, start_redis, stop_redis
+
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
+    h.settings.lease_seconds = 600.0  # a lost job would wait this long: the test's timeout says so first
+    h.worker.store = LosesOneClaim(h.store)  # type: ignore[assignment]
+    h.thread.start()
+    try:
+        job = h.finished(h.submit(num_inference_steps=2), timeout=120)
+        assert h.worker.store.lost  # type: ignore[attr-defined]
+    finally:
+        h.stop()
+        stop_redis(server)
+    assert job.status is JobStatus.COMPLETED and job.attempts == 1, job
+
+
 class BlinkingStorage(LocalStorage):
     """Storage that cannot be reached for its first upload (an S3 restart): the video must wait, not be lost."""
 

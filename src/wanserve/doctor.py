@@ -234,16 +234,12 @@ def _redis_keeps_jobs(client: Any) -> Iterator[Check]:
     """What docs/operations.md asks of the Redis that holds the queue: an append-only file (a restart without
     one loses every job since the last snapshot) and no eviction (a full Redis that evicts drops jobs). Read
     with INFO, which managed services allow where they refuse CONFIG; a field not reported is not judged."""
+    from wanserve.jobs.redis_store import keeping_problems
+
     try:
-        persistence, memory = client.info("persistence"), client.info("memory")
+        problems = keeping_problems(client)
     except Exception:  # INFO refused or cut short: the connection check above already spoke
         return
-    problems = []
-    if persistence.get("aof_enabled") == 0:
-        problems.append("its append-only file is off: a restart loses the jobs since a snapshot (appendonly yes)")
-    policy = memory.get("maxmemory_policy")
-    if memory.get("maxmemory") and policy not in (None, "noeviction"):
-        problems.append(f"it evicts keys when full ({policy}), jobs among them (maxmemory-policy noeviction)")
     if problems:
         yield Check("redis jobs", False, "; ".join(problems) + ": docs/operations.md, section 1")
     else:

@@ -107,6 +107,7 @@ class StoreUnavailable(WanserveError, ConnectionError):
     what an HTTP client is told: the full message, with addresses and keys, goes to the log."""
 
     public = "the job store cannot be reached"
+    advice = "try again shortly"  # what a client should do: a create that may have been queued says otherwise
 
 
 class StorageUnavailable(WanserveError, ConnectionError):

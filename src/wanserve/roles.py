@@ -482,6 +482,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
         signal.signal(signal.SIGINT, early)
 
     # After the handler: these import torch, seconds in which a SIGTERM used to end the process (exit 143).
+    from wanserve.jobs import redacted
     from wanserve.metrics import Metrics
     from wanserve.worker import Worker
 
@@ -530,6 +531,16 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     if ops_failed:
         store.close()
         raise ops_failed[0]
+    # What `serve` and `api` say at their start: the first line an operator reads of a worker that claims nothing.
+    log.info(
+        "wanserve worker %s: %s (store %s; ops on http://%s:%d; %s)",
+        worker.worker_id,
+        model,
+        redacted(settings.store_url),
+        settings.host,
+        settings.ops_port,
+        _keys_state(settings),
+    )
 
     # A 14B load takes minutes, and a worker holds no job while it loads: a stop then (KEDA scaling down a pod
     # that came up for a burst already served) ends the load at once rather than after it, or after the pod's
@@ -626,7 +637,7 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
 
     from wanserve.api.app import error_response, install_error_handlers
     from wanserve.api.auth import Unauthorized, key_matches, presented_key
-    from wanserve.api.ops import liveness
+    from wanserve.api.ops import answers, liveness, readiness_answer
 
     started = time.monotonic()
 
@@ -643,12 +654,11 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
 
     @app.get("/ready")
     def ready() -> JSONResponse:
+        # The API's body (`status`, `reasons`), and what a worker adds. Not the storage: a worker that cannot
+        # store a video says so on the job, and waits for it; a probe taking it out would not help.
         state = _readiness([worker])
-        store_ok = store.ping()
-        ok = state["ready"] and store_ok
-        # `ready` says what the status code says: a body read alone must not claim ready beside a 503.
-        body = {**state, "ready": ok, "store": "ok" if store_ok else "unreachable", "busy": worker.busy}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        extra = {"stuck": state["stuck"], "draining": state["draining"], "busy": worker.busy}
+        return readiness_answer(state, answers("store", store.ping), None, **extra)
 
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")
     app.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False, name="ready_head")

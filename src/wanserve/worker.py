@@ -236,17 +236,23 @@ class Worker:
             threading.Thread(target=self._housekeeping, name=f"reaper-{self.model}", daemon=True).start()
             self.claiming.set()
             down_since: float | None = None
+            # A claim whose answer was lost (a Redis that answered after the client's timeout) may have taken a
+            # job: it is asked again under the same holder and token, and answers with that job. A new claim
+            # left it running for nobody until its lease ran out, an attempt spent.
+            unanswered: tuple[str, str] | None = None
             while not self._draining.is_set():
+                # Each claim holds the job under a name of its own: a run that lost its lease, while this
+                # worker claimed the job again, is no longer its holder, and the store refuses its writes.
+                holder, op = unanswered or (f"{self.worker_id}/{next(self._claims)}", uuid.uuid4().hex)
                 try:
-                    # Each claim holds the job under a name of its own: a run that lost its lease, while this
-                    # worker claimed the job again, is no longer its holder, and the store refuses its writes.
-                    holder = f"{self.worker_id}/{next(self._claims)}"
-                    job = self.store.claim(self.model, holder, self.settings.lease_seconds)
+                    job = self.store.claim(self.model, holder, self.settings.lease_seconds, op=op)
                 except StoreUnavailable as exc:  # wait it out: /ready says so meanwhile
                     log.warning("worker %s: %s; trying again", self.worker_id, exc)
+                    unanswered = (holder, op)
                     down_since = down_since or time.monotonic()
                     self._draining.wait(STORE_RETRY_INTERVAL_S)
                     continue
+                unanswered = None
                 if down_since is not None:  # the outage's end, in the log as its start is
                     log.info(
                         "worker %s: the job store answers again (after %.0f s)",

@@ -138,7 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         code = "store_unavailable" if isinstance(exc, StoreUnavailable) else "storage_unavailable"
-        message = f"{getattr(exc, 'public', code)}; try again shortly"
+        message = f"{getattr(exc, 'public', code)}; {getattr(exc, 'advice', 'try again shortly')}"
         return error_response(request, 503, code, message, headers={"Retry-After": "5"})
 
     async def unauthorized(request: Request, exc: Exception) -> JSONResponse:

@@ -86,12 +86,45 @@ def load(spec: ModelSpec, store: JobStore) -> dict[str, int]:
     return {"queue_depth": counts.queued, "running": counts.running, "demand": counts.demand}
 
 
-def _ping(name: str, check: Callable[[], bool]) -> bool:
+def answers(name: str, check: Callable[[], bool]) -> bool:
+    """Whether a backend's ping says yes; one that raises is a no (logged), never a 500 from a probe."""
     try:
         return bool(check())
     except Exception:
         log.warning("%s ping failed", name, exc_info=True)
         return False
+
+
+def readiness_answer(
+    state: Mapping[str, Any], store_ok: bool, storage_ok: bool | None, needs_storage: bool = True, **more: Any
+) -> JSONResponse:
+    """`/ready`'s answer, the API's and a standalone worker's alike: `status` and the `reasons` for a "no",
+    beside the models' states and the store's (and the storage's, where it is asked)."""
+    reasons: list[str] = []
+    if "error" in state:
+        reasons.append(f"readiness check failed: {state['error']}")
+    elif state.get("stuck"):
+        stuck = state["stuck"]
+        reasons.append(f"stuck: {'; '.join(stuck.values()) if isinstance(stuck, Mapping) else stuck}")
+    elif state.get("draining"):
+        reasons.append(f"draining (shutting down): {', '.join(state['draining'])}")
+    elif not state.get("ready", False):
+        waiting = {m: s for m, s in (state.get("models") or {}).items() if s != "ready"}
+        reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")
+    if not store_ok:
+        reasons.append("job store unreachable, slow (no answer within 2 s) or full")
+    if storage_ok is False and needs_storage:
+        reasons.append("result storage unreachable, slow (no answer within 2 s) or full")
+    body: dict[str, Any] = {
+        "status": "ready" if not reasons else "not_ready",
+        "ready": not reasons,
+        "models": state.get("models", {}),
+        "store": "ok" if store_ok else "unreachable",
+    }
+    if storage_ok is not None:
+        body["storage"] = "ok" if storage_ok else "unreachable"
+    body.update(reasons=reasons, **more)
+    return JSONResponse(body, status_code=200 if not reasons else 503)
 
 
 def liveness(stuck: str | None, started: float) -> JSONResponse:
@@ -146,30 +179,9 @@ def router(
             # A readiness probe that cannot tell is a "no", not a crash: the balancer just waits.
             log.warning("readiness check failed", exc_info=True)
             state = {"ready": False, "models": {}, "error": f"{type(exc).__name__}: {exc}"}
-        store_ok = _ping("store", store.ping)
-        storage_ok = _ping("storage", storage.ping)
-        reasons: list[str] = []
-        if "error" in state:
-            reasons.append(f"readiness check failed: {state['error']}")
-        elif state.get("stuck"):
-            reasons.append(f"stuck: {state['stuck']}")
-        elif state.get("draining"):
-            reasons.append(f"draining (shutting down): {', '.join(state['draining'])}")
-        elif not state.get("ready", False):
-            waiting = {m: s for m, s in (state.get("models") or {}).items() if s != "ready"}
-            reasons.append(f"models not ready: {waiting}" if waiting else "models not ready")
-        if not store_ok:
-            reasons.append("job store unreachable, or its disk full")
-        if not storage_ok and state.get("needs_storage", True):
-            reasons.append("result storage unreachable, or its disk full")
-        body = {
-            "status": "ready" if not reasons else "not_ready",
-            "models": state.get("models", {}),
-            "store": "ok" if store_ok else "unreachable",
-            "storage": "ok" if storage_ok else "unreachable",
-            "reasons": reasons,
-        }
-        return JSONResponse(body, status_code=200 if not reasons else 503)
+        store_ok = answers("store", store.ping)
+        storage_ok = answers("storage", storage.ping)
+        return readiness_answer(state, store_ok, storage_ok, needs_storage=state.get("needs_storage", True))
 
     # Load balancers and uptime checks often probe with HEAD; kept out of the schema to avoid twin operations.
     api.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False, name="health_head")

@@ -390,9 +390,16 @@ def submit(
     )
     try:
         job = store.enqueue(new, max_queued=settings.queue_limit)
-    except StoreUnavailable:
+    except StoreUnavailable as exc:
         # The store may have queued it all the same (a reply lost to a timeout): its image stays, or the job would
-        # fail for want of it. Not queued after all, the image is an orphan that `wanserve prune` finds.
+        # fail for want of it. Not queued after all, the image is an orphan that `wanserve prune` finds. The client
+        # is told so: "try again" alone made a second job of a create sent without a key.
+        exc.advice = (
+            "send it again with the same Idempotency-Key, which queues it once"
+            if key is not None
+            else "it may have been queued all the same: list the videos before sending it again "
+            "(an Idempotency-Key makes a create safe to send again)"
+        )
         raise
     except BaseException:
         if "image_key" in record:  # not queued (full, refused): its image is no one's

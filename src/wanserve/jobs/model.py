@@ -123,9 +123,12 @@ class JobStore(Protocol):
         """The job, or JobNotFound."""
         ...
 
-    def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
+    def claim(
+        self, model: str, worker_id: str, lease_seconds: float, now: float | None = None, op: str | None = None
+    ) -> Job | None:
         """Take the best waiting job for `model` (highest priority, then oldest): status in_progress,
-        attempts + 1, lease until now + lease_seconds. None when nothing waits."""
+        attempts + 1, lease until now + lease_seconds. None when nothing waits. `op`, the same on a retry after
+        a lost reply (with the same `worker_id`), answers with the job the first call took, not another."""
         ...
 
     def peek(self, model: str, limit: int = 1) -> list[Job]:

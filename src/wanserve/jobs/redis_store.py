@@ -22,6 +22,7 @@ never decodes the request/result JSON: Redis's cjson would turn an empty list in
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -36,6 +37,8 @@ from redis.retry import Retry
 from wanserve.errors import BadSetting, InvalidRequest, JobNotFound, QueueFull, StoreUnavailable, unavailable_on
 from wanserve.jobs import CURSOR_TTL_S, IDEMPOTENCY_TTL_S, QUEUE_FULL_RETRY_AFTER, WORKER_LOST_MESSAGE, redacted
 from wanserve.jobs.model import Counts, Job, JobStatus
+
+log = logging.getLogger(__name__)
 
 _JSON_FIELDS = ("request", "result")
 _FLOAT_FIELDS = (
@@ -90,6 +93,12 @@ local function held(id, worker)
   local h = redis.call('HMGET', k('job', id), 'status', 'worker_id')
   return h[1] == 'in_progress' and h[2] == worker
 end
+
+-- A full Redis (noeviction) refuses a script's writes only until its first one, and ZREM or SREM, which free
+-- memory, are taken even when full: a claim or a requeue went through, and then every lease renewal and result
+-- of the run it started was refused (results dropped, attempts spent). A write refused when full, changing
+-- nothing, goes first in those: the whole script is refused, and its caller waits, as for any outage.
+local function refused_when_full() redis.call('INCRBY', k('seq'), 0) end
 
 local function cancel_requested(id) return redis.call('HGET', k('job', id), 'cancel_requested') == '1' end
 
@@ -154,6 +163,7 @@ local replied = redis.call('GET', KEYS[1])
 if replied then return replied end
 if redis.call('ZCARD', k('queue', ARGV[2])) == 0 then return cjson.encode(cjson.null) end
 return once(function()
+  refused_when_full()
   local queue = k('queue', ARGV[2])
   while true do
     local first = redis.call('ZRANGE', queue, 0, 0)[1]
@@ -278,7 +288,9 @@ _REAP = """
 local now, max_attempts = clock(ARGV[2]), tonumber(ARGV[4])
 local expires = later(now, ARGV[3])
 local changed = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('leases'), '-inf', '(' .. now, 'LIMIT', 0, 1000)) do
+local due = redis.call('ZRANGEBYSCORE', k('leases'), '-inf', '(' .. now, 'LIMIT', 0, 1000)
+if #due > 0 then refused_when_full() end
+for _, id in ipairs(due) do
   local jk = k('job', id)
   local h = redis.call('HMGET', jk, 'status', 'attempts')
   if h[1] ~= 'in_progress' then
@@ -388,11 +400,54 @@ def _from_flat(flat: list[str]) -> Job:
     return _from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
+def keeping_problems(client: Any) -> list[str]:
+    """What docs/operations.md asks of the Redis that holds the queue and it does not do: an append-only file
+    (a restart without one loses every job since the last snapshot) and no eviction (a full Redis that evicts
+    drops jobs). Read with INFO, which managed services allow where they refuse CONFIG; a field not reported
+    is not judged."""
+    persistence, memory = client.info("persistence"), client.info("memory")
+    problems = []
+    if persistence.get("aof_enabled") == 0:
+        problems.append("its append-only file is off: a restart loses the jobs since a snapshot (appendonly yes)")
+    policy = memory.get("maxmemory_policy")
+    if memory.get("maxmemory") and policy not in (None, "noeviction"):
+        problems.append(f"it evicts keys when full ({policy}), jobs among them (maxmemory-policy noeviction)")
+    return problems
+
+
+def _answers_without_tls(url: str) -> bool:
+    """Whether the host and port of a `rediss://` URL answer a PING in plain text: a TLS handshake sent there
+    waits until it times out, the same as a server that is down."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 6379), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError:
+        return False
+    return reply.startswith((b"+", b"-"))  # PONG, or an error such as NOAUTH: Redis, in plain text
+
+
+def _full(memory: dict[str, Any]) -> bool:
+    """Whether Redis refuses writes for memory, judged as it judges it: used memory, less what it does not count
+    against maxmemory (replication and AOF buffers), above maxmemory, under noeviction. A field not reported
+    (a managed service's INFO) is not judged."""
+    limit, policy = int(memory.get("maxmemory") or 0), memory.get("maxmemory_policy")
+    if not limit or policy != "noeviction" or "used_memory" not in memory:
+        return False
+    return int(memory["used_memory"]) - int(memory.get("mem_not_counted_for_evict") or 0) > limit
+
+
 def _state(exc: BaseException) -> str:
     if isinstance(exc, ReadOnlyError):
         return "takes no writes: it is a replica (a failover under way, or the URL names a replica)"
     if isinstance(exc, OutOfMemoryError):
         return "is full (maxmemory reached, with noeviction): free memory or raise maxmemory"
+    if isinstance(exc, RedisTimeoutError):  # it may yet act on what it was sent: not "cannot be reached"
+        return f"did not answer within {SOCKET_TIMEOUT_S:g} s"
     return "cannot be reached"
 
 
@@ -408,6 +463,7 @@ def _state(exc: BaseException) -> str:
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
         self.prefix = prefix
+        self._url = url
         self._shown = redacted(url)
         self.events_channel = f"{prefix}:events"
         # Retrying every command is safe: reads are idempotent, and the scripts that are not carry a token.
@@ -494,8 +550,10 @@ class RedisJobStore:
         """Told apart from an id never known: a job deleted or expired lately "no longer exists"."""
         return JobNotFound(job_id, deleted=bool(self._redis.exists(self._key("gone", job_id))))
 
-    def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
-        flat = self._once(self._claim, model, worker_id, _clock(now), repr(float(lease_seconds)))
+    def claim(
+        self, model: str, worker_id: str, lease_seconds: float, now: float | None = None, op: str | None = None
+    ) -> Job | None:
+        flat = self._once(self._claim, model, worker_id, _clock(now), repr(float(lease_seconds)), op=op)
         return None if flat is None else _from_flat(flat)
 
     def peek(self, model: str, limit: int = 1) -> list[Job]:
@@ -604,21 +662,36 @@ class RedisJobStore:
         return self._jobs(ids)
 
     def ping(self) -> bool:
+        """Whether the store takes jobs: it answers, and is not full (a PING is answered all the same)."""
         try:
-            return bool(self._probe.ping())
+            return bool(self._probe.ping()) and not _full(self._probe.info("memory"))
         except (RedisError, OSError):
             return False
 
     def check_settings(self) -> None:
         """At start: a Redis that answers but refuses this URL (a wrong password, a database number it does not
-        have) is a wrong setting, BadSetting now rather than every call failing later. One that does not answer
-        yet is waited out by whoever calls it, as during any outage."""
+        have, an ACL user that may not run scripts or write under the prefix) is a wrong setting, BadSetting now
+        rather than every request failing later (a 500 for each submit); so is a TLS URL for a server that speaks
+        no TLS. One that does not answer yet is waited out by whoever calls it, as during any outage. What it
+        would lose jobs to (no append-only file, eviction) is said in the log."""
         try:
             self._probe.ping()
+            # A write that changes nothing, in a script: what every state change needs leave to do.
+            self._probe.register_script(_LUA_COMMON + "refused_when_full() return 1")(args=[self.prefix])
+            problems = keeping_problems(self._probe)
+        except (OutOfMemoryError, ReadOnlyError):  # full, or a failover: outages, waited out
+            return
         except (AuthenticationError, ResponseError) as exc:
             raise BadSetting(f"{self._shown}: Redis refuses it: {exc}", "store") from None
         except (RedisError, OSError):
-            pass
+            if self._url.lower().startswith("rediss://") and _answers_without_tls(self._url):
+                raise BadSetting(
+                    f"{self._shown}: the server there speaks Redis without TLS: use redis://, or turn TLS on there",
+                    "store",
+                ) from None
+            return
+        for problem in problems:
+            log.warning("the job store %s: %s (docs/operations.md, section 1)", self._shown, problem)
 
     def close(self) -> None:
         self._probe.close()

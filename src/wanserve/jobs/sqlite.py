@@ -254,7 +254,9 @@ class SQLiteJobStore:
     def get(self, job_id: str) -> Job:
         return self._load(self._conn(), job_id)
 
-    def claim(self, model: str, worker_id: str, lease_seconds: float, now: float | None = None) -> Job | None:
+    def claim(
+        self, model: str, worker_id: str, lease_seconds: float, now: float | None = None, op: str | None = None
+    ) -> Job | None:  # `op`: see complete's
         now = time.time() if now is None else now
         with self._tx() as conn:
             row = conn.execute(

@@ -26,7 +26,8 @@ const CONTROL_OF_FIELD = {
   image_url: "input_reference",
 };
 // An HTTP header carries Latin-1 only: a key pasted with a zero-width space or a curly quote could never be sent.
-const KEY_CHARACTERS = /^[\x21-\x7e]+$/;
+// Printable ASCII, as the server takes a key (a passphrase's inner spaces included); the ends are trimmed.
+const KEY_CHARACTERS = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
 
 const $ = (id) => document.getElementById(id);
 
@@ -123,7 +124,7 @@ function useKey(event) {
   event.preventDefault();
   const key = $("key").value.trim();
   if (!KEY_CHARACTERS.test(key)) {
-    $("key-error").textContent = "an API key is printable ASCII without spaces: check what was pasted";
+    $("key-error").textContent = "an API key is printable ASCII (no tabs, line breaks or non-ASCII): check what was pasted";
     $("key").focus();
     return;
   }
