@@ -535,6 +535,40 @@ def test_a_claim_whose_reply_was_lost_runs_its_job_at_once(tmp_path: Path, engin
     assert job.status is JobStatus.COMPLETED and job.attempts == 1, job
 
 
+def test_a_worker_stopped_while_a_claims_answer_is_lost_hands_its_job_back(tmp_path: Path, engine: Engine) -> None:
+    """Stopped during the outage that lost a claim's answer: the job that claim took stayed in_progress for nobody
+    until its lease ran out (a restart, a scale-down in the middle of a Redis blip)."""
+    from conftest import free_tcp_port, start_redis, stop_redis
+
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
+    h.settings.lease_seconds = 600.0
+    lossy = LosesOneClaim(h.store)
+    original = lossy.claim
+
+    def claim_then_stop(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if lossy.lost:
+                h.worker.drain(grace=0)  # the stop comes while the worker waits for the store
+
+    lossy.claim = claim_then_stop  # type: ignore[method-assign]
+    h.worker.store = lossy  # type: ignore[assignment]
+    job_id = h.submit(num_inference_steps=2)
+    h.thread.start()
+    try:
+        assert h.worker.wait_stopped(60)
+        assert lossy.lost
+        job = h.store.get(job_id)
+        assert job.status is JobStatus.QUEUED and job.attempts == 0 and job.worker_id is None, job
+        assert h.store.queue_position(job_id) == 1
+    finally:
+        h.stop()
+        stop_redis(server)
+
+
 class BlinkingStorage(LocalStorage):
     """Storage that cannot be reached for its first upload (an S3 restart): the video must wait, not be lost."""
 

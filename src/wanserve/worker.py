@@ -269,6 +269,8 @@ class Worker:
                     self.process(job)
                 finally:
                     self._group_busy = False
+            if unanswered is not None:
+                self._hand_back_unanswered(*unanswered)
         finally:
             self._wait_finishing()  # a drained worker exits after its last video is stored, not before
             self._finisher.shutdown()
@@ -280,6 +282,16 @@ class Worker:
                     stop_group()
             self._stopped.set()
             log.info("worker %s stopped", self.worker_id)
+
+    def _hand_back_unanswered(self, holder: str, op: str) -> None:
+        """Drained while a claim's answer was lost: the job it may have taken goes back to the queue now, in its
+        place, rather than staying "running" for nobody until its lease runs out."""
+        try:
+            job = self.store.claim(self.model, holder, self.settings.lease_seconds, op=op)
+            if job is not None and self.store.release(job.id, holder):
+                log.info("job %s handed back to the queue (claimed as the store stopped answering)", job.id)
+        except StoreUnavailable as exc:  # still down: its lease decides
+            log.warning("worker %s: %s; a job it may have claimed goes back when its lease ends", self.worker_id, exc)
 
     def _keep_group(self) -> None:
         """Follower ranks wait for the next request in a collective that times out: between jobs, they hear
