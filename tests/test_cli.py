@@ -938,6 +938,24 @@ def test_a_redis_that_would_refuse_or_lose_jobs_is_said_at_start(tmp_path: Path,
         said = " ".join(done.stderr.split())
         assert done.returncode == 2 and "--store: redis://reader:***@127.0.0.1" in said, said
         assert "Redis refuses it" in said and "no permissions" in said and "Traceback" not in said, said
+        # The user docs/operations.md gives (no INFO, which managed services often refuse: not judged) does all.
+        from wanserve.jobs import Job, new_job_id
+        from wanserve.jobs.redis_store import RedisJobStore
+
+        grants = ["~wanserve:*", "&wanserve:events", "+@read", "+@write", "+@scripting", "+ping", "+time", "+publish"]
+        admin.execute_command("ACL", "SETUSER", "documented", "on", ">pw", *grants)
+        store = RedisJobStore(f"redis://documented:pw@127.0.0.1:{port}/0")
+        try:
+            store.check_settings()
+            job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "p"}))
+            assert store.claim("tiny-t2v", "w/1", 30) == store.get(job.id) and store.complete(job.id, "w/1", {}, 60)
+            assert store.ping() and store.counts("tiny-t2v").queued == 0
+        finally:
+            store.close()
+        admin.execute_command("ACL", "SETUSER", "unpublished", "on", ">pw", *grants[:1], *grants[2:-1])
+        done = run([*api, "--store", f"redis://unpublished:pw@127.0.0.1:{port}/0"], tiny_cache, timeout=120)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and "no permissions to run the 'publish' command on wanserve:events" in said, said
         started = time.monotonic()
         done = run([*api, "--store", f"rediss://127.0.0.1:{port}/0"], tiny_cache, timeout=120)
         said = " ".join(done.stderr.split())

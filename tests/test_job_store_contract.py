@@ -903,6 +903,35 @@ def test_redis_retried_state_change_replays_its_first_reply(redis_url: str) -> N
     store.close()
 
 
+def test_redis_claim_asked_again_answers_only_with_a_job_its_holder_still_holds(redis_url: str) -> None:
+    """A worker cut off from Redis past its lease asks its claim again under the same token: it was answered with
+    the kept reply, a job reaped and claimed by another worker meanwhile, and began running it a second time.
+    `claimed` reads what a claim took without claiming (a worker stopping in the outage hands it back)."""
+    store = RedisJobStore(redis_url)
+    job = store.enqueue(make_job())
+    first = store.claim("tiny-t2v", "a/1", LEASE, now=T0, op="tok")
+    assert first is not None and first.id == job.id
+    again = store.claim("tiny-t2v", "a/1", LEASE, now=T0, op="tok")  # its answer lost: the same job
+    assert again is not None and again.id == job.id and store.get(job.id).attempts == 1
+    assert store.claimed("a/1", "tok") == store.get(job.id) and store.claimed("b/1", "tok") is None
+    assert store.claimed("a/1", "never-used") is None
+    assert [j.id for j in store.reap(3, TTL, now=T0 + LEASE + 1)] == [job.id]
+    taken = store.claim("tiny-t2v", "b/1", LEASE, now=T0 + LEASE + 2)
+    assert taken is not None and taken.id == job.id
+    assert store.claim("tiny-t2v", "a/1", LEASE, now=T0 + LEASE + 3, op="tok") is None  # not b's job
+    assert store.claimed("a/1", "tok") is None
+    assert store.get(job.id).worker_id == "b/1" and store.get(job.id).attempts == 2
+    store.close()
+
+
+def test_sqlite_claimed_is_never_a_lost_claim(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    store.enqueue(make_job())
+    assert store.claim("tiny-t2v", "a/1", LEASE, now=T0, op="tok") is not None
+    assert store.claimed("a/1", "tok") is None  # a transaction commits or raises: nothing to hand back
+    store.close()
+
+
 def test_redis_retried_cancel_still_says_it_ended_the_job(redis_url: str) -> None:
     """The cancel of a queued job whose reply was lost, resent by redis-py: the retry used to find the job
     already cancelled and answer "not ended by this call", and the API never counted that cancel."""

@@ -224,6 +224,8 @@ def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> N
         running = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
         assert store.claim("tiny-t2v", "w/1", 30, now=time.time() - 60) is not None  # its lease ran out
         queued = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        old = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        store.request_cancel(old.id, ttl=1, now=time.time() - 60)  # its record expired a minute ago
         # Full: filling it up to the limit left it a few bytes under, or over, as the last refused command's
         # buffer was counted or freed. A limit below what it holds is full for certain.
         filler.config_set("maxmemory", 1)
@@ -231,6 +233,22 @@ def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> N
             filler.set("junk", b"x")
         with pytest.raises(StoreUnavailable, match="is full"):
             store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        # A refusal queued nothing for certain: "try again", not "it may have been queued".
+        from fastapi.testclient import TestClient
+
+        from wanserve.api.app import create_app
+        from wanserve.catalog import lookup
+        from wanserve.config import Settings
+        from wanserve.storage import open_storage
+
+        settings = Settings(data_dir=tmp_path, store=f"redis://127.0.0.1:{port}/0", model=["tiny-t2v"])
+        app = create_app(settings, store, open_storage(settings.storage_url), {"tiny-t2v": lookup("tiny-t2v")})
+        with TestClient(app) as client:
+            refused = client.post("/v1/videos", json={"prompt": "a fox"})
+        assert refused.status_code == 503 and refused.json()["error"]["message"] == (
+            "the job store (Redis) is full (maxmemory reached, with noeviction): free memory or raise maxmemory; "
+            "try again shortly"
+        ), refused.text
         assert store.get(queued.id).status == JobStatus.QUEUED  # reads go on, and nothing accepted was dropped
         # Nor claimed, nor requeued: a claim (its first write a ZREM, taken when full) went through, and the
         # renewals and results of the run it began were refused; the reaper requeued it, and again.
@@ -240,9 +258,19 @@ def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> N
             store.reap(3, 60)
         assert store.get(queued.id).status == JobStatus.QUEUED and store.queue_depth("tiny-t2v") == 1
         assert store.get(running.id).status == JobStatus.IN_PROGRESS and store.get(running.id).attempts == 1
-        assert not store.ping()  # /ready says no: PING alone is answered when full
-        filler.config_set("maxmemory", "3mb")  # room again: writes go on
+        # Expiry still deletes, which is how a full Redis gets room again: it waited behind the refused reap.
+        from wanserve.errors import JobNotFound
+        from wanserve.expiry import housekeeping
+        from wanserve.storage.local import LocalStorage
+
+        housekeeping(store, LocalStorage(tmp_path / "videos"), 3, 60)
+        with pytest.raises(JobNotFound):
+            store.get(old.id)
+        assert store.get(running.id).status == JobStatus.IN_PROGRESS
+        # Reads go on: an API replica stays ready (status polls, downloads), where one that said no took them all
+        # out of the Service together.
         assert store.ping()
+        filler.config_set("maxmemory", "3mb")  # room again: writes go on
         store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
         assert [job.id for job in store.reap(3, 60)] == [running.id]
     finally:

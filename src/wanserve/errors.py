@@ -108,6 +108,7 @@ class StoreUnavailable(WanserveError, ConnectionError):
 
     public = "the job store cannot be reached"
     advice = "try again shortly"  # what a client should do: a create that may have been queued says otherwise
+    refused = False  # the store answered, and did nothing (Redis full, or a replica): no change was made
 
 
 class StorageUnavailable(WanserveError, ConnectionError):
@@ -138,16 +139,19 @@ def unavailable_on(
     what: str,
     when: Callable[[BaseException], bool] = lambda _exc: True,
     state: Callable[[BaseException], str] = lambda _exc: "cannot be reached",
+    refused: Callable[[BaseException], bool] = lambda _exc: False,
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: every public method of a backend raises `error` when one of its client library's
     connection errors (`causes`, narrowed by `when`) gets through, so callers (the API's 503, a worker that waits
     it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them.
-    `state` words what is wrong for clients ("cannot be reached", "cannot be written: the disk is full")."""
+    `state` words what is wrong for clients ("cannot be reached", "cannot be written: the disk is full");
+    `refused` tells a backend that answered and did nothing (full, a replica) from one whose answer was lost."""
 
     def translated(exc: BaseException) -> WanserveError:
         public = f"{what} {state(exc)}"
         unavailable = error(public if str(exc) in public else f"{public}: {exc}")
         unavailable.public = public  # for clients: no internal address or key
+        unavailable.refused = refused(exc)
         return unavailable
 
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:

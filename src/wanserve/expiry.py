@@ -47,7 +47,9 @@ def housekeeping(
                 log.warning(unserved_words(1, job.model))
     except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
         log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
-        return
+        if not exc.refused:
+            return
+        # A full Redis refuses the requeues, not the deletes: expiry is how it gets room again.
     except Exception:
         log.exception("housekeeping (reap, expiry) failed")
         return

@@ -672,9 +672,10 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
         # Stopping a GPU worker costs a model load to undo. No browser has a reason to ask for it (a page on the
         # cluster network could, with a "simple" cross-site POST); and with API keys set, only the pod itself
         # (a preStop hook on loopback) or a caller with a key may.
-        if request.headers.get("origin") is not None:
+        site = request.headers.get("sec-fetch-site", "").strip().lower()
+        if request.headers.get("origin") is not None or site in ("cross-site", "same-site"):
             return error_response(
-                request, 403, "cross_site_request", "a drain is not taken from a web page (Origin header)"
+                request, 403, "cross_site_request", "a drain is not taken from a web page (Origin, Sec-Fetch-Site)"
             )
         loopback = request.client is not None and _is_loopback(request.client.host)
         keys = worker.settings.api_keys

@@ -287,7 +287,7 @@ class Worker:
         """Drained while a claim's answer was lost: the job it may have taken goes back to the queue now, in its
         place, rather than staying "running" for nobody until its lease runs out."""
         try:
-            job = self.store.claim(self.model, holder, self.settings.lease_seconds, op=op)
+            job = self.store.claimed(holder, op)  # not a claim again: one that never ran would take a job now
             if job is not None and self.store.release(job.id, holder):
                 log.info("job %s handed back to the queue (claimed as the store stopped answering)", job.id)
         except StoreUnavailable as exc:  # still down: its lease decides

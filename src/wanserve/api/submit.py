@@ -391,6 +391,10 @@ def submit(
     try:
         job = store.enqueue(new, max_queued=settings.queue_limit)
     except StoreUnavailable as exc:
+        if exc.refused:  # it answered, and queued nothing (full, a replica)
+            if "image_key" in record:
+                _remove_input(storage, job_id)
+            raise
         # The store may have queued it all the same (a reply lost to a timeout): its image stays, or the job would
         # fail for want of it. Not queued after all, the image is an orphan that `wanserve prune` finds. The client
         # is told so: "try again" alone made a second job of a create sent without a key.

@@ -131,6 +131,12 @@ class JobStore(Protocol):
         a lost reply (with the same `worker_id`), answers with the job the first call took, not another."""
         ...
 
+    def claimed(self, worker_id: str, op: str) -> Job | None:
+        """The job a claim under `op` took and `worker_id` still holds, without claiming anything: None where
+        that claim took nothing, never ran, or is forgotten (kept 10 minutes), and always where no reply can be
+        lost (SQLite)."""
+        ...
+
     def peek(self, model: str, limit: int = 1) -> list[Job]:
         """The next `limit` jobs `claim` would take for `model`, in that order, unchanged. A hint, not a
         reservation: another worker may claim them first (the worker prefetches their prompts with it)."""

@@ -100,6 +100,16 @@ end
 -- nothing, goes first in those: the whole script is refused, and its caller waits, as for any outage.
 local function refused_when_full() redis.call('INCRBY', k('seq'), 0) end
 
+-- The job id in a claim's kept reply (the job's fields, flat), or nil for a claim that took nothing.
+local function claimed_in(reply)
+  local flat = cjson.decode(reply)
+  if type(flat) ~= 'table' then return nil end
+  for i = 1, #flat - 1, 2 do
+    if flat[i] == 'id' then return flat[i + 1] end
+  end
+  return nil
+end
+
 local function cancel_requested(id) return redis.call('HGET', k('job', id), 'cancel_requested') == '1' end
 
 local function leave_running(id, model)
@@ -158,9 +168,14 @@ end)
 # ARGV: prefix, model, worker, now ('' for the server's clock), lease seconds, op ttl
 _CLAIM = """
 -- Nothing to claim changes nothing, so it needs no token: idle workers poll often. A retry of a claim that did
--- take the last job finds its first reply first.
+-- take the last job finds its first reply first: the job as it is now, while this holder still holds it (an
+-- outage past its lease, and it was reaped, cancelled or taken by another worker meanwhile: nothing).
 local replied = redis.call('GET', KEYS[1])
-if replied then return replied end
+if replied then
+  local id = claimed_in(replied)
+  if id and held(id, ARGV[3]) then return cjson.encode(redis.call('HGETALL', k('job', id))) end
+  return cjson.encode(cjson.null)
+end
 if redis.call('ZCARD', k('queue', ARGV[2])) == 0 then return cjson.encode(cjson.null) end
 return once(function()
   refused_when_full()
@@ -339,6 +354,17 @@ if not rank then return 0 end
 return rank + 1
 """
 
+# ARGV: prefix. What the state changes need leave to do, asked at start of an ACL user: a write that changes
+# nothing, the server's clock, and (Redis 7, which can ask without doing) a publish of the job events.
+_CHECK = """
+refused_when_full()
+redis.call('TIME')
+if redis.acl_check_cmd and not redis.acl_check_cmd('PUBLISH', k('events'), '') then
+  return redis.error_reply("NOPERM this user has no permissions to run the 'publish' command on " .. k('events'))
+end
+return 1
+"""
+
 # A claim's holder is `<worker id>/<claim number>`: the workers are the holders less their claim numbers.
 _COUNTS = """
 local ids = redis.call('SMEMBERS', k('running', ARGV[2]))
@@ -431,16 +457,6 @@ def _answers_without_tls(url: str) -> bool:
     return reply.startswith((b"+", b"-"))  # PONG, or an error such as NOAUTH: Redis, in plain text
 
 
-def _full(memory: dict[str, Any]) -> bool:
-    """Whether Redis refuses writes for memory, judged as it judges it: used memory, less what it does not count
-    against maxmemory (replication and AOF buffers), above maxmemory, under noeviction. A field not reported
-    (a managed service's INFO) is not judged."""
-    limit, policy = int(memory.get("maxmemory") or 0), memory.get("maxmemory_policy")
-    if not limit or policy != "noeviction" or "used_memory" not in memory:
-        return False
-    return int(memory["used_memory"]) - int(memory.get("mem_not_counted_for_evict") or 0) > limit
-
-
 def _state(exc: BaseException) -> str:
     if isinstance(exc, ReadOnlyError):
         return "takes no writes: it is a replica (a failover under way, or the URL names a replica)"
@@ -459,6 +475,7 @@ def _state(exc: BaseException) -> str:
     StoreUnavailable,
     "the job store (Redis)",
     state=_state,
+    refused=lambda exc: isinstance(exc, (OutOfMemoryError, ReadOnlyError)),
 )
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
@@ -555,6 +572,17 @@ class RedisJobStore:
     ) -> Job | None:
         flat = self._once(self._claim, model, worker_id, _clock(now), repr(float(lease_seconds)), op=op)
         return None if flat is None else _from_flat(flat)
+
+    def claimed(self, worker_id: str, op: str) -> Job | None:
+        reply = self._redis.get(self._key("op", op))
+        flat = json.loads(reply) if reply is not None else None
+        if not flat:
+            return None
+        try:
+            job = self.get(_from_flat(flat).id)
+        except JobNotFound:
+            return None
+        return job if job.status == JobStatus.IN_PROGRESS and job.worker_id == worker_id else None
 
     def peek(self, model: str, limit: int = 1) -> list[Job]:
         if limit <= 0:
@@ -662,9 +690,8 @@ class RedisJobStore:
         return self._jobs(ids)
 
     def ping(self) -> bool:
-        """Whether the store takes jobs: it answers, and is not full (a PING is answered all the same)."""
         try:
-            return bool(self._probe.ping()) and not _full(self._probe.info("memory"))
+            return bool(self._probe.ping())
         except (RedisError, OSError):
             return False
 
@@ -676,9 +703,7 @@ class RedisJobStore:
         would lose jobs to (no append-only file, eviction) is said in the log."""
         try:
             self._probe.ping()
-            # A write that changes nothing, in a script: what every state change needs leave to do.
-            self._probe.register_script(_LUA_COMMON + "refused_when_full() return 1")(args=[self.prefix])
-            problems = keeping_problems(self._probe)
+            self._probe.register_script(_LUA_COMMON + _CHECK)(args=[self.prefix])
         except (OutOfMemoryError, ReadOnlyError):  # full, or a failover: outages, waited out
             return
         except (AuthenticationError, ResponseError) as exc:
@@ -689,6 +714,10 @@ class RedisJobStore:
                     f"{self._shown}: the server there speaks Redis without TLS: use redis://, or turn TLS on there",
                     "store",
                 ) from None
+            return
+        try:
+            problems = keeping_problems(self._probe)
+        except RedisError:  # INFO refused (a managed service, an ACL without it): not judged
             return
         for problem in problems:
             log.warning("the job store %s: %s (docs/operations.md, section 1)", self._shown, problem)

@@ -274,6 +274,9 @@ class SQLiteJobStore:
             self._save(conn, job)
         return job
 
+    def claimed(self, worker_id: str, op: str) -> Job | None:
+        return None  # a transaction commits or raises: no claim's reply is ever lost
+
     def peek(self, model: str, limit: int = 1) -> list[Job]:
         rows = self._conn().execute(
             "SELECT data FROM jobs WHERE model = ? AND status = 'queued' ORDER BY priority DESC, seq LIMIT ?",
