@@ -15,8 +15,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @contextmanager
-def hub_serving(repo_id: str, folder: Path) -> Iterator[str]:
-    """Serve `folder` as `repo_id`; yields the endpoint (HF_ENDPOINT)."""
+def hub_serving(repo_id: str, folder: Path, gated: bool = False) -> Iterator[str]:
+    """Serve `folder` as `repo_id`; yields the endpoint (HF_ENDPOINT). `gated`: a repo whose terms this caller
+    has not accepted (its description answers, its files and auth-check do not)."""
     files = {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
     class Handler(BaseHTTPRequestHandler):
@@ -50,8 +51,12 @@ def hub_serving(repo_id: str, folder: Path) -> Iterator[str]:
                 self._answer(404)
 
         def do_GET(self) -> None:
-            if self.path.startswith(f"/api/models/{repo_id}/revision/"):
+            if gated and (self.path.startswith(f"/api/models/{repo_id}/auth-check") or "/resolve/" in self.path):
+                self._answer(403, b'{"error": "gated"}', {"X-Error-Code": "GatedRepo"})
+            elif self.path.startswith(f"/api/models/{repo_id}/revision/"):
                 info = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
+                if gated:
+                    info["gated"] = "manual"
                 self._answer(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
             elif self.path.startswith(f"/api/models/{repo_id}/tree/"):
                 tree = [

@@ -138,6 +138,11 @@ def test_doctor_asks_the_hub_for_a_model_not_on_this_machine(tiny_cache: Path, t
     assert "OK model someone/tiny-wan: someone/tiny-wan is not on this machine yet" in said, said
     assert "FIX model someone/other: someone/other is neither" in said, said
     assert "the Hub has no repo of that name" in said, said
+    # A gated repo describes itself to all: its files (and auth-check) are for those who accepted its terms.
+    with hub_serving("someone/tiny-wan", source, gated=True) as endpoint:
+        done = run(args[:3], tiny_cache, HF_ENDPOINT=endpoint, **cache)
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 1 and "FIX model someone/tiny-wan" in said and "it is gated on the Hub" in said, said
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]

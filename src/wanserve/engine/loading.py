@@ -102,7 +102,9 @@ def hub_refuses(repo_id: str) -> str | None:
 
     _hub_timeouts()
     try:
-        HfApi().repo_info(repo_id, revision="main", timeout=HUB_READ_TIMEOUT_S)
+        info = HfApi().repo_info(repo_id, revision="main", timeout=HUB_READ_TIMEOUT_S)
+        if getattr(info, "gated", False):  # its description is open to all, its files to those let in
+            HfApi().auth_check(repo_id)
     except GatedRepoError:
         return "it is gated on the Hub: accept its terms on its page, then `hf auth login` (or set HF_TOKEN)"
     except RepositoryNotFoundError:
