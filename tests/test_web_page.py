@@ -203,6 +203,19 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert page.input_value("#size") == "" and "size cleared" in page.text_content("#announcer")
 
         # A job waiting behind a slow one is cancelled from its card; the slow one then deleted.
+        # Once it ends, nothing runs: the queue line is read again as the card says so (it went on saying
+        # "1 running" for up to 10 s, the idle pace, from a read made before the video ended).
+        reads: list[str] = []
+
+        def note(response: Any) -> None:
+            if "/v1/models" in response.url:
+                reads.append("models")
+            elif "/v1/videos?" in response.url and any(
+                video["prompt"] == "slow one" and video["status"] == "completed" for video in response.json()["data"]
+            ):
+                reads.append("list: completed")
+
+        page.on("response", note)
         _fill(page, {"#prompt": "slow one", **SLOW})
         page.click("#generate")
         _fill(page, {"#prompt": "waiting one"})
@@ -236,6 +249,13 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert "delete" in where[0] and "slow one" in where[1], where
         slow = page.locator(".job", has_text="slow one")
         slow_id = slow.get_attribute("data-id")
+        page.locator(".job[data-status=completed]", has_text="slow one").wait_for(timeout=120_000)
+        page.wait_for_function(
+            "() => /0 videos waiting · 0 running/.test(document.querySelector('#model-info').textContent)",
+            timeout=9000,
+        )
+        page.remove_listener("response", note)
+        assert "models" in reads[reads.index("list: completed") :], reads
         slow.locator("button.delete").click()
         slow.wait_for(state="detached")
         assert httpx.get(f"{site.url}/v1/videos/{slow_id}").status_code == 404

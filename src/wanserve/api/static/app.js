@@ -652,6 +652,8 @@ async function tick() {
   let busy = false;
   try {
     busy = await refresh();
+    // The last video ended: the queue line under Model says so now, not at the idle pace (up to 10 s later).
+    if (state.busy && !busy) await loadModels();
     state.busy = busy;
     showServerState("");
   } catch (error) {
