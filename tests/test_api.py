@@ -263,6 +263,12 @@ def test_openai_extension_fields_and_explicit_values_win(api: Api) -> None:
     request = api.store.get(body["id"]).request
     assert request["num_inference_steps"] == 2 and request["guidance_scale"] == 3.5
     assert request["flow_shift"] == 2.0 and request["negative_prompt"] == "blurry"
+    # The answer says what it runs with: the values asked for, and the model's defaults for the rest.
+    shown = {k: body[k] for k in ("num_inference_steps", "guidance_scale", "flow_shift", "negative_prompt")}
+    assert shown == {"num_inference_steps": 2, "guidance_scale": 3.5, "flow_shift": 2.0, "negative_prompt": "blurry"}
+    assert body["guidance_scale_2"] is None and body["boundary_ratio"] is None  # one expert
+    defaults = api.client.get(f"/v1/videos/{api.create(model='tiny-t2v')['id']}").json()
+    assert defaults["num_inference_steps"] == 4 and defaults["guidance_scale"] == 5.0, defaults
 
 
 def test_openai_model_by_alias_and_default_model(api: Api) -> None:

@@ -340,6 +340,20 @@ def test_sizes_chosen_for_any_image_fit_every_model() -> None:
                     ), (spec.name, shape, given, width, height)
 
 
+def test_the_text_image_model_sizes_an_image_as_wan_2_2_does() -> None:
+    """TI2V-5B's pipeline sizes an image's video by Wan 2.2's `best_output_size` (the width or the height rounded
+    first, whichever keeps the shape better, within the default area): wanserve rounded both sides down, a
+    square photo 928x928 where Wan 2.2 makes 960x928."""
+    from wanserve.catalog import lookup
+    from wanserve.request import image_shaped_size
+
+    ti2v, i2v = lookup("wan2.2-ti2v-5b"), lookup("wan2.1-i2v-14b-480p")
+    assert ti2v is not None and i2v is not None
+    for image, size in (((1000, 1000), (960, 928)), ((1200, 500), (1472, 608)), ((1920, 1080), (1248, 704))):
+        assert image_shaped_size(image, ti2v) == size, image
+    assert image_shaped_size((1080, 1920), i2v) == (464, 832)  # Wan 2.1's I2V rounds both sides down
+
+
 def test_an_image_of_the_models_own_size_keeps_that_size() -> None:
     """An 832x480 frame on the 480p I2V model came out 832x464 (16 rows cropped): sqrt(832*480 * 480/832) is
     479.99999999999994 in floats, which a floor took down a whole stride. Every catalog model, fed an image of

@@ -290,6 +290,11 @@ def test_bench_cpu_tiny_writes_the_results_file(tiny_cache: Path, tmp_path: Path
     assert "overlap_jobs=true" in serving["via"] and "overlap_jobs=false" in serving["sequential"]["via"]
     assert 0 < serving["sequential"]["busy_fraction"] <= 1 and serving["overlap_wall_speedup"] > 0
     assert len(serving["gaps_between_jobs_seconds"]) == len(serving["sequential"]["gaps_between_jobs_seconds"]) == 1
+    # The console says it too, as docs/performance.md has it (it printed the forward table alone).
+    said = " ".join(run.stderr.split())
+    for label in ("overlap on", "overlap off"):
+        assert f"serving ({label}, 2 jobs via Worker" in said and "to the last frames" in said, said[-3000:]
+    assert "serving: overlap's wall-time speed-up over one job after another" in said
     assert report["cold_start"]["seconds_to_ready"] > 0 and report["cold_start"]["warm_cache"]["seconds_to_ready"] > 0
 
 

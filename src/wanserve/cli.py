@@ -1090,7 +1090,7 @@ def bench(
         _check_writable(settings.cache_dir, "cache_dir")
     except BadSetting as exc:
         fail_setting(exc, overrides)
-    from wanserve.bench import BenchOptions, run_bench, summary_rows, target_lines
+    from wanserve.bench import BenchOptions, run_bench, serving_lines, summary_rows, target_lines
     from wanserve.bench.report import ResultsFileError
 
     options = BenchOptions(
@@ -1135,6 +1135,8 @@ def bench(
     # Logs and CI are 80 columns wide, which would truncate every cell of this table.
     wide = Console(stderr=True, width=max(console.width, 110))
     wide.print(table)
+    for line in serving_lines(report):
+        wide.print(escape(line))
     for line in target_lines(report):
         wide.print(f"target {escape(line)}")
     for name, why in report["skipped_phases"].items():

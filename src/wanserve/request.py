@@ -265,6 +265,28 @@ def _sixteen_bit_grey(img: Any) -> Any:
     return Image.merge("LA", (grey, alpha))
 
 
+def _best_output_size(image: tuple[int, int], multiple: int, area: int) -> tuple[int, int] | None:
+    """Wan 2.2's `best_output_size` (wan/utils/utils.py), which its TI2V-5B pipeline sizes an image's video
+    by: the width rounded first, then the height, or the other way round, whichever keeps the image's aspect
+    better, each within `area` (a square photo at 1280x704's area is 960x928 there). None where a side comes
+    to nothing (an image more elongated than `area` holds)."""
+    ratio = image[0] / image[1]
+    ow = (area * ratio) ** 0.5
+    oh = area / ow
+    ow1 = int(ow // multiple * multiple)
+    oh2 = int(oh // multiple * multiple)
+    if ow1 <= 0 or oh2 <= 0:
+        return None
+    oh1 = int(area / ow1 // multiple * multiple)
+    ow2 = int(area / oh2 // multiple * multiple)
+    if oh1 <= 0 or ow2 <= 0:
+        return None
+    ratio1, ratio2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
 def image_shaped_size(
     image: tuple[int, int], spec: ModelSpec, width: int | None = None, height: int | None = None
 ) -> tuple[int, int]:
@@ -283,6 +305,10 @@ def image_shaped_size(
 
     if width is None and height is None:
         area = spec.width * spec.height
+        if spec.task_label == "ti2v":  # Wan 2.2's text+image-to-video model sizes its frame its own way
+            best = _best_output_size(image, multiple, area)
+            if best is not None and max(best) <= longest and best[0] * best[1] <= spec.max_pixels:
+                return best
         width, height = side(math.sqrt(area / aspect)), side(math.sqrt(area * aspect))
         while width * height > spec.max_pixels and max(width, height) > multiple:  # clamped sides of a thin image
             if width >= height:

@@ -55,6 +55,14 @@ from .submit import (
 from .web import body_limit, content_response, read_json_object
 
 OPENAI_FIELDS = frozenset({"prompt", "model", "seconds", "size", "input_reference"})
+GENERATION_SETTINGS = (
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_scale_2",
+    "boundary_ratio",
+    "flow_shift",
+)
 ALLOWED_FIELDS = OPENAI_FIELDS | EXTENSION_FIELDS | {"priority"}
 # OpenAI parameters that do not apply to a self-hosted model; accepted and dropped so stock clients work.
 IGNORED_FIELDS = frozenset({"user"})
@@ -117,6 +125,9 @@ def video_object(job: Job, queue_position: int | None) -> dict[str, Any]:
         "seed": result.get("seed", request.get("seed")),
         "num_frames": num_frames,
         "fps": fps,
+        # The settings it runs with, the model's defaults resolved at submit: with the seed, what makes the video
+        # again (a client that left them out could not tell them from the answer).
+        **{name: request.get(name) for name in GENERATION_SETTINGS},
         "stage": job.stage,
         # A running job's cancel takes effect at its next step: until then it shows, so a client (the page's
         # Cancel button) can tell a cancel under way from one not taken.

@@ -33,6 +33,7 @@ _EXPORTS = {
     "per_step_projection": "projection",
     "summary_rows": "report",
     "target_lines": "report",
+    "serving_lines": "report",
     "psnr": "requests",
     "run_bench": "run",
     "SHAPES": "shapes",

@@ -266,5 +266,32 @@ def target_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def serving_lines(report: dict[str, Any]) -> list[str]:
+    """The serving phases in a line each, as the JSON has them: busy share of the accelerator (to the last
+    frames, the 97 % target's figure, and to the last completion), the gaps between jobs, and what overlap
+    saved over the same jobs run one after another."""
+    serving = report.get("serving")
+    if not isinstance(serving, dict) or "busy_fraction" not in serving:
+        return []
+    lines = []
+    for label, phase in (("overlap on", serving), ("overlap off", serving.get("sequential"))):
+        if not isinstance(phase, dict):
+            continue
+        gaps = phase.get("gaps_between_jobs_seconds") or []
+        line = (
+            f"serving ({label}, {phase.get('jobs')} jobs via {phase.get('via')}): busy "
+            f"{_fmt(phase.get('busy_fraction_to_last_frames'), 3)} to the last frames, "
+            f"{_fmt(phase.get('busy_fraction'), 3)} to the last completion"
+        )
+        if gaps:
+            line += f"; gaps between jobs {', '.join(f'{gap:.3f}' for gap in gaps)} s"
+        lines.append(line)
+    if serving.get("overlap_wall_speedup") is not None:
+        lines.append(
+            f"serving: overlap's wall-time speed-up over one job after another {serving['overlap_wall_speedup']:.3f}"
+        )
+    return lines
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
