@@ -485,8 +485,16 @@ def test_a_download_from_an_s3_that_stops_answering_is_a_503_in_seconds(s3_env: 
             started = time.monotonic()
             response = client.get(f"/v1/videos/{job.id}/content")
             waited = time.monotonic() - started
-        assert response.status_code == 503 and response.json()["error"]["code"] == "storage_unavailable"
-        assert waited < 4 * READ_TIMEOUT_S + 5, f"{waited:.0f} s before the 503"  # (two minutes before)
+            assert response.status_code == 503 and response.json()["error"]["code"] == "storage_unavailable"
+            assert waited < 4 * READ_TIMEOUT_S + 5, f"{waited:.0f} s before the 503"  # (two minutes before)
+            # A delete lists and deletes the job's files first: as quick a 503 (it waited the uploads' 90 s,
+            # past a 60 s balancer, with a request thread held), and the job is kept for the retry.
+            started = time.monotonic()
+            deleted = client.delete(f"/v1/videos/{job.id}")
+            waited = time.monotonic() - started
+            assert deleted.status_code == 503 and deleted.json()["error"]["code"] == "storage_unavailable"
+            assert waited < 4 * READ_TIMEOUT_S + 5, f"{waited:.0f} s before the delete's 503"
+            assert client.get(f"/v1/videos/{job.id}").status_code == 200
     finally:
         silent.close()
         for connection in held:

@@ -163,8 +163,10 @@ class S3Storage:
         prefix = prefix.strip("/")
         if not prefix:
             raise ValueError("refusing to delete every object: the prefix is empty")
-        # The trailing slash keeps job "abc" from taking job "abcd"'s files with it.
-        pages = self.client.get_paginator("list_objects_v2").paginate(
+        # The trailing slash keeps job "abc" from taking job "abcd"'s files with it. On the readers' client: a
+        # listing and a delete of a few keys answer at once when S3 is up, and a DELETE /v1/videos (a request
+        # thread, a client behind a 60 s balancer) was told 503 after the uploads' 3 x 30 s.
+        pages = self._reader.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(prefix) + "/"
         )
         for page in pages:
@@ -172,7 +174,7 @@ class S3Storage:
             objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
             if not objects:
                 continue
-            result = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+            result = self._reader.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
             if result.get("Errors"):
                 first = result["Errors"][0]
                 problem = f"S3 could not delete {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
