@@ -449,24 +449,28 @@ def test_a_job_whose_input_image_is_gone_fails_saying_so(harness: Harness) -> No
     assert f"{job_id}/input" in (job.error_message or "")
 
 
-class LosesOneReply:
-    """A store whose first `complete` goes through but whose reply is lost (the connection broke after Redis ran
-    the script, and redis-py's own retries ran out): the worker retries the write after the outage."""
+class LosesOneAnswer:
+    """A store whose first `method` call that changes something goes through but whose reply is lost (the
+    connection broke after Redis ran the script, or Redis answered after the client's timeout, and redis-py's
+    own retries ran out): the worker must ask again, and hear of what that call did."""
 
-    def __init__(self, store: Any) -> None:
-        self.store, self.lost = store, False
+    def __init__(self, store: Any, method: str) -> None:
+        self.store, self.method, self.lost = store, method, False
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
+        if name != self.method:
+            return getattr(self.store, name)
 
-    def complete(self, *args: Any, **kwargs: Any) -> bool:
-        done = self.store.complete(*args, **kwargs)
-        if not self.lost:
-            self.lost = True
-            from wanserve.errors import StoreUnavailable
+        def call(*args: Any, **kwargs: Any) -> Any:
+            answer = getattr(self.store, name)(*args, **kwargs)
+            if answer and not self.lost:  # a claim that took nothing loses nothing
+                self.lost = True
+                from wanserve.errors import StoreUnavailable
 
-            raise StoreUnavailable("the job store (Redis) cannot be reached: connection reset")
-        return done
+                raise StoreUnavailable("the job store (Redis) cannot be reached: Timeout reading from socket")
+            return answer
+
+        return call
 
 
 def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, engine: Engine) -> None:
@@ -480,7 +484,7 @@ def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, 
     port = free_tcp_port()
     server = start_redis(port, tmp_path / "redis", appendonly=False)
     h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
-    h.worker.store = LosesOneReply(h.store)  # type: ignore[assignment]
+    h.worker.store = LosesOneAnswer(h.store, "complete")  # type: ignore[assignment]
     metrics = Metrics()
     h.worker.metrics = metrics
     h.thread.start()
@@ -495,26 +499,6 @@ def test_a_completion_whose_reply_was_lost_is_still_the_workers(tmp_path: Path, 
     assert metrics.registry.get_sample_value("wanserve_jobs_finished_total", labels) == 1
 
 
-class LosesOneClaim:
-    """A store whose first claim that takes a job goes through but whose reply is lost (a Redis that answered
-    after the client's timeout): the worker asks again, and must hear of that job."""
-
-    def __init__(self, store: Any) -> None:
-        self.store, self.lost = store, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
-
-    def claim(self, *args: Any, **kwargs: Any) -> Any:
-        job = self.store.claim(*args, **kwargs)
-        if job is not None and not self.lost:
-            self.lost = True
-            from wanserve.errors import StoreUnavailable
-
-            raise StoreUnavailable("the job store (Redis) cannot be reached: Timeout reading from socket")
-        return job
-
-
 def test_a_claim_whose_reply_was_lost_runs_its_job_at_once(tmp_path: Path, engine: Engine) -> None:
     """The retry was a new claim (a new holder, a new token): the job the first one took sat in_progress for
     nobody until its lease ran out, and ran on its second attempt (three such moments failed it)."""
@@ -524,7 +508,7 @@ def test_a_claim_whose_reply_was_lost_runs_its_job_at_once(tmp_path: Path, engin
     server = start_redis(port, tmp_path / "redis", appendonly=False)
     h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
     h.settings.lease_seconds = 600.0  # a lost job would wait this long: the test's timeout says so first
-    h.worker.store = LosesOneClaim(h.store)  # type: ignore[assignment]
+    h.worker.store = LosesOneAnswer(h.store, "claim")  # type: ignore[assignment]
     h.thread.start()
     try:
         job = h.finished(h.submit(num_inference_steps=2), timeout=120)
@@ -544,7 +528,7 @@ def test_a_worker_stopped_while_a_claims_answer_is_lost_hands_its_job_back(tmp_p
     server = start_redis(port, tmp_path / "redis", appendonly=False)
     h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
     h.settings.lease_seconds = 600.0
-    lossy = LosesOneClaim(h.store)
+    lossy = LosesOneAnswer(h.store, "claim")
     original = lossy.claim
 
     def claim_then_stop(*args: Any, **kwargs: Any) -> Any:
