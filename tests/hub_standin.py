@@ -52,7 +52,10 @@ def hub_serving(repo_id: str, folder: Path, gated: bool = False) -> Iterator[str
 
         def do_GET(self) -> None:
             if gated and (self.path.startswith(f"/api/models/{repo_id}/auth-check") or "/resolve/" in self.path):
-                self._answer(403, b'{"error": "gated"}', {"X-Error-Code": "GatedRepo"})
+                if self.headers.get("authorization"):  # a token whose owner has not accepted the terms
+                    self._answer(403, b'{"error": "gated"}', {"X-Error-Code": "GatedRepo"})
+                else:  # no token at all: the Hub answers 401, with no code to say why
+                    self._answer(401, b'{"error": "Invalid username or password."}')
             elif self.path.startswith(f"/api/models/{repo_id}/revision/"):
                 info = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
                 if gated:

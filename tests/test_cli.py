@@ -140,9 +140,11 @@ def test_doctor_asks_the_hub_for_a_model_not_on_this_machine(tiny_cache: Path, t
     assert "the Hub has no repo of that name" in said, said
     # A gated repo describes itself to all: its files (and auth-check) are for those who accepted its terms.
     with hub_serving("someone/tiny-wan", source, gated=True) as endpoint:
-        done = run(args[:3], tiny_cache, HF_ENDPOINT=endpoint, **cache)
-    said = " ".join(done.stdout.split())
-    assert done.returncode == 1 and "FIX model someone/tiny-wan" in said and "it is gated on the Hub" in said, said
+        for token in ({}, {"HF_TOKEN": "hf_not_let_in"}):  # no token: the Hub's 401 names no reason
+            done = run(args[:3], tiny_cache, HF_ENDPOINT=endpoint, **cache, **token)
+            said = " ".join(done.stdout.split())
+            assert done.returncode == 1 and "FIX model someone/tiny-wan" in said, (token, said)
+            assert "it is gated on the Hub" in said, (token, said)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -948,8 +950,8 @@ def test_a_redis_that_would_refuse_or_lose_jobs_is_said_at_start(tmp_path: Path,
         from wanserve.jobs.redis_store import RedisJobStore
 
         grants = ["~wanserve:*", "&wanserve:events", "+@read", "+@write", "+@scripting", "+ping", "+time", "+publish"]
-        admin.execute_command("ACL", "SETUSER", "documented", "on", ">pw", *grants)
-        store = RedisJobStore(f"redis://documented:pw@127.0.0.1:{port}/0")
+        admin.execute_command("ACL", "SETUSER", "documented", "on", ">pw", *grants, "+select")
+        store = RedisJobStore(f"redis://documented:pw@127.0.0.1:{port}/1")
         try:
             store.check_settings()
             job = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "p"}))
@@ -957,10 +959,18 @@ def test_a_redis_that_would_refuse_or_lose_jobs_is_said_at_start(tmp_path: Path,
             assert store.ping() and store.counts("tiny-t2v").queued == 0
         finally:
             store.close()
-        admin.execute_command("ACL", "SETUSER", "unpublished", "on", ">pw", *grants[:1], *grants[2:-1])
+        # doctor says what a start would: OK for that user (INFO refused is not judged), FIX for one without
+        # the events channel, which it passed (it asked INFO alone) while the start refused it.
+        doctor = run(["doctor", "--store", f"redis://documented:pw@127.0.0.1:{port}/1"], tiny_cache)
+        assert "OK   redis: redis://documented:***@" in doctor.stdout, doctor.stdout
+        admin.execute_command("ACL", "SETUSER", "unpublished", "on", ">pw", *grants[:1], *grants[2:-1], "+info")
         done = run([*api, "--store", f"redis://unpublished:pw@127.0.0.1:{port}/0"], tiny_cache, timeout=120)
         said = " ".join(done.stderr.split())
         assert done.returncode == 2 and "no permissions to run the 'publish' command on wanserve:events" in said, said
+        doctor = run(["doctor", "--store", f"redis://unpublished:pw@127.0.0.1:{port}/0"], tiny_cache)
+        said = " ".join(doctor.stdout.split())
+        assert doctor.returncode == 1 and "FIX redis: redis://unpublished:***@" in said, said
+        assert "no permissions to run the 'publish' command" in said, said
         started = time.monotonic()
         done = run([*api, "--store", f"rediss://127.0.0.1:{port}/0"], tiny_cache, timeout=120)
         said = " ".join(done.stderr.split())

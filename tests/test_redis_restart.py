@@ -201,6 +201,38 @@ def test_a_replica_refusing_writes_is_the_store_unavailable_not_an_error(tmp_pat
         replica.wait(10)
 
 
+def test_housekeeping_on_a_replica_deletes_nothing(tmp_path: Path) -> None:
+    """A primary demoted in a failover refuses the reap and every delete alike: expiry went on past the refused
+    reap (as it must for a full Redis, which takes deletes) and removed files whose records it then could not
+    delete, every round."""
+    import redis as redis_py
+
+    from wanserve.expiry import housekeeping
+    from wanserve.storage.base import put_bytes
+    from wanserve.storage.local import LocalStorage
+
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    admin = redis_py.Redis(port=port)
+    storage = LocalStorage(tmp_path / "videos")
+    try:
+        running = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        assert store.claim("tiny-t2v", "w/1", 30, now=time.time() - 60) is not None  # its lease ran out
+        old = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "a fox"}))
+        store.request_cancel(old.id, ttl=1, now=time.time() - 60)  # expired a minute ago
+        put_bytes(storage, f"{old.id}/input", b"png", "image/png")
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(free_tcp_port()))  # its data kept, writes refused
+        housekeeping(store, storage, 3, 60)
+        assert storage.stat(f"{old.id}/input") is not None  # its record stays, and so do its files
+        assert store.get(old.id).status == JobStatus.CANCELLED
+        assert store.get(running.id).status == JobStatus.IN_PROGRESS
+    finally:
+        admin.close()
+        store.close()
+        stop_redis(server)
+
+
 def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> None:
     """deploy/kubernetes/redis.yaml runs Redis with maxmemory and noeviction, so that a full Redis refuses new
     jobs instead of evicting accepted ones. Its OOM refusal was a ResponseError: a 500 for every submit, and a

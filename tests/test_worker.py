@@ -553,6 +553,52 @@ def test_a_worker_stopped_while_a_claims_answer_is_lost_hands_its_job_back(tmp_p
         stop_redis(server)
 
 
+@pytest.mark.parametrize("case", ["never_sent", "cancelled_meanwhile"])
+def test_a_stop_during_a_lost_claim_takes_nothing_and_ends_a_cancelled_job(
+    tmp_path: Path, engine: Engine, case: str
+) -> None:
+    """never_sent: the claim never reached Redis; the stop asked again, claiming afresh (the head of the queue
+    "running" for a moment, its wait restarted). cancelled_meanwhile: the job the lost claim took was cancelled
+    during the outage; a release is refused then, and it stayed in_progress for nobody until its lease ran out."""
+    from wanserve.errors import StoreUnavailable
+
+    from conftest import free_tcp_port, start_redis, stop_redis
+
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    h = Harness(tmp_path, engine, start=False, store=f"redis://127.0.0.1:{port}/0")
+    h.settings.lease_seconds = 600.0
+    job_id = h.submit(num_inference_steps=2)
+    queued = h.store.get(job_id)
+    store, tries = h.store, []
+
+    class Outage:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            tries.append(args)
+            if case == "cancelled_meanwhile":
+                store.claim(*args, **kwargs)  # it ran; its answer is lost
+                store.request_cancel(job_id, ttl=60)  # the user cancels during the outage
+            h.worker.drain(grace=0)  # and the worker is stopped
+            raise StoreUnavailable("the job store (Redis) cannot be reached: Timeout reading from socket")
+
+    h.worker.store = Outage()  # type: ignore[assignment]
+    h.thread.start()
+    try:
+        assert h.worker.wait_stopped(60) and len(tries) == 1
+        job = h.store.get(job_id)
+        if case == "never_sent":
+            assert job.status is JobStatus.QUEUED and job.attempts == 0 and job.started_at is None, job
+            assert job.queued_at == queued.queued_at  # never taken: its wait goes on from its submit
+        else:
+            assert job.status is JobStatus.CANCELLED, job
+    finally:
+        h.stop()
+        stop_redis(server)
+
+
 class BlinkingStorage(LocalStorage):
     """Storage that cannot be reached for its first upload (an S3 restart): the video must wait, not be lost."""
 

@@ -215,18 +215,33 @@ def _store(settings: Settings, named: Callable[[str], str]) -> Iterator[Check]:
         where_from = named("store") if settings.store is not None else named("data_dir")
         yield _sqlite_check(database, where_from)
         return
-    try:
-        import redis
+    import redis
 
+    from wanserve.errors import BadSetting
+    from wanserve.jobs.redis_store import RedisJobStore
+
+    try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        info = client.info("server")
+        client.ping()
     except (redis.AuthenticationError, redis.ResponseError) as exc:  # it answers, but not to this URL
         yield Check("redis", False, f"{shown} refuses it ({exc}): fix {named('store')}")
         return
     except Exception as exc:
         yield Check("redis", False, f"{shown} does not answer ({exc}): start redis-server or fix {named('store')}")
         return
-    yield Check("redis", True, f"{shown} answers (redis {info.get('redis_version')})")
+    store = RedisJobStore(url)
+    try:
+        store.check_settings(warn=False)  # what a start checks (the scripts, the clock, the events channel)
+    except BadSetting as exc:
+        yield Check("redis", False, f"{exc.rule}: fix {named('store')}")
+        return
+    finally:
+        store.close()
+    try:
+        version = f" (redis {client.info('server').get('redis_version')})"
+    except redis.RedisError:  # INFO refused (a managed service, an ACL without it): not needed
+        version = ""
+    yield Check("redis", True, f"{shown} answers{version}")
     yield from _redis_keeps_jobs(client)
 
 

@@ -108,7 +108,9 @@ class StoreUnavailable(WanserveError, ConnectionError):
 
     public = "the job store cannot be reached"
     advice = "try again shortly"  # what a client should do: a create that may have been queued says otherwise
-    refused = False  # the store answered, and did nothing (Redis full, or a replica): no change was made
+    # The store answered, and did nothing: "full" (Redis at maxmemory: deletes still go) or "read_only" (a
+    # replica: nothing goes); None where it may not have answered (its answer lost: a change may have been made).
+    refused: str | None = None
 
 
 class StorageUnavailable(WanserveError, ConnectionError):
@@ -139,13 +141,14 @@ def unavailable_on(
     what: str,
     when: Callable[[BaseException], bool] = lambda _exc: True,
     state: Callable[[BaseException], str] = lambda _exc: "cannot be reached",
-    refused: Callable[[BaseException], bool] = lambda _exc: False,
+    refused: Callable[[BaseException], str | None] = lambda _exc: None,
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: every public method of a backend raises `error` when one of its client library's
     connection errors (`causes`, narrowed by `when`) gets through, so callers (the API's 503, a worker that waits
     it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them.
     `state` words what is wrong for clients ("cannot be reached", "cannot be written: the disk is full");
-    `refused` tells a backend that answered and did nothing (full, a replica) from one whose answer was lost."""
+    `refused` tells a backend that answered and did nothing ("full", "read_only") from one whose answer was lost
+    (None)."""
 
     def translated(exc: BaseException) -> WanserveError:
         public = f"{what} {state(exc)}"

@@ -47,9 +47,10 @@ def housekeeping(
                 log.warning(unserved_words(1, job.model))
     except StoreUnavailable as exc:  # an outage: one line a round, not a traceback
         log.warning("housekeeping (reap, expiry) waits for the store: %s", exc)
-        if not exc.refused:
+        if exc.refused != "full":
             return
-        # A full Redis refuses the requeues, not the deletes: expiry is how it gets room again.
+        # A full Redis refuses the requeues, not the deletes: expiry is how it gets room again. (A replica
+        # refuses both: files would go, their records stay.)
     except Exception:
         log.exception("housekeeping (reap, expiry) failed")
         return

@@ -288,7 +288,15 @@ class Worker:
         place, rather than staying "running" for nobody until its lease runs out."""
         try:
             job = self.store.claimed(holder, op)  # not a claim again: one that never ran would take a job now
-            if job is not None and self.store.release(job.id, holder):
+            if job is None:
+                return
+            if job.cancel_requested:  # cancelled meanwhile: a release is refused, and it would not run again
+                removed = self._remove_files(job, patient=False)  # its input image
+                if self.store.mark_cancelled(job.id, holder, self.settings.result_ttl):
+                    log.info("job %s cancelled before it ran: %s", job.id, _files_said(removed))
+                    if self.metrics is not None:
+                        self.metrics.job_ended_unrun(job.model, "cancelled")
+            elif self.store.release(job.id, holder):
                 log.info("job %s handed back to the queue (claimed as the store stopped answering)", job.id)
         except StoreUnavailable as exc:  # still down: its lease decides
             log.warning("worker %s: %s; a job it may have claimed goes back when its lease ends", self.worker_id, exc)

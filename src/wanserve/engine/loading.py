@@ -100,13 +100,20 @@ def hub_refuses(repo_id: str) -> str | None:
     from huggingface_hub.constants import ENDPOINT
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
+    gated = "it is gated on the Hub: accept its terms on its page, then `hf auth login` (or set HF_TOKEN)"
     _hub_timeouts()
     try:
         info = HfApi().repo_info(repo_id, revision="main", timeout=HUB_READ_TIMEOUT_S)
         if getattr(info, "gated", False):  # its description is open to all, its files to those let in
-            HfApi().auth_check(repo_id)
+            try:
+                HfApi().auth_check(repo_id)
+            except HfHubHTTPError as exc:  # GatedRepoError; or, without a token, the Hub's 401 naming no reason
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if isinstance(exc, RepositoryNotFoundError) or status in (401, 403):
+                    return gated
+                raise
     except GatedRepoError:
-        return "it is gated on the Hub: accept its terms on its page, then `hf auth login` (or set HF_TOKEN)"
+        return gated
     except RepositoryNotFoundError:
         return "the Hub has no repo of that name (or it is private, and no HF_TOKEN is set)"
     except HfHubHTTPError as exc:

@@ -475,7 +475,9 @@ def _state(exc: BaseException) -> str:
     StoreUnavailable,
     "the job store (Redis)",
     state=_state,
-    refused=lambda exc: isinstance(exc, (OutOfMemoryError, ReadOnlyError)),
+    refused=lambda exc: (
+        "full" if isinstance(exc, OutOfMemoryError) else "read_only" if isinstance(exc, ReadOnlyError) else None
+    ),
 )
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
@@ -695,12 +697,12 @@ class RedisJobStore:
         except (RedisError, OSError):
             return False
 
-    def check_settings(self) -> None:
+    def check_settings(self, warn: bool = True) -> None:
         """At start: a Redis that answers but refuses this URL (a wrong password, a database number it does not
         have, an ACL user that may not run scripts or write under the prefix) is a wrong setting, BadSetting now
         rather than every request failing later (a 500 for each submit); so is a TLS URL for a server that speaks
         no TLS. One that does not answer yet is waited out by whoever calls it, as during any outage. What it
-        would lose jobs to (no append-only file, eviction) is said in the log."""
+        would lose jobs to (no append-only file, eviction) is said in the log (`warn`)."""
         try:
             self._probe.ping()
             self._probe.register_script(_LUA_COMMON + _CHECK)(args=[self.prefix])
@@ -714,6 +716,8 @@ class RedisJobStore:
                     f"{self._shown}: the server there speaks Redis without TLS: use redis://, or turn TLS on there",
                     "store",
                 ) from None
+            return
+        if not warn:
             return
         try:
             problems = keeping_problems(self._probe)
