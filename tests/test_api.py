@@ -449,6 +449,48 @@ def test_image_creates_waiting_to_decode_leave_status_reads_answered(tmp_path: P
     assert answers.pop("read") == 200 and list(answers.values()) == [200] * 45
 
 
+def test_cancels_waiting_out_a_write_lock_leave_status_reads_answered(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock (a backup, a second server): each cancel waits up to 30 s for it
+    on Starlette's shared thread pool, and 45 of them held every thread, so status reads, which SQLite answers
+    during the lock, waited 29 s behind them. Cancels and deletes now wait on threads of their own."""
+    import sqlite3
+
+    import anyio
+
+    settings = Settings(data_dir=tmp_path, model=["tiny-t2v"], queue_limit=1000)
+    store, storage = SQLiteJobStore(tmp_path / "jobs.db"), LocalStorage(tmp_path / "videos")
+    app = create_app(settings, store, storage, api_specs(settings), metrics=Metrics())
+    ids = [store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={"prompt": "p"})).id for _ in range(45)]
+    answers: dict[str, int] = {}
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+
+            async def cancel(job_id: str) -> None:
+                answers[job_id] = (await client.post(f"/v1/videos/{job_id}/cancel")).status_code
+
+            locker = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+            locker.execute("BEGIN IMMEDIATE")  # another process's write, under way
+            try:
+                async with anyio.create_task_group() as cancels:
+                    for job_id in ids:
+                        cancels.start_soon(cancel, job_id)
+                    await anyio.sleep(0.5)
+                    with anyio.move_on_after(10) as waited:
+                        answers["read"] = (await client.get(f"/v1/videos/{ids[0]}")).status_code
+                    locker.rollback()  # the lock ends: the cancels go through
+                    assert not waited.cancelled_caught, "a status read waited behind the cancels"
+            finally:
+                locker.close()
+
+    try:
+        anyio.run(main)
+    finally:
+        store.close()
+    assert answers.pop("read") == 200 and list(answers.values()) == [200] * 45
+
+
 class ClaimedWhileRead:
     """A store whose worker claims the job between the API's read of it and its queue-place lookup."""
 

@@ -328,6 +328,7 @@ def create_app(
     app.state.closing = threading.Event()
     app.state.stream_reads = anyio.CapacityLimiter(events.STREAM_READ_THREADS)
     app.state.creates = anyio.CapacityLimiter(submit.CREATE_THREADS)
+    app.state.changes = anyio.CapacityLimiter(submit.CHANGE_THREADS)
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings), image_limit=settings.max_upload_bytes)

@@ -40,6 +40,7 @@ from .submit import (
     decode_data_url,
     generation_values,
     idempotency_key,
+    in_change_thread,
     in_create_thread,
     optional_str,
     reject_parallel_layout,
@@ -329,7 +330,7 @@ def router(
     @api.post("/video/cancel", openapi_extra=json_body(RequestId))
     async def video_cancel(request: Request) -> dict[str, Any]:
         body = await read_json_object(request)
-        job, place = await run_in_threadpool(lambda: current(store, cancel_named(body)))
+        job, place = await in_change_thread(request, lambda: current(store, cancel_named(body)))
         return video_status(job, place, public_base(request, settings))
 
     def video_file(request: Request, filename: str) -> Response:

@@ -45,6 +45,7 @@ from .submit import (
     generation_values,
     idempotency_key,
     image_too_large,
+    in_change_thread,
     in_create_thread,
     optional_str,
     reject_parallel_layout,
@@ -496,11 +497,14 @@ def router(
         return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
 
     @api.post("/{video_id}/cancel")
-    def cancel_video(video_id: str) -> JSONResponse:
-        return answer(cancel(store, storage, settings, metrics, video_id))
+    async def cancel_video(request: Request, video_id: str) -> JSONResponse:
+        return await in_change_thread(request, lambda: answer(cancel(store, storage, settings, metrics, video_id)))
 
     @api.delete("/{video_id}")
-    def delete_video(video_id: str) -> dict[str, Any]:
+    async def delete_video(request: Request, video_id: str) -> dict[str, Any]:
+        return await in_change_thread(request, delete, video_id)
+
+    def delete(video_id: str) -> dict[str, Any]:
         if not store.get(video_id).status.finished:
             cancel(store, storage, settings, metrics, video_id, remove_input=False)  # all its files go next
         # Files first: if the storage fails (503), the record stays and a retry finds it. A running job goes too:

@@ -340,6 +340,16 @@ async def in_create_thread(request: Request, fn: Callable[..., T], *args: Any) -
     return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=request.app.state.creates)
 
 
+# Cancels and deletes, on threads of their own too: each waits out a store that refuses writes (up to 30 s on
+# SQLite's write lock), and 45 of them held every thread of the shared pool, so that status reads, which SQLite
+# answers during the lock, waited as long behind them.
+CHANGE_THREADS = 8
+
+
+async def in_change_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=request.app.state.changes)
+
+
 def submit(
     store: JobStore,
     storage: Storage,
