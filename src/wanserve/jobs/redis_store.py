@@ -100,14 +100,18 @@ end
 -- nothing, goes first in those: the whole script is refused, and its caller waits, as for any outage.
 local function refused_when_full() redis.call('INCRBY', k('seq'), 0) end
 
--- The job id in a claim's kept reply (the job's fields, flat), or nil for a claim that took nothing.
-local function claimed_in(reply)
+-- What a claim whose reply was kept (`reply`: the job's fields, flat, or null) took, as it is now: the job while
+-- `holder` still holds it; null for a claim that took nothing, or a job reaped, cancelled or taken meanwhile.
+local function kept_claim(reply, holder)
   local flat = cjson.decode(reply)
-  if type(flat) ~= 'table' then return nil end
-  for i = 1, #flat - 1, 2 do
-    if flat[i] == 'id' then return flat[i + 1] end
+  if type(flat) == 'table' then
+    for i = 1, #flat - 1, 2 do
+      if flat[i] == 'id' and held(flat[i + 1], holder) then
+        return cjson.encode(redis.call('HGETALL', k('job', flat[i + 1])))
+      end
+    end
   end
-  return nil
+  return cjson.encode(cjson.null)
 end
 
 local function cancel_requested(id) return redis.call('HGET', k('job', id), 'cancel_requested') == '1' end
@@ -171,11 +175,7 @@ _CLAIM = """
 -- take the last job finds its first reply first: the job as it is now, while this holder still holds it (an
 -- outage past its lease, and it was reaped, cancelled or taken by another worker meanwhile: nothing).
 local replied = redis.call('GET', KEYS[1])
-if replied then
-  local id = claimed_in(replied)
-  if id and held(id, ARGV[3]) then return cjson.encode(redis.call('HGETALL', k('job', id))) end
-  return cjson.encode(cjson.null)
-end
+if replied then return kept_claim(replied, ARGV[3]) end
 if redis.call('ZCARD', k('queue', ARGV[2])) == 0 then return cjson.encode(cjson.null) end
 return once(function()
   refused_when_full()
@@ -199,6 +199,13 @@ return once(function()
     end
   end
 end)
+"""
+
+# ARGV: prefix, worker. Reads what the claim under KEYS[1]'s token took (see `JobStore.claimed`), claiming nothing.
+_CLAIMED = """
+local replied = redis.call('GET', KEYS[1])
+if not replied then return cjson.encode(cjson.null) end
+return kept_claim(replied, ARGV[2])
 """
 
 # ARGV: prefix, id, worker, now ('' for the server's clock), lease seconds. Re-running it is harmless, so it
@@ -514,6 +521,7 @@ class RedisJobStore:
         register = self._redis.register_script
         self._enqueue = register(_LUA_COMMON + _ENQUEUE)
         self._claim = register(_LUA_COMMON + _CLAIM)
+        self._claimed = register(_LUA_COMMON + _CLAIMED)
         self._renew = register(_LUA_COMMON + _RENEW)
         self._set_progress = register(_LUA_COMMON + _SET_PROGRESS)
         self._complete = register(_LUA_COMMON + _COMPLETE)
@@ -576,15 +584,8 @@ class RedisJobStore:
         return None if flat is None else _from_flat(flat)
 
     def claimed(self, worker_id: str, op: str) -> Job | None:
-        reply = self._redis.get(self._key("op", op))
-        flat = json.loads(reply) if reply is not None else None
-        if not flat:
-            return None
-        try:
-            job = self.get(_from_flat(flat).id)
-        except JobNotFound:
-            return None
-        return job if job.status == JobStatus.IN_PROGRESS and job.worker_id == worker_id else None
+        flat = json.loads(self._claimed(keys=[self._key("op", op)], args=[self.prefix, worker_id]))
+        return None if flat is None else _from_flat(flat)
 
     def peek(self, model: str, limit: int = 1) -> list[Job]:
         if limit <= 0:
