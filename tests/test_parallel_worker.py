@@ -227,7 +227,7 @@ def test_a_group_whose_rank_0_cannot_start_ends_at_once(tmp_path: Path, tiny_cac
 def test_a_store_outage_longer_than_the_collective_timeout_leaves_an_idle_group_up(
     tmp_path: Path, tiny_cache: Path
 ) -> None:
-    """Rank 0 kept its followers waiting (their collective times out, here after 10 s) only while the store
+    """Rank 0 kept its followers waiting (their collective times out, here after 4 s) only while the store
     answered that nothing was queued: a Redis down for longer than that ended the whole group, and torchrun with
     it, and a restarted one died the same way while the outage lasted. It keeps them alive through the outage."""
     from wanserve.catalog import lookup
@@ -243,13 +243,13 @@ def test_a_store_outage_longer_than_the_collective_timeout_leaves_an_idle_group_
         tiny_cache,
         WANSERVE_STORE=url,
         WANSERVE_STORAGE=f"file://{tmp_path / 'videos'}",
-        WANSERVE_COLLECTIVE_TIMEOUT="10",
+        WANSERVE_COLLECTIVE_TIMEOUT="4",
         OMP_NUM_THREADS="1",
     )
     group = Group(env, tmp_path / "group.log")
     try:
         stop_redis(redis)
-        time.sleep(25)  # idle, with the store gone for 2.5 collective timeouts
+        time.sleep(10)  # idle, with the store gone for 2.5 collective timeouts
         assert group.proc.poll() is None, group.log()
         redis = start_redis(port, tmp_path / "redis", appendonly=True)
         spec = lookup("tiny-t2v")
@@ -324,17 +324,17 @@ sys.exit(main())
 def test_a_follower_that_loads_slower_than_the_collective_timeout_joins_the_group(
     tmp_path: Path, tiny_cache: Path, redis_url: str
 ) -> None:
-    """Rank 1's load ends 20 s after rank 0's (another node's cold cache), twice the collective timeout: rank 0
+    """Rank 1's load ends 9 s after rank 0's (another node's cold cache), twice the collective timeout: rank 0
     said /ready at once and its first keep-alive beat timed out, ending the group at start with "a peer rank
     probably died". Now every rank waits for all to load, and rank 0 is ready only then."""
     script = tmp_path / "slow_load.py"
     script.write_text(SLOW_LOAD)
-    env = group_env(tmp_path, tiny_cache, redis_url)
+    env = {**group_env(tmp_path, tiny_cache, redis_url), "WANSERVE_COLLECTIVE_TIMEOUT": "4"}
     started = time.monotonic()
-    group = Group({**env, "TEST_SLOW_LOAD_S": "20"}, tmp_path / "group.log", entry=(str(script),))
+    group = Group({**env, "TEST_SLOW_LOAD_S": "9"}, tmp_path / "group.log", entry=(str(script),))
     try:
-        assert time.monotonic() - started > 20, "rank 0 was ready before rank 1 had loaded"
-        time.sleep(15)  # more than the collective timeout, idle: the beats go on
+        assert time.monotonic() - started > 9, "rank 0 was ready before rank 1 had loaded"
+        time.sleep(6)  # more than the collective timeout, idle: the beats go on
         assert group.proc.poll() is None, group.log()
         assert "FATAL" not in group.log(), group.log()
     finally:

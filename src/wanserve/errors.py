@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -109,7 +111,8 @@ class StoreUnavailable(WanserveError, ConnectionError):
     public = "the job store cannot be reached"
     advice = "try again shortly"  # what a client should do: a create that may have been queued says otherwise
     # The store answered, and did nothing: "full" (Redis at maxmemory: deletes still go) or "read_only" (a
-    # replica: nothing goes); None where it may not have answered (its answer lost: a change may have been made).
+    # replica: nothing goes); "unasked" where nothing was sent (see `one_asks`); None where it may not have
+    # answered (its answer lost: a change may have been made).
     refused: str | None = None
 
 
@@ -135,6 +138,30 @@ def public_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# Set for the calls an HTTP request makes (the API's middleware): during an outage they are told at once (see
+# `one_asks`). A worker's calls ask as they always did: its end writes ride the client's retries into Redis's
+# return, where a "not asked" would have left a finished video to be made again.
+told_at_once: ContextVar[bool] = ContextVar("told_at_once", default=False)
+
+
+class _Down:
+    """A backend's last known outage, for `one_asks`: while it lasts, one call at a time asks the backend (its
+    retries and timeouts take seconds) and every other call is told at once."""
+
+    def __init__(self) -> None:
+        self.error: WanserveError | None = None
+        self.asking = threading.Lock()
+        self.inside = threading.local()  # a public method called by another is part of that call
+
+    @staticmethod
+    def told(error: type[WanserveError], last: WanserveError) -> WanserveError:
+        public = getattr(last, "public", str(last))
+        unavailable = error(f"{public} (not asked: another call is finding out whether it answers again)")
+        unavailable.public = public
+        unavailable.refused = "unasked"
+        return unavailable
+
+
 def unavailable_on(
     causes: tuple[type[BaseException], ...],
     error: type[WanserveError],
@@ -142,13 +169,21 @@ def unavailable_on(
     when: Callable[[BaseException], bool] = lambda _exc: True,
     state: Callable[[BaseException], str] = lambda _exc: "cannot be reached",
     refused: Callable[[BaseException], str | None] = lambda _exc: None,
+    one_asks: bool = False,
+    ungated: tuple[str, ...] = (),
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: every public method of a backend raises `error` when one of its client library's
     connection errors (`causes`, narrowed by `when`) gets through, so callers (the API's 503, a worker that waits
     it out) need not know which backend they hold. Other errors pass as they are: retrying cannot mend them.
     `state` words what is wrong for clients ("cannot be reached", "cannot be written: the disk is full");
     `refused` tells a backend that answered and did nothing ("full", "read_only") from one whose answer was lost
-    (None)."""
+    (None).
+
+    `one_asks`: once a call finds the backend not answering (None above), until a call gets an answer, one call
+    of those HTTP requests make (`told_at_once`) at a time asks it, and the others raise `error` at once,
+    `refused` "unasked". Each had waited out the client's retries (seconds), holding a thread: 200 clients
+    polling through an outage held every thread the API has, and waited 45 s for their 503s. `ungated`: methods
+    that answer by other means (a probe's own client) and must not wait on, or be refused by, the one asking."""
 
     def translated(exc: BaseException) -> WanserveError:
         public = f"{what} {state(exc)}"
@@ -182,10 +217,43 @@ def unavailable_on(
 
         return call
 
+    def gate(call: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(call)
+        def gated(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            down: _Down | None = vars(backend).get("_down")
+            if down is None:
+                down = vars(backend).setdefault("_down", _Down())
+            if getattr(down.inside, "call", False):
+                return call(backend, *args, **kwargs)
+            last = down.error  # read once: the one asking may clear it meanwhile
+            asking = last is not None and told_at_once.get()
+            if asking and not down.asking.acquire(blocking=False):
+                assert last is not None
+                raise down.told(error, last)
+            down.inside.call = True
+            try:
+                answer = call(backend, *args, **kwargs)
+            except error as exc:
+                down.error = exc if getattr(exc, "refused", None) is None else None  # refused: it answered
+                raise
+            except WanserveError:  # an answer of another kind (not found, a full queue): it answers
+                down.error = None
+                raise
+            finally:
+                down.inside.call = False
+                if asking:
+                    down.asking.release()
+            down.error = None
+            return answer
+
+        return gated
+
     def decorate(cls: type[T]) -> type[T]:
         for name, member in list(vars(cls).items()):
             if callable(member) and not name.startswith("_"):
-                setattr(cls, name, wrap(member))
+                wrapped = wrap(member)
+                gates = one_asks and name not in ungated and not inspect.isgeneratorfunction(member)
+                setattr(cls, name, gate(wrapped) if gates else wrapped)
         return cls
 
     return decorate

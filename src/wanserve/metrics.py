@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from wanserve.errors import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 # Generation takes seconds to an hour; queue waits can be as long.
@@ -56,9 +58,12 @@ class _StoreCollector(Collector):
                 counts = self._store.counts(model)
                 depth.add_metric([model], counts.queued)
                 running.add_metric([model], counts.running)
-            except Exception:
+            except StoreUnavailable as exc:
                 # A scrape must not fail because the store blinked; the gap in the series shows it. One store
                 # serves every model, so the others would only wait out the same retries.
+                log.warning("could not read queue counts for %s: %s", model, exc)
+                break
+            except Exception:
                 log.warning("could not read queue counts for %s", model, exc_info=True)
                 break
         yield depth

@@ -33,6 +33,7 @@ from wanserve.errors import (
     QueueFull,
     StorageUnavailable,
     StoreUnavailable,
+    told_at_once,
 )
 from wanserve.jobs.model import JobStore
 from wanserve.metrics import Metrics
@@ -201,6 +202,22 @@ class HttpMetricsMiddleware:
                 self.metrics.http_request(method, template, status, time.perf_counter() - started)
 
 
+class ToldAtOnceMiddleware:
+    """The store calls an HTTP request makes (in its threads too: they copy its context) are told at once while
+    another finds out whether a down store answers again (`errors.told_at_once`): a client polling through an
+    outage gets its 503 now, not after the store client's retries."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = told_at_once.set(True)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            told_at_once.reset(token)
+
+
 # What a browser says of a request another site's page made it send (Sec-Fetch-Site, in every browser since
 # 2023). Such a page can send a form or a "simple" POST without asking (no CORS preflight): with no API key
 # set, it would queue jobs on the user's GPU. The server's own page sends `same-origin`; curl and the SDKs none.
@@ -335,6 +352,7 @@ def create_app(
     app.add_middleware(CrossSiteMiddleware, public_url=settings.public_url)
     app.add_middleware(SafeHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(ToldAtOnceMiddleware)
     keyed = [Depends(require_key(settings))] if settings.api_keys else []
     routers = [
         (openai_videos.router(settings, store, storage, specs, metrics), keyed),

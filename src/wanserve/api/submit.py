@@ -401,7 +401,7 @@ def submit(
     try:
         job = store.enqueue(new, max_queued=settings.queue_limit)
     except StoreUnavailable as exc:
-        if exc.refused:  # it answered, and queued nothing (full, a replica)
+        if exc.refused:  # it answered, and queued nothing (full, a replica), or was not asked
             if "image_key" in record:
                 _remove_input(storage, job_id)
             raise

@@ -485,6 +485,8 @@ def _state(exc: BaseException) -> str:
     refused=lambda exc: (
         "full" if isinstance(exc, OutOfMemoryError) else "read_only" if isinstance(exc, ReadOnlyError) else None
     ),
+    one_asks=True,
+    ungated=("ping", "check_settings", "close"),
 )
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "wanserve") -> None:
