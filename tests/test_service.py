@@ -80,6 +80,9 @@ def test_openai_sdk_create_and_poll_then_download(server: Server, tmp_path: Path
     # What the step cache saved, in calls and in steps: the price of `fast`, per video.
     cache = extra["step_cache"]
     assert 0 <= cache["skipped_fraction"] < 1
+    # What of `fast` this machine applied: the step cache, on for this request; no GPU's attention or FP8.
+    assert extra["accelerations"][0] == "fused_qkv" and extra["accelerations"][-1].startswith("step_cache:"), extra
+    assert not any(entry.startswith(("fp8", "attention", "compile")) for entry in extra["accelerations"]), extra
     assert cache["skipped_steps"] == pytest.approx(cache["skipped_fraction"] * 3, abs=1e-3)
 
     out = tmp_path / "sdk.mp4"

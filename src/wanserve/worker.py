@@ -602,6 +602,8 @@ class Worker:
             "seconds": round(result.num_frames / result.fps, 3),
             "timings": result.timings,
             "preset": result.preset,
+            # What of the preset this machine applied: a GPU without FP8 serves `fastest` without it.
+            "accelerations": result.accelerations,
             # What a lossy preset's step cache saved (0 under exact): the price of its speed, per video.
             "step_cache": {"skipped_fraction": result.skipped_fraction, "skipped_steps": result.skipped_steps},
             "video_key": key_for(job.id, VIDEO),

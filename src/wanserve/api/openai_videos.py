@@ -136,6 +136,7 @@ def video_object(job: Job, queue_position: int | None) -> dict[str, Any]:
         "timings": result.get("timings"),
         # What served it once done; before, what the request asked for (null: the workers' own preset).
         "preset": result.get("preset", request.get("preset")),
+        "accelerations": result.get("accelerations"),
         "step_cache": result.get("step_cache"),
     }
 

@@ -69,6 +69,7 @@ class GenerationResult:
     skipped_fraction: float = 0.0
     skipped_steps: float = 0.0
     preset: str | None = None  # the preset that served it: the engine's own, or one the request asked for
+    accelerations: list[str] = field(default_factory=list)  # what of it this machine applied (PresetInfo.in_use)
 
 
 @dataclass
@@ -268,6 +269,7 @@ class Engine:
         write_async: bool,
     ) -> GenerationResult | Future[GenerationResult]:
         preset = self.preset_info.use(req.preset)
+        accelerations = self.preset_info.in_use()
         emit = on_progress or (lambda _event: None)
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -328,6 +330,7 @@ class Engine:
                 skipped_fraction=cache.skipped_fraction,
                 skipped_steps=cache.skipped_steps,
                 preset=preset,
+                accelerations=accelerations,
             )
 
         if not write_async:

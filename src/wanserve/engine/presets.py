@@ -146,6 +146,14 @@ class PresetInfo:
                 self.active_threshold = wanted
         return name
 
+    def in_use(self) -> list[str]:
+        """What serves the request `use` was last called for: what the load applied, with the step cache as that
+        request's preset set it. A `fastest` worker whose GPU took no FP8 still serves `fastest`: this says so."""
+        entries = [entry for entry in self.applied if not entry.startswith("step_cache")]
+        if self.active_threshold is not None:
+            entries.append(f"step_cache:first_block_cache(threshold={self.active_threshold:g})")
+        return entries
+
     def begin_request(self) -> None:
         """Forget the previous request: cached residuals must never leak into another request's video."""
         for transformer in self.transformers:
