@@ -287,8 +287,9 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
 def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
     page: Any, tmp_path: Path, tiny_cache: Path
 ) -> None:
-    # A passphrase: the server takes inner spaces (printable ASCII), and the page refused them.
-    site = Site(tmp_path, tiny_cache, WANSERVE_API_KEY="correct horse battery")
+    # A passphrase: the server takes inner spaces (printable ASCII), and the page refused them. Served `fastest`,
+    # on a machine that takes no FP8: the card says so, where the name alone said it was all applied.
+    site = Site(tmp_path, tiny_cache, WANSERVE_API_KEY="correct horse battery", WANSERVE_PRESET="fastest")
     try:
         page.goto(site.url)
         page.locator("#key-form").wait_for()
@@ -312,6 +313,7 @@ def test_with_api_keys_the_page_asks_for_one_and_plays_videos_with_it(
         play = _card(page, "completed").locator("button.play")
         play.wait_for()
         assert play.locator("img").get_attribute("src").startswith("blob:")
+        assert re.search(r"fastest, \d+% of steps reused, without FP8 here", page.text_content(".job .detail"))
         play.click()
         video = _card(page, "completed").locator("video")
         video.wait_for()

@@ -378,7 +378,10 @@ function detailOf(video) {
   if (video.timings && video.timings.total != null) parts.push(`made in ${video.timings.total.toFixed(1)} s`);
   if (video.preset && video.preset !== "exact") {
     const reused = video.step_cache ? `, ${Math.round(video.step_cache.skipped_fraction * 100)}% of steps reused` : "";
-    parts.push(`${video.preset}${reused}`);
+    // fastest's FP8 needs a GPU that takes it: where it did not, the card says so rather than the name alone.
+    const applied = video.accelerations || [];
+    const noFp8 = video.preset === "fastest" && video.accelerations && !applied.some((a) => a.startsWith("fp8"));
+    parts.push(`${video.preset}${reused}${noFp8 ? ", without FP8 here" : ""}`);
   }
   return video.status === "completed" ? parts.join(" · ") : `seed ${video.seed}`;
 }
