@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,15 @@ class Options:
     steps: int = 10  # denoising steps per submitted job: a job holds a worker steps × step_seconds
     stores: tuple[str, ...] = ("sqlite", "redis")
     api_counts: tuple[int, ...] = (1, 2)
+    # Redis cells: this many clients poll job statuses while Redis answers nothing (SIGSTOP), for `duration`.
+    outage_clients: int = 200
     out: Path = RESULTS
     seed: int = 0
 
 
 @dataclass
 class Figures:
-    requests: int = 0  # measured (after warm-up) and answered 200
+    requests: int = 0  # measured (after warm-up) and answered 200 (during an outage: 200 or 503)
     errors: int = 0  # measured and answered anything else, or failed to connect
     seconds: float = 0.0
     rps: float = 0.0
@@ -202,7 +204,8 @@ async def _phase(
                         response = await http.post("/v1/videos", json={**body, "num_inference_steps": options.steps})
                     else:
                         response = await http.get(f"/v1/videos/{rng.choice(ids)}")
-                    ok = response.status_code == 200
+                    # During an outage a 503 is the right answer: how soon it comes is what is measured.
+                    ok = response.status_code == 200 or (op == "outage" and response.status_code == 503)
                 except httpx.HTTPError:
                     ok = False
                 took = time.perf_counter() - began
@@ -268,6 +271,16 @@ def run_cell(store_kind: str, api_count: int, options: Options, workdir: Path) -
         status, _ = asyncio.run(_phase(urls, "status", options, ids, rng))
         after_status = _counts(store_url)
         load_after = os.getloadavg()
+        outage = None
+        if store_kind == "redis" and options.outage_clients:
+            redis_server = next(process for name, process in procs.running if name == "redis")
+            redis_server.send_signal(signal.SIGSTOP)  # takes connections, answers nothing
+            try:
+                # Measured from 6 s on: past the store's 5 s timeout, by which the API has found Redis down.
+                polls = replace(options, clients=options.outage_clients, warmup=6.0)
+                outage, _ = asyncio.run(_phase(urls, "outage", polls, ids, rng))
+            finally:
+                redis_server.send_signal(signal.SIGCONT)
         cell = {
             "store": store_kind,
             "api_processes": api_count,
@@ -278,6 +291,9 @@ def run_cell(store_kind: str, api_count: int, options: Options, workdir: Path) -
             "jobs_at_end": after_status,
             "load_average_1m": [round(load_before[0], 2), round(load_after[0], 2)],
         }
+        if outage is not None:
+            # Status polls while Redis answers nothing: a 503 each, after how long (requests: 200s and 503s).
+            cell["status_during_outage"] = {"clients": options.outage_clients, **outage.summarise()}
         return cell
     finally:
         procs.stop_all()
@@ -334,6 +350,12 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per submitted job")
     parser.add_argument("--stores", default=",".join(defaults.stores), help="sqlite,redis")
     parser.add_argument("--apis", default=",".join(map(str, defaults.api_counts)), help="API process counts: 1,2")
+    parser.add_argument(
+        "--outage-clients",
+        type=int,
+        default=defaults.outage_clients,
+        help="clients polling through a Redis outage in each Redis cell (0: no outage phase)",
+    )
     parser.add_argument("--out", type=Path, default=defaults.out, help="results directory")
     args = parser.parse_args(argv)
     # Checked before any server starts; `not x > 0` also refuses nan, which every comparison lets through.
@@ -344,6 +366,8 @@ def parse_args(argv: list[str]) -> Options:
             parser.error(f"{flag}: must be 0 or more seconds, got {value:g}")  # a negative step fails every job
     if args.clients < 1 or args.workers < 0 or args.steps < 1:
         parser.error("--steps must be positive, --clients at least 1, --workers 0 or more")
+    if args.outage_clients < 0:
+        parser.error(f"--outage-clients: 0 (no outage phase) or more, got {args.outage_clients}")
     stores = tuple(s.strip() for s in args.stores.split(",") if s.strip())
     if not stores or set(stores) - {"sqlite", "redis"}:
         parser.error("--stores: a comma-separated subset of sqlite,redis")
@@ -359,6 +383,7 @@ def parse_args(argv: list[str]) -> Options:
         steps=args.steps,
         stores=stores,
         api_counts=tuple(int(n) for n in counts),
+        outage_clients=args.outage_clients,
         out=args.out,
     )
 
@@ -396,6 +421,14 @@ def main(argv: list[str]) -> None:
                 f"{cell['jobs_at_end'].get('failed', 0)} jobs failed",
                 flush=True,
             )
+            if "status_during_outage" in cell:
+                o = cell["status_during_outage"]
+                print(
+                    f"{'':6} api×{api_count}: {o['clients']} clients polling through a Redis outage: "
+                    f"{o['requests']} answered, p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms "
+                    f"({o['errors']} errors or timeouts)",
+                    flush=True,
+                )
     report["seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     options.out.mkdir(parents=True, exist_ok=True)
     path = options.out / f"control-plane-{started.date().isoformat()}.json"

@@ -781,6 +781,7 @@ def test_the_gpu_plan_runs_real_bench_commands(step: str, tmp_path: Path) -> Non
         (["--apis", ","], "--apis"),  # was an empty report, replacing that day's
         (["--duration", "nan"], "--duration"),  # was "no job was accepted", after starting every server
         (["--step-seconds", "-1"], "--step-seconds"),  # every job failed, and the run reported 0 errors
+        (["--outage-clients", "-1"], "--outage-clients"),
     ],
 )
 def test_the_control_plane_benchmark_refuses_wrong_arguments(args: list[str], said: str, tmp_path: Path) -> None:
