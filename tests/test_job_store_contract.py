@@ -756,11 +756,10 @@ def test_sqlite_closes_the_connections_of_threads_that_ended(tmp_path: Path) -> 
         store.close()
 
 
-def _open_and_enqueue(url: str, start: float, answers: Any) -> None:
+def _open_and_enqueue(url: str, start: Any, answers: Any) -> None:
     from wanserve.jobs import open_store
 
-    while time.time() < start:
-        pass
+    start.wait(60)
     try:
         open_store(url).enqueue(make_job())
         answers.put("")
@@ -771,17 +770,25 @@ def _open_and_enqueue(url: str, start: float, answers: Any) -> None:
 def test_processes_opening_a_new_sqlite_store_together_wait_for_each_other(tmp_path: Path) -> None:
     """An API and workers started together on a fresh data dir: turning on WAL does not wait in SQLite's busy
     handler, and one of them ended at start with "database is locked" (3 to 4 % of opens here)."""
-    context = multiprocessing.get_context("fork")
+    # Forked from a clean server process, not from pytest's: a fork of this one, with other tests' threads
+    # running, can inherit a lock one of them held, and never return (it hung CI's pytest at exit once).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["wanserve.jobs", __name__])
     failures = []
     for n in range(40):
-        url, answers = f"sqlite:///{tmp_path / f'new-{n}.db'}", context.Queue()
-        start = time.time() + 0.1
-        processes = [context.Process(target=_open_and_enqueue, args=(url, start, answers)) for _ in range(3)]
-        for process in processes:
-            process.start()
-        failures += [answer for answer in (answers.get(timeout=60) for _ in processes) if answer]
-        for process in processes:
-            process.join(10)
+        url, answers, start = f"sqlite:///{tmp_path / f'new-{n}.db'}", context.Queue(), context.Barrier(3)
+        processes = [
+            context.Process(target=_open_and_enqueue, args=(url, start, answers), daemon=True) for _ in range(3)
+        ]
+        try:
+            for process in processes:
+                process.start()
+            failures += [answer for answer in (answers.get(timeout=60) for _ in processes) if answer]
+        finally:
+            for process in processes:
+                process.join(10)
+                if process.is_alive():
+                    process.kill()
     assert failures == []
 
 

@@ -393,7 +393,7 @@ def test_sigterm_mid_job_hands_the_job_back_or_finishes_it_and_exits_0(
             quick.sigterm()
             handed_back_at = wait_for(lambda: events.first(returned, "queued", signalled), 30, "the hand-back")
             # The next step is ~20 ms away; the engine's gc.collect() on the way out takes the rest.
-            assert handed_back_at - signalled < 5, f"handed back {handed_back_at - signalled:.1f} s after SIGTERM"
+            assert handed_back_at - signalled < 10, f"handed back {handed_back_at - signalled:.1f} s after SIGTERM"
 
             # Grace 20: the other worker takes the returned job after its own; SIGTERM mid-job lets it finish.
             wait_for(lambda: running_job(store, [returned], patient), 60, "the returned job mid-denoise elsewhere")

@@ -89,10 +89,12 @@ SLOW = {"#num_frames": "33", "#num_inference_steps": "200", "#size": "256x256"}
 
 
 class Site:
-    def __init__(self, tmp: Path, cache: Path, **env: str) -> None:
+    """`wanserve serve` (`role="api"`: the API alone, whose videos stay queued) on a port of its own."""
+
+    def __init__(self, tmp: Path, cache: Path, role: str = "serve", **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = ["serve", "--port", str(self.port), "--data-dir", str(tmp / "data")]
+        args = [role, "--port", str(self.port), "--data-dir", str(tmp / "data")]
         args += ["--model", "tiny-t2v", "--model", "tiny-i2v"]
         self.process = Process(args, base_env(cache, **env), tmp / "serve.log")
         wait_ready(self.url, self.process)
@@ -264,12 +266,12 @@ def test_a_prompt_becomes_a_video_that_plays_in_the_page(
         assert "delete" in where[0] and "slow one" in where[1], where
         slow = page.locator(".job", has_text="slow one")
         slow_id = slow.get_attribute("data-id")
-        page.locator(".job[data-status=completed]", has_text="slow one").wait_for(timeout=120_000)
+        page.locator(".job[data-status=completed]", has_text="slow one").wait_for(timeout=240_000)
         _wait_for_queue_line(page, site, "0 videos waiting · 0 running")
         page.remove_listener("response", note)
         assert "models" in reads[reads.index("list: completed") :], reads
         lists_in_a_row = max(map(len, "".join("M" if r == "models" else "L" for r in reads).split("M")))
-        assert lists_in_a_row <= 3, reads
+        assert lists_in_a_row <= 4, reads  # 2 at the busy pace; 10 at the idle one
         slow.locator("button.delete").click()
         slow.wait_for(state="detached")
         assert httpx.get(f"{site.url}/v1/videos/{slow_id}").status_code == 404
@@ -369,7 +371,8 @@ def test_a_video_pushed_past_the_first_page_is_not_said_to_be_gone(page: Any, tm
     import httpx
 
     _cancelled_jobs(tmp_path, ["the oldest", *(f"video {n}" for n in range(19))])
-    site = Site(tmp_path, tiny_cache)
+    # No worker: the new video stays queued, and no "completed" said a second later replaces what is checked.
+    site = Site(tmp_path, tiny_cache, role="api")
     try:
         page.goto(site.url)
         card = page.locator(".job", has_text="the oldest")

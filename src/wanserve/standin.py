@@ -81,6 +81,7 @@ class StandInEngine:
             preset=req.preset,
             skipped_fraction=0.0,  # no step cache: every "step" runs
             skipped_steps=0.0,
+            accelerations=[],  # no model, nothing to speed up
         )
 
 

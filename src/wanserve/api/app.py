@@ -211,6 +211,9 @@ class ToldAtOnceMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # the lifespan's tasks, and what they start, are no client's
+            await self.app(scope, receive, send)
+            return
         token = told_at_once.set(True)
         try:
             await self.app(scope, receive, send)

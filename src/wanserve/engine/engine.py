@@ -158,6 +158,9 @@ class Engine:
                 apply_layout(engine, parallel)
             # After the layout, which decides what a preset may still change.
             engine.preset_info = apply_preset(engine, settings.preset)
+            if parallel is not None and parallel.attention_backend is not None:
+                # The layout's attention serves every video: a job's `accelerations` names it too.
+                engine.preset_info.add(f"attention:{parallel.attention_backend}")
         if parallel is not None:
             wait_until_loaded(parallel)  # outside the lock: another model of this process may load meanwhile
         log.info(

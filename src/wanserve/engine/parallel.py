@@ -153,6 +153,7 @@ class ParallelContext:
     watchdog: Watchdog
     fsdp_mesh: DeviceMesh | None = None
     cp_configs: list[Any] = field(default_factory=list)  # one diffusers ContextParallelConfig per transformer
+    attention_backend: str | None = None  # what sequence parallelism set (a preset's attention choice yields to it)
 
     @property
     def sequence_degree(self) -> int:
@@ -323,6 +324,7 @@ def _enable_context_parallel(transformer: Any, ctx: ParallelContext, dtype: torc
 
     backend = _attention_backend(ctx, dtype)
     transformer.set_attention_backend(backend)
+    ctx.attention_backend = backend
     cp = ContextParallelConfig(ulysses_degree=ctx.ulysses, ring_degree=ctx.ring, mesh=ctx.mesh)
 
     # diffusers picks the device as `rank % torch.accelerator.device_count()`, which divides by zero on a
