@@ -145,8 +145,8 @@ told_at_once: ContextVar[bool] = ContextVar("told_at_once", default=False)
 
 
 class _Down:
-    """A backend's last known outage, for `one_asks`: while it lasts, one call at a time asks the backend (its
-    retries and timeouts take seconds) and every other call is told at once."""
+    """A backend's last known outage, for `one_asks`: while it lasts, one request's call at a time asks the
+    backend (its retries and timeouts take seconds) and the other requests' calls are told at once."""
 
     def __init__(self) -> None:
         self.error: WanserveError | None = None
@@ -179,11 +179,11 @@ def unavailable_on(
     `refused` tells a backend that answered and did nothing ("full", "read_only") from one whose answer was lost
     (None).
 
-    `one_asks`: once a call finds the backend not answering (None above), until a call gets an answer, one call
-    of those HTTP requests make (`told_at_once`) at a time asks it, and the others raise `error` at once,
-    `refused` "unasked". Each had waited out the client's retries (seconds), holding a thread: 200 clients
-    polling through an outage held every thread the API has, and waited 45 s for their 503s. `ungated`: methods
-    that answer by other means (a probe's own client) and must not wait on, or be refused by, the one asking."""
+    `one_asks`: once a call finds the backend not answering (None above), and until a call gets an answer, the
+    calls HTTP requests make (`told_at_once`) ask it one at a time; the others raise `error` at once, `refused`
+    "unasked". Each had waited out the client's retries (seconds), holding a thread: 200 clients polling through
+    an outage held every thread the API has, and waited 45 s for their 503s. Other calls (a worker's) ask as
+    before. `ungated`: methods that answer by other means (a probe's own client), never refused."""
 
     def translated(exc: BaseException) -> WanserveError:
         public = f"{what} {state(exc)}"
