@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -312,6 +313,18 @@ def test_a_full_redis_is_the_store_unavailable_not_an_error(tmp_path: Path) -> N
         server.wait(10)
 
 
+def _api_on_its_own_redis(tmp_path: Path, tiny_cache: Path) -> tuple[subprocess.Popen[bytes], Any, str]:
+    """A redis-server and a `wanserve api` process on it (not yet waited for): the server, the API, its URL."""
+    from service import Process, base_env, free_port
+
+    redis_port, port = free_tcp_port(), free_port()
+    redis = start_redis(redis_port, tmp_path / "redis", appendonly=False)
+    env = base_env(
+        tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_STORE=f"redis://127.0.0.1:{redis_port}/0"
+    )
+    return redis, Process(["api", "--port", str(port)], env, tmp_path / "api.log"), f"http://127.0.0.1:{port}"
+
+
 def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
     tmp_path: Path, tiny_cache: Path
 ) -> None:
@@ -320,15 +333,9 @@ def test_a_scrape_during_a_redis_outage_is_answered_beside_the_waiting_requests(
     them, and readiness probes timed out on every replica at once."""
     import httpx
 
-    from service import Process, base_env, free_port, wait_ready
+    from service import wait_ready
 
-    redis_port, port = free_tcp_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    redis = start_redis(redis_port, tmp_path / "redis", appendonly=False)
-    env = base_env(
-        tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_STORE=f"redis://127.0.0.1:{redis_port}/0"
-    )
-    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    redis, api, url = _api_on_its_own_redis(tmp_path, tiny_cache)
     paused, stop = False, threading.Event()
     try:
         wait_ready(url, api)
@@ -410,15 +417,9 @@ def test_through_an_outage_one_request_asks_redis_and_the_rest_are_told_at_once(
 
     from wanserve.jobs.redis_store import SOCKET_TIMEOUT_S
 
-    from service import Process, base_env, free_port, wait_for, wait_ready
+    from service import wait_for, wait_ready
 
-    redis_port, port = free_tcp_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    redis = start_redis(redis_port, tmp_path / "redis", appendonly=False)
-    env = base_env(
-        tiny_cache, WANSERVE_DATA_DIR=str(tmp_path / "data"), WANSERVE_STORE=f"redis://127.0.0.1:{redis_port}/0"
-    )
-    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    redis, api, url = _api_on_its_own_redis(tmp_path, tiny_cache)
     paused = False
     try:
         wait_ready(url, api)
