@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,25 @@ def test_a_worker_rides_out_a_redis_outage_longer_than_its_retries(
         stop_redis(server)
 
 
+@contextlib.contextmanager
+def _a_job_on_a_redis_that_stops_answering(
+    tmp_path: Path,
+) -> Iterator[tuple[subprocess.Popen[bytes], RedisJobStore, str]]:
+    """A store holding one job, on a redis-server then stopped (SIGSTOP: it takes connections, answers nothing):
+    the server (SIGCONT wakes it), the store, the job's id."""
+    port = free_tcp_port()
+    server = start_redis(port, tmp_path / "redis", appendonly=False)
+    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+    try:
+        job_id = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={})).id
+        server.send_signal(signal.SIGSTOP)
+        yield server, store, job_id
+    finally:
+        server.send_signal(signal.SIGCONT)
+        store.close()
+        stop_redis(server)
+
+
 def test_a_redis_that_stops_answering_is_unavailable_within_seconds(tmp_path: Path) -> None:
     """A Redis that takes connections and does not answer (a stopped process, a hung host): each try waited
     its 30 s socket timeout, and a connection's health check, retried inside each try, waited 9 times more:
@@ -147,12 +168,7 @@ def test_a_redis_that_stops_answering_is_unavailable_within_seconds(tmp_path: Pa
     from wanserve.errors import StoreUnavailable
     from wanserve.jobs.redis_store import SOCKET_TIMEOUT_S
 
-    port, data = free_tcp_port(), tmp_path / "redis"
-    server = start_redis(port, data, appendonly=False)
-    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
-    try:
-        job_id = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={})).id
-        server.send_signal(signal.SIGSTOP)
+    with _a_job_on_a_redis_that_stops_answering(tmp_path) as (server, store, job_id):
         outcomes: list[BaseException | None] = []
 
         def read() -> None:
@@ -170,10 +186,6 @@ def test_a_redis_that_stops_answering_is_unavailable_within_seconds(tmp_path: Pa
         logging.getLogger(__name__).info("unavailable after %.1f s", time.monotonic() - started)
         server.send_signal(signal.SIGCONT)
         assert store.get(job_id).id == job_id  # and the store carries on once it answers again
-    finally:
-        server.send_signal(signal.SIGCONT)
-        store.close()
-        stop_redis(server)
 
 
 def test_a_replica_refusing_writes_is_the_store_unavailable_not_an_error(tmp_path: Path) -> None:
@@ -468,12 +480,7 @@ def test_through_an_outage_a_workers_calls_still_ask_redis(tmp_path: Path) -> No
 
     from wanserve.errors import StoreUnavailable, told_at_once
 
-    port, data = free_tcp_port(), tmp_path / "redis"
-    server = start_redis(port, data, appendonly=False)
-    store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
-    try:
-        job_id = store.enqueue(Job(id=new_job_id(), model="tiny-t2v", request={})).id
-        server.send_signal(signal.SIGSTOP)
+    with _a_job_on_a_redis_that_stops_answering(tmp_path) as (server, store, job_id):
         with pytest.raises(StoreUnavailable):
             store.get(job_id)  # found down
 
@@ -482,15 +489,7 @@ def test_through_an_outage_a_workers_calls_still_ask_redis(tmp_path: Path) -> No
             context.run(told_at_once.set, True)
             return context.run(store.get, job_id)
 
-        outcomes: list[BaseException] = []
-
-        def ask() -> None:
-            try:
-                a_request()
-            except StoreUnavailable as exc:
-                outcomes.append(exc)
-
-        asking = threading.Thread(target=ask)
+        asking = threading.Thread(target=a_request)
         asking.start()
         time.sleep(0.5)  # a request asks, and waits
         with pytest.raises(StoreUnavailable) as told:
@@ -500,7 +499,3 @@ def test_through_an_outage_a_workers_calls_still_ask_redis(tmp_path: Path) -> No
         assert store.get(job_id).id == job_id  # a worker's call asks, beside the one asking
         asking.join(30)
         assert a_request().id == job_id
-    finally:
-        server.send_signal(signal.SIGCONT)
-        store.close()
-        stop_redis(server)
