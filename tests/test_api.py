@@ -2283,6 +2283,57 @@ def test_refusals_name_the_header_or_parameter_at_fault(api: Api) -> None:
         assert refused.status_code == 405 and refused.headers["allow"] == allow, (method, path, refused.headers)
 
 
+def test_a_misnamed_part_or_parameter_and_an_invisible_prompt_are_refused_by_name(api: Api) -> None:
+    """Each of these was taken, or refused without naming the field: a prompt sent as a file beside the image
+    (`curl -F prompt=@prompt.txt`) was "body: Too many files"; `?limt=5` answered the default page and
+    `?limit=1&limit=2` the last value; a prompt of zero-width spaces made a video of nothing; a 405 said only
+    "Method Not Allowed"; a 5,000-character id came back whole in the 404."""
+    image = png_bytes((10, 200, 10))
+    before = _listed(api)
+    for files, param in [
+        (
+            {"prompt": ("prompt.txt", b"a fox", "text/plain"), "input_reference": ("a.png", image, "image/png")},
+            "prompt",
+        ),
+        ({"input_reference": ("a.png", image, "image/png"), "seed": ("seed.txt", b"3", "text/plain")}, "seed"),
+    ]:
+        error = openai_error(api.client.post("/v1/videos", data={"model": "tiny-i2v"}, files=files), 400)
+        assert error["param"] == param and "only input_reference may be a file" in error["message"], error
+    two_images = [
+        ("input_reference", ("a.png", image, "image/png")),
+        ("input_reference", ("b.png", image, "image/png")),
+    ]
+    error = openai_error(api.client.post("/v1/videos", data={"prompt": "p"}, files=two_images), 400)
+    assert error["param"] == "input_reference" and "more than once" in error["message"], error
+    for prompt in ("  \u200b\u200d ", "\ufeff", "a\x00fox"):
+        error = openai_error(api.client.post("/v1/videos", json={"prompt": prompt}), 400)
+        assert error["param"] == "prompt", error
+    negative = openai_error(api.client.post("/v1/videos", json={"prompt": "a", "negative_prompt": "x\x07"}), 400)
+    assert negative["param"] == "negative_prompt" and "U+0007" in negative["message"]
+    assert _listed(api) == before
+    kept = api.client.post("/v1/videos", json={"prompt": "a fox\n\tin snow \u200b"})
+    assert kept.status_code == 200 and kept.json()["prompt"] == "a fox\n\tin snow \u200b", kept.text
+    job_id = kept.json()["id"]
+
+    for path, params, param in [
+        ("/v1/videos", [("limt", "5")], "limt"),
+        ("/v1/videos", [("limit", "1"), ("limit", "2")], "limit"),
+        (f"/v1/videos/{job_id}/content", [("variant", "thumbnail"), ("variant", "video")], "variant"),
+        (f"/v1/videos/{job_id}", [("expand", "1")], "expand"),
+    ]:
+        error = openai_error(api.client.get(path, params=params), 400)
+        assert error["param"] == param, (path, params, error)
+    unknown = openai_error(api.client.get("/v1/videos", params={"oder": "asc"}), 400)
+    assert unknown["code"] == "unknown_parameter" and "after, limit, order" in unknown["message"]
+    assert api.client.get("/v1/videos", params={"limit": 1, "order": "asc", "after": ""}).status_code == 200
+
+    refused = problem(api.client.put("/health"), 405)
+    assert "PUT is not allowed" in refused["detail"] and "GET, HEAD" in refused["detail"], refused
+    long_id = "a" * 5000
+    missing = openai_error(api.client.get(f"/v1/videos/{long_id}"), 404)
+    assert len(missing["message"]) < 300 and missing["message"].startswith("no job with id 'aaa"), missing
+
+
 def test_a_side_given_for_an_image_keeps_its_shape_or_is_refused(api: Api) -> None:
     """A 2:1 photo with `height=512` came out a 128x512 video (1:4), of which the crop kept a sliver: the open
     side was shrunk to fit the model. Now the frame keeps the image's shape, or the side given is refused."""

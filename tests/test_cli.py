@@ -428,6 +428,9 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
         (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox.webp")], {}, "--out: the thumbnail"),
         # One file with its thumbnail on a case-insensitive disk (macOS): the video overwritten.
         (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox.WEBP")], {}, "--out: the thumbnail"),
+        # An MP4 by another name: nothing opens fox.gif as a video.
+        (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox.gif")], {}, "--out: must end in .mp4"),
+        (["generate", "--prompt", "a fox", "--out", str(tmp_path / "fox")], {}, "--out: must end in .mp4"),
         (["generate", "--prompt", "a fox", "--out", out, "--steps", "500"], {}, "--steps: must be between 1 and 200"),
         (["generate", "--prompt", "a fox", "--out", out, "--size", "83x48"], {}, "--size: must be a multiple of 16"),
         (["generate", "--prompt", "a fox", "--out", out, "--size", "[/b]"], {}, "--size: must look like WIDTHxHEIGHT"),

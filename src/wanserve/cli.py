@@ -168,7 +168,9 @@ SeedOpt = Annotated[int | None, typer.Option(help="random seed; the same seed gi
 @app.command()
 def generate(
     prompt: PromptOpt,
-    out: Annotated[str, typer.Option(help="MP4 to write; a WebP thumbnail is written beside it")] = "wanserve.mp4",
+    out: Annotated[
+        str, typer.Option(help="the MP4 to write (its name ends in .mp4); a WebP thumbnail is written beside it")
+    ] = "wanserve.mp4",
     model: Annotated[
         str | None, setting("catalog name, alias, local directory or repo id (default tiny-t2v)", "model")
     ] = None,

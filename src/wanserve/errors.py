@@ -87,10 +87,11 @@ class JobNotFound(WanserveError, LookupError):
         # The store remembers a deleted job's id for a while (CURSOR_TTL_S): a download that comes after its
         # results expired is told so, not that the id was never known.
         self.deleted = deleted
+        shown = _clipped(job_id, 100)  # an id is a few dozen characters: a 5,000-character one is not echoed
         what = (
-            f"job {job_id!r} no longer exists: it was deleted, or its results expired (WANSERVE_RESULT_TTL)"
+            f"job {shown!r} no longer exists: it was deleted, or its results expired (WANSERVE_RESULT_TTL)"
             if deleted
-            else f"no job with id {job_id!r}"
+            else f"no job with id {shown!r}"
         )
         super().__init__(f"{field}: {what}" if field else what)
 

@@ -9,6 +9,7 @@ import math
 import re
 import secrets
 import threading
+import unicodedata
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -125,6 +126,15 @@ def _check_unicode(field: str, text: str) -> None:
         raise InvalidRequest(
             field, "must be UTF-8 text: it holds a lone surrogate (a byte that is not UTF-8, or JSON's \\ud800)"
         ) from None
+    # A model reads control characters as noise, and a prompt of only spaces, zero-width and format characters
+    # (U+200B, U+FEFF: pasted from a web page) made a video of nothing the user could see they asked for.
+    control = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if control is not None:
+        raise InvalidRequest(field, f"must not hold control characters, found U+{ord(control):04X}")
+
+
+def _visible(text: str) -> bool:
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
 
 
 def _quoted_number(value: object) -> str:
@@ -373,6 +383,8 @@ def resolve(
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequest("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
     _check_unicode("prompt", request.prompt)
+    if not _visible(request.prompt):
+        raise InvalidRequest("prompt", "holds no visible text (only spaces, zero-width or format characters)")
     negative = request.negative_prompt
     if negative is not None:
         if not isinstance(negative, str):

@@ -134,6 +134,8 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no route {path}: without the trailing slash, {bare}"
         if exc.status_code == 405 and "Allow" in headers:
             headers["Allow"] = _allowed_methods(request, headers["Allow"])
+            if detail == "Method Not Allowed":  # said in the body too: a client shows the message, not the headers
+                detail = f"{request.method} is not allowed here: this route takes {headers['Allow']}"
         return error_response(request, exc.status_code, code, detail, headers=headers)
 
     async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:

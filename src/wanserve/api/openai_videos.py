@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -53,7 +53,7 @@ from .submit import (
     size_field_names,
     submit,
 )
-from .web import body_limit, content_response, read_json_object
+from .web import body_limit, content_response, known_query, read_json_object
 
 OPENAI_FIELDS = frozenset({"prompt", "model", "seconds", "size", "input_reference"})
 GENERATION_SETTINGS = (
@@ -173,7 +173,9 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
             parser = _TextPartsChecked(
                 request.headers,
                 request.stream(),
-                max_files=1,
+                # Counted by the parser itself, which names the field: Starlette's own count says only "Too
+                # many files" (curl users send a long prompt as `-F prompt=@file`).
+                max_files=MAX_FORM_FIELDS,
                 max_fields=MAX_FORM_FIELDS,
                 max_part_size=body_limit(settings),
             )
@@ -184,6 +186,8 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
             # Off the event loop: a body of millions of `&` (empty fields, which Starlette's field limit does
             # not count) took 25 s to split and decode there, and /health waited with every other request.
             form = await run_in_threadpool(read_urlencoded, await request.body())
+    except _FieldRefused as exc:
+        raise exc.error from None
     except MultiPartException as exc:
         raise InvalidRequest("body", f"is not a valid form: {exc.message}") from None
     except HTTPException as exc:  # starlette's word for a malformed form (no boundary, too many parts)
@@ -194,10 +198,7 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
         for key, value in form.multi_items():
             if key in fields:  # read by nobody: which of the two did the client mean?
                 raise InvalidRequest(nested_name(key), "is given more than once; give it once")
-            if isinstance(value, UploadFile):
-                if key != "input_reference":
-                    what = "an image URL (data:…), not a file" if base_name(key) == "input_reference" else "text"
-                    raise InvalidRequest(nested_name(key), f"must be {what}: only input_reference may be a file")
+            if isinstance(value, UploadFile):  # input_reference: the parser refused a file under any other name
                 data = await _read_upload(value, settings)
                 if data:
                     upload = data
@@ -214,15 +215,39 @@ async def read_create_body(request: Request, settings: Settings) -> tuple[dict[s
     return fields, upload, True
 
 
+class _FieldRefused(MultiPartException):
+    """A part refused while the form is read, carrying the error that names its field: raised as Starlette's
+    own exception so that its parser closes the files it has opened."""
+
+    def __init__(self, error: InvalidRequest) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _TextPartsChecked(MultiPartParser):
     """Starlette's multipart parser, noting the text parts that are not UTF-8, which it would read as Latin-1:
-    a prompt changed behind the client's back (a urlencoded form's are checked by `check_urlencoded`)."""
+    a prompt changed behind the client's back (a urlencoded form's are checked by `check_urlencoded`). A file
+    is refused as soon as its headers are read unless it is the one input_reference."""
 
     not_utf8: list[str]
+    has_file = False
     # An image sent with no filename (the SDK's `("", data, "image/png")` and `(None, data)` tuples), which
     # Starlette reads as text like every part without one: an input_reference part is the upload when its
     # Content-Type is not text, or, with none given, when its bytes are not text (an image's never are).
     unnamed_image: bytes | None = None
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        part = getattr(self, "_current_part", None)
+        if part is None or part.file is None:
+            return
+        key = part.field_name
+        if key != "input_reference":
+            what = "an image URL (data:…), not a file" if base_name(key) == "input_reference" else "text"
+            raise _FieldRefused(InvalidRequest(nested_name(key), f"must be {what}: only input_reference may be a file"))
+        if self.has_file:
+            raise _FieldRefused(InvalidRequest(key, "is given more than once; give it once"))
+        self.has_file = True
 
     def on_part_end(self) -> None:
         part = getattr(self, "_current_part", None)
@@ -401,7 +426,7 @@ def router(
     specs: Mapping[str, ModelSpec],
     metrics: Metrics | None,
 ) -> APIRouter:
-    api = APIRouter(prefix="/v1/videos", tags=["openai"])
+    api = APIRouter(prefix="/v1/videos", tags=["openai"], dependencies=[Depends(known_query)])
 
     def shown(job: Job) -> tuple[Job, dict[str, Any]]:
         """The job as it is now, and its video object."""

@@ -17,7 +17,7 @@ from wanserve.config import Settings
 from wanserve.errors import InvalidRequest
 from wanserve.storage.base import Storage
 
-from .submit import PayloadTooLarge, byte_size
+from .submit import PayloadTooLarge, UnknownField, byte_size
 
 # Room for the JSON or multipart framing around an image at the upload limit, and base64's 4/3 growth.
 _FRAMING_BYTES = 256 * 1024
@@ -35,6 +35,32 @@ def _too_large(limit: int, image_limit: int | None = None, declared: int | None 
             "input_reference", f"the form is {size}; an input image may be at most {byte_size(image_limit)}"
         )
     return PayloadTooLarge("body", f"the request body is {size}; at most {byte_size(limit)} is taken")
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route's endpoint and its dependencies take (FastAPI's `Dependant` tree)."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def known_query(request: Request) -> None:
+    """A router dependency: refuse a query parameter the matched route does not take, or one given twice, as a
+    body's fields are. `?limt=5` answered the default page of 20, and `?limit=1&limit=2` the last one."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = sorted(_query_names(dependant))
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name not in known:
+            takes = f"known parameters: {', '.join(known)}" if known else "this route takes no query parameters"
+            raise UnknownField(name, f"is not a known query parameter ({takes})")
+        if name in seen:
+            raise InvalidRequest(name, "is given more than once; give it once")
+        seen.add(name)
 
 
 class UnsupportedEncoding(InvalidRequest):

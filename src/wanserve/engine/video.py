@@ -46,6 +46,12 @@ def check_output_path(out: Path) -> None:
     for path in (out, thumbnail):
         if path.exists() and not path.is_file():
             raise InvalidRequest("out_path", f"{path} exists and is not a regular file")
+    # An MP4 written as fox.gif or fox.avi opens in nothing that goes by the name.
+    if out.suffix.lower() != ".mp4":
+        given = f"ends in {out.suffix!r}" if out.suffix else "has no extension"
+        raise InvalidRequest(
+            "out_path", f"must end in .mp4 (the video is written as MP4), {given}: name it {out.stem}.mp4"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
