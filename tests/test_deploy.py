@@ -279,6 +279,16 @@ def test_what_a_container_writes_lies_on_a_volume() -> None:
                 assert "persistentVolumeClaim" in volumes[mount["name"]], f"{key} must outlive the pod"
 
 
+def test_no_wanserve_container_may_gain_privileges() -> None:
+    """The worker ran with the runtime's default capabilities and could gain more (setuid binaries): a GPU needs
+    neither, its device plugin mounts the device in."""
+    for workload, container in wanserve_containers():
+        context = container.get("securityContext", {})
+        where = f"{workload['metadata']['name']}/{container['name']}"
+        assert context.get("allowPrivilegeEscalation") is False, where
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+
+
 @contextmanager
 def _api_app(folder: Path, api_key: str | None = None) -> Iterator[Any]:
     from wanserve.api.app import create_app
