@@ -24,6 +24,25 @@ def run(
     return subprocess.run([*WANSERVE, *args], capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd)
 
 
+def run_each(
+    calls: list[tuple[list[str], dict[str, str]]], cache: Path, timeout: float = 120
+) -> list[subprocess.CompletedProcess[str]]:
+    """`run` for each (args, env), three at a time, the answers in order: a table of wrong inputs is mostly
+    interpreter starts, and one after the other they were half a minute of the suite. Each call gets ports of
+    its own, so that no two check the same port at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import free_tcp_port
+
+    def one(call: tuple[list[str], dict[str, str]]) -> subprocess.CompletedProcess[str]:
+        args, env = call
+        ports = {"WANSERVE_PORT": str(free_tcp_port()), "WANSERVE_OPS_PORT": str(free_tcp_port())}
+        return run(args, cache, timeout=timeout, **{**ports, **env})
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(one, calls))
+
+
 def test_generate_writes_a_playable_mp4_and_shows_steps(tiny_cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "fox.mp4"
     done = run(
@@ -194,10 +213,11 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(tiny_cach
     prompts differing past it gave the same video, and nothing said why."""
     prompt = "a red fox running through the snow at dawn, mountains behind"
     args = ["generate", "--prompt", prompt, "--steps", "1", "--frames", "1", "--out", str(tmp_path / "x.mp4")]
-    done = run(args, tiny_cache, WANSERVE_MAX_SEQUENCE_LENGTH="16")
+    quiet_args = [*args[:-1], str(tmp_path / "quiet.mp4")]
+    done, quiet = run_each([(args, {"WANSERVE_MAX_SEQUENCE_LENGTH": "16"}), (quiet_args, {})], tiny_cache, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "the text encoder reads the first 16 (WANSERVE_MAX_SEQUENCE_LENGTH)" in " ".join(done.stderr.split())
-    quiet = run(args, tiny_cache)  # 512 tokens hold it
+    assert quiet.returncode == 0, quiet.stderr  # 512 tokens hold it
     assert "the text encoder reads the first" not in quiet.stderr
 
 
@@ -251,36 +271,41 @@ def test_models_and_doctor(tiny_cache: Path) -> None:
 def test_a_damaged_job_store_is_named_at_start_and_by_doctor(tiny_cache: Path, tmp_path: Path) -> None:
     """A jobs.db that is not a database (a disk fault, a file copied half-way) stopped `serve` with a 100-line
     traceback naming no file, while doctor said the store was fine."""
-    from service import free_port
-
     data = tmp_path / "data"
     data.mkdir()
     (data / "jobs.db").write_bytes(b"not an SQLite file\n" * 1000)
-    served = run(["serve", "--data-dir", str(data), "--port", str(free_port())], tiny_cache, timeout=120)
+    served, doctor, fresh, folder, in_memory, with_options = run_each(
+        [
+            (["serve", "--data-dir", str(data)], {}),
+            (["doctor", "--data-dir", str(data)], {}),
+            (["doctor", "--data-dir", str(tmp_path / "new")], {}),
+            # A folder where the file goes was "disk I/O error: move it aside (jobs in it are lost)".
+            (["doctor", "--store", f"sqlite:///{data}"], {}),
+            # An in-memory database, or options SQLite would take as part of the file's name: settings that
+            # passed, then serve stopped on "no such table: jobs" (each thread its own database) or made a file
+            # `jobs.db?mode=ro`.
+            (["serve", "--store", "sqlite:///:memory:"], {}),
+            (["serve", "--store", f"sqlite:///{data}/jobs.db?mode=ro"], {}),
+        ],
+        tiny_cache,
+    )
     message = " ".join(served.stderr.split())
     assert served.returncode == 1, served.stderr[-2000:]
     assert f"the job store {data / 'jobs.db'} is damaged: the file is not an SQLite database" in message
     assert "Traceback" not in served.stderr
-    doctor = run(["doctor", "--data-dir", str(data)], tiny_cache)
     assert doctor.returncode == 1
     assert f"FIX job store: {data / 'jobs.db'}: file is not a database: move it aside" in " ".join(
         doctor.stdout.split()
     )
-    fresh = run(["doctor", "--data-dir", str(tmp_path / "new")], tiny_cache)
     assert "OK   job store" in fresh.stdout and "created at the first start" in fresh.stdout
     assert not (tmp_path / "new" / "jobs.db").exists()  # a check creates nothing
-    # A folder where the file goes was "disk I/O error: move it aside (jobs in it are lost)".
-    folder = run(["doctor", "--store", f"sqlite:///{data}"], tiny_cache)
     assert folder.returncode == 1 and f"FIX job store: {data} is a folder, not a database file" in " ".join(
         folder.stdout.split()
     )
-    # An in-memory database, or options SQLite would take as part of the file's name: settings that passed,
-    # then serve stopped on "no such table: jobs" (each thread its own database) or made a file `jobs.db?mode=ro`.
-    for url, says in (
-        ("sqlite:///:memory:", "an in-memory SQLite database is not shared"),
-        (f"sqlite:///{data}/jobs.db?mode=ro", "a SQLite store takes no options"),
+    for served, says in (
+        (in_memory, "an in-memory SQLite database is not shared"),
+        (with_options, "a SQLite store takes no options"),
     ):
-        served = run(["serve", "--store", url, "--port", str(free_port())], tiny_cache, timeout=120)
         assert served.returncode == 2 and says in " ".join(served.stderr.split()), served.stderr[-2000:]
 
 
@@ -355,14 +380,15 @@ def test_a_store_password_is_never_printed(tmp_path: Path, redis_url: str) -> No
     in_the_query = f"redis://127.0.0.1:{free_port()}/0?password=S3cretPass"  # redis-py reads this form too
     # A password with / # ? (base64's): the URL does not parse, and the error printed it whole.
     unparsed = f"redis://:S3cretPass/9q+Xy#w=@127.0.0.1:{free_port()}/0"
-    for args in (
+    printing = [
         ["doctor", "--store", with_password],
         ["doctor", "--store", in_the_query],
         ["serve", "--store", "bogus://:S3cretPass@host/0"],
         ["doctor", "--store", unparsed],
-        ["api", "--store", unparsed, "--port", str(free_port())],
-    ):
-        done = run(args, tmp_path, timeout=60, WANSERVE_DATA_DIR=str(tmp_path / "data"))
+        ["api", "--store", unparsed],
+    ]
+    data = {"WANSERVE_DATA_DIR": str(tmp_path / "data")}
+    for args, done in zip(printing, run_each([(a, data) for a in printing], tmp_path, timeout=60), strict=True):
         assert "S3cretPass" not in done.stdout + done.stderr and "***" in done.stdout + done.stderr, args
         if unparsed in args:
             assert "must be percent-encoded" in " ".join((done.stdout + done.stderr).split()), args
@@ -490,9 +516,8 @@ def test_mistakes_are_refused_naming_the_flag_before_anything_loads(tmp_path: Pa
         (["worker"], {"WANSERVE_CACHE_DIR": "/proc/nope"}, "WANSERVE_CACHE_DIR: /proc/nope cannot hold the tiny"),
         (["serve", "--cache-dir", "/proc/nope"], {}, "--cache-dir: /proc/nope cannot hold the tiny"),
     ]
-    for args, env, needle in cases:
-        env = {"WANSERVE_DATA_DIR": str(tmp_path / "data"), **env}
-        done = run(args, tmp_path / "cache", timeout=120, COLUMNS="300", **env)
+    calls = [(args, {"WANSERVE_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "300", **env}) for args, env, _ in cases]
+    for (args, _, needle), done in zip(cases, run_each(calls, tmp_path / "cache"), strict=True):
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert needle in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
     assert not (tmp_path / "fox.mp4").exists()
@@ -643,33 +668,29 @@ def test_wrong_folders_and_urls_are_named_as_set_and_exit_2(tiny_cache: Path, tm
     """A file where a folder goes, an empty folder setting, a URL without its scheme, a device this machine
     lacks: each is a wrong setting, named as the user set it, exit 2. Some were a bare OSError (exit 1), an
     empty one quietly meant the working directory, and bench or doctor named the variable for a flag."""
-    from conftest import free_tcp_port
-
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    port = str(free_tcp_port())
-    wrong = [
-        (["serve", "--port", port, "--data-dir", str(a_file / "sub")], {}, "--data-dir:"),
-        (["api", "--port", port], {"WANSERVE_DATA_DIR": str(a_file)}, "WANSERVE_DATA_DIR:"),
-        (["serve", "--port", port, "--store", f"sqlite:///{a_file}/jobs.db"], {}, "--store:"),
+    wrong = [  # run_each gives each its own --port and --ops-port
+        (["serve", "--data-dir", str(a_file / "sub")], {}, "--data-dir:"),
+        (["api"], {"WANSERVE_DATA_DIR": str(a_file)}, "WANSERVE_DATA_DIR:"),
+        (["serve", "--store", f"sqlite:///{a_file}/jobs.db"], {}, "--store:"),
         (["doctor"], {"WANSERVE_CACHE_DIR": ""}, "WANSERVE_CACHE_DIR: is set but empty"),
-        (["api", "--port", port], {"WANSERVE_PUBLIC_URL": "api.example.com"}, "WANSERVE_PUBLIC_URL: must be an http"),
+        (["api"], {"WANSERVE_PUBLIC_URL": "api.example.com"}, "WANSERVE_PUBLIC_URL: must be an http"),
         (["bench", "--device", "cuda", "--out", str(tmp_path / "b1")], {}, "--device: cuda was asked for"),
         (["bench", "--cpu-tiny", "--cache-dir", str(a_file), "--out", str(tmp_path / "b2")], {}, "--cache-dir:"),
         # A results folder that cannot be one: each job used to run in full, then fail to store its video.
-        (["serve", "--port", port, "--storage", str(a_file / "videos")], {}, f"--storage: {a_file / 'videos'} cannot"),
-        (["api", "--port", port, "--storage", f"file://{a_file}"], {}, f"{a_file} is a file, not a folder"),
+        (["serve", "--storage", str(a_file / "videos")], {}, f"--storage: {a_file / 'videos'} cannot"),
+        (["api", "--storage", f"file://{a_file}"], {}, f"{a_file} is a file, not a folder"),
         # Infinity passed, then broke the expiry sweeper, the drain and the reaper on their threads.
-        (["api", "--port", port], {"WANSERVE_RESULT_TTL": "inf"}, "WANSERVE_RESULT_TTL: Input should be a finite"),
-        (["serve", "--port", port], {"WANSERVE_LEASE_SECONDS": "1e12"}, "WANSERVE_LEASE_SECONDS: Input should be less"),
+        (["api"], {"WANSERVE_RESULT_TTL": "inf"}, "WANSERVE_RESULT_TTL: Input should be a finite"),
+        (["serve"], {"WANSERVE_LEASE_SECONDS": "1e12"}, "WANSERVE_LEASE_SECONDS: Input should be less"),
         # Empty (an empty secret): each replica and worker had a private SQLite queue of its own.
-        (["api", "--port", port], {"WANSERVE_STORE": ""}, "WANSERVE_STORE: is set but empty"),
-        (["worker", "--ops-port", port], {"WANSERVE_STORAGE": " \n"}, "WANSERVE_STORAGE: is set but empty"),
+        (["api"], {"WANSERVE_STORE": ""}, "WANSERVE_STORE: is set but empty"),
+        (["worker"], {"WANSERVE_STORAGE": " \n"}, "WANSERVE_STORAGE: is set but empty"),
         (["prune", "--data-dir", str(tmp_path / "none")], {}, "--data-dir: nothing at"),  # not WANSERVE_STORE
-        (["api", "--port", port, "--sharded-model", "tiny-i2v"], {}, "--sharded-model: 'tiny-i2v' is not a served"),
+        (["api", "--sharded-model", "tiny-i2v"], {}, "--sharded-model: 'tiny-i2v' is not a served"),
     ]
-    for args, env, message in wrong:
-        done = run(args, tiny_cache, timeout=120, **env)
+    for (args, _, message), done in zip(wrong, run_each([(a, e) for a, e, _ in wrong], tiny_cache), strict=True):
         assert done.returncode == 2, (args, done.returncode, done.stderr[-2000:])
         assert message in " ".join(done.stderr.split()), (args, done.stderr[-2000:])
         assert "Traceback" not in done.stderr, args
@@ -774,9 +795,14 @@ def test_a_damaged_or_unsupported_model_folder_is_named_not_a_traceback(tiny_cac
             "holds a WanVACEPipeline, which wanserve does not run (it runs WanPipeline and WanImageToVideoPipeline)",
         ),
     }
-    for name, (change, message) in cases.items():
-        folder = broken(name, change)
-        done = run(["generate", "--model", str(folder), "--prompt", "p", "--out", str(tmp_path / "x.mp4")], tiny_cache)
+    calls = [
+        (
+            ["generate", "--model", str(broken(name, change)), "--prompt", "p", "--out", str(tmp_path / f"{name}.mp4")],
+            {},
+        )
+        for name, (change, _) in cases.items()
+    ]
+    for (name, (_, message)), done in zip(cases.items(), run_each(calls, tiny_cache, timeout=300), strict=True):
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
     missing = run(["generate", "--model", str(tmp_path / "no-such"), "--prompt", "p"], tiny_cache)
     assert missing.returncode == 2 and "no-such is not a directory" in missing.stderr, missing.stderr
@@ -1142,17 +1168,18 @@ def test_a_store_on_a_redis_unix_socket_runs_jobs(tmp_path: Path, tiny_cache: Pa
 def test_a_redis_store_url_redis_would_misread_is_a_wrong_setting(tiny_cache: Path) -> None:
     """redis-py reads a database that is not a number as database 0 (fleets on /staging and /prod shared one
     queue), and no host as localhost; a port that is not a number was a 'start redis-server' hint in doctor."""
-    for url, said in [
+    wrong = [
         ("redis://127.0.0.1:6390/staging", "the database must be a number (such as /0), got 'staging'"),
         ("redis://:6390/0", "names no host"),
         ("unix:///", "names no socket"),
         ("unix:///tmp/redis.sock?db=x", "the database must be a number"),
         ("redis://127.0.0.1:abc/0", "is not a URL"),
-    ]:
-        done = run(["api", "--store", url, "--port", "0"], tiny_cache, timeout=60)
+    ]
+    calls = [(args, {}) for url, _ in wrong for args in (["api", "--store", url], ["doctor", "--store", url])]
+    answers = iter(run_each(calls, tiny_cache, timeout=60))
+    for (url, said), done, doctor in zip(wrong, answers, answers, strict=False):
         text = " ".join(done.stderr.split())
         assert done.returncode == 2 and "--store:" in text and said in text, (url, done.stderr[-2000:])
-        doctor = run(["doctor", "--store", url], tiny_cache, timeout=60)
         text = " ".join((doctor.stdout + doctor.stderr).split())
         assert said in text and "start redis-server" not in text, (url, text[-2000:])
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -509,13 +508,7 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
 
     # The ops port answers (/health, /ready = 503 while loading) before the possibly long model load. A worker
     # whose port is taken must not run on unseen: nothing could probe it, scrape it or drain it.
-    loading = threading.Event()
-
-    def stop_load() -> None:
-        if loading.is_set():  # the signal's handler, on the main thread, ends the load (see on_signal)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    ops = _uvicorn(ops_app(worker, metrics, store, stop_load), settings.host, settings.ops_port)
+    ops = _uvicorn(ops_app(worker, metrics, store), settings.host, settings.ops_port)
     ops_failed: list[BadSetting] = []
 
     def serve_ops() -> None:
@@ -553,34 +546,58 @@ def run_worker(settings: Settings, engine: Any = None) -> None:
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: draining", signum)
         _drain_on_stop([worker], settings, stops)
-        if loading.is_set():
-            loading.clear()
-            raise _LoadStopped
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if asked:
         on_signal(asked[0], None)
+    abandoned = False
     if worker.engine is None and not worker.draining:  # no model load for a worker already told to stop
-        try:
-            if alone:
-                loading.set()
-            engine = _leader_engine(model, settings)
-            loading.clear()
-            worker.engine = engine
-        except _LoadStopped:
-            log.info("model load stopped: the worker was told to stop while it loaded")
+        if alone:
+            worker.engine = _load_unless_drained(model, settings, worker)
+            abandoned = worker.engine is None
+            if abandoned:
+                log.info("model load stopped: the worker was told to stop while it loaded")
+        else:
+            worker.engine = _leader_engine(model, settings)
     worker.run()
     if deletion_cost is not None:
         deletion_cost.stop()
     ops.should_exit = True
-    ops_thread.join(timeout=5)
+    ops_thread.join(timeout=5)  # a /drain's answer is sent first
     store.close()
+    if abandoned:
+        # The load goes on in its thread, inside torch: an interpreter shutting down around it can crash, so
+        # the process ends here, its logs written. It held no job, and what a load writes (a download, a tiny
+        # model's build) is written under another name and renamed, so nothing is left half-written.
+        logging.shutdown()
+        os._exit(0)
 
 
-class _LoadStopped(BaseException):
-    """Raised by the signal handler into a model load; a BaseException, so that no `except Exception` on the
-    way (a loader's fallback from one file format to another) mistakes it for a failed attempt."""
+def _load_unless_drained(model: str, settings: Settings, worker: Any) -> Any:
+    """The engine, loaded on a thread of its own; None if the worker is told to stop first (SIGTERM, /drain).
+
+    A stop used to raise an exception into the load from the signal handler, wherever the main thread was:
+    inside torch's C++ (an import it runs, a file read), pybind11 cannot pass it on and aborts the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'")."""
+    loaded: list[Any] = []
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            loaded.append(_leader_engine(model, settings))
+        except BaseException as exc:  # re-raised on the main thread, as if it had loaded there
+            failed.append(exc)
+
+    thread = threading.Thread(target=load, name="model-load", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if worker.draining:
+            return None
+        thread.join(0.1)
+    if failed:
+        raise failed[0]
+    return loaded[0]
 
 
 def _leader_engine(model: str, settings: Settings) -> Any:
@@ -630,7 +647,7 @@ def _ask_rank_0_to_drain(settings: Settings) -> None:
         log.info("rank %s: could not ask rank 0 to drain at %s: %s", process_rank(), url, exc)
 
 
-def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None] | None = None) -> Any:
+def ops_app(worker: Any, metrics: Any, store: Any) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -681,9 +698,7 @@ def ops_app(worker: Any, metrics: Any, store: Any, stop_load: Callable[[], None]
         keys = worker.settings.api_keys
         if keys and not loopback and not key_matches(presented_key(request), keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
-        worker.drain()
-        if stop_load is not None:  # a drain asked for while the model loads ends the load, as SIGTERM does
-            stop_load()
+        worker.drain()  # while the model loads, this ends the load too (`_load_unless_drained`)
         return {"draining": True, "busy": worker.busy}
 
     return app
