@@ -438,21 +438,29 @@ def test_doctor_tells_a_missing_bucket_from_an_endpoint_that_does_not_answer(
 ) -> None:
     """All three used to read "does not answer … check the bucket, the endpoint and the credentials"."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
-    def doctor(storage: str, endpoint: str) -> str:
+    def doctor(call: tuple[str, str, bool]) -> str:
+        storage, endpoint, keys = call
         env = dict(os.environ, WANSERVE_S3_ENDPOINT_URL=endpoint, WANSERVE_DATA_DIR=str(tmp_path))
+        if not keys:
+            del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
         command = [sys.executable, "-m", "wanserve", "doctor", "--storage", storage]
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
         return " ".join(done.stdout.split())  # the report is on stdout
 
-    assert f"OK storage: s3://{s3_server.bucket}/p answers" in doctor(f"s3://{s3_server.bucket}/p", s3_server.endpoint)
-    missing = doctor("s3://no-such-bucket/p", s3_server.endpoint)
+    bucket = f"s3://{s3_server.bucket}/p"
+    calls = [
+        (bucket, s3_server.endpoint, True),
+        ("s3://no-such-bucket/p", s3_server.endpoint, True),
+        (bucket, f"http://127.0.0.1:{free_tcp_port()}", True),
+        (bucket, s3_server.endpoint, False),
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each is mostly an interpreter's start
+        found, missing, dead, keyless = pool.map(doctor, calls)
+    assert f"OK storage: {bucket} answers" in found
     assert "FIX storage: s3://no-such-bucket/p at" in missing and "the bucket does not exist: create it" in missing
-    dead = doctor(f"s3://{s3_server.bucket}/p", f"http://127.0.0.1:{free_tcp_port()}")
     assert "FIX storage:" in dead and "does not answer" in dead and "WANSERVE_S3_ENDPOINT_URL" in dead
-    os.environ.pop("AWS_ACCESS_KEY_ID")  # (s3_env restores it)
-    os.environ.pop("AWS_SECRET_ACCESS_KEY")
-    keyless = doctor(f"s3://{s3_server.bucket}/p", s3_server.endpoint)
     assert "FIX storage:" in keyless and "no AWS credentials found: set AWS_ACCESS_KEY_ID" in keyless
 
 

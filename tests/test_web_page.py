@@ -433,7 +433,24 @@ def test_a_cancel_under_way_a_lost_video_and_a_lost_answer_are_told(
         lost.locator(".error", has_text="no longer stored").wait_for()
         assert "could not play" not in lost.text_content() and lost.locator("button", has_text="Try again").is_hidden()
 
-        # The first create's answer is lost after the server took it; Generate again sends the same key.
+        # A proxy's own 503 page (HTML): its status line alone said nothing of what to do.
+        def proxy_down(route: Any) -> None:
+            if route.request.method != "POST":
+                route.continue_()
+                return
+            route.fulfill(status=503, content_type="text/html", body="<html><body>503</body></html>")
+
+        page.route("**/v1/videos", proxy_down)
+        page.fill("#prompt", "through a proxy")
+        page.click("#generate")
+        page.wait_for_function("() => /try again shortly/.test(document.querySelector('#create-error').textContent)")
+        assert "503 Service Unavailable: the server, or a proxy before it, is unavailable" in page.text_content(
+            "#create-error"
+        )
+        page.unroute("**/v1/videos")
+
+        # The first create's answer is lost after the server took it; Generate again sends the same key, and
+        # the error says it is safe to. Sent from the prompt with Ctrl+Enter, as a keyboard user would.
         dropped: list[str] = []
 
         def drop_answer(route: Any) -> None:
@@ -447,12 +464,14 @@ def test_a_cancel_under_way_a_lost_video_and_a_lost_answer_are_told(
             "**/v1/videos", lambda route: drop_answer(route) if route.request.method == "POST" else route.continue_()
         )
         page.fill("#prompt", "sent twice")
-        page.click("#generate")
+        page.press("#prompt", "Control+Enter")
         page.wait_for_function("() => /cannot be reached/.test(document.querySelector('#create-error').textContent)")
-        page.click("#generate")
+        assert "pressing Generate again will not make a second one" in page.text_content("#create-error")
+        page.press("#prompt", "Control+Enter")
         page.locator(".job", has_text="sent twice").wait_for()
         listed = httpx.get(f"{url}/v1/videos", params={"limit": 100}).json()["data"]
         assert [v["prompt"] for v in listed].count("sent twice") == 1
+        assert "through a proxy" not in [v["prompt"] for v in listed]
         assert dropped[0].startswith("page-")
     finally:
         store.close()

@@ -84,9 +84,10 @@ async function call(path, options = {}) {
   try {
     error = parseJson(await response.text()).error || {};
   } catch {
-    // not JSON: a proxy's page; the status line says enough
+    // not JSON: a proxy's page, whose status line alone says no more than "503 Service Unavailable"
   }
-  const message = error.message || `${response.status} ${response.statusText}`;
+  const proxy = response.status >= 502 && response.status <= 504 ? ": the server, or a proxy before it, is unavailable; try again shortly" : "";
+  const message = error.message || `${response.status} ${response.statusText}${proxy}`;
   if (response.status === 401) askForKey(state.key ? "the server refused this key" : "");
   throw new ApiError(response.status, message, error.param, error.code);
 }
@@ -332,6 +333,7 @@ async function createVideo(event) {
     schedule(0);
   } catch (error) {
     if (error.status !== 0 && error.status < 500) state.create = null; // refused: nothing was made
+    else error.message += ". The video may have been queued: pressing Generate again will not make a second one";
     if (error.status !== 401) showCreateError(error);
   } finally {
     button.disabled = false;
@@ -672,6 +674,13 @@ async function tick() {
 
 function start() {
   $("create").addEventListener("submit", createVideo);
+  // Enter writes a new line in the prompt: Ctrl+Enter (⌘+Enter) sends the form, as in most chat and issue boxes.
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("generate").disabled) {
+      event.preventDefault();
+      $("create").requestSubmit();
+    }
+  });
   $("model").addEventListener("change", () => {
     clearFieldErrors();
     fitFormToModel();
