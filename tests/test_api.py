@@ -570,6 +570,44 @@ def test_an_image_create_whose_answer_was_lost_keeps_its_image_for_the_retry(
         store.close()
 
 
+class DeletedMeanwhile(LocalStorage):
+    """Storage on which `meanwhile` runs as a job's input image is looked for: a DELETE landing between a
+    retried create's enqueue, which answered with the key's job, and its check that the job has its image."""
+
+    meanwhile: Any = None
+
+    def stat(self, key: str) -> Any:
+        if self.meanwhile is not None and key.endswith("/input"):
+            run, self.meanwhile = self.meanwhile, None
+            run()
+        return super().stat(key)
+
+
+def test_a_retried_image_create_does_not_bring_back_the_image_of_a_video_deleted_meanwhile(tmp_path: Path) -> None:
+    """The retry found the image gone (the DELETE had removed it) and wrote it back: a folder of a job with no
+    record, which no expiry removes."""
+    settings = Settings(data_dir=tmp_path, model=["tiny-i2v"])
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    storage = DeletedMeanwhile(tmp_path / "videos")
+    app = create_app(settings, store, storage, {"tiny-i2v": _spec("tiny-i2v")})
+    key = {"Idempotency-Key": "retried-1"}
+    form, files = {"prompt": "p"}, {"input_reference": ("a.png", png_bytes((1, 2, 3)))}
+    try:
+        with TestClient(app) as client:
+            first = client.post("/v1/videos", data=form, files=files, headers=key)
+            assert first.status_code == 200, first.text
+            video_id = first.json()["id"]
+            assert any(storage.root.rglob("input")), "the job's image is stored"
+            deleted: list[int] = []
+            storage.meanwhile = lambda: deleted.append(client.delete(f"/v1/videos/{video_id}").status_code)
+            again = client.post("/v1/videos", data=form, files=files, headers=key)
+            assert deleted == [200] and again.status_code == 200 and again.json()["id"] == video_id, again.text
+            assert client.get(f"/v1/videos/{video_id}").status_code == 404
+            assert not [p for p in storage.root.rglob("*") if p.is_file()], "the deleted video left files"
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     ("value", "rule"),
     [

@@ -427,22 +427,32 @@ def submit(
                 IDEMPOTENCY_HEADER,
                 f"{key!r} was used for another request (it created {job.id}); send a new key for a new request",
             )
-        _restore_input(storage, job, resolved)
+        _restore_input(store, storage, job, resolved)
         return Submitted(job, replayed=True)
     if metrics is not None:
         metrics.job_submitted(spec.name)
     return Submitted(job, replayed=False)
 
 
-def _restore_input(storage: Storage, job: Job, resolved: GenerationRequest) -> None:
+def _restore_input(store: JobStore, storage: Storage, job: Job, resolved: GenerationRequest) -> None:
     """A replayed job still waiting for its input image gets it from the retry, which carries the same one: the
     first try's may have been removed when the store failed to answer it (by a release before this one)."""
     if resolved.image is None or "image_key" not in job.request or job.status.finished:
         return
     key = job.request["image_key"]
-    if storage.stat(key) is None:
-        put_bytes(storage, key, bytes(resolved.image))
-        log.warning("job %s: its input image was missing; the retry of its create put it back", job.id)
+    if storage.stat(key) is not None:
+        return
+    put_bytes(storage, key, bytes(resolved.image))
+    # A delete or cancel that went through since the job was read has removed its files already, and nothing
+    # would remove this one (the record is gone, or ended): read again, and take it back out if so.
+    try:
+        now = store.get(job.id)
+    except JobNotFound:
+        now = None
+    if now is None or now.status.finished or now.cancel_requested:
+        _remove_input(storage, job.id)
+        return
+    log.warning("job %s: its input image was missing; the retry of its create put it back", job.id)
 
 
 def queue_position(store: JobStore, job: Job) -> int | None:
