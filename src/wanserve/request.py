@@ -126,14 +126,15 @@ def _check_unicode(field: str, text: str) -> None:
         raise InvalidRequest(
             field, "must be UTF-8 text: it holds a lone surrogate (a byte that is not UTF-8, or JSON's \\ud800)"
         ) from None
-    # A model reads control characters as noise, and a prompt of only spaces, zero-width and format characters
-    # (U+200B, U+FEFF: pasted from a web page) made a video of nothing the user could see they asked for.
+    # A model reads control characters as noise: one in a prompt is a paste gone wrong, not what was meant.
     control = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
     if control is not None:
         raise InvalidRequest(field, f"must not hold control characters, found U+{ord(control):04X}")
 
 
 def _visible(text: str) -> bool:
+    """Whether `text` holds a character that shows: a prompt of only spaces, zero-width and format characters
+    (U+200B, U+FEFF: pasted from a web page) made a video of nothing the user could see they asked for."""
     return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text)
 
 

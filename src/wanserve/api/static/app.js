@@ -86,7 +86,8 @@ async function call(path, options = {}) {
   } catch {
     // not JSON: a proxy's page, whose status line alone says no more than "503 Service Unavailable"
   }
-  const proxy = response.status >= 502 && response.status <= 504 ? ": the server, or a proxy before it, is unavailable; try again shortly" : "";
+  const unavailable = response.status >= 502 && response.status <= 504;
+  const proxy = unavailable ? ": the server, or a proxy before it, is unavailable; try again shortly" : "";
   const message = error.message || `${response.status} ${response.statusText}${proxy}`;
   if (response.status === 401) askForKey(state.key ? "the server refused this key" : "");
   throw new ApiError(response.status, message, error.param, error.code);
