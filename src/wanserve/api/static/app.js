@@ -382,8 +382,8 @@ function detailOf(video) {
   if (video.preset && video.preset !== "exact") {
     const reused = video.step_cache ? `, ${Math.round(video.step_cache.skipped_fraction * 100)}% of steps reused` : "";
     // fastest's FP8 needs a GPU that takes it: where it did not, the card says so rather than the name alone.
-    const applied = video.accelerations || [];
-    const noFp8 = video.preset === "fastest" && video.accelerations && !applied.some((a) => a.startsWith("fp8"));
+    const applied = video.accelerations; // null before it is done, and on results from before the field
+    const noFp8 = video.preset === "fastest" && applied && !applied.some((a) => a.startsWith("fp8"));
     parts.push(`${video.preset}${reused}${noFp8 ? ", without FP8 here" : ""}`);
   }
   return video.status === "completed" ? parts.join(" · ") : `seed ${video.seed}`;
